@@ -1,0 +1,114 @@
+"""The drafter as the decoding loop sees it: a small interface with an in-process implementation.
+
+The loop opens one `DraftSession` per request and asks it for one block per step. The session
+owns the drafter-side state (the draft KV cache of the projected context). The same interface is
+implemented over gRPC by the drafter service, so the loop runs unchanged in one process or across
+services.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from blockpilot.decoding import acceptance
+from blockpilot.models.drafter import DFlashDrafter
+from blockpilot.models.target import TargetModel
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """One step's input to the drafter.
+
+    anchor: the last committed token (block position 0), at absolute position `start`.
+    num_draft: tokens to draft (block size - 1).
+    context [N, F]: target features of the N committed tokens the drafter has not seen yet, at
+        positions context_start .. context_start + N - 1 (N may be 0).
+    temperature / sample: at temperature > 0 with sample=True the draft is sampled from
+        q = softmax(draft_logits / temperature) using `uniforms` [num_draft] (drawn by the caller, so
+        one seeded stream decides the whole request), and q is returned; otherwise the draft is the
+        argmax and no distribution is returned.
+    """
+
+    anchor: int
+    start: int
+    num_draft: int
+    context: torch.Tensor
+    context_start: int
+    temperature: float = 0.0
+    sample: bool = False
+    uniforms: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Draft:
+    """tokens [num_draft] int64; probs [num_draft, V] (only for sampled drafts)."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None = None
+
+
+class DraftSession(Protocol):
+    def propose(self, request: DraftRequest) -> Draft: ...
+
+    def close(self) -> None: ...
+
+
+class DraftProvider(Protocol):
+    """Something that drafts for a target: `block_size` is its trained size, `target_layer_ids`
+    the target layers whose outputs it reads as context features."""
+
+    block_size: int
+    target_layer_ids: tuple[int, ...]
+    max_block_size: int
+
+    def open_session(self, capacity: int) -> DraftSession: ...
+
+
+class LocalDraftSession:
+    def __init__(self, drafter: DFlashDrafter, target: TargetModel, capacity: int) -> None:
+        self.drafter = drafter
+        self.target = target
+        self.cache = drafter.new_cache(capacity)
+
+    @torch.inference_mode()
+    def propose(self, request: DraftRequest) -> Draft:
+        device = self.target.device
+        steps = request.num_draft + 1
+        block = torch.full((1, steps), self.drafter.config.mask_token_id, dtype=torch.long, device=device)
+        block[0, 0] = request.anchor
+        context = request.context.to(device=device, dtype=self.target.dtype)
+        hidden = self.drafter(
+            self.target.embed(block),
+            context[None],
+            self.cache,
+            torch.arange(request.start, request.start + steps, device=device)[None],
+            torch.arange(request.context_start, request.context_start + context.shape[0], device=device)[None],
+        )
+        # The drafter's final norm is its own; the projection to the vocabulary is the target's.
+        logits = self.target.lm_head(hidden[0, 1:])
+        if request.temperature > 0 and request.sample:
+            probs = acceptance.probs_from_logits(logits, request.temperature)
+            return Draft(acceptance.sample_categorical(probs, request.uniforms.to(device)), probs)
+        return Draft(logits.argmax(dim=-1))
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class LocalDrafter:
+    """In-process DFlash drafter bound to its target."""
+
+    max_block_size = 64
+
+    def __init__(self, drafter: DFlashDrafter, target: TargetModel) -> None:
+        drafter.config.check_target(target.config)
+        self.drafter = drafter
+        self.target = target
+        self.block_size = drafter.config.block_size
+        self.target_layer_ids = drafter.config.target_layer_ids
+
+    def open_session(self, capacity: int) -> LocalDraftSession:
+        return LocalDraftSession(self.drafter, self.target, capacity)

@@ -1,0 +1,285 @@
+"""The speculative decoding loop: prefill -> first token -> block size -> draft/verify steps.
+
+One request at a time (batch 1), as in DFlash's reference loop. Terms (see acceptance.py for the
+per-step math):
+- committed tokens: tokens the output is made of; they never change once committed.
+- anchor: the last committed token; it opens each block and has not yet been through the target.
+- step: one drafter pass (block of `block_size`) and one target pass over the block; it commits
+  `acceptance_length` = accepted drafts + 1 tokens.
+- pending context: target features of committed tokens the drafter has not seen yet (the prompt
+  after prefill; then, after each step, the anchor and the accepted drafts).
+
+Block size 1 is plain autoregressive decoding through this same loop: no drafter call, a one-token
+target pass per step. Every speed-up is measured against it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from blockpilot.decoding import acceptance
+from blockpilot.decoding.drafting import DraftProvider, DraftRequest
+from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
+from blockpilot.models.target import TargetModel
+
+DRAFT_SAMPLING_MODES = ("greedy", "sample")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode one request.
+
+    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+    max_new_tokens: upper bound on generated tokens (the stop token, if any, counts).
+    stop_token_ids: generation ends after the first of these is committed.
+    seed: seeds the request's own random stream (None = nondeterministic).
+    draft_sampling: at temperature > 0, "greedy" drafts the argmax and accepts by sample-and-match
+        (DFlash's rule); "sample" samples the draft from the drafter's distribution q and accepts
+        with min(1, p/q) plus residual resampling (accepts more; needs q at the verifier).
+    """
+
+    temperature: float = 0.0
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    draft_sampling: str = "greedy"
+
+    def validate(self, vocab_size: int) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidArgumentError(f"stop token ids {bad} are outside the vocabulary [0, {vocab_size})")
+        if self.draft_sampling not in DRAFT_SAMPLING_MODES:
+            raise InvalidArgumentError(
+                f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {self.draft_sampling!r}"
+            )
+
+
+@dataclass(frozen=True)
+class PrefillInfo:
+    """What the block-size hook sees once per request, right after prefill.
+
+    last_logits [V]: target logits of the last prompt token (BlockPilot's feature).
+    last_hidden [F] or None: drafter context features of the last prompt token.
+    """
+
+    prompt_len: int
+    last_logits: torch.Tensor
+    last_hidden: torch.Tensor | None
+
+
+BlockSizeHook = Callable[[PrefillInfo], int]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Tokens committed by one step (the first event carries the prefill's first token)."""
+
+    token_ids: tuple[int, ...]
+    acceptance_length: int | None  # None for the prefill's token
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    block_size: int = 1
+    acceptance_lengths: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per verify step, bonus included (0 when no step ran)."""
+        return sum(self.acceptance_lengths) / len(self.acceptance_lengths) if self.acceptance_lengths else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # Tokens produced by decode steps only: the first token belongs to the prefill.
+        produced = sum(self.acceptance_lengths)
+        return produced / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class SpeculativeDecoder:
+    """Runs requests against one target and an optional drafter (in-process or remote)."""
+
+    def __init__(self, target: TargetModel, drafter: DraftProvider | None = None, *, max_context: int | None = None) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.max_context = max_context or target.config.max_position_embeddings
+
+    @property
+    def max_block_size(self) -> int:
+        return 1 if self.drafter is None else self.drafter.max_block_size
+
+    def check_block_size(self, block_size: int) -> None:
+        if block_size < 1:
+            raise InvalidArgumentError(f"block size must be >= 1, got {block_size}")
+        if block_size > 1 and self.drafter is None:
+            raise InvalidArgumentError(f"block size {block_size} needs a drafter; none is loaded")
+        if block_size > self.max_block_size:
+            raise InvalidArgumentError(f"block size must be <= {self.max_block_size}, got {block_size}")
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, block_size: int | BlockSizeHook = 1
+    ) -> GenerationResult:
+        result = GenerationResult(prompt_token_ids=list(prompt_ids))
+        for _ in self.stream(prompt_ids, params, block_size, result):
+            pass
+        return result
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        block_size: int | BlockSizeHook = 1,
+        result: GenerationResult | None = None,
+    ) -> Iterator[StepEvent]:
+        """Decode, yielding the tokens of each step as soon as they are committed. `result` (if
+        given) is filled in as decoding goes and is complete when the iterator is exhausted.
+        Closing the iterator early (client gone) frees the request's caches at once."""
+        self._validate(prompt_ids, params, block_size)
+        result = result if result is not None else GenerationResult(prompt_token_ids=list(prompt_ids))
+        generator = torch.Generator(device="cpu")
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        device = self.target.device
+        prompt_len = len(prompt_ids)
+        feature_layers = self.drafter.target_layer_ids if self.drafter is not None else ()
+
+        # ---- prefill: first token, then the block size for the whole request -----------------
+        started = time.perf_counter()
+        cache = self.target.new_cache(prompt_len + params.max_new_tokens + 1)
+        prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+        out = self.target(prompt, cache, num_logits=1, hidden_layer_ids=feature_layers)
+        last_logits = out.logits[0, -1]
+        first = self._sample_one(last_logits, params.temperature, generator)
+        if callable(block_size):
+            last_hidden = out.hidden[0, -1] if out.hidden is not None else None
+            block_size = block_size(PrefillInfo(prompt_len, last_logits, last_hidden))
+            self.check_block_size(block_size)
+        result.block_size = block_size
+        result.token_ids.append(first)
+        result.ttft_s = time.perf_counter() - started
+        decode_started = time.perf_counter()
+        stop_ids = set(params.stop_token_ids)
+        try:
+            yield StepEvent((first,), None)
+            if first in stop_ids or params.max_new_tokens == 1:
+                result.finish_reason = "stop" if first in stop_ids else "length"
+                return
+            session = self.drafter.open_session(prompt_len + params.max_new_tokens + 1) if block_size > 1 else None
+            try:
+                yield from self._decode_steps(cache, session, out.hidden, first, block_size, params, generator, result)
+            finally:
+                if session is not None:
+                    session.close()
+        finally:
+            result.decode_s = time.perf_counter() - decode_started
+
+    def _decode_steps(self, cache, session, prompt_features, first, block_size, params, generator, result):
+        device = self.target.device
+        prompt_len = len(result.prompt_token_ids)
+        feature_layers = self.drafter.target_layer_ids if session is not None else ()
+        stop_ids = set(params.stop_token_ids)
+        # Target features the drafter has not seen yet: after the prefill, the whole prompt.
+        pending_context = prompt_features[0] if session is not None else None  # [N, F]
+        pending_start = 0
+        anchor = first
+        generated = 1
+        while True:
+            remaining = params.max_new_tokens - generated
+            verify_size = min(block_size, remaining)
+            start = prompt_len + generated - 1  # position of the anchor
+            block = torch.full((1, verify_size), anchor, dtype=torch.long, device=device)
+            draft = None
+            if verify_size > 1:
+                sample = params.temperature > 0 and params.draft_sampling == "sample"
+                draft = session.propose(
+                    DraftRequest(
+                        anchor=anchor,
+                        start=start,
+                        num_draft=verify_size - 1,
+                        context=pending_context,
+                        context_start=pending_start,
+                        temperature=params.temperature,
+                        sample=sample,
+                        uniforms=acceptance.draw_uniforms(generator, verify_size - 1) if sample else None,
+                    )
+                )
+                block[0, 1:] = draft.tokens.to(device)
+            out = self.target(block, cache, num_logits=None, hidden_layer_ids=feature_layers)
+            verdict = self._verify(block[0, 1:], draft, out.logits[0], params, generator)
+            committed = block[0, 1 : 1 + verdict.num_accepted].tolist() + [verdict.next_token]
+            # The anchor and the accepted drafts stay in the target cache; the rejected tail is
+            # dropped by moving the length back. The new token is the next anchor.
+            cache.truncate(start + 1 + verdict.num_accepted)
+            if session is not None:
+                pending_context = out.hidden[0, : 1 + verdict.num_accepted]
+                pending_start = start
+            finish = ""
+            for i, token in enumerate(committed):
+                if token in stop_ids:
+                    committed = committed[: i + 1]
+                    finish = "stop"
+                    break
+            generated += len(committed)
+            result.token_ids.extend(committed)
+            result.acceptance_lengths.append(len(committed))
+            if not finish and generated >= params.max_new_tokens:
+                finish = "length"
+            if finish:
+                result.finish_reason = finish
+            yield StepEvent(tuple(committed), len(committed))
+            if finish:
+                return
+            anchor = committed[-1]
+
+    def _validate(self, prompt_ids, params: SamplingParams, block_size) -> None:
+        vocab = self.target.config.vocab_size
+        params.validate(vocab)
+        if len(prompt_ids) == 0:
+            raise InvalidArgumentError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgumentError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if not callable(block_size):
+            self.check_block_size(block_size)
+        if len(prompt_ids) + params.max_new_tokens > self.max_context:
+            raise ResourceExhaustedError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"context of {self.max_context} tokens"
+            )
+
+    @staticmethod
+    def _verify(draft_tokens, draft, target_logits, params, generator) -> acceptance.Verdict:
+        # draft_tokens [n] (n = 0 for a one-token step), target_logits [n + 1, V]
+        if params.temperature == 0:
+            return acceptance.greedy_verify(draft_tokens, target_logits)
+        target_probs = acceptance.probs_from_logits(target_logits, params.temperature)
+        n = draft_tokens.shape[0]
+        if draft is not None and draft.probs is not None:
+            uniforms = acceptance.draw_uniforms(generator, n + 1)
+            return acceptance.speculative_sampling_verify(
+                draft_tokens, draft.probs.to(target_probs.device), target_probs, uniforms[:n], float(uniforms[n])
+            )
+        return acceptance.sample_and_match_verify(draft_tokens, target_probs, acceptance.draw_uniforms(generator, n + 1))
+
+    @staticmethod
+    def _sample_one(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+        if temperature == 0:
+            return int(logits.argmax())
+        probs = acceptance.probs_from_logits(logits, temperature)
+        return int(acceptance.sample_categorical(probs, acceptance.draw_uniforms(generator, 1)[0]))

@@ -1,0 +1,346 @@
+"""The DFlash block-diffusion drafter (published DFlash architecture and checkpoint format).
+
+One forward pass drafts a whole block. Terms:
+- context features: the target's hidden states at `target_layer_ids` (outputs of those decoder
+  layers), concatenated per token: [B, C_new, len(target_layer_ids) * target_hidden].
+- projected context: hidden_norm(fc(context features)): [B, C_new, hidden].
+- block: [anchor, mask x (B - 1)], embedded with the *target's* embedding; the anchor is the last
+  committed token, whose context features are not known yet.
+- each draft layer: queries from the block only; keys/values = [projected context ; block] through
+  the same k_proj/v_proj (+ per-head k_norm, RoPE at absolute positions); non-causal attention.
+- draft logits: the *target's* lm_head over norm(block output) at block positions 1..B-1.
+
+The projected context's keys/values are cached per layer in a KVCache. Every call appends the new
+context entries and never stores the block's entries, so after each call the draft cache holds
+exactly the committed context: "cropped to the committed length" with no copy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blockpilot.errors import ModelFormatError, NotFoundError
+from blockpilot.models.config import RopeConfig, TargetConfig
+from blockpilot.models.kv_cache import KVCache
+from torch.nn import functional as F
+
+from blockpilot.models.layers import RMSNorm, Rotary, apply_rotary, attend
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """DFlash's choice: one draft layer -> the middle target layer; otherwise evenly spaced from
+    layer 1 to layer n - 3 (36 target layers, 5 draft layers -> [1, 9, 17, 25, 33])."""
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    start, end = 1, num_target_layers - 3
+    return [round(start + i * (end - start) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """Architecture and drafting parameters of a DFlash drafter.
+
+    hidden_size must equal the target's (the drafter uses the target's embedding and lm_head).
+    target_hidden_size: width of each target layer's hidden state (= hidden_size for DFlash).
+    block_size: the block size the drafter was trained at (the default at inference).
+    num_target_layers: number of decoder layers of the target it was trained for.
+    target_layer_ids: target layers whose outputs form the context features.
+    mask_token_id: token whose (target) embedding fills the B - 1 masked block positions.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    block_size: int
+    num_target_layers: int
+    target_layer_ids: tuple[int, ...]
+    mask_token_id: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ModelFormatError(f"drafter block_size must be >= 2, got {self.block_size}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ModelFormatError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})")
+        bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
+        if bad or not self.target_layer_ids:
+            raise ModelFormatError(f"target_layer_ids {list(self.target_layer_ids)} not within [0, {self.num_target_layers})")
+
+    @classmethod
+    def for_target(
+        cls,
+        target: TargetConfig,
+        *,
+        num_hidden_layers: int = 1,
+        block_size: int = 8,
+        target_layer_ids: Sequence[int] | None = None,
+        mask_token_id: int = 0,
+        intermediate_size: int | None = None,
+    ) -> "DrafterConfig":
+        """A drafter shaped like the target's own layers (DFlash's convention)."""
+        return cls(
+            hidden_size=target.hidden_size,
+            intermediate_size=intermediate_size or target.intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=target.num_attention_heads,
+            num_key_value_heads=target.num_key_value_heads,
+            head_dim=target.head_dim,
+            vocab_size=target.vocab_size,
+            block_size=block_size,
+            num_target_layers=target.num_hidden_layers,
+            target_layer_ids=tuple(
+                target_layer_ids
+                if target_layer_ids is not None
+                else default_target_layer_ids(target.num_hidden_layers, num_hidden_layers)
+            ),
+            mask_token_id=mask_token_id,
+            rms_norm_eps=target.rms_norm_eps,
+            max_position_embeddings=target.max_position_embeddings,
+            rope=target.rope,
+        )
+
+    def check_target(self, target: TargetConfig) -> None:
+        """Refuse a drafter that was not made for this target (shapes would fail later, less clearly)."""
+        problems = []
+        if target.hidden_size != self.hidden_size:
+            problems.append(f"hidden_size {self.hidden_size} != target's {target.hidden_size}")
+        if target.vocab_size != self.vocab_size:
+            problems.append(f"vocab_size {self.vocab_size} != target's {target.vocab_size}")
+        if target.num_hidden_layers != self.num_target_layers:
+            problems.append(f"num_target_layers {self.num_target_layers} != target's {target.num_hidden_layers} layers")
+        if problems:
+            raise ModelFormatError("drafter does not fit the target: " + "; ".join(problems))
+
+    # ---- the published DFlash config.json -------------------------------------------------
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "architectures": ["DFlashDraftModel"],
+            "model_type": "qwen3",
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": self.rope.to_hf(),
+            "tie_word_embeddings": False,
+            "block_size": self.block_size,
+            "num_target_layers": self.num_target_layers,
+            "dflash_config": {
+                "target_layer_ids": list(self.target_layer_ids),
+                "mask_token_id": self.mask_token_id,
+            },
+            "dtype": "float32",
+        }
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> "DrafterConfig":
+        arch = (raw.get("architectures") or ["DFlashDraftModel"])[0]
+        if arch != "DFlashDraftModel":
+            raise ModelFormatError(f"unsupported drafter architecture {arch!r} (supported: DFlashDraftModel)")
+        if raw.get("use_sliding_window") or "sliding_attention" in (raw.get("layer_types") or []):
+            raise ModelFormatError("sliding-window drafters are not supported")
+        dflash = raw.get("dflash_config") or {}
+        try:
+            heads = int(raw["num_attention_heads"])
+            return cls(
+                hidden_size=int(raw["hidden_size"]),
+                intermediate_size=int(raw["intermediate_size"]),
+                num_hidden_layers=int(raw["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or int(raw["hidden_size"]) // heads),
+                vocab_size=int(raw["vocab_size"]),
+                block_size=int(dflash.get("block_size", raw.get("block_size", 16))),
+                num_target_layers=int(raw["num_target_layers"]),
+                target_layer_ids=tuple(int(i) for i in dflash["target_layer_ids"]),
+                mask_token_id=int(dflash["mask_token_id"]),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+                rope=RopeConfig.from_hf(raw),
+                attention_bias=bool(raw.get("attention_bias", False)),
+            )
+        except KeyError as missing:
+            raise ModelFormatError(f"drafter config.json lacks the field {missing.args[0]!r}") from None
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def _kv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [B, N, C] -> keys (k_norm + RoPE), values: [B, K, N, D]
+        batch, steps, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(k.transpose(1, 2), cos, sin), v
+
+    def forward(self, block, context, block_rope, context_rope, cache: KVCache, layer: int, start: int, mask) -> torch.Tensor:
+        # block [B, T, C] (normed), context [B, N, C] (projected; the N new entries go to slot `start`)
+        batch, steps, _ = block.shape
+        ctx_k, ctx_v = self._kv(context, *context_rope)
+        cached_k, cached_v = cache.write(layer, start, ctx_k, ctx_v)
+        block_k, block_v = self._kv(block, *block_rope)
+        q = self.q_norm(self.q_proj(block).view(batch, steps, self.num_heads, self.head_dim))
+        q = apply_rotary(q.transpose(1, 2), *block_rope)
+        keys = torch.cat([cached_k, block_k], dim=2)
+        values = torch.cat([cached_v, block_v], dim=2)
+        return self.o_proj(attend(q, keys, values, mask, self.num_heads // self.num_kv_heads))
+
+
+class DraftMLP(nn.Module):
+    """SwiGLU with the published (unfused) weight names."""
+
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DraftAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = DraftMLP(cfg)
+
+    def forward(self, x, context, block_rope, context_rope, cache, layer, start, mask):
+        x = x + self.self_attn(self.input_layernorm(x), context, block_rope, context_rope, cache, layer, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DFlashDrafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig, target_hidden_size: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        feature_width = len(cfg.target_layer_ids) * (target_hidden_size or cfg.hidden_size)
+        self.fc = nn.Linear(feature_width, cfg.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg.rope, cfg.head_dim)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def target_layer_ids(self) -> tuple[int, ...]:
+        return self.config.target_layer_ids
+
+    def new_cache(self, capacity: int, batch_size: int = 1) -> KVCache:
+        p = next(self.parameters())
+        cfg = self.config
+        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity,
+                       batch_size=batch_size, dtype=p.dtype, device=p.device)
+
+    def forward(
+        self,
+        block_embeds: torch.Tensor,
+        context_features: torch.Tensor,
+        cache: KVCache,
+        block_positions: torch.Tensor,
+        context_positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Draft one block.
+
+        block_embeds [B, T, C]: target embeddings of [anchor, mask x (T - 1)].
+        context_features [B, N, F]: target features of the N tokens committed since the last call
+            (N may be 0); their projected K/V are appended to `cache`.
+        block_positions [B, T] / context_positions [B, N]: absolute positions (int64).
+        mask: optional bool [B, 1, T, S] over (cached context + block) keys; None = all visible,
+            which is inference. Training passes a mask to pack many blocks into one sequence.
+        Returns the final-normed block hidden states [B, T, C]; apply the target's lm_head to
+        positions 1..T-1 for the draft logits.
+        """
+        context = self.hidden_norm(self.fc(context_features))
+        start = cache.reserve(context.shape[1])
+        block_rope = self.rotary(block_positions)
+        context_rope = self.rotary(context_positions)
+        x = block_embeds
+        for index, layer in enumerate(self.layers):
+            x = layer(x, context, block_rope, context_rope, cache, index, start, mask)
+        cache.length = start + context.shape[1]
+        return self.norm(x)
+
+    # ---- checkpoints (published DFlash format) -------------------------------------------
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "DFlashDrafter":
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise NotFoundError(f"no drafter at '{path}': expected a directory with config.json and model.safetensors")
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise ModelFormatError(f"'{path / 'config.json'}' is not valid JSON: {err}") from None
+        cfg = DrafterConfig.from_hf_dict(raw)
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise ModelFormatError(f"drafter '{path}' has no model.safetensors")
+        state = load_file(str(weights))
+        fc = state.get("fc.weight")
+        if fc is None:
+            raise ModelFormatError(f"drafter weights in '{path}' lack 'fc.weight'")
+        model = cls(cfg, target_hidden_size=fc.shape[1] // len(cfg.target_layer_ids))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.startswith("rotary.")]
+        if missing or unexpected:
+            raise ModelFormatError(f"drafter weights do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.to(dtype).eval().requires_grad_(False)
+
+    @classmethod
+    def random(cls, target: TargetConfig, *, seed: int = 0, **config_overrides: Any) -> "DFlashDrafter":
+        """A randomly initialised drafter for `target` (for tests and `--drafter random`)."""
+        cfg = DrafterConfig.for_target(target, **config_overrides)
+        generator = torch.Generator().manual_seed(seed)
+        model = cls(cfg, target_hidden_size=target.hidden_size)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        return model.eval().requires_grad_(False)

@@ -1,0 +1,245 @@
+"""The target model: our own PyTorch Llama/Qwen3 implementation with an explicit KV cache.
+
+Why our own and not `transformers`: the speculative loop needs (a) a forward over any number of new
+tokens at explicit positions against a cache that can be rolled back by setting its length, (b) the
+hidden states of a few chosen layers for the drafter, (c) logits only where they are needed (the
+49,152 x 576 output projection is the single largest matmul), and (d) as few Python ops per layer as
+possible, since on a 135M model the interpreter is a visible share of each step. q/k/v and
+gate/up are fused into one matmul each at load time.
+
+It is numerically the same model as `transformers` (tests/reference compare them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn import functional as F
+
+from blockpilot.errors import ModelFormatError
+from blockpilot.models.config import TargetConfig
+from blockpilot.models.kv_cache import KVCache
+from blockpilot.models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, attend
+
+
+@dataclass
+class ForwardOutput:
+    """logits [B, N, V] for the last N positions asked for (None when N == 0);
+    hidden [B, T, len(layer_ids) * C]: outputs of the requested decoder layers, concatenated in the
+    order asked (None when no layer was asked for)."""
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor | None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TargetConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_attention_heads * cfg.head_dim
+        self.kv_size = cfg.num_key_value_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int, mask) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(batch, steps, self.num_heads, self.head_dim)
+        k = k.view(batch, steps, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys, values = cache.write(layer, start, k, v)
+        return self.o(attend(q, keys, values, mask, self.num_heads // self.num_kv_heads))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TargetConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache, layer, start, mask):
+        x = x + self.attn(self.input_norm(x), cos, sin, cache, layer, start, mask)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class TargetModel(nn.Module):
+    def __init__(self, cfg: TargetConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(cfg.rope, cfg.head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, capacity: int, batch_size: int = 1) -> KVCache:
+        cfg = self.config
+        return KVCache(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            capacity,
+            batch_size=batch_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + output projection: hidden [..., C] (pre-norm residual stream) -> [..., V]."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        *,
+        num_logits: int | None = None,
+        hidden_layer_ids: Sequence[int] = (),
+        key_valid: torch.Tensor | None = None,
+    ) -> ForwardOutput:
+        """Run T new tokens through the model, appending their K/V at the cache's end.
+
+        tokens [B, T] int64. positions [B, T] or [T] (default: cache.length + arange(T)).
+        num_logits: logits for the last N positions only (None = all T, 0 = none).
+        hidden_layer_ids: decoder layers whose outputs to return (0-based; `hidden_states[id + 1]`
+            in transformers' numbering).
+        key_valid [B, capacity] bool: False marks cache slots a row must not attend to (left padding
+            in batched generation). Without it every slot before the query's own is visible.
+        """
+        batch, steps = tokens.shape
+        start = cache.reserve(steps)
+        if positions is None:
+            positions = torch.arange(start, start + steps, device=tokens.device)
+        if positions.dim() == 1:
+            positions = positions.expand(batch, steps)
+        cos, sin = self.rotary(positions)
+        mask = self._mask(start, steps, key_valid, tokens.device)
+
+        wanted = {layer_id: i for i, layer_id in enumerate(hidden_layer_ids)}
+        captured: list[torch.Tensor | None] = [None] * len(wanted)
+        x = self.embed_tokens(tokens)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, index, start, mask)
+            slot = wanted.get(index)
+            if slot is not None:
+                captured[slot] = x
+        cache.length = start + steps
+
+        if num_logits is None:
+            logits = self.logits(x)
+        elif num_logits > 0:
+            logits = self.logits(x[:, -num_logits:])
+        else:
+            logits = None
+        hidden = torch.cat(captured, dim=-1) if captured else None
+        return ForwardOutput(logits=logits, hidden=hidden)
+
+    @staticmethod
+    def _mask(start: int, steps: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
+        # A single new token sees every cached slot: no mask at all (the fast path of each decode step).
+        if steps == 1 and key_valid is None:
+            return None
+        end = start + steps
+        query_slot = torch.arange(start, end, device=device)[:, None]
+        key_slot = torch.arange(end, device=device)[None, :]
+        causal = key_slot <= query_slot  # [T, S]
+        if key_valid is None:
+            return causal
+        # A padded query row would see no key at all (NaN softmax): let it see itself.
+        visible = causal[None] & key_valid[:, None, :end] | (key_slot == query_slot)[None]
+        return visible[:, None]  # [B, 1, T, S]
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "TargetModel":
+        model_dir = Path(model_dir)
+        cfg = TargetConfig.from_dir(model_dir)
+        state = load_hf_state_dict(model_dir)
+        model = cls(cfg)
+        model.load_state_dict(fuse_hf_weights(cfg, state), strict=True)
+        return model.to(dtype).eval().requires_grad_(False)
+
+
+def load_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Read every safetensors shard of a Hugging Face model directory."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"no *.safetensors weights in '{model_dir}'")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(model_dir / name)))
+    return state
+
+
+def fuse_hf_weights(cfg: TargetConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map transformers parameter names onto ours, fusing q/k/v and gate/up."""
+    hf = {name.removeprefix("model."): tensor for name, tensor in hf.items()}
+
+    def take(name: str) -> torch.Tensor:
+        try:
+            return hf.pop(name)
+        except KeyError:
+            raise ModelFormatError(f"weights lack the tensor {name!r}") from None
+
+    out: dict[str, torch.Tensor] = {"embed_tokens.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
+    lm_head = hf.pop("lm_head.weight", None)
+    if cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    elif lm_head is None:
+        raise ModelFormatError("weights lack 'lm_head.weight' and the config does not tie embeddings")
+    else:
+        out["lm_head.weight"] = lm_head
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"layers.{i}.", f"layers.{i}."
+        attn = src + "self_attn."
+        out[dst + "attn.qkv.weight"] = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"])
+        if cfg.attention_bias:
+            out[dst + "attn.qkv.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
+            out[dst + "attn.o.bias"] = take(attn + "o_proj.bias")
+        out[dst + "attn.o.weight"] = take(attn + "o_proj.weight")
+        if cfg.qk_norm:
+            out[dst + "attn.q_norm.weight"] = take(attn + "q_norm.weight")
+            out[dst + "attn.k_norm.weight"] = take(attn + "k_norm.weight")
+        out[dst + "mlp.gate_up.weight"] = torch.cat([take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")])
+        out[dst + "mlp.down.weight"] = take(src + "mlp.down_proj.weight")
+        out[dst + "input_norm.weight"] = take(src + "input_layernorm.weight")
+        out[dst + "post_attn_norm.weight"] = take(src + "post_attention_layernorm.weight")
+    hf.pop("rotary_emb.inv_freq", None)
+    if hf:
+        raise ModelFormatError(f"unexpected tensors in the weights: {sorted(hf)[:5]}")
+    return out
