@@ -9,7 +9,8 @@ import torch
 # Tests import their helpers (tiny_models) as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Tiny models: one thread is fastest, and leaves the other core to a parallel job.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

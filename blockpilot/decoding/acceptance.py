@@ -81,7 +81,10 @@ def draw_uniforms(generator: torch.Generator, count: int) -> torch.Tensor:
 
 
 def probs_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Float32 ``softmax(logits / temperature)`` over the last dim: [..., V] -> [..., V]."""
+    """Float32 ``softmax(logits / temperature)`` over the last dim: [..., V] -> [..., V].
+
+    A ``-inf`` logit gets probability 0; a row with no finite maximum is invalid (NaN).
+    """
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     logits = logits.to(torch.float32)
@@ -95,7 +98,8 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     """Inverse-CDF sampling, one draw per row: probs [..., V], uniforms [...] -> int64 [...].
 
     Returns the smallest index whose float64 cumulative sum exceeds ``u * row_total``. Rows need
-    not be normalized. An index with zero probability is never returned.
+    not be normalized; an index with zero probability is never returned from a row with positive
+    mass (a row without any, which is invalid input, still gets an id in [0, V)).
     """
     if probs.dim() < 1 or probs.shape[-1] == 0:
         raise ValueError(f"probs must have shape [..., V] with V > 0, got {tuple(probs.shape)}")
@@ -106,8 +110,9 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
         )
     cdf = probs.to(torch.float64).cumsum(dim=-1)  # [..., V]
     total = cdf[..., -1:]  # [..., 1]
-    # u < 1 keeps u * total < total in exact arithmetic; cap the threshold one ulp below the total
-    # so that no rounding (or a u of exactly 1) leaves it with no entry above it.
+    # u < 1 keeps u * total below the total, after rounding too for any normal total. Cap the
+    # threshold one ulp below the total anyway, so that a u of exactly 1 or a subnormal total
+    # cannot leave it with no entry above it (searchsorted would answer V).
     threshold = torch.minimum(
         uniforms.to(torch.float64).unsqueeze(-1) * total,
         torch.nextafter(total, torch.zeros_like(total)),
@@ -194,8 +199,9 @@ def speculative_sampling_verify(
         # from p_n itself, which is the residual with q taken as 0.
         q_row = draft_probs.index_select(0, a.clamp(max=n - 1).view(1)).squeeze(0).to(torch.float64)  # [V]
         residual = (p_row - torch.where(a < n, q_row, 0.0)).clamp_min(0.0)  # [V] max(0, p_a - q_a)
-        # An all-zero residual means p_a == q_a (a rejection then needs p_a(d) = q_a(d) = 0):
-        # there is no correction to make, so draw from p_a. Decided on device, without a sync.
+        # For normalized rows an all-zero residual means p_a == q_a, where a rejection needs
+        # p_a(d) = q_a(d) = 0: there is no correction to make, so draw from p_a itself. Decided
+        # on device, without a sync.
         weights = torch.where(residual.sum() > 0, residual, p_row)  # [V]
     next_token = sample_categorical(weights, residual_u)  # 0-d
     return _verdict(a, next_token)
@@ -236,5 +242,6 @@ def _check_rows(rows: torch.Tensor, count: int, name: str, vocab: int | None = N
 
 
 def _check_uniforms(uniforms: torch.Tensor, count: int, name: str) -> None:
+    """Check that ``uniforms`` is [count]."""
     if uniforms.shape != (count,):
         raise ValueError(f"{name} must have shape [{count}], got {tuple(uniforms.shape)}")

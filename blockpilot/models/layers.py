@@ -86,7 +86,21 @@ class SwiGLU(nn.Module):
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, num_groups: int
 ) -> torch.Tensor:
-    # q [B, H, T, D], k/v [B, K, S, D], mask bool broadcastable to [B, H, T, S] (True = visible) -> [B, T, H*D]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=num_groups > 1)
-    batch, heads, steps, dim = out.shape
-    return out.transpose(1, 2).reshape(batch, steps, heads * dim)
+    """Attention with grouped KV heads, written out as two matmuls.
+
+    q [B, H, T, D], k/v [B, K, S, D] with H = K * num_groups (query head h reads kv head
+    h // num_groups); mask bool [T, S] or [B, 1, T, S], True = visible. Returns [B, T, H * D].
+    Why not F.scaled_dot_product_attention: on CPU its flash kernel costs ~5 ms per call for a
+    single query against a strided cache view, more than all the layer's matmuls together.
+    """
+    batch, heads, steps, dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    # Fold each kv head's query heads into the row dimension: one matmul per kv head, no repeat.
+    grouped = q.reshape(batch, kv_heads, num_groups * steps, dim)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)) * (dim**-0.5)  # [B, K, G*T, S]
+    if mask is not None:
+        scores = scores.view(batch, kv_heads, num_groups, steps, slots)
+        visible = mask.view(-1, 1, 1, steps, slots) if mask.dim() == 4 else mask
+        scores = scores.masked_fill(~visible, float("-inf")).view(batch, kv_heads, num_groups * steps, slots)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, K, G*T, D]
+    return out.view(batch, heads, steps, dim).transpose(1, 2).reshape(batch, steps, heads * dim)

@@ -335,7 +335,7 @@ def _ensure_converted(gguf: Path, out: Path, *, lock_path: Path, progress: bool,
                 log_level, "preparing %s from %s into %s (one time, ~30 s)", what, gguf, out
             )
             start = time.monotonic()
-            _convert_locked(gguf, out)
+            _convert_locked(gguf, out, progress=progress)
             logger.log(log_level, "prepared %s in %.1f s: %s", what, time.monotonic() - start, out)
             return out
     except OSError as exc:
@@ -354,7 +354,7 @@ def _remove_leftovers(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _convert_locked(gguf: Path, out: Path) -> None:
+def _convert_locked(gguf: Path, out: Path, *, progress: bool = True) -> None:
     """Convert into a temp sibling, mark it complete, then swap it into place (caller holds the lock)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{_TMP_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -362,7 +362,7 @@ def _convert_locked(gguf: Path, out: Path) -> None:
     try:
         start = time.monotonic()
         sha = _sha256_file(gguf)
-        _write_hf_dir(gguf, tmp)
+        _write_hf_dir(gguf, tmp, progress=progress)
         for f in tmp.iterdir():
             _fsync_file(f)
         marker = {
@@ -391,8 +391,11 @@ def _convert_locked(gguf: Path, out: Path) -> None:
         raise
 
 
-def _write_hf_dir(gguf: Path, dest: Path) -> None:
-    """De-quantize ``gguf`` with transformers and write a plain fp32 Hugging Face directory to ``dest``."""
+def _write_hf_dir(gguf: Path, dest: Path, *, progress: bool = True) -> None:
+    """De-quantize ``gguf`` with transformers and write a plain fp32 Hugging Face directory to ``dest``.
+
+    With ``progress=False`` transformers' own progress bars (stderr) are switched off for the call.
+    """
     try:
         import torch
         import transformers
@@ -410,22 +413,18 @@ def _write_hf_dir(gguf: Path, dest: Path) -> None:
             )
 
     folder, name = str(gguf.parent), gguf.name
-    hf_logging = transformers.utils.logging
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # progress goes through our logger, not tqdm on stderr
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, local_files_only=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        with _quiet_transformers(transformers, enabled=not progress):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except (FailedPreconditionError, ModelFormatError, NotFoundError):
         raise
     except Exception as exc:  # transformers raises many types for unsupported/corrupt GGUF files
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        detail = text.splitlines()[0] if text else type(exc).__name__
         raise ModelFormatError(f"cannot convert GGUF file '{gguf}': {detail}") from None
-    finally:
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
 
     config = model.config
 
@@ -472,20 +471,62 @@ def _write_hf_dir(gguf: Path, dest: Path) -> None:
         logger.warning("GGUF file '%s' carries no chat template; chat prompts will need one", gguf)
 
     # generation_config.json with the eos token id(s) of both the model and the tokenizer.
-    gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(config)
+    loaded_gen = getattr(model, "generation_config", None)
     eos: list[int] = []
-    for value in (gen.eos_token_id, getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+    for value in (
+        getattr(loaded_gen, "eos_token_id", None),
+        getattr(config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+    ):
         for tid in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(tid, int) and tid not in eos:
                 eos.append(tid)
     if not eos:
         raise ModelFormatError(f"GGUF file '{gguf}' names no end-of-sequence token")
-    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
-    if gen.bos_token_id is None:
-        gen.bos_token_id = getattr(config, "bos_token_id", None)
-    if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    bos = getattr(loaded_gen, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(config, "bos_token_id", None)
+    pad = getattr(loaded_gen, "pad_token_id", None)
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    gen = GenerationConfig(bos_token_id=bos, eos_token_id=eos[0] if len(eos) == 1 else eos, pad_token_id=pad)
     gen.save_pretrained(str(dest))
+
+    # Files written by libraries may carry restrictive modes (safetensors: 0600); use the umask's.
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in dest.iterdir():
+        if f.is_file():
+            with contextlib.suppress(OSError):
+                os.chmod(f, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers, *, enabled: bool) -> Iterator[None]:
+    """Temporarily switch off transformers' tqdm bars (its GGUF loader uses a bare ``tqdm``)."""
+    if not enabled:
+        yield
+        return
+    import functools
+
+    hf_logging = transformers.utils.logging
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    gguf_utils = None
+    original_tqdm = None
+    with contextlib.suppress(Exception):
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils  # noqa: PLW0621
+
+        original_tqdm = getattr(gguf_utils, "tqdm", None)
+        if original_tqdm is not None:
+            gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_utils is not None and original_tqdm is not None:
+            gguf_utils.tqdm = original_tqdm
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _fsync_file(path: Path) -> None:

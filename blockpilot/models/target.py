@@ -145,14 +145,13 @@ class TargetModel(nn.Module):
         cos, sin = self.rotary(positions)
         mask = self._mask(start, steps, key_valid, tokens.device)
 
-        wanted = {layer_id: i for i, layer_id in enumerate(hidden_layer_ids)}
-        captured: list[torch.Tensor | None] = [None] * len(wanted)
+        wanted = set(hidden_layer_ids)
+        captured: dict[int, torch.Tensor] = {}
         x = self.embed_tokens(tokens)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, index, start, mask)
-            slot = wanted.get(index)
-            if slot is not None:
-                captured[slot] = x
+            if index in wanted:
+                captured[index] = x
         cache.length = start + steps
 
         if num_logits is None:
@@ -161,7 +160,7 @@ class TargetModel(nn.Module):
             logits = self.logits(x[:, -num_logits:])
         else:
             logits = None
-        hidden = torch.cat(captured, dim=-1) if captured else None
+        hidden = torch.cat([captured[i] for i in hidden_layer_ids], dim=-1) if captured else None
         return ForwardOutput(logits=logits, hidden=hidden)
 
     @staticmethod

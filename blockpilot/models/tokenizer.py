@@ -1,0 +1,90 @@
+"""Tokenizer and chat template of a target model directory (transformers' fast tokenizer, local only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from blockpilot.errors import InvalidArgumentError, ModelFormatError
+
+log = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class ChatTokenizer:
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ModelFormatError(f"cannot load a tokenizer from '{model_dir}': {err}") from None
+        self.vocab_size = len(self._tok)
+        self.has_chat_template = bool(getattr(self._tok, "chat_template", None))
+        self.stop_token_ids = self._stop_ids(model_dir)
+
+    def _stop_ids(self, model_dir: Path) -> tuple[int, ...]:
+        """End-of-sequence ids: generation_config's, the tokenizer's eos, and the chat end-of-turn."""
+        ids: list[int] = []
+        gen_cfg = model_dir / "generation_config.json"
+        if gen_cfg.exists():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids.extend(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self._tok.eos_token_id is not None:
+            ids.append(self._tok.eos_token_id)
+        for marker in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+            token_id = self._tok.convert_tokens_to_ids(marker)
+            if isinstance(token_id, int) and token_id != self._tok.unk_token_id and token_id is not None:
+                ids.append(token_id)
+        return tuple(dict.fromkeys(int(i) for i in ids))
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation, ending with the prompt for the assistant's next turn."""
+        if not messages:
+            raise InvalidArgumentError("the conversation has no messages")
+        for i, message in enumerate(messages):
+            if message.get("role") not in CHAT_ROLES:
+                raise InvalidArgumentError(f"message {i} has role {message.get('role')!r}; expected one of {CHAT_ROLES}")
+            if not message.get("content", "").strip():
+                raise InvalidArgumentError(f"message {i} ({message['role']}) is empty")
+        if not self.has_chat_template:
+            raise InvalidArgumentError("this model has no chat template; send the prompt as raw text")
+        ids = self._tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def encode_raw(self, text: str) -> list[int]:
+        if not text.strip():
+            raise InvalidArgumentError("the prompt is empty")
+        return [int(i) for i in self._tok.encode(text, add_special_tokens=False)]
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas for streaming.
+
+    Decoding token by token would split multi-byte characters; re-decoding the whole list and
+    emitting the new suffix is simple and, at the lengths generated here, cheap. A trailing U+FFFD
+    (an incomplete UTF-8 sequence) is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        self.token_ids.extend(token_ids)
+        text = self.tokenizer.decode(self.token_ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[self.emitted :]
+        self.emitted = len(text)
+        return delta

@@ -1,0 +1,93 @@
+"""Assemble a ready-to-run engine (target, tokenizer, drafter, decoder) from user-facing names.
+
+The CLI, the benchmarks and the services all load models through `load_engine`, so "which target,
+which drafter, which default block size" is decided in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blockpilot.decoding.drafting import DraftProvider, LocalDrafter
+from blockpilot.decoding.speculative import SpeculativeDecoder
+from blockpilot.errors import InvalidArgumentError, NotFoundError
+from blockpilot.models.drafter import DFlashDrafter
+from blockpilot.models.store import resolve_target
+from blockpilot.models.target import TargetModel
+from blockpilot.models.tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+# The drafter trained for the default target ships in the repository's models/ folder.
+SHIPPED_DRAFTER_NAME = "SmolLM2-135M-Instruct-DFlash"
+RANDOM_DRAFTER = "random"
+NO_DRAFTER = "none"
+
+
+def shipped_drafter_dir() -> Path | None:
+    """The project's own trained drafter for the default target, if this checkout has one."""
+    path = Path(__file__).resolve().parent.parent / "models" / SHIPPED_DRAFTER_NAME
+    return path if (path / "config.json").is_file() else None
+
+
+@dataclass
+class Engine:
+    target_dir: Path
+    tokenizer: ChatTokenizer
+    target: TargetModel
+    drafter: DraftProvider | None
+    drafter_name: str
+    decoder: SpeculativeDecoder
+
+    @property
+    def default_block_size(self) -> int:
+        """The drafter's trained block size, or 1 (autoregressive) without a drafter."""
+        return self.drafter.block_size if self.drafter is not None else 1
+
+
+def load_engine(target: str | None = None, drafter: str | None = None, *, random_drafter_block_size: int = 8) -> Engine:
+    """Load a target and its drafter.
+
+    target: None/"default" (SmolLM2-135M-Instruct), a Hugging Face directory or a GGUF file.
+    drafter: None = the shipped drafter when the target is the default one, else no drafter;
+        "none" = no drafter; "random" = a randomly initialised drafter (testing); else a DFlash
+        checkpoint directory.
+    """
+    target_dir = resolve_target(target)
+    target_model = TargetModel.from_pretrained(target_dir)
+    tokenizer = ChatTokenizer(target_dir)
+    is_default = target is None or target.lower() in ("default", "smollm2-135m-instruct")
+
+    provider: DraftProvider | None = None
+    name = NO_DRAFTER
+    if drafter is None and is_default:
+        shipped = shipped_drafter_dir()
+        if shipped is not None:
+            drafter, name = str(shipped), SHIPPED_DRAFTER_NAME
+    if drafter == RANDOM_DRAFTER:
+        model = DFlashDrafter.random(target_model.config, block_size=random_drafter_block_size, mask_token_id=_mask_token(tokenizer))
+        provider, name = LocalDrafter(model, target_model), RANDOM_DRAFTER
+    elif drafter not in (None, NO_DRAFTER):
+        path = Path(drafter).expanduser()
+        if not path.exists():
+            raise NotFoundError(f"drafter path '{drafter}' does not exist (give a DFlash checkpoint directory or 'random')")
+        model = DFlashDrafter.from_pretrained(path)
+        provider = LocalDrafter(model, target_model)
+        name = name if name != NO_DRAFTER else str(path)
+    return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(target_model, provider))
+
+
+def _mask_token(tokenizer: ChatTokenizer) -> int:
+    # Any fixed token works for an untrained drafter; use the first stop token (always in vocabulary).
+    return tokenizer.stop_token_ids[0] if tokenizer.stop_token_ids else 0
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)

@@ -1,0 +1,206 @@
+"""The speculative loop on tiny random models: lossless at T=0, lossless in distribution at T>0."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from blockpilot.decoding.drafting import LocalDrafter
+from blockpilot.decoding.speculative import PrefillInfo, SamplingParams, SpeculativeDecoder
+from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
+from blockpilot.models.drafter import DFlashDrafter
+from blockpilot.models.target import TargetModel
+from fake_drafters import OracleDrafter
+from tiny_models import build_tiny_hf_model, save_tiny_hf_model
+
+PROMPTS = [[5, 6, 7, 8], [11], [40, 3, 3, 3, 3, 90, 17, 17, 60, 2, 44, 31]]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llama_dir):
+    return TargetModel.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def random_drafter(target):
+    return LocalDrafter(DFlashDrafter.random(target.config, num_hidden_layers=2, block_size=8, seed=0), target)
+
+
+def autoregressive(target, prompt, max_new_tokens, stop=()):
+    return SpeculativeDecoder(target).generate(prompt, SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stop), 1)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("max_new_tokens", [1, 7, 45])
+def test_greedy_random_drafter_equals_autoregressive(target, random_drafter, prompt, max_new_tokens):
+    reference = autoregressive(target, prompt, max_new_tokens)
+    decoder = SpeculativeDecoder(target, random_drafter)
+    for block_size in range(2, 21):
+        result = decoder.generate(prompt, SamplingParams(max_new_tokens=max_new_tokens), block_size)
+        assert result.token_ids == reference.token_ids, block_size
+        assert len(result.token_ids) == max_new_tokens
+        assert result.finish_reason == "length"
+        assert sum(result.acceptance_lengths) == max_new_tokens - 1
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_mostly_right_drafter_equals_autoregressive(target, prompt):
+    max_new_tokens = 60
+    reference = autoregressive(target, prompt, max_new_tokens)
+    full = list(prompt) + reference.token_ids
+    for block_size in range(2, 21):
+        for accuracy in (0.8, 1.0):
+            drafter = OracleDrafter(full, target.config.vocab_size, accuracy, seed=block_size)
+            result = SpeculativeDecoder(target, drafter).generate(prompt, SamplingParams(max_new_tokens=max_new_tokens), block_size)
+            assert result.token_ids == reference.token_ids, (block_size, accuracy)
+            assert drafter.closed_sessions == 1
+            if accuracy == 1.0:
+                # Every block fully accepted plus the bonus token (but the last, cut by max_new_tokens).
+                assert result.acceptance_lengths[:-1] == [block_size] * (len(result.acceptance_lengths) - 1)
+            elif block_size >= 4:
+                assert max(result.acceptance_lengths) >= 4  # long accepted runs happen
+                assert result.tau > 1.5
+
+
+def test_stop_token_ends_generation_like_autoregressive(target):
+    prompt = PROMPTS[2]
+    free = autoregressive(target, prompt, 40)
+    stop = free.token_ids[17]  # a token the model will produce: stop at its first occurrence
+    reference = autoregressive(target, prompt, 40, stop=(stop,))
+    first = free.token_ids.index(stop)
+    assert reference.token_ids == free.token_ids[: first + 1] and reference.finish_reason == "stop"
+    full = list(prompt) + free.token_ids
+    for block_size in (2, 5, 8, 16):
+        drafter = OracleDrafter(full, target.config.vocab_size, 0.9, seed=block_size)
+        result = SpeculativeDecoder(target, drafter).generate(
+            prompt, SamplingParams(max_new_tokens=40, stop_token_ids=(stop,)), block_size
+        )
+        assert result.token_ids == reference.token_ids
+        assert result.finish_reason == "stop"
+
+
+def test_block_size_hook_sees_prefill_features_once(target, random_drafter):
+    calls: list[PrefillInfo] = []
+
+    def choose(info: PrefillInfo) -> int:
+        calls.append(info)
+        return 5
+
+    result = SpeculativeDecoder(target, random_drafter).generate(PROMPTS[0], SamplingParams(max_new_tokens=12), choose)
+    assert len(calls) == 1 and result.block_size == 5
+    info = calls[0]
+    assert info.prompt_len == len(PROMPTS[0])
+    assert info.last_logits.shape == (target.config.vocab_size,)
+    assert info.last_hidden.shape == (len(random_drafter.target_layer_ids) * target.config.hidden_size,)
+    assert result.token_ids[0] == int(info.last_logits.argmax())
+
+
+def test_closing_the_stream_early_frees_the_draft_session(target):
+    reference = autoregressive(target, PROMPTS[0], 30)
+    drafter = OracleDrafter(list(PROMPTS[0]) + reference.token_ids, target.config.vocab_size, 0.9)
+    stream = SpeculativeDecoder(target, drafter).stream(PROMPTS[0], SamplingParams(max_new_tokens=30), 4)
+    next(stream), next(stream)
+    stream.close()
+    assert drafter.closed_sessions == 1
+
+
+@pytest.mark.parametrize(
+    "prompt, params, block_size, error",
+    [
+        ([], SamplingParams(), 1, InvalidArgumentError),
+        ([5, -1], SamplingParams(), 1, InvalidArgumentError),
+        ([5, 97], SamplingParams(), 1, InvalidArgumentError),
+        ([5], SamplingParams(max_new_tokens=0), 1, InvalidArgumentError),
+        ([5], SamplingParams(temperature=-0.5), 1, InvalidArgumentError),
+        ([5], SamplingParams(temperature=float("nan")), 1, InvalidArgumentError),
+        ([5], SamplingParams(temperature=float("inf")), 1, InvalidArgumentError),
+        ([5], SamplingParams(stop_token_ids=(1000,)), 1, InvalidArgumentError),
+        ([5], SamplingParams(), 0, InvalidArgumentError),
+        ([5], SamplingParams(), 65, InvalidArgumentError),
+        ([5], SamplingParams(max_new_tokens=600), 1, ResourceExhaustedError),
+    ],
+)
+def test_bad_requests_raise_typed_errors(target, random_drafter, prompt, params, block_size, error):
+    with pytest.raises(error):
+        SpeculativeDecoder(target, random_drafter).generate(prompt, params, block_size)
+
+
+def test_block_size_above_one_without_drafter_is_refused(target):
+    with pytest.raises(InvalidArgumentError, match="needs a drafter"):
+        SpeculativeDecoder(target).generate([5], SamplingParams(), 4)
+
+
+# ---- T > 0: every committed token is a sample of the target's distribution -------------------
+
+
+@pytest.fixture(scope="module")
+def small_vocab_target(tmp_path_factory):
+    hf = build_tiny_hf_model("llama", seed=5, vocab_size=5, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    return TargetModel.from_pretrained(save_tiny_hf_model(hf, tmp_path_factory.mktemp("v5")))
+
+
+def exact_joint(target, prompt, length, temperature):
+    """P(first `length` generated tokens) by enumerating every sequence with the target itself."""
+    vocab = target.config.vocab_size
+    probs = {}
+    with torch.inference_mode():
+        for seq in itertools.product(range(vocab), repeat=length):
+            tokens = torch.tensor([list(prompt) + list(seq[:-1])])
+            logits = target(tokens, target.new_cache(16)).logits[0, len(prompt) - 1 :]
+            step = torch.softmax(logits.double() / temperature, dim=-1)
+            probs[seq] = math.prod(step[i, token].item() for i, token in enumerate(seq))
+    return probs
+
+
+def chi_square_p_value(counts: dict, expected_probs: dict, trials: int) -> float:
+    from scipy.stats import chisquare
+
+    cells = sorted(expected_probs)
+    observed = [counts.get(c, 0) for c in cells]
+    expected = [expected_probs[c] * trials for c in cells]
+    return float(chisquare(observed, expected).pvalue)
+
+
+@pytest.mark.parametrize("draft_sampling", ["greedy", "sample"])
+def test_temperature_sampling_is_lossless_in_distribution(small_vocab_target, draft_sampling):
+    target = small_vocab_target
+    prompt, length, temperature, trials = [1, 3], 3, 1.3, 3000
+    exact = exact_joint(target, prompt, length, temperature)
+    # An oracle that follows one fixed continuation: right on that path, wrong elsewhere, so
+    # acceptances, rejections and bonus tokens all occur.
+    greedy = autoregressive(target, prompt, length).token_ids
+    drafter = OracleDrafter(list(prompt) + greedy, target.config.vocab_size, 0.7, seed=1)
+    decoder = SpeculativeDecoder(target, drafter)
+    counts: dict[tuple[int, ...], int] = {}
+    accepted_some = 0
+    for seed in range(trials):
+        result = decoder.generate(
+            prompt, SamplingParams(temperature=temperature, max_new_tokens=length, seed=seed, draft_sampling=draft_sampling), 3
+        )
+        key = tuple(result.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+        accepted_some += max(result.acceptance_lengths) > 1
+    assert accepted_some > trials // 10  # the drafts were actually used
+    assert chi_square_p_value(counts, exact, trials) > 1e-3
+
+
+def test_distribution_test_detects_a_biased_sampler(small_vocab_target):
+    """The same test fails for a sampler that is not the target's distribution (T=1.3 vs 1.0)."""
+    target = small_vocab_target
+    prompt, length, trials = [1, 3], 3, 3000
+    exact = exact_joint(target, prompt, length, 1.3)
+    decoder = SpeculativeDecoder(target)
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(trials):
+        key = tuple(decoder.generate(prompt, SamplingParams(temperature=0.8, max_new_tokens=length, seed=seed), 1).token_ids)
+        counts[key] = counts.get(key, 0) + 1
+    assert chi_square_p_value(counts, exact, trials) < 1e-3
+
+
+def test_seeded_sampling_is_reproducible(target, random_drafter):
+    params = SamplingParams(temperature=1.0, max_new_tokens=20, seed=7)
+    decoder = SpeculativeDecoder(target, random_drafter)
+    assert decoder.generate(PROMPTS[0], params, 4).token_ids == decoder.generate(PROMPTS[0], params, 4).token_ids
