@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
@@ -103,6 +104,8 @@ def _prepare(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise InvalidArgumentError("the prompt is empty")
+    if args.drafter not in (None, "none", "random") and not Path(args.drafter).expanduser().exists():
+        raise InvalidArgumentError(f"--drafter '{args.drafter}' does not exist (give a DFlash checkpoint directory, 'random' or 'none')")
     if args.block_size is not None and args.block_size > 1 and args.drafter in (None, "none"):
         from blockpilot.runtime import shipped_drafter_dir
 

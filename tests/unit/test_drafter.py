@@ -1,0 +1,121 @@
+"""The DFlash drafter: checkpoint format, round trip, and cached drafting == one-shot drafting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blockpilot.decoding.drafting import DraftRequest, LocalDrafter
+from blockpilot.errors import ModelFormatError, NotFoundError
+from blockpilot.models.drafter import DFlashDrafter, DrafterConfig, default_target_layer_ids
+from blockpilot.models.target import TargetModel
+
+
+@pytest.fixture(scope="module")
+def target(tiny_qwen3_dir):
+    return TargetModel.from_pretrained(tiny_qwen3_dir)
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    return DFlashDrafter.random(target.config, num_hidden_layers=2, block_size=6, target_layer_ids=[0, 2], mask_token_id=4, seed=3)
+
+
+def test_default_target_layer_ids_follow_dflash():
+    assert default_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]
+    assert default_target_layer_ids(32, 5) == [1, 8, 15, 22, 29]
+    assert default_target_layer_ids(30, 1) == [15]
+
+
+def test_checkpoint_uses_the_published_format(drafter, tmp_path):
+    drafter.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"]
+    assert config["block_size"] == 6 and config["num_target_layers"] == 4 and config["num_hidden_layers"] == 2
+    assert config["dflash_config"] == {"target_layer_ids": [0, 2], "mask_token_id": 4}
+    names = set(load_file(str(tmp_path / "model.safetensors")))
+    expected = {"fc.weight", "hidden_norm.weight", "norm.weight"}
+    for i in range(2):
+        expected |= {f"layers.{i}.self_attn.{p}_proj.weight" for p in "qkvo"}
+        expected |= {f"layers.{i}.self_attn.{p}_norm.weight" for p in "qk"}
+        expected |= {f"layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+        expected |= {f"layers.{i}.{p}_layernorm.weight" for p in ("input", "post_attention")}
+    assert names == expected
+
+
+def test_round_trip_drafts_identically(drafter, target, tmp_path):
+    loaded = DFlashDrafter.from_pretrained(drafter.save_pretrained(tmp_path))
+    assert loaded.config == drafter.config
+    for name, tensor in drafter.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    context = torch.randn(9, 2 * target.config.hidden_size)
+    request = DraftRequest(anchor=7, start=9, num_draft=5, context=context, context_start=0)
+    a = LocalDrafter(drafter, target).open_session(32).propose(request)
+    b = LocalDrafter(loaded, target).open_session(32).propose(request)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_block_size_may_live_inside_dflash_config(drafter):
+    raw = drafter.config.to_hf_dict()
+    raw["dflash_config"]["block_size"] = 12
+    del raw["block_size"]
+    assert DrafterConfig.from_hf_dict(raw).block_size == 12
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(architectures=["DFlash2DraftModel"]), "unsupported drafter architecture"),
+        (lambda c: c.update(use_sliding_window=True), "sliding-window"),
+        (lambda c: c["dflash_config"].update(mask_token_id=10_000), "mask_token_id"),
+        (lambda c: c["dflash_config"].update(target_layer_ids=[0, 9]), "target_layer_ids"),
+        (lambda c: c.pop("num_target_layers"), "num_target_layers"),
+    ],
+)
+def test_bad_configs_are_refused_clearly(drafter, change, message):
+    raw = drafter.config.to_hf_dict()
+    change(raw)
+    with pytest.raises(ModelFormatError, match=message):
+        DrafterConfig.from_hf_dict(raw)
+
+
+def test_missing_checkpoint_and_wrong_target_are_refused(drafter, target, tmp_path):
+    with pytest.raises(NotFoundError):
+        DFlashDrafter.from_pretrained(tmp_path / "nope")
+    other = DrafterConfig.for_target(target.config)
+    bad = DrafterConfig(**{**other.__dict__, "num_target_layers": 7, "target_layer_ids": (1,)})
+    with pytest.raises(ModelFormatError, match="num_target_layers"):
+        bad.check_target(target.config)
+
+
+def test_cached_context_equals_one_shot_context(drafter, target):
+    """Feeding the context in pieces over several steps (the draft KV cache) gives the same block
+    output as feeding all of it at once to a fresh cache."""
+    gen = torch.Generator().manual_seed(0)
+    width = 2 * target.config.hidden_size
+    context = torch.randn(1, 20, width, generator=gen)
+    block = target.embed(torch.tensor([[5, 4, 4, 4, 4, 4]]))
+    block_positions = torch.arange(20, 26)[None]
+    with torch.no_grad():
+        one_shot = drafter(block, context, drafter.new_cache(32), block_positions, torch.arange(20)[None])
+        cache = drafter.new_cache(32)
+        for lo, hi in [(0, 8), (8, 9), (9, 15)]:
+            # An intermediate draft (its block must not linger in the cache).
+            drafter(target.embed(torch.tensor([[3, 4, 4]])), context[:, lo:hi], cache,
+                     torch.arange(hi, hi + 3)[None], torch.arange(lo, hi)[None])
+            assert cache.length == hi
+        pieces = drafter(block, context[:, 15:], cache, block_positions, torch.arange(15, 20)[None])
+    assert (pieces - one_shot).abs().max().item() < 1e-5
+
+
+def test_block_attention_is_not_causal(drafter, target):
+    """Changing a later block token changes earlier positions' outputs (bidirectional block)."""
+    context = torch.randn(1, 4, 2 * target.config.hidden_size)
+    positions = torch.arange(4, 8)[None]
+    with torch.no_grad():
+        a = drafter(target.embed(torch.tensor([[5, 4, 4, 4]])), context, drafter.new_cache(16), positions, torch.arange(4)[None])
+        b = drafter(target.embed(torch.tensor([[5, 4, 4, 9]])), context, drafter.new_cache(16), positions, torch.arange(4)[None])
+    assert not torch.allclose(a[0, 1], b[0, 1])
