@@ -69,14 +69,44 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+class FastLinear(nn.Linear):
+    """nn.Linear that picks the faster matmul layout for the number of rows.
+
+    Decoding is bound by reading the weights, and on this class of CPU (MKL, AVX2) the layout
+    decides how fast they stream: one row (a decode step) runs best as x @ W^T with W^T stored
+    contiguous, several rows (a verify block) as W @ x^T with W stored as is; nn.Linear's own
+    choice is up to 2.5x slower for both (measured in benchmarks/engine.py). So an inference
+    copy keeps both layouts (`prepare_for_inference`), trading memory for bandwidth.
+    """
+
+    weight_t: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.weight_t = None
+
+    def prepare_for_inference(self, single_row_transposed: bool = True) -> None:
+        self.weight_t = self.weight.detach().t().contiguous() if single_row_transposed else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is None or torch.is_grad_enabled() and self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // x.shape[-1]
+        flat = x.reshape(rows, x.shape[-1])
+        out = flat @ self.weight_t if rows == 1 else (self.weight @ flat.t()).t()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up = FastLinear(hidden_size, 2 * intermediate_size)
+        self.down = FastLinear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.intermediate_size, dim=-1)

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from blockpilot.errors import ModelFormatError
 from blockpilot.models.config import TargetConfig
 from blockpilot.models.kv_cache import KVCache
-from blockpilot.models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, attend
+from blockpilot.models.layers import FastLinear, RMSNorm, Rotary, SwiGLU, apply_rotary, attend
 
 
 @dataclass
@@ -46,8 +46,8 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.qkv = FastLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o = FastLinear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -85,7 +85,7 @@ class TargetModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = FastLinear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
@@ -187,7 +187,16 @@ class TargetModel(nn.Module):
         state = load_hf_state_dict(model_dir)
         model = cls(cfg)
         model.load_state_dict(fuse_hf_weights(cfg, state), strict=True)
-        return model.to(dtype).eval().requires_grad_(False)
+        model = model.to(dtype).eval().requires_grad_(False)
+        model.prepare_for_inference()
+        return model
+
+    def prepare_for_inference(self) -> None:
+        """Keep a transposed copy of the weights for one-row (decode) matmuls; see FastLinear."""
+        for module in self.modules():
+            if isinstance(module, FastLinear):
+                # down_proj's one-row product is faster in the stored layout (measured).
+                module.prepare_for_inference(single_row_transposed=module.in_features <= module.out_features)
 
 
 def load_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,159 @@
+"""Engine speed: autoregressive decode tokens/s of our engine vs transformers' generate(), and the
+verify-cost curve (forward time for k new tokens relative to k = 1).
+
+    .venv/bin/python benchmarks/engine.py --datasets ../shared/datasets --prompts 10 --out runs/engine.json
+
+Both decoders run the same model (default: SmolLM2-135M-Instruct, fp32) on the same prompts in the
+same process, 128 new tokens each, greedy, no early stop (so both produce exactly the same number
+of tokens). Prefill is timed separately and excluded from decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from blockpilot.benchmarking import load_prompts
+from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
+from blockpilot.models.store import resolve_target
+from blockpilot.models.target import TargetModel
+from blockpilot.models.tokenizer import ChatTokenizer
+
+
+def engine_decode(decoder: SpeculativeDecoder, prompt_ids: list[int], new_tokens: int) -> dict:
+    result = decoder.generate(prompt_ids, SamplingParams(max_new_tokens=new_tokens), 1)
+    return {"ttft_s": result.ttft_s, "decode_s": result.decode_s, "tokens": len(result.token_ids),
+            "decode_tokens_per_s": result.decode_tokens_per_s, "token_ids": result.token_ids}
+
+
+def hf_decode(model, prompt_ids: list[int], new_tokens: int) -> dict:
+    inputs = torch.tensor([prompt_ids])
+    mask = torch.ones_like(inputs)
+    with torch.inference_mode():
+        started = time.perf_counter()
+        model(inputs, attention_mask=mask, logits_to_keep=1)
+        prefill_s = time.perf_counter() - started
+        started = time.perf_counter()
+        out = model.generate(inputs, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        total_s = time.perf_counter() - started
+    produced = out.shape[1] - len(prompt_ids)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    return {"ttft_s": prefill_s, "decode_s": decode_s, "tokens": produced,
+            "decode_tokens_per_s": (produced - 1) / decode_s, "token_ids": out[0, len(prompt_ids):].tolist()}
+
+
+def verify_cost_curve(target: TargetModel, context_len: int, sizes: list[int], repeats: int) -> dict[int, float]:
+    """Median forward time (s) for k new tokens on top of a `context_len`-token cache."""
+    cache = target.new_cache(context_len + max(sizes) + 1)
+    generator = torch.Generator().manual_seed(0)
+    vocab = target.config.vocab_size
+    with torch.inference_mode():
+        target(torch.randint(vocab, (1, context_len), generator=generator), cache, num_logits=0)
+        times: dict[int, float] = {}
+        for k in sizes:
+            samples = []
+            for _ in range(repeats + 1):
+                cache.truncate(context_len)
+                tokens = torch.randint(vocab, (1, k), generator=generator)
+                started = time.perf_counter()
+                target(tokens, cache)  # logits for all k positions, as a verify step needs
+                samples.append(time.perf_counter() - started)
+            times[k] = statistics.median(samples[1:])
+    return times
+
+
+def profile_decode_step(target: TargetModel, context_len: int) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = target.new_cache(context_len + 2)
+    with torch.inference_mode():
+        target(torch.randint(target.config.vocab_size, (1, context_len)), cache, num_logits=0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                cache.truncate(context_len)
+                target(torch.tensor([[42]]), cache)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows)
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 5 / 1000, "share": e.self_cpu_time_total / total,
+             "calls_per_step": e.count / 5} for e in rows[:8]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", type=Path, required=True, help="folder with the evaluation *.jsonl files")
+    parser.add_argument("--prompts", type=int, default=10, help="prompts in all, taken round-robin over the datasets")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--target", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=7, help="repeats per k for the verify-cost curve")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = resolve_target(args.target)
+    tokenizer = ChatTokenizer(model_dir)
+    target = TargetModel.from_pretrained(model_dir)
+    decoder = SpeculativeDecoder(target)
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    prompts = load_prompts(args.datasets, args.prompts)
+    print(f"setup: {model_dir.name}, {len(prompts)} prompts, {args.new_tokens} new tokens, greedy, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+          file=sys.stderr)
+
+    # Warm-up: first calls pay for allocator and kernel selection.
+    warm = tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
+    engine_decode(decoder, warm, 8), hf_decode(hf, warm, 8)
+
+    per_prompt = []
+    for prompt in tqdm(prompts, desc="prompts", file=sys.stderr):
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt["text"]}])
+        ours, theirs = engine_decode(decoder, ids, args.new_tokens), hf_decode(hf, ids, args.new_tokens)
+        per_prompt.append({"id": prompt["id"], "prompt_tokens": len(ids),
+                           "engine": {k: v for k, v in ours.items() if k != "token_ids"},
+                           "transformers": {k: v for k, v in theirs.items() if k != "token_ids"},
+                           "same_tokens": ours["token_ids"] == theirs["token_ids"]})
+
+    def rate(key: str) -> float:
+        tokens = sum(p[key]["tokens"] - 1 for p in per_prompt)
+        return tokens / sum(p[key]["decode_s"] for p in per_prompt)
+
+    curve = verify_cost_curve(target, 128, [1, 2, 4, 8, 16, 32], args.repeats)
+    report = {
+        "setup": {"target": model_dir.name, "prompts": len(prompts), "new_tokens": args.new_tokens,
+                  "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "engine_decode_tokens_per_s": rate("engine"),
+        "transformers_decode_tokens_per_s": rate("transformers"),
+        "speedup_vs_transformers": rate("engine") / rate("transformers"),
+        "engine_ttft_s_mean": statistics.mean(p["engine"]["ttft_s"] for p in per_prompt),
+        "transformers_prefill_s_mean": statistics.mean(p["transformers"]["ttft_s"] for p in per_prompt),
+        "identical_outputs": sum(p["same_tokens"] for p in per_prompt),
+        "verify_cost_ms": {k: v * 1000 for k, v in curve.items()},
+        "verify_cost_relative": {k: v / curve[1] for k, v in curve.items()},
+        "decode_step_profile": profile_decode_step(target, 128),
+        "weights_mb": sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20,
+        "per_prompt": per_prompt,
+    }
+    print(f"engine        {report['engine_decode_tokens_per_s']:6.1f} decode tokens/s")
+    print(f"transformers  {report['transformers_decode_tokens_per_s']:6.1f} decode tokens/s")
+    print(f"speed-up      {report['speedup_vs_transformers']:6.2f} x   (identical outputs: {report['identical_outputs']}/{len(per_prompt)})")
+    print("verify cost   " + "  ".join(f"k={k}: {v:.2f}x ({curve[k] * 1000:.1f} ms)" for k, v in report["verify_cost_relative"].items()))
+    print("decode step   " + "; ".join(f"{r['op']} {r['self_ms_per_step']:.1f} ms ({r['share']:.0%})" for r in report["decode_step_profile"][:4]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
