@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare", help="make the default model ready (de-quantize once into the cache)")
     prep.add_argument("--target", default=None)
+
+    drafter = sub.add_parser("drafter", help="make, train and evaluate DFlash drafters")
+    drafter_sub = drafter.add_subparsers(dest="drafter_command", required=True, parser_class=_OneLineParser)
+    data = drafter_sub.add_parser("data", help="the target's own responses to training prompts (resumable)")
+    data.add_argument("--prompts", type=Path, nargs="+", required=True, help="training *.jsonl files or folders of them (never evaluation sets)")
+    data.add_argument("--out", type=Path, required=True, help="JSONL dataset file (appended to; rerun to resume)")
+    data.add_argument("--target", default=None)
+    data.add_argument("--prompts-per-file", type=_positive_int, default=200)
+    data.add_argument("--sample-fraction", type=float, default=0.5, help="share of prompts also answered at temperature 1")
+    data.add_argument("--max-new-tokens", type=_positive_int, default=192)
+    data.add_argument("--batch-size", type=_positive_int, default=32)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--threads", type=_positive_int, default=None)
     return parser
 
 
@@ -83,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "prepare":
             return _prepare(args)
+        if args.command == "drafter":
+            return _drafter(args)
     except BlockPilotError as err:
         print(f"blockpilot {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, InvalidArgumentError) else EXIT_FAILURE
@@ -99,6 +114,26 @@ def _prepare(args: argparse.Namespace) -> int:
     logging.getLogger("blockpilot").setLevel(logging.INFO)
     print(resolve_target(args.target))
     return 0
+
+
+def _drafter(args: argparse.Namespace) -> int:
+    from blockpilot.runtime import set_threads
+
+    set_threads(args.threads)
+    logging.getLogger("blockpilot").setLevel(logging.INFO)
+    if args.drafter_command == "data":
+        from blockpilot.models.store import resolve_target
+        from blockpilot.models.target import TargetModel
+        from blockpilot.models.tokenizer import ChatTokenizer
+        from blockpilot.training.data import DataConfig, generate_dataset
+
+        target_dir = resolve_target(args.target)
+        cfg = DataConfig(prompts_per_file=args.prompts_per_file, sample_fraction=args.sample_fraction,
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+        summary = generate_dataset(TargetModel.from_pretrained(target_dir), ChatTokenizer(target_dir), args.prompts, args.out, cfg)
+        print(json.dumps(summary))
+        return 0
+    raise InvalidArgumentError(f"unknown drafter command {args.drafter_command!r}")
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -207,12 +207,13 @@ class DraftAttention(nn.Module):
         # block [B, T, C] (normed), context [B, N, C] (projected; the N new entries go to slot `start`)
         batch, steps, _ = block.shape
         ctx_k, ctx_v = self._kv(context, *context_rope)
-        cached_k, cached_v = cache.write(layer, start, ctx_k, ctx_v)
+        if cache is not None:
+            ctx_k, ctx_v = cache.write(layer, start, ctx_k, ctx_v)
         block_k, block_v = self._kv(block, *block_rope)
         q = self.q_norm(self.q_proj(block).view(batch, steps, self.num_heads, self.head_dim))
         q = apply_rotary(q.transpose(1, 2), *block_rope)
-        keys = torch.cat([cached_k, block_k], dim=2)
-        values = torch.cat([cached_v, block_v], dim=2)
+        keys = torch.cat([ctx_k, block_k], dim=2)
+        values = torch.cat([ctx_v, block_v], dim=2)
         return self.o_proj(attend(q, keys, values, mask, self.num_heads // self.num_kv_heads))
 
 
@@ -271,7 +272,7 @@ class DFlashDrafter(nn.Module):
         self,
         block_embeds: torch.Tensor,
         context_features: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | None,
         block_positions: torch.Tensor,
         context_positions: torch.Tensor,
         mask: torch.Tensor | None = None,
@@ -280,7 +281,8 @@ class DFlashDrafter(nn.Module):
 
         block_embeds [B, T, C]: target embeddings of [anchor, mask x (T - 1)].
         context_features [B, N, F]: target features of the N tokens committed since the last call
-            (N may be 0); their projected K/V are appended to `cache`.
+            (N may be 0); their projected K/V are appended to `cache`. With cache=None (training)
+            the context is used as given and nothing is stored.
         block_positions [B, T] / context_positions [B, N]: absolute positions (int64).
         mask: optional bool [B, 1, T, S] over (cached context + block) keys; None = all visible,
             which is inference. Training passes a mask to pack many blocks into one sequence.
@@ -288,13 +290,14 @@ class DFlashDrafter(nn.Module):
         positions 1..T-1 for the draft logits.
         """
         context = self.hidden_norm(self.fc(context_features))
-        start = cache.reserve(context.shape[1])
+        start = cache.reserve(context.shape[1]) if cache is not None else 0
         block_rope = self.rotary(block_positions)
         context_rope = self.rotary(context_positions)
         x = block_embeds
         for index, layer in enumerate(self.layers):
             x = layer(x, context, block_rope, context_rope, cache, index, start, mask)
-        cache.length = start + context.shape[1]
+        if cache is not None:
+            cache.length = start + context.shape[1]
         return self.norm(x)
 
     # ---- checkpoints (published DFlash format) -------------------------------------------

@@ -1,0 +1,338 @@
+"""DFlash drafter training, scaled to a CPU (research/papers.md §3).
+
+Recipe:
+- random anchors inside each response; a block is [anchor, mask x (B - 1)] at positions
+  anchor .. anchor + B - 1, labelled with the sequence's next B - 1 tokens;
+- the context of a block = target features of the tokens strictly before its anchor, exactly what
+  the decoding loop has fed the drafter when that anchor opens a step;
+- many blocks per sequence in one forward: block tokens attend to their own block (bidirectional)
+  and to the context before their anchor, never to other blocks;
+- loss: cross-entropy at block positions k = 1..B-1 weighted exp(-(k-1)/gamma), normalised by the
+  weights; the target's embedding and lm_head are frozen and shared;
+- AdamW, linear warm-up then cosine decay, gradient clipping; resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from blockpilot.errors import InvalidArgumentError
+from blockpilot.models.drafter import DFlashDrafter
+from blockpilot.models.target import TargetModel
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """num_draft_layers / target_layer_ids / block_size: the drafter's shape (see DrafterConfig).
+    gamma: loss decay over block positions (DFlash: 7 for B=16, 5 for B=10, 4 for B=8).
+    anchors_per_sequence: blocks packed into one forward per sequence.
+    sequences_per_step: sequences whose losses make one optimizer step.
+    holdout_fraction: share of prompt ids kept out of training for evaluation."""
+
+    num_draft_layers: int = 1
+    target_layer_ids: tuple[int, ...] | None = None
+    block_size: int = 8
+    mask_token_id: int = 0
+    gamma: float = 4.0
+    anchors_per_sequence: int = 32
+    sequences_per_step: int = 4
+    steps: int = 1000
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    holdout_fraction: float = 0.05
+    eval_every: int = 200
+    eval_sequences: int = 24
+    save_every: int = 100
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.block_size < 2:
+            raise InvalidArgumentError(f"block_size must be >= 2, got {self.block_size}")
+        if self.gamma <= 0:
+            raise InvalidArgumentError(f"gamma must be > 0, got {self.gamma}")
+        if self.steps < 1 or self.anchors_per_sequence < 1 or self.sequences_per_step < 1:
+            raise InvalidArgumentError("steps, anchors_per_sequence and sequences_per_step must be >= 1")
+
+
+@dataclass
+class PackedBlocks:
+    """Blocks of one sequence packed for one drafter forward (A anchors, B block size, S context).
+
+    tokens [A*B]: [x_a, mask, ..., mask] per anchor; positions [A*B]: a .. a+B-1;
+    labels [A*B]: x_{a+k} at block position k >= 1 (IGNORE at k = 0 and past the sequence end);
+    weights [A*B]: exp(-(k-1)/gamma) where labelled, else 0;
+    mask [A*B, S + A*B] bool: block token of anchor a sees context j < a and its own block."""
+
+    anchors: list[int]
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    mask: torch.Tensor
+
+
+def pack_blocks(token_ids: Sequence[int], anchors: Sequence[int], block_size: int, mask_token_id: int, gamma: float) -> PackedBlocks:
+    seq_len = len(token_ids)
+    count = len(anchors)
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    offsets = torch.arange(block_size)
+    anchor_t = torch.tensor(list(anchors), dtype=torch.long)
+    positions = (anchor_t[:, None] + offsets[None, :]).reshape(-1)  # [A*B]
+    tokens = torch.full((count, block_size), mask_token_id, dtype=torch.long)
+    tokens[:, 0] = ids[anchor_t]
+    in_range = positions < seq_len
+    labels = torch.where(in_range, ids[positions.clamp(max=seq_len - 1)], torch.full_like(positions, IGNORE)).view(count, block_size)
+    labels[:, 0] = IGNORE
+    decay = torch.exp(-(offsets.float() - 1) / gamma)
+    weights = torch.where(labels != IGNORE, decay[None, :].expand(count, block_size), torch.zeros(()))
+    context_visible = torch.arange(seq_len)[None, :] < anchor_t.repeat_interleave(block_size)[:, None]  # [A*B, S]
+    block_of = torch.arange(count).repeat_interleave(block_size)
+    same_block = block_of[:, None] == block_of[None, :]  # [A*B, A*B]
+    return PackedBlocks(list(anchors), tokens.reshape(-1), positions, labels.reshape(-1), weights.reshape(-1),
+                        torch.cat([context_visible, same_block], dim=1))
+
+
+def sample_anchors(prompt_len: int, seq_len: int, count: int, rng: random.Random) -> list[int]:
+    """Random anchor positions inside the response: the anchor is a committed token (the first
+    response token at the earliest) that has at least one following token to predict."""
+    low, high = prompt_len, seq_len - 2
+    if high < low:
+        return []
+    population = range(low, high + 1)
+    return sorted(rng.sample(population, min(count, len(population))))
+
+
+def drafter_loss(drafter: DFlashDrafter, lm_head_weight: torch.Tensor, embed: torch.nn.Embedding,
+                 features: torch.Tensor, packed: PackedBlocks) -> tuple[torch.Tensor, dict]:
+    """Weighted CE over the packed blocks of one sequence. features [S, F] (target, frozen)."""
+    seq_len = features.shape[0]
+    hidden = drafter(
+        embed(packed.tokens)[None],
+        features[None],
+        None,
+        packed.positions[None],
+        torch.arange(seq_len)[None],
+        mask=packed.mask[None, None],
+    )[0]
+    predicted = packed.weights > 0
+    logits = F.linear(hidden[predicted], lm_head_weight)
+    labels = packed.labels[predicted]
+    weights = packed.weights[predicted]
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    loss = (losses * weights).sum() / weights.sum()
+    with torch.no_grad():
+        hits = logits.argmax(-1) == labels
+        first = (packed.positions[predicted] - torch.tensor(packed.anchors).repeat_interleave(drafter.block_size)[predicted]) == 1
+    return loss, {"predicted": int(predicted.sum()), "first_hits": int(hits[first].sum()), "first_total": int(first.sum()),
+                  "hits": int(hits.sum())}
+
+
+class FeatureCache:
+    """Target features per training sequence, computed once (the target is frozen)."""
+
+    def __init__(self, target: TargetModel, layer_ids: Sequence[int]) -> None:
+        self.target = target
+        self.layer_ids = tuple(layer_ids)
+        self._store: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()  # not inference_mode: the features feed an autograd graph (the drafter's)
+    def get(self, index: int, token_ids: Sequence[int]) -> torch.Tensor:
+        cached = self._store.get(index)
+        if cached is None:
+            tokens = torch.tensor([list(token_ids)])
+            out = self.target(tokens, self.target.new_cache(len(token_ids)), num_logits=0, hidden_layer_ids=self.layer_ids)
+            cached = out.hidden[0].clone()
+            self._store[index] = cached
+        return cached
+
+
+@torch.no_grad()
+def replay_tau(drafter: DFlashDrafter, target: TargetModel, features: torch.Tensor, token_ids: Sequence[int],
+               prompt_len: int, block_size: int, max_steps: int = 64) -> list[int]:
+    """Acceptance lengths of the greedy loop replayed over a recorded greedy response with
+    teacher-forced features: the response is the target's own greedy continuation, so a draft
+    token is accepted iff it equals the recorded one. Much cheaper than decoding."""
+    seq_len = len(token_ids)
+    ids = torch.tensor(token_ids)
+    anchor = prompt_len
+    lengths = []
+    while anchor < seq_len - 1 and len(lengths) < max_steps:
+        steps = min(block_size, seq_len - anchor)
+        block = torch.full((1, steps), drafter.config.mask_token_id, dtype=torch.long)
+        block[0, 0] = ids[anchor]
+        hidden = drafter(target.embed(block), features[None, :anchor], None,
+                         torch.arange(anchor, anchor + steps)[None], torch.arange(anchor)[None])
+        draft = target.lm_head(hidden[0, 1:]).argmax(-1)
+        truth = ids[anchor + 1 : anchor + steps]
+        accepted = int((draft == truth).int().cumprod(0).sum())
+        lengths.append(accepted + 1)
+        anchor += accepted + 1
+    return lengths
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    warmup = max(1, int(cfg.steps * cfg.warmup_ratio))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def split_records(records: list[dict], holdout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split by prompt id (both modes of a prompt fall on the same side)."""
+    ids = sorted({r["id"] for r in records})
+    random.Random(seed).shuffle(ids)
+    held = set(ids[: max(1, int(len(ids) * holdout_fraction))])
+    train = [r for r in records if r["id"] not in held and r["response_ids"]]
+    holdout = [r for r in records if r["id"] in held and r["response_ids"]]
+    return train, holdout
+
+
+def train_drafter(
+    target: TargetModel,
+    records: list[dict],
+    out_dir: Path,
+    cfg: TrainConfig,
+    *,
+    init_from: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) a drafter; writes out_dir/drafter (DFlash format) and out_dir/state.pt."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / "state.pt"
+    train, holdout = split_records(records, cfg.holdout_fraction, cfg.seed)
+    if not train:
+        raise InvalidArgumentError("no training records with a response")
+
+    if state_path.exists():
+        drafter = DFlashDrafter.from_pretrained(out_dir / "drafter")
+        saved = torch.load(state_path, weights_only=False)
+        state = TrainState(**saved["state"])
+        log.info("resuming from step %d", state.step)
+    else:
+        saved = None
+        state = TrainState()
+        if init_from is not None:
+            drafter = DFlashDrafter.from_pretrained(init_from)
+        else:
+            drafter = DFlashDrafter.random(target.config, seed=cfg.seed, num_hidden_layers=cfg.num_draft_layers,
+                                           block_size=cfg.block_size, target_layer_ids=cfg.target_layer_ids,
+                                           mask_token_id=cfg.mask_token_id)
+    drafter.train().requires_grad_(True)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+    features = FeatureCache(target, drafter.target_layer_ids)
+    lm_head = target.lm_head.weight.detach()
+    embed = target.embed_tokens
+
+    def save() -> None:
+        drafter.save_pretrained(out_dir / "drafter")
+        torch.save({"state": asdict(state), "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, state_path)
+
+    order = list(range(len(train)))
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress)
+    window: list[dict] = []
+    started = time.perf_counter() - state.seconds
+    while state.step < cfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.step, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "predicted": 0, "first_hits": 0, "first_total": 0, "hits": 0}
+        step_started = time.perf_counter()
+        for _ in range(cfg.sequences_per_step):
+            index = rng.choice(order)
+            record = train[index]
+            token_ids = record["prompt_ids"] + record["response_ids"]
+            anchors = sample_anchors(len(record["prompt_ids"]), len(token_ids), cfg.anchors_per_sequence, rng)
+            if not anchors:
+                continue
+            packed = pack_blocks(token_ids, anchors, drafter.block_size, drafter.config.mask_token_id, cfg.gamma)
+            loss, stats = drafter_loss(drafter, lm_head, embed, features.get(index, token_ids), packed)
+            (loss / cfg.sequences_per_step).backward()
+            totals["loss"] += loss.item() / cfg.sequences_per_step
+            for key in ("predicted", "first_hits", "first_total", "hits"):
+                totals[key] += stats[key]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        state.step += 1
+        totals["tokens_per_s"] = totals["predicted"] / (time.perf_counter() - step_started)
+        window.append(totals)
+        window = window[-20:]
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(w['loss'] for w in window) / len(window):.3f}",
+                        acc1=f"{sum(w['first_hits'] for w in window) / max(1, sum(w['first_total'] for w in window)):.2f}",
+                        tok_s=f"{sum(w['tokens_per_s'] for w in window) / len(window):.0f}")
+        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            state.seconds = time.perf_counter() - started
+            entry = {"step": state.step, "seconds": round(state.seconds, 1), "lr": lr_at(state.step - 1, cfg),
+                     "train_loss": sum(w["loss"] for w in window) / len(window),
+                     "train_first_acc": sum(w["first_hits"] for w in window) / max(1, sum(w["first_total"] for w in window)),
+                     **evaluate_holdout(drafter, target, holdout, features, cfg, offset=len(train))}
+            state.history.append(entry)
+            log.info("eval %s", json.dumps(entry))
+            drafter.train()
+        if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+            state.seconds = time.perf_counter() - started
+            drafter.eval()
+            save()
+            drafter.train()
+    bar.close()
+    drafter.eval()
+    return {"steps": state.step, "seconds": state.seconds, "history": state.history,
+            "train_records": len(train), "holdout_records": len(holdout)}
+
+
+@torch.no_grad()
+def evaluate_holdout(drafter: DFlashDrafter, target: TargetModel, holdout: list[dict], features: FeatureCache,
+                     cfg: TrainConfig, offset: int) -> dict:
+    """Held-out loss/first-position accuracy (random anchors) and replayed greedy τ."""
+    drafter.eval()
+    rng = random.Random(1234)
+    greedy = [r for r in holdout if r["mode"] == "greedy"][: cfg.eval_sequences]
+    losses, first_hits, first_total, taus = [], 0, 0, []
+    for i, record in enumerate(greedy):
+        token_ids = record["prompt_ids"] + record["response_ids"]
+        feats = features.get(offset + i, token_ids)
+        anchors = sample_anchors(len(record["prompt_ids"]), len(token_ids), cfg.anchors_per_sequence, rng)
+        if not anchors:
+            continue
+        packed = pack_blocks(token_ids, anchors, drafter.block_size, drafter.config.mask_token_id, cfg.gamma)
+        loss, stats = drafter_loss(drafter, target.lm_head.weight, target.embed_tokens, feats, packed)
+        losses.append(loss.item())
+        first_hits += stats["first_hits"]
+        first_total += stats["first_total"]
+        taus.extend(replay_tau(drafter, target, feats, token_ids, len(record["prompt_ids"]), drafter.block_size))
+    return {"holdout_loss": sum(losses) / max(1, len(losses)), "holdout_first_acc": first_hits / max(1, first_total),
+            "holdout_replay_tau": sum(taus) / max(1, len(taus))}

@@ -1,0 +1,134 @@
+"""Drafter data and training code on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from blockpilot.decoding.drafting import DraftRequest, LocalDrafter
+from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
+from blockpilot.models.drafter import DFlashDrafter
+from blockpilot.models.target import TargetModel
+from blockpilot.training.data import generate_batch, generate_dataset, DataConfig
+from blockpilot.training.train import (
+    IGNORE, FeatureCache, TrainConfig, drafter_loss, pack_blocks, replay_tau, sample_anchors, train_drafter,
+)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llama_dir):
+    return TargetModel.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    return DFlashDrafter.random(target.config, num_hidden_layers=1, block_size=5, target_layer_ids=[1, 3], mask_token_id=4, seed=2)
+
+
+def test_batched_generation_equals_single_sequence_greedy(target):
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20]]
+    results = generate_batch(target, prompts, 12, stop_ids=set(), temperature=0.0, generator=torch.Generator())
+    for prompt, (response, reason) in zip(prompts, results):
+        alone = SpeculativeDecoder(target).generate(prompt, SamplingParams(max_new_tokens=12), 1).token_ids
+        assert response == alone and reason == "length"
+
+
+def test_pack_blocks_layout():
+    packed = pack_blocks(list(range(100, 110)), [3, 8], block_size=4, mask_token_id=1, gamma=2.0)
+    assert packed.tokens.tolist() == [103, 1, 1, 1, 108, 1, 1, 1]
+    assert packed.positions.tolist() == [3, 4, 5, 6, 8, 9, 10, 11]
+    assert packed.labels.tolist() == [IGNORE, 104, 105, 106, IGNORE, 109, IGNORE, IGNORE]
+    assert packed.weights[1].item() == pytest.approx(1.0) and packed.weights[2].item() == pytest.approx(2.718281 ** -0.5, rel=1e-4)
+    # Anchor 3's block sees context 0..2 and its own block only.
+    row = packed.mask[1]
+    assert row[:10].tolist() == [True] * 3 + [False] * 7
+    assert row[10:].tolist() == [True] * 4 + [False] * 4
+
+
+def test_anchors_lie_inside_the_response():
+    rng = random.Random(0)
+    for _ in range(50):
+        anchors = sample_anchors(prompt_len=7, seq_len=30, count=10, rng=rng)
+        assert all(7 <= a <= 28 for a in anchors) and len(set(anchors)) == len(anchors)
+    assert sample_anchors(7, 8, 4, rng) == []
+
+
+def test_training_blocks_see_exactly_what_the_decoding_loop_feeds(target, drafter):
+    """The packed training forward gives, for each anchor, the same draft logits as the in-process
+    draft session after the loop has fed it the context before that anchor."""
+    token_ids = [5, 6, 7, 8, 9] + SpeculativeDecoder(target).generate([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=20), 1).token_ids
+    features = FeatureCache(target, drafter.target_layer_ids).get(0, token_ids)
+    anchors = [5, 9, 16]
+    packed = pack_blocks(token_ids, anchors, drafter.block_size, drafter.config.mask_token_id, gamma=4.0)
+    with torch.no_grad():
+        hidden = drafter(target.embed(packed.tokens)[None], features[None], None, packed.positions[None],
+                         torch.arange(len(token_ids))[None], mask=packed.mask[None, None])[0]
+    packed_logits = target.lm_head(hidden).view(len(anchors), drafter.block_size, -1)[:, 1:]
+    for i, anchor in enumerate(anchors):
+        session = LocalDrafter(drafter, target).open_session(64)
+        # The loop feeds the prompt, then each step's anchor + accepted tokens: split the context
+        # in two pieces to exercise the cache as well.
+        half = anchor // 2
+        session.propose(DraftRequest(token_ids[half], half, drafter.block_size - 1, features[:half], 0))
+        draft = session.propose(DraftRequest(token_ids[anchor], anchor, drafter.block_size - 1, features[half:anchor], half))
+        expected = packed_logits[i].argmax(-1)
+        assert torch.equal(draft.tokens, expected), anchor
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(target):
+    drafter = DFlashDrafter.random(target.config, num_hidden_layers=1, block_size=4, mask_token_id=4, seed=0).train().requires_grad_(True)
+    token_ids = [5, 6, 7] + SpeculativeDecoder(target).generate([5, 6, 7], SamplingParams(max_new_tokens=30), 1).token_ids
+    features = FeatureCache(target, drafter.target_layer_ids).get(0, token_ids)
+    packed = pack_blocks(token_ids, sample_anchors(3, len(token_ids), 12, random.Random(0)), 4, 4, gamma=4.0)
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss, _ = drafter_loss(drafter, target.lm_head.weight, target.embed_tokens, features, packed)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    # The frozen target got no gradient.
+    assert all(p.grad is None for p in target.parameters())
+
+
+class _TinyTokenizer:
+    stop_token_ids = (2,)
+
+    def encode_chat(self, messages):
+        return [1] + [3 + (ord(c) % 90) for c in messages[0]["content"]][:10]
+
+
+def test_data_generation_resumes_and_training_runs_end_to_end(target, tmp_path):
+    prompts = tmp_path / "train.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"t/{i}", "dataset": "t", "turns": [f"prompt number {i}"]}) + "\n" for i in range(6)))
+    out = tmp_path / "data.jsonl"
+    cfg = DataConfig(prompts_per_file=6, sample_fraction=0.5, max_new_tokens=16, batch_size=4)
+    first = generate_dataset(target, _TinyTokenizer(), [prompts], out, cfg, progress=False)
+    again = generate_dataset(target, _TinyTokenizer(), [prompts], out, cfg, progress=False)
+    assert first["generated"] == first["jobs"] > 6 and again["generated"] == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == first["jobs"] and {r["mode"] for r in records} == {"greedy", "sample"}
+
+    train_cfg = TrainConfig(num_draft_layers=1, block_size=4, mask_token_id=4, anchors_per_sequence=6, sequences_per_step=2,
+                            steps=6, eval_every=3, save_every=3, eval_sequences=2, holdout_fraction=0.2)
+    summary = train_drafter(target, records, tmp_path / "run", train_cfg, progress=False)
+    assert summary["steps"] == 6 and len(summary["history"]) == 2
+    assert 1.0 <= summary["history"][-1]["holdout_replay_tau"] <= 4.0
+    saved = DFlashDrafter.from_pretrained(tmp_path / "run" / "drafter")
+    # Resuming a finished run is a no-op that keeps the checkpoint.
+    more = train_drafter(target, records, tmp_path / "run", TrainConfig(**{**train_cfg.__dict__, "steps": 8}), progress=False)
+    assert more["steps"] == 8 and len(more["history"]) == 3
+    assert saved.config.block_size == 4
+
+
+def test_replay_tau_walks_the_whole_response(target, drafter):
+    token_ids = [5, 6, 7] + SpeculativeDecoder(target).generate([5, 6, 7], SamplingParams(max_new_tokens=21), 1).token_ids
+    features = FeatureCache(target, drafter.target_layer_ids).get(0, token_ids)
+    lengths = replay_tau(drafter, target, features, token_ids, 3, drafter.block_size)
+    assert all(1 <= n <= drafter.block_size for n in lengths)
+    assert len(token_ids) - 1 <= 3 + sum(lengths) <= len(token_ids)
