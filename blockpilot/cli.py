@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send PROMPT as plain text, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the tokens and statistics")
     gen.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--server", metavar="HOST:PORT", default=None,
+                     help="generate through a verifier service (e.g. 127.0.0.1:50051) instead of in-process")
+    gen.add_argument("--timeout", type=float, default=600.0, help="with --server: deadline of the request in seconds")
+    _add_stack_parsers(sub)
 
     prep = sub.add_parser("prepare", help="make the default model ready (de-quantize once into the cache)")
     prep.add_argument("--target", default=None)
@@ -84,6 +88,38 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=_positive_int, default=32)
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--threads", type=_positive_int, default=None)
+
+    train = drafter_sub.add_parser("train", help="train a DFlash drafter on a `drafter data` file (resumable)")
+    train.add_argument("--data", type=Path, required=True, help="JSONL file written by `blockpilot drafter data`")
+    train.add_argument("--out", type=Path, required=True, help="run folder: drafter/ (DFlash format), state.pt, history.json")
+    train.add_argument("--target", default=None)
+    train.add_argument("--steps", type=_positive_int, default=2000)
+    train.add_argument("--layers", type=_positive_int, default=1, help="draft layers")
+    train.add_argument("--target-layers", type=int, nargs="+", default=None, help="target layer ids (default: DFlash's rule)")
+    train.add_argument("--block-size", type=_positive_int, default=8)
+    train.add_argument("--gamma", type=float, default=4.0, help="loss decay exp(-(k-1)/gamma)")
+    train.add_argument("--lr", type=float, default=6e-4)
+    train.add_argument("--anchors", type=_positive_int, default=32, help="anchors per sequence")
+    train.add_argument("--sequences", type=_positive_int, default=4, help="sequences per optimizer step")
+    train.add_argument("--mask-token-id", type=int, default=None, help="default: the tokenizer's <empty_output> or the last special token")
+    train.add_argument("--eval-every", type=_positive_int, default=200)
+    train.add_argument("--save-every", type=_positive_int, default=100)
+    train.add_argument("--init-from", type=Path, default=None, help="start from this drafter checkpoint")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=_positive_int, default=None)
+
+    evaluate = drafter_sub.add_parser("eval", help="τ per dataset and block size on evaluation prompts")
+    evaluate.add_argument("--drafter", type=Path, default=None, help="DFlash checkpoint (default: the shipped drafter)")
+    evaluate.add_argument("--datasets-dir", type=Path, required=True, help="folder with the evaluation *.jsonl files")
+    evaluate.add_argument("--datasets", nargs="+", default=["gsm8k", "math500", "humaneval", "mbpp", "mt_bench", "alpaca"])
+    evaluate.add_argument("--prompts-per-dataset", type=_positive_int, default=20)
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    evaluate.add_argument("--radius", type=int, default=4, help="sweep block sizes trained ± radius")
+    evaluate.add_argument("--block-size", type=_positive_int, default=None, help="block size of the real decodes (default: the drafter's)")
+    evaluate.add_argument("--no-temperature", action="store_true", help="skip the T=1 runs")
+    evaluate.add_argument("--target", default=None)
+    evaluate.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    evaluate.add_argument("--threads", type=_positive_int, default=None)
     return parser
 
 
@@ -94,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command in ("up", "down", "status"):
+            return _stack(args)
         if args.command == "prepare":
             return _prepare(args)
         if args.command == "drafter":
@@ -133,12 +171,160 @@ def _drafter(args: argparse.Namespace) -> int:
         summary = generate_dataset(TargetModel.from_pretrained(target_dir), ChatTokenizer(target_dir), args.prompts, args.out, cfg)
         print(json.dumps(summary))
         return 0
+    if args.drafter_command == "train":
+        return _drafter_train(args)
+    if args.drafter_command == "eval":
+        return _drafter_eval(args)
     raise InvalidArgumentError(f"unknown drafter command {args.drafter_command!r}")
+
+
+def _drafter_train(args: argparse.Namespace) -> int:
+    from blockpilot.models.store import resolve_target
+    from blockpilot.models.target import TargetModel
+    from blockpilot.models.tokenizer import ChatTokenizer
+    from blockpilot.training.data import read_dataset
+    from blockpilot.training.train import TrainConfig, train_drafter
+
+    target_dir = resolve_target(args.target)
+    target = TargetModel.from_pretrained(target_dir)
+    mask = args.mask_token_id if args.mask_token_id is not None else default_mask_token(ChatTokenizer(target_dir))
+    cfg = TrainConfig(num_draft_layers=args.layers, target_layer_ids=tuple(args.target_layers) if args.target_layers else None,
+                      block_size=args.block_size, mask_token_id=mask, gamma=args.gamma, lr=args.lr, steps=args.steps,
+                      anchors_per_sequence=args.anchors, sequences_per_step=args.sequences, eval_every=args.eval_every,
+                      save_every=args.save_every, seed=args.seed)
+    summary = train_drafter(target, read_dataset(args.data), args.out, cfg, init_from=args.init_from)
+    (args.out / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": summary["history"][-1] if summary["history"] else None}))
+    return 0
+
+
+def default_mask_token(tokenizer) -> int:
+    """A special token that never appears in chat text: SmolLM2's <empty_output> (id 16)."""
+    token_id = tokenizer.token_id("<empty_output>")
+    return token_id if token_id is not None else 0
+
+
+def _drafter_eval(args: argparse.Namespace) -> int:
+    from blockpilot.models.drafter import DFlashDrafter
+    from blockpilot.models.store import resolve_target
+    from blockpilot.models.target import TargetModel
+    from blockpilot.models.tokenizer import ChatTokenizer
+    from blockpilot.runtime import shipped_drafter_dir
+    from blockpilot.training.evaluate import EvalConfig, evaluate_drafter, format_table, write_report
+
+    drafter_dir = args.drafter or shipped_drafter_dir()
+    if drafter_dir is None:
+        raise InvalidArgumentError("no --drafter given and this checkout ships none")
+    target_dir = resolve_target(args.target)
+    cfg = EvalConfig(datasets=tuple(args.datasets), prompts_per_dataset=args.prompts_per_dataset,
+                     max_new_tokens=args.max_new_tokens, sweep_radius=args.radius, block_size=args.block_size,
+                     temperature_runs=not args.no_temperature)
+    report = evaluate_drafter(TargetModel.from_pretrained(target_dir), ChatTokenizer(target_dir),
+                              DFlashDrafter.from_pretrained(drafter_dir), args.datasets_dir, cfg)
+    report["drafter"] = str(drafter_dir)
+    write_report(report, args.out)
+    print(format_table(report))
+    return 0
+
+
+def _add_stack_parsers(sub) -> None:
+    """`blockpilot up | down | status`: the local service stack (blockpilot/serving/stack.py)."""
+    up = sub.add_parser("up", help="start Redis (if needed) and the policy, drafter and verifier services on loopback")
+    up.add_argument("--target", default="default", help="target model of the verifier and drafter")
+    up.add_argument("--drafter", default="", help="drafter of the drafter service ('' = the engine's default, 'random', 'none', a path)")
+    up.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use (started when none answers and redis-server is installed)")
+    for name, port, metrics_port in (("verifier", 50051, 9101), ("drafter", 50052, 9102), ("policy", 50053, 9103)):
+        up.add_argument(f"--{name}-port", type=_positive_int, default=port)
+        up.add_argument(f"--{name}-metrics-port", type=int, default=metrics_port)
+    up.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads per service")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all services to be SERVING")
+    down = sub.add_parser("down", help="stop the local stack started by `blockpilot up`")
+    down.add_argument("--grace", type=float, default=15.0, help="seconds each service gets to drain before SIGKILL")
+    sub.add_parser("status", help="health of the local stack (exit 0 when every service is SERVING)")
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from blockpilot.serving import stack
+
+    if args.command == "up":
+        opts = stack.StackOptions(
+            target=args.target, drafter=args.drafter, redis_url=args.redis_url, verifier_port=args.verifier_port,
+            drafter_port=args.drafter_port, policy_port=args.policy_port, verifier_metrics_port=args.verifier_metrics_port,
+            drafter_metrics_port=args.drafter_metrics_port, policy_metrics_port=args.policy_metrics_port,
+            threads=args.threads, timeout_s=args.timeout)
+        state = stack.up(opts)
+        print(f"stack up: verifier at {state['services']['verifier']['address']} (logs in {state['run_dir']})")
+        return 0
+    if args.command == "down":
+        return stack.down(args.grace)
+    return stack.status()
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """`generate --server`: the same output contract, through the verifier service."""
+    from blockpilot.client import BlockPilotClient
+
+    if args.target is not None or args.drafter is not None or args.threads is not None:
+        raise InvalidArgumentError("--target, --drafter and --threads are the server's settings; not allowed with --server")
+    request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                   draft_sampling=args.draft_sampling, block_size=args.block_size if args.block_size is not None else "auto",
+                   return_prompt_token_ids=True)
+    if args.raw:
+        request["prompt"] = args.prompt
+    else:
+        request["messages"] = [{"role": "user", "content": args.prompt}]
+    final = None
+    with BlockPilotClient(args.server, timeout=args.timeout) as client:
+        for event in client.stream(**request):
+            if event.final is not None:
+                final = event.final
+            elif not args.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    if not args.json:
+        sys.stdout.write("\n")
+    timings = final.timings
+    report = {
+        "target": final.target,
+        "drafter": final.drafter,
+        "prompt_token_ids": list(final.prompt_token_ids),
+        "token_ids": list(final.token_ids),
+        "text": final.text,
+        "block_size": final.block_size,
+        "temperature": args.temperature,
+        "draft_sampling": args.draft_sampling,
+        "seed": args.seed,
+        "acceptance_lengths": list(final.acceptance_lengths),
+        "tau": round(final.tau, 4),
+        "num_steps": len(final.acceptance_lengths),
+        "ttft_s": round(timings.ttft_s, 4),
+        "decode_s": round(timings.decode_s, 4),
+        "decode_tokens_per_s": round(timings.decode_tokens_per_s, 2),
+        "finish_reason": final.finish_reason,
+        "server": args.server,
+        "policy_version": final.policy_version,
+        "arm": final.arm,
+        "fallback_reason": final.fallback_reason,
+        "total_s": round(timings.total_s, 4),
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"[{len(final.token_ids)} tokens, finish={final.finish_reason}, block_size={final.block_size}, "
+            f"drafter={final.drafter}, tau={final.tau:.2f}, ttft={timings.ttft_s * 1000:.0f} ms, "
+            f"decode={timings.decode_tokens_per_s:.1f} tokens/s, server={args.server}"
+            + (f", fallback={final.fallback_reason}" if final.fallback_reason else "") + "]",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise InvalidArgumentError("the prompt is empty")
+    if args.server:
+        return _generate_remote(args)
     if args.drafter not in (None, "none", "random") and not Path(args.drafter).expanduser().exists():
         raise InvalidArgumentError(f"--drafter '{args.drafter}' does not exist (give a DFlash checkpoint directory, 'random' or 'none')")
     if args.block_size is not None and args.block_size > 1 and args.drafter in (None, "none"):

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from blockpilot.decoding import acceptance
-from blockpilot.models.drafter import DFlashDrafter
+from blockpilot.models.drafter import DFlashDrafter, DraftHead
 from blockpilot.models.target import TargetModel
 
 
@@ -68,9 +68,10 @@ class DraftProvider(Protocol):
 
 
 class LocalDraftSession:
-    def __init__(self, drafter: DFlashDrafter, target: TargetModel, capacity: int) -> None:
+    def __init__(self, drafter: DFlashDrafter, target: TargetModel, head: DraftHead, capacity: int) -> None:
         self.drafter = drafter
         self.target = target
+        self.head = head
         self.cache = drafter.new_cache(capacity)
 
     @torch.inference_mode()
@@ -88,11 +89,12 @@ class LocalDraftSession:
             torch.arange(request.context_start, request.context_start + context.shape[0], device=device)[None],
         )
         # The drafter's final norm is its own; the projection to the vocabulary is the target's.
-        logits = self.target.lm_head(hidden[0, 1:])
+        logits = self.head.logits(hidden[0, 1:])
         if request.temperature > 0 and request.sample:
             probs = acceptance.probs_from_logits(logits, request.temperature)
-            return Draft(acceptance.sample_categorical(probs, request.uniforms.to(device)), probs)
-        return Draft(logits.argmax(dim=-1))
+            tokens = self.head.token_ids(acceptance.sample_categorical(probs, request.uniforms.to(device)))
+            return Draft(tokens, self.head.expand(probs))
+        return Draft(self.head.token_ids(logits.argmax(dim=-1)))
 
     def close(self) -> None:
         self.cache = None
@@ -109,6 +111,7 @@ class LocalDrafter:
         self.target = target
         self.block_size = drafter.config.block_size
         self.target_layer_ids = drafter.config.target_layer_ids
+        self.head = DraftHead(target.lm_head.weight, drafter.draft_vocab)
 
     def open_session(self, capacity: int) -> LocalDraftSession:
-        return LocalDraftSession(self.drafter, self.target, capacity)
+        return LocalDraftSession(self.drafter, self.target, self.head, capacity)

@@ -18,7 +18,7 @@ exactly the committed context: "cropped to the committed length" with no copy.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,6 +53,11 @@ class DrafterConfig:
     num_target_layers: number of decoder layers of the target it was trained for.
     target_layer_ids: target layers whose outputs form the context features.
     mask_token_id: token whose (target) embedding fills the B - 1 masked block positions.
+    draft_vocab_size: when set, the drafter only ever proposes tokens of its draft vocabulary (the
+        `draft_vocab` tensor of the checkpoint: target token ids, the most frequent ones in its
+        training responses); draft logits are computed over those rows of the target's lm_head
+        only, which makes training and drafting several times cheaper. None = full vocabulary
+        (published DFlash checkpoints).
     """
 
     hidden_size: int
@@ -70,10 +75,13 @@ class DrafterConfig:
     max_position_embeddings: int = 32768
     rope: RopeConfig = field(default_factory=RopeConfig)
     attention_bias: bool = False
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
             raise ModelFormatError(f"drafter block_size must be >= 2, got {self.block_size}")
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ModelFormatError(f"draft_vocab_size {self.draft_vocab_size} not within (0, {self.vocab_size}]")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ModelFormatError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})")
         bad = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
@@ -149,6 +157,7 @@ class DrafterConfig:
             "dflash_config": {
                 "target_layer_ids": list(self.target_layer_ids),
                 "mask_token_id": self.mask_token_id,
+                **({"draft_vocab_size": self.draft_vocab_size} if self.draft_vocab_size else {}),
             },
             "dtype": "float32",
         }
@@ -179,6 +188,7 @@ class DrafterConfig:
                 max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
                 rope=RopeConfig.from_hf(raw),
                 attention_bias=bool(raw.get("attention_bias", False)),
+                draft_vocab_size=int(dflash["draft_vocab_size"]) if dflash.get("draft_vocab_size") else None,
             )
         except KeyError as missing:
             raise ModelFormatError(f"drafter config.json lacks the field {missing.args[0]!r}") from None
@@ -253,6 +263,10 @@ class DFlashDrafter(nn.Module):
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
+        if cfg.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.arange(cfg.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_vocab = None
 
     @property
     def block_size(self) -> int:
@@ -330,16 +344,23 @@ class DFlashDrafter(nn.Module):
         model = cls(cfg, target_hidden_size=fc.shape[1] // len(cfg.target_layer_ids))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not m.startswith("rotary.")]
+        if model.draft_vocab is not None and (model.draft_vocab.min() < 0 or model.draft_vocab.max() >= cfg.vocab_size):
+            raise ModelFormatError(f"drafter '{path}' has draft_vocab ids outside [0, {cfg.vocab_size})")
         if missing or unexpected:
             raise ModelFormatError(f"drafter weights do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model.to(dtype).eval().requires_grad_(False)
 
     @classmethod
-    def random(cls, target: TargetConfig, *, seed: int = 0, **config_overrides: Any) -> "DFlashDrafter":
-        """A randomly initialised drafter for `target` (for tests and `--drafter random`)."""
+    def random(cls, target: TargetConfig, *, seed: int = 0, draft_vocab: torch.Tensor | None = None,
+               **config_overrides: Any) -> "DFlashDrafter":
+        """A randomly initialised drafter for `target` (for tests, training and `--drafter random`)."""
         cfg = DrafterConfig.for_target(target, **config_overrides)
+        if draft_vocab is not None:
+            cfg = replace(cfg, draft_vocab_size=len(draft_vocab))
         generator = torch.Generator().manual_seed(seed)
         model = cls(cfg, target_hidden_size=target.hidden_size)
+        if draft_vocab is not None:
+            model.draft_vocab.copy_(draft_vocab)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):
@@ -347,3 +368,33 @@ class DFlashDrafter(nn.Module):
                 else:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
         return model.eval().requires_grad_(False)
+
+
+class DraftHead(nn.Module):
+    """The target's (frozen, shared) output projection, restricted to the drafter's vocabulary.
+
+    logits(hidden [..., C]) -> [..., K] over the draft vocabulary (K = V without one);
+    token_ids(indices) maps draft-vocabulary indices back to target token ids;
+    expand(probs [..., K]) -> [..., V] puts a draft distribution on the target's vocabulary
+    (zero outside the draft vocabulary: a valid proposal for speculative sampling).
+    """
+
+    def __init__(self, lm_head_weight: torch.Tensor, draft_vocab: torch.Tensor | None) -> None:
+        super().__init__()
+        self.vocab_size = lm_head_weight.shape[0]
+        self.vocab = draft_vocab
+        self.weight = lm_head_weight if draft_vocab is None else lm_head_weight[draft_vocab].contiguous()
+        # target id -> draft index, -1 outside the draft vocabulary (labels during training)
+        self.index_of = torch.arange(self.vocab_size) if draft_vocab is None else torch.full((self.vocab_size,), -1, dtype=torch.long).index_copy_(0, draft_vocab, torch.arange(len(draft_vocab)))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
+
+    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices if self.vocab is None else self.vocab[indices]
+
+    def expand(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.vocab is None:
+            return probs
+        full = probs.new_zeros(*probs.shape[:-1], self.vocab_size)
+        return full.index_copy_(-1, self.vocab, probs)

@@ -130,7 +130,8 @@ class TargetModel(nn.Module):
         """Run T new tokens through the model, appending their K/V at the cache's end.
 
         tokens [B, T] int64. positions [B, T] or [T] (default: cache.length + arange(T)).
-        num_logits: logits for the last N positions only (None = all T, 0 = none).
+        num_logits: logits for the last N positions only (None = all T, 0 = none: then only the
+            layers up to the last requested hidden layer run, and the cache is valid for those only).
         hidden_layer_ids: decoder layers whose outputs to return (0-based; `hidden_states[id + 1]`
             in transformers' numbering).
         key_valid [B, capacity] bool: False marks cache slots a row must not attend to (left padding
@@ -148,7 +149,10 @@ class TargetModel(nn.Module):
         wanted = set(hidden_layer_ids)
         captured: dict[int, torch.Tensor] = {}
         x = self.embed_tokens(tokens)
-        for index, layer in enumerate(self.layers):
+        # Without logits, layers past the last requested one cannot change the result (feature
+        # extraction for drafter training stops there; the cache then holds only those layers).
+        last_layer = max(hidden_layer_ids) if num_logits == 0 and hidden_layer_ids else len(self.layers) - 1
+        for index, layer in enumerate(self.layers[: last_layer + 1]):
             x = layer(x, cos, sin, cache, index, start, mask)
             if index in wanted:
                 captured[index] = x

@@ -42,6 +42,11 @@ class ChatTokenizer:
                 ids.append(token_id)
         return tuple(dict.fromkeys(int(i) for i in ids))
 
+    def token_id(self, token: str) -> int | None:
+        """Id of a token given as text (e.g. a special token), None when the vocabulary lacks it."""
+        token_id = self._tok.convert_tokens_to_ids(token)
+        return int(token_id) if isinstance(token_id, int) and token_id != self._tok.unk_token_id else None
+
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a conversation, ending with the prompt for the assistant's next turn."""
         if not messages:

@@ -28,7 +28,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from blockpilot.errors import InvalidArgumentError
-from blockpilot.models.drafter import DFlashDrafter
+from collections import Counter
+
+from blockpilot.models.drafter import DFlashDrafter, DraftHead
 from blockpilot.models.target import TargetModel
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ class TrainConfig:
     gamma: loss decay over block positions (DFlash: 7 for B=16, 5 for B=10, 4 for B=8).
     anchors_per_sequence: blocks packed into one forward per sequence.
     sequences_per_step: sequences whose losses make one optimizer step.
-    holdout_fraction: share of prompt ids kept out of training for evaluation."""
+    holdout_fraction: share of prompt ids kept out of training for evaluation.
+    draft_vocab_size: the K most frequent response tokens form the draft vocabulary (None = all)."""
 
     num_draft_layers: int = 1
     target_layer_ids: tuple[int, ...] | None = None
@@ -57,6 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     holdout_fraction: float = 0.05
+    draft_vocab_size: int | None = 8192
     eval_every: int = 200
     eval_sequences: int = 24
     save_every: int = 100
@@ -119,9 +123,10 @@ def sample_anchors(prompt_len: int, seq_len: int, count: int, rng: random.Random
     return sorted(rng.sample(population, min(count, len(population))))
 
 
-def drafter_loss(drafter: DFlashDrafter, lm_head_weight: torch.Tensor, embed: torch.nn.Embedding,
+def drafter_loss(drafter: DFlashDrafter, head: DraftHead, embed: torch.nn.Embedding,
                  features: torch.Tensor, packed: PackedBlocks) -> tuple[torch.Tensor, dict]:
-    """Weighted CE over the packed blocks of one sequence. features [S, F] (target, frozen)."""
+    """Weighted CE over the packed blocks of one sequence. features [S, F] (target, frozen).
+    Labels outside the draft vocabulary cannot be proposed and carry no loss."""
     seq_len = features.shape[0]
     hidden = drafter(
         embed(packed.tokens)[None],
@@ -131,9 +136,10 @@ def drafter_loss(drafter: DFlashDrafter, lm_head_weight: torch.Tensor, embed: to
         torch.arange(seq_len)[None],
         mask=packed.mask[None, None],
     )[0]
-    predicted = packed.weights > 0
-    logits = F.linear(hidden[predicted], lm_head_weight)
-    labels = packed.labels[predicted]
+    draft_labels = head.index_of[packed.labels.clamp(min=0)]
+    predicted = (packed.weights > 0) & (draft_labels >= 0)
+    logits = head.logits(hidden[predicted])
+    labels = draft_labels[predicted]
     weights = packed.weights[predicted]
     losses = F.cross_entropy(logits, labels, reduction="none")
     loss = (losses * weights).sum() / weights.sum()
@@ -164,8 +170,8 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def replay_tau(drafter: DFlashDrafter, target: TargetModel, features: torch.Tensor, token_ids: Sequence[int],
-               prompt_len: int, block_size: int, max_steps: int = 64) -> list[int]:
+def replay_tau(drafter: DFlashDrafter, target: TargetModel, head: DraftHead, features: torch.Tensor,
+               token_ids: Sequence[int], prompt_len: int, block_size: int, max_steps: int = 64) -> list[int]:
     """Acceptance lengths of the greedy loop replayed over a recorded greedy response with
     teacher-forced features: the response is the target's own greedy continuation, so a draft
     token is accepted iff it equals the recorded one. Much cheaper than decoding."""
@@ -179,12 +185,27 @@ def replay_tau(drafter: DFlashDrafter, target: TargetModel, features: torch.Tens
         block[0, 0] = ids[anchor]
         hidden = drafter(target.embed(block), features[None, :anchor], None,
                          torch.arange(anchor, anchor + steps)[None], torch.arange(anchor)[None])
-        draft = target.lm_head(hidden[0, 1:]).argmax(-1)
+        draft = head.token_ids(head.logits(hidden[0, 1:]).argmax(-1))
         truth = ids[anchor + 1 : anchor + steps]
         accepted = int((draft == truth).int().cumprod(0).sum())
         lengths.append(accepted + 1)
         anchor += accepted + 1
     return lengths
+
+
+def build_draft_vocab(records: list[dict], size: int | None, vocab_size: int) -> torch.Tensor | None:
+    """The `size` most frequent tokens of the training responses (ids sorted ascending)."""
+    if not size or size >= vocab_size:
+        return None
+    counts = Counter(token for record in records for token in record["response_ids"])
+    chosen = [token for token, _ in counts.most_common(size)]
+    # Pad with the lowest unused ids so the size is exactly `size` (small datasets).
+    if len(chosen) < size:
+        present = set(chosen)
+        chosen += [t for t in range(vocab_size) if t not in present][: size - len(chosen)]
+    log.info("draft vocabulary: %d tokens covering %.1f%% of training response tokens", size,
+             100 * sum(counts[t] for t in chosen) / max(1, sum(counts.values())))
+    return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -242,7 +263,8 @@ def train_drafter(
         if init_from is not None:
             drafter = DFlashDrafter.from_pretrained(init_from)
         else:
-            drafter = DFlashDrafter.random(target.config, seed=cfg.seed, num_hidden_layers=cfg.num_draft_layers,
+            vocab = build_draft_vocab(train, cfg.draft_vocab_size, target.config.vocab_size)
+            drafter = DFlashDrafter.random(target.config, seed=cfg.seed, draft_vocab=vocab, num_hidden_layers=cfg.num_draft_layers,
                                            block_size=cfg.block_size, target_layer_ids=cfg.target_layer_ids,
                                            mask_token_id=cfg.mask_token_id)
     drafter.train().requires_grad_(True)
@@ -253,7 +275,7 @@ def train_drafter(
         rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
     features = FeatureCache(target, drafter.target_layer_ids)
-    lm_head = target.lm_head.weight.detach()
+    head = DraftHead(target.lm_head.weight.detach(), drafter.draft_vocab)
     embed = target.embed_tokens
 
     def save() -> None:
@@ -279,7 +301,7 @@ def train_drafter(
             if not anchors:
                 continue
             packed = pack_blocks(token_ids, anchors, drafter.block_size, drafter.config.mask_token_id, cfg.gamma)
-            loss, stats = drafter_loss(drafter, lm_head, embed, features.get(index, token_ids), packed)
+            loss, stats = drafter_loss(drafter, head, embed, features.get(index, token_ids), packed)
             (loss / cfg.sequences_per_step).backward()
             totals["loss"] += loss.item() / cfg.sequences_per_step
             for key in ("predicted", "first_hits", "first_total", "hits"):
@@ -299,7 +321,7 @@ def train_drafter(
             entry = {"step": state.step, "seconds": round(state.seconds, 1), "lr": lr_at(state.step - 1, cfg),
                      "train_loss": sum(w["loss"] for w in window) / len(window),
                      "train_first_acc": sum(w["first_hits"] for w in window) / max(1, sum(w["first_total"] for w in window)),
-                     **evaluate_holdout(drafter, target, holdout, features, cfg, offset=len(train))}
+                     **evaluate_holdout(drafter, target, head, holdout, features, cfg, offset=len(train))}
             state.history.append(entry)
             log.info("eval %s", json.dumps(entry))
             drafter.train()
@@ -315,8 +337,8 @@ def train_drafter(
 
 
 @torch.no_grad()
-def evaluate_holdout(drafter: DFlashDrafter, target: TargetModel, holdout: list[dict], features: FeatureCache,
-                     cfg: TrainConfig, offset: int) -> dict:
+def evaluate_holdout(drafter: DFlashDrafter, target: TargetModel, head: DraftHead, holdout: list[dict],
+                     features: FeatureCache, cfg: TrainConfig, offset: int) -> dict:
     """Held-out loss/first-position accuracy (random anchors) and replayed greedy τ."""
     drafter.eval()
     rng = random.Random(1234)
@@ -329,10 +351,10 @@ def evaluate_holdout(drafter: DFlashDrafter, target: TargetModel, holdout: list[
         if not anchors:
             continue
         packed = pack_blocks(token_ids, anchors, drafter.block_size, drafter.config.mask_token_id, cfg.gamma)
-        loss, stats = drafter_loss(drafter, target.lm_head.weight, target.embed_tokens, feats, packed)
+        loss, stats = drafter_loss(drafter, head, target.embed_tokens, feats, packed)
         losses.append(loss.item())
         first_hits += stats["first_hits"]
         first_total += stats["first_total"]
-        taus.extend(replay_tau(drafter, target, feats, token_ids, len(record["prompt_ids"]), drafter.block_size))
+        taus.extend(replay_tau(drafter, target, head, feats, token_ids, len(record["prompt_ids"]), drafter.block_size))
     return {"holdout_loss": sum(losses) / max(1, len(losses)), "holdout_first_acc": first_hits / max(1, first_total),
             "holdout_replay_tau": sum(taus) / max(1, len(taus))}

@@ -10,7 +10,7 @@ import torch
 
 from blockpilot.decoding.drafting import DraftRequest, LocalDrafter
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
-from blockpilot.models.drafter import DFlashDrafter
+from blockpilot.models.drafter import DFlashDrafter, DraftHead
 from blockpilot.models.target import TargetModel
 from blockpilot.training.data import generate_batch, generate_dataset, DataConfig
 from blockpilot.training.train import (
@@ -66,7 +66,7 @@ def test_training_blocks_see_exactly_what_the_decoding_loop_feeds(target, drafte
     with torch.no_grad():
         hidden = drafter(target.embed(packed.tokens)[None], features[None], None, packed.positions[None],
                          torch.arange(len(token_ids))[None], mask=packed.mask[None, None])[0]
-    packed_logits = target.lm_head(hidden).view(len(anchors), drafter.block_size, -1)[:, 1:]
+    packed_logits = target.lm_head(hidden).view(len(anchors), drafter.block_size, -1)[:, 1:]  # full vocabulary
     for i, anchor in enumerate(anchors):
         session = LocalDrafter(drafter, target).open_session(64)
         # The loop feeds the prompt, then each step's anchor + accepted tokens: split the context
@@ -87,7 +87,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(target):
     losses = []
     for _ in range(15):
         optimizer.zero_grad()
-        loss, _ = drafter_loss(drafter, target.lm_head.weight, target.embed_tokens, features, packed)
+        loss, _ = drafter_loss(drafter, DraftHead(target.lm_head.weight, None), target.embed_tokens, features, packed)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -114,7 +114,7 @@ def test_data_generation_resumes_and_training_runs_end_to_end(target, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == first["jobs"] and {r["mode"] for r in records} == {"greedy", "sample"}
 
-    train_cfg = TrainConfig(num_draft_layers=1, block_size=4, mask_token_id=4, anchors_per_sequence=6, sequences_per_step=2,
+    train_cfg = TrainConfig(num_draft_layers=1, block_size=4, mask_token_id=4, draft_vocab_size=40, anchors_per_sequence=6, sequences_per_step=2,
                             steps=6, eval_every=3, save_every=3, eval_sequences=2, holdout_fraction=0.2)
     summary = train_drafter(target, records, tmp_path / "run", train_cfg, progress=False)
     assert summary["steps"] == 6 and len(summary["history"]) == 2
@@ -123,12 +123,17 @@ def test_data_generation_resumes_and_training_runs_end_to_end(target, tmp_path):
     # Resuming a finished run is a no-op that keeps the checkpoint.
     more = train_drafter(target, records, tmp_path / "run", TrainConfig(**{**train_cfg.__dict__, "steps": 8}), progress=False)
     assert more["steps"] == 8 and len(more["history"]) == 3
-    assert saved.config.block_size == 4
+    assert saved.config.block_size == 4 and saved.config.draft_vocab_size == 40
+    # The draft vocabulary holds the most frequent response tokens and every draft stays inside it.
+    assert len(set(saved.draft_vocab.tolist())) == 40
+    session = LocalDrafter(saved, target).open_session(64)
+    draft = session.propose(DraftRequest(5, 3, 3, FeatureCache(target, saved.target_layer_ids).get(0, [5, 6, 7, 8])[:3], 0))
+    assert set(draft.tokens.tolist()) <= set(saved.draft_vocab.tolist())
 
 
 def test_replay_tau_walks_the_whole_response(target, drafter):
     token_ids = [5, 6, 7] + SpeculativeDecoder(target).generate([5, 6, 7], SamplingParams(max_new_tokens=21), 1).token_ids
     features = FeatureCache(target, drafter.target_layer_ids).get(0, token_ids)
-    lengths = replay_tau(drafter, target, features, token_ids, 3, drafter.block_size)
+    lengths = replay_tau(drafter, target, DraftHead(target.lm_head.weight, None), features, token_ids, 3, drafter.block_size)
     assert all(1 <= n <= drafter.block_size for n in lengths)
     assert len(token_ids) - 1 <= 3 + sum(lengths) <= len(token_ids)

@@ -1,0 +1,168 @@
+"""Python client of the verifier service (what backend services import).
+
+    from blockpilot.client import BlockPilotClient
+    with BlockPilotClient("127.0.0.1:50051") as client:
+        for event in client.stream(token_ids=[1, 2, 3], max_new_tokens=32, timeout=30):
+            if event.final is None:
+                print(event.token_ids, event.text)
+        reply = client.generate(messages=[{"role": "user", "content": "Hi"}], new_session=True)
+        again = client.generate(messages=[...whole conversation...], session_id=reply.session_id)
+
+- Deadlines: `timeout` (seconds) bounds the whole stream and is propagated to every hop.
+- Retries only where safe: a call that fails UNAVAILABLE (or RESOURCE_EXHAUSTED: server busy)
+  before its first message is retried with backoff, within the deadline; once a token was
+  received nothing is retried (the caller would see tokens twice).
+- Errors are typed (blockpilot.errors): InvalidArgumentError, NotFoundError, AbortedError, ...;
+  `err.status_code` holds the grpc.StatusCode.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import grpc
+
+from blockpilot.serving.status import from_rpc_error
+from blockpilot.serving.wire import MAX_MESSAGE_BYTES
+from blockpilot.v1 import verifier_pb2, verifier_pb2_grpc
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One stream message: committed tokens (`final` None) or the final message."""
+
+    index: int
+    session_id: str
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    acceptance_length: int = 0
+    final: verifier_pb2.GenerateFinal | None = None
+
+
+@dataclass
+class Reply:
+    """A whole generation (the final message's fields, flattened)."""
+
+    session_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    block_size: int
+    acceptance_lengths: list[int]
+    tau: float
+    policy_version: str
+    arm: str
+    decision_id: str
+    fallback_reason: str
+    prompt_token_ids: list[int]
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    target: str = ""
+    drafter: str = ""
+
+    @classmethod
+    def from_final(cls, session_id: str, final: verifier_pb2.GenerateFinal) -> "Reply":
+        return cls(session_id, list(final.token_ids), final.text, final.finish_reason, final.block_size,
+                   list(final.acceptance_lengths), final.tau, final.policy_version, final.arm, final.decision_id,
+                   final.fallback_reason, list(final.prompt_token_ids),
+                   {"prompt_tokens": final.usage.prompt_tokens, "completion_tokens": final.usage.completion_tokens,
+                    "cached_prompt_tokens": final.usage.cached_prompt_tokens},
+                   {"ttft_s": final.timings.ttft_s, "decode_s": final.timings.decode_s,
+                    "decode_tokens_per_s": final.timings.decode_tokens_per_s, "total_s": final.timings.total_s},
+                   final.target, final.drafter)
+
+
+def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None = None, token_ids: Sequence[int] | None = None,
+                  max_new_tokens: int = 0, temperature: float = 0.0, seed: int | None = None,
+                  stop_token_ids: Sequence[int] = (), draft_sampling: str = "greedy", block_size: int | str = "auto",
+                  policy: str = "", session_id: str = "", new_session: bool = False,
+                  return_prompt_token_ids: bool = False) -> verifier_pb2.GenerateRequest:
+    """block_size: "auto" (ask the policy), "off" (autoregressive) or a fixed int."""
+    request = verifier_pb2.GenerateRequest(policy=policy, session_id=session_id, new_session=new_session,
+                                           return_prompt_token_ids=return_prompt_token_ids)
+    if prompt is not None:
+        request.text = prompt
+    elif messages is not None:
+        request.messages.messages.extend(verifier_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    elif token_ids is not None:
+        request.token_ids.ids.extend(int(t) for t in token_ids)
+    s = request.sampling
+    s.temperature = temperature
+    s.max_new_tokens = max_new_tokens
+    if seed is not None:
+        s.seed = seed
+    s.stop_token_ids.extend(int(t) for t in stop_token_ids)
+    s.draft_sampling = verifier_pb2.DRAFT_SAMPLING_SAMPLE if draft_sampling == "sample" else verifier_pb2.DRAFT_SAMPLING_GREEDY
+    if block_size == "auto":
+        request.block_size_mode = verifier_pb2.BLOCK_SIZE_MODE_AUTO
+    elif block_size == "off":
+        request.block_size_mode = verifier_pb2.BLOCK_SIZE_MODE_OFF
+    else:
+        request.block_size_mode = verifier_pb2.BLOCK_SIZE_MODE_FIXED
+        request.block_size = int(block_size)
+    return request
+
+
+class BlockPilotClient:
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 300.0, retries: int = 3,
+                 backoff_s: float = 0.2) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self._stub = verifier_pb2_grpc.VerifierStub(self._channel)
+
+    def __enter__(self) -> "BlockPilotClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(self, *, timeout: float | None = None, **request_args) -> Iterator[StreamEvent]:
+        """Stream one generation (arguments as build_request). Closing the iterator early cancels
+        the call; the server stops within one step and frees the request's caches."""
+        request = build_request(**request_args)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            call = self._stub.Generate(request, timeout=remaining)
+            received = False
+            try:
+                for message in call:
+                    received = True
+                    kind = message.WhichOneof("payload")
+                    if kind == "delta":
+                        d = message.delta
+                        yield StreamEvent(message.index, message.session_id, tuple(d.token_ids), d.text, d.acceptance_length)
+                    elif kind == "final":
+                        yield StreamEvent(message.index, message.session_id, final=message.final)
+                return
+            except grpc.RpcError as err:
+                code = err.code()
+                retry_left = attempt < self.retries and not received and code in _RETRYABLE
+                pause = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+                if not retry_left or (deadline is not None and time.monotonic() + pause >= deadline):
+                    raise from_rpc_error(err, "Generate") from None
+                attempt += 1
+                time.sleep(pause)
+            finally:
+                call.cancel()
+
+    def generate(self, *, timeout: float | None = None, **request_args) -> Reply:
+        """The whole generation as one Reply."""
+        for event in self.stream(timeout=timeout, **request_args):
+            if event.final is not None:
+                return Reply.from_final(event.session_id, event.final)
+        raise RuntimeError("the stream ended without a final message")

@@ -1,0 +1,138 @@
+"""`blockpilot drafter eval`: τ per dataset and block size on evaluation prompts.
+
+Per prompt:
+1. the target's greedy continuation, decoded autoregressively through the engine (block size 1):
+   the baseline's decode tokens/s, and the reference output;
+2. greedy τ at every swept block size, by replaying the loop over the recorded continuation with
+   teacher-forced target features (at T=0 the loop commits exactly that continuation, so a draft
+   token is accepted iff it equals the recorded token; this costs drafter passes only);
+3. a real speculative decode at the measured block size (default: the drafter's own): its decode
+   tokens/s (speed-up over step 1, same run), its τ, and a check that its output equals step 1's;
+4. at T=1, real decodes with DFlash's sample-and-match rule and with a sampled draft + min(1, p/q).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from blockpilot.benchmarking import read_jsonl_prompts
+from blockpilot.decoding.drafting import LocalDrafter
+from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
+from blockpilot.models.drafter import DFlashDrafter, DraftHead
+from blockpilot.models.target import TargetModel
+from blockpilot.models.tokenizer import ChatTokenizer
+from blockpilot.training.train import FeatureCache, replay_tau
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    datasets: tuple[str, ...] = ("gsm8k", "math500", "humaneval", "mbpp", "mt_bench", "alpaca")
+    prompts_per_dataset: int = 20
+    max_new_tokens: int = 128
+    sweep_radius: int = 4
+    block_size: int | None = None  # the real decode's block size; None = the drafter's own
+    temperature_runs: bool = True
+    seed: int = 0
+
+
+def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFlashDrafter, datasets_dir: Path,
+                     cfg: EvalConfig, *, progress: bool = True) -> dict:
+    trained = drafter.block_size
+    measured = cfg.block_size or trained
+    sizes = [b for b in range(trained - cfg.sweep_radius, trained + cfg.sweep_radius + 1) if b >= 2]
+    provider = LocalDrafter(drafter, target)
+    autoregressive = SpeculativeDecoder(target)
+    speculative = SpeculativeDecoder(target, provider)
+    features = FeatureCache(target, drafter.target_layer_ids)
+    head = DraftHead(target.lm_head.weight, drafter.draft_vocab)
+    prompts = [p for name in cfg.datasets for p in read_jsonl_prompts(datasets_dir / f"{name}.jsonl", cfg.prompts_per_dataset)]
+    rows = []
+    for index, prompt in enumerate(tqdm(prompts, desc="eval prompts", disable=not progress, file=sys.stderr)):
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt["text"]}])
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, stop_token_ids=tokenizer.stop_token_ids)
+        ar = autoregressive.generate(ids, params, 1)
+        sequence = ids + ar.token_ids
+        feats = features.get(index, sequence)
+        with torch.no_grad():
+            replay = {b: replay_tau(drafter, target, head, feats, sequence, len(ids), b, max_steps=10_000) for b in sizes}
+        spec = speculative.generate(ids, params, measured)
+        row = {
+            "id": prompt["id"], "dataset": prompt["dataset"], "prompt_tokens": len(ids), "new_tokens": len(ar.token_ids),
+            "replay_tau": {b: _mean(v) for b, v in replay.items()},
+            "ar_decode_tokens_per_s": ar.decode_tokens_per_s,
+            "spec_decode_tokens_per_s": spec.decode_tokens_per_s,
+            "spec_tau": spec.tau,
+            "spec_equals_ar": spec.token_ids == ar.token_ids,
+            "ar_decode_s": ar.decode_s, "spec_decode_s": spec.decode_s,
+            "ar_tokens": sum(ar.acceptance_lengths), "spec_tokens": sum(spec.acceptance_lengths),
+        }
+        row["best_block_size"] = max(sizes, key=lambda b: (round(row["replay_tau"][b], 9), -b))
+        if cfg.temperature_runs:
+            for rule in ("greedy", "sample"):
+                sampled = speculative.generate(ids, SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens,
+                                                                   stop_token_ids=tokenizer.stop_token_ids,
+                                                                   seed=cfg.seed + index, draft_sampling=rule), measured)
+                row[f"t1_tau_{'sample_and_match' if rule == 'greedy' else 'min_p_q'}"] = sampled.tau
+        rows.append(row)
+    return summarize(rows, sizes, trained, measured)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def summarize(rows: list[dict], sizes: list[int], trained: int, measured: int) -> dict:
+    by_dataset: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_dataset[row["dataset"]].append(row)
+
+    def block(group: list[dict]) -> dict:
+        speed_ar = sum(r["ar_tokens"] for r in group) / sum(r["ar_decode_s"] for r in group)
+        speed_spec = sum(r["spec_tokens"] for r in group) / sum(r["spec_decode_s"] for r in group)
+        out = {
+            "prompts": len(group),
+            "replay_tau": {b: _mean(r["replay_tau"][b] for r in group) for b in sizes},
+            "spec_tau": _mean(r["spec_tau"] for r in group),
+            "ar_decode_tokens_per_s": speed_ar,
+            "spec_decode_tokens_per_s": speed_spec,
+            "speedup": speed_spec / speed_ar,
+            "lossless_prompts": sum(r["spec_equals_ar"] for r in group),
+            "best_block_size_counts": {b: sum(r["best_block_size"] == b for r in group) for b in sizes},
+            "share_best_not_trained": _mean(r["best_block_size"] != trained for r in group),
+            "oracle_replay_tau": _mean(r["replay_tau"][r["best_block_size"]] for r in group),
+        }
+        for key in ("t1_tau_sample_and_match", "t1_tau_min_p_q"):
+            if key in group[0]:
+                out[key] = _mean(r[key] for r in group)
+        return out
+
+    return {"trained_block_size": trained, "measured_block_size": measured, "sweep": sizes,
+            "datasets": {name: block(group) for name, group in by_dataset.items()}, "overall": block(rows), "prompts": rows}
+
+
+def format_table(report: dict) -> str:
+    sizes = report["sweep"]
+    head = ["dataset", "n"] + [f"B={b}" for b in sizes] + ["oracle", "not-B*", "spec τ", "speed-up", "lossless", "T1 s&m", "T1 p/q"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for name, d in list(report["datasets"].items()) + [("ALL", report["overall"])]:
+        cells = [name, str(d["prompts"])] + [f"{d['replay_tau'][b]:.2f}" for b in sizes]
+        cells += [f"{d['oracle_replay_tau']:.2f}", f"{d['share_best_not_trained']:.0%}", f"{d['spec_tau']:.2f}",
+                  f"{d['speedup']:.2f}x", f"{d['lossless_prompts']}/{d['prompts']}",
+                  f"{d.get('t1_tau_sample_and_match', float('nan')):.2f}", f"{d.get('t1_tau_min_p_q', float('nan')):.2f}"]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
