@@ -16,7 +16,7 @@ from blockpilot.models.config import RopeConfig
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, as transformers does (so fp32 results match to the bit pattern)."""
+    """RMSNorm computed in float32, as transformers does."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -24,10 +24,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        if x.dtype == torch.float32:
+            # One fused op instead of five: the engine's per-layer Python overhead is visible.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
