@@ -137,3 +137,24 @@ def test_replay_tau_walks_the_whole_response(target, drafter):
     lengths = replay_tau(drafter, target, DraftHead(target.lm_head.weight, None), features, token_ids, 3, drafter.block_size)
     assert all(1 <= n <= drafter.block_size for n in lengths)
     assert len(token_ids) - 1 <= 3 + sum(lengths) <= len(token_ids)
+
+
+def test_eval_report_replay_tau_matches_real_decoding(target, tmp_path):
+    from blockpilot.training.evaluate import EvalConfig, evaluate_drafter, format_table
+
+    for name in ("alpha", "beta"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"id": f"{name}/{i}", "dataset": name, "turns": [f"{name} question {i}"]}) + "\n" for i in range(2)))
+    drafter = DFlashDrafter.random(target.config, num_hidden_layers=1, block_size=4, mask_token_id=4, seed=5)
+    cfg = EvalConfig(datasets=("alpha", "beta"), prompts_per_dataset=2, max_new_tokens=24, sweep_radius=2)
+    report = evaluate_drafter(target, _TinyTokenizer(), drafter, tmp_path, cfg, progress=False)
+    assert report["sweep"] == [2, 3, 4, 5, 6]
+    assert set(report["datasets"]) == {"alpha", "beta"} and report["overall"]["prompts"] == 4
+    for row in report["prompts"]:
+        assert row["spec_equals_ar"]
+        # At T=0 the replay over the recorded greedy continuation is the real loop's τ.
+        assert row["replay_tau"][4] == pytest.approx(row["spec_tau"])
+        assert row["best_block_size"] in report["sweep"]
+    assert "t1_tau_min_p_q" in report["overall"]
+    table = format_table(report)
+    assert table.splitlines()[0].startswith("dataset | n | B=2") and "ALL" in table
