@@ -1,5 +1,7 @@
 # One command for the main job, one for the tests; both set themselves up on a fresh clone.
-#   make demo   - create .venv, install, prepare the default model, print a real generation
+#   make demo   - create .venv, install, prepare the default model, start the service stack
+#                 (blockpilot up), stream a real generation through it, stop it (blockpilot down)
+#   make protos - regenerate the gRPC stubs in blockpilot/v1 from protos/ (committed)
 #   make test   - create or update .venv, run the test suite
 # GPU users who brought their own torch build: `make demo TORCH_EXTRA=` keeps it (no CPU pin).
 
@@ -10,7 +12,7 @@ TORCH_EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(TORCH_EXTRA)
 DEMO_PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install clean-venv protos
 
 install: $(STAMP)
 
@@ -26,7 +28,12 @@ comma := ,
 
 demo: $(STAMP)
 	$(BIN)/blockpilot prepare
-	$(BIN)/blockpilot generate "$(DEMO_PROMPT)"
+	$(BIN)/blockpilot up
+	$(BIN)/blockpilot generate --server 127.0.0.1:50051 "$(DEMO_PROMPT)"; status=$$?; \
+	$(BIN)/blockpilot down; exit $$status
+
+protos: $(STAMP)
+	$(BIN)/python -m blockpilot.protogen
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -48,3 +48,34 @@ class ModelFormatError(BlockPilotError):
     """A model file or directory exists but cannot be read as a supported model."""
 
     grpc_code = "FAILED_PRECONDITION"
+
+
+class AbortedError(BlockPilotError):
+    """A concurrency conflict: e.g. the same session used by two streams at once."""
+
+    grpc_code = "ABORTED"
+
+
+class DeadlineExceededError(BlockPilotError):
+    """The caller's deadline expired (or had already expired when the request arrived)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class CancelledError(BlockPilotError):
+    """The caller cancelled the request."""
+
+    grpc_code = "CANCELLED"
+
+
+class DrafterUnavailableError(UnavailableError):
+    """The drafter cannot draft (unreachable, gone mid-stream, too slow).
+
+    The decoding loop catches it and continues at block size 1: the target cache is already
+    correct, only drafting stops, so the output does not change. `reason` is the fallback reason
+    reported to the client and counted: "drafter_unavailable", "drafter_lost", "drafter_timeout".
+    """
+
+    def __init__(self, message: str, reason: str = "drafter_unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -24,7 +24,8 @@ import torch
 
 from blockpilot.decoding import acceptance
 from blockpilot.decoding.drafting import DraftProvider, DraftRequest
-from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
+from blockpilot.errors import DrafterUnavailableError, InvalidArgumentError, ResourceExhaustedError
+from blockpilot.models.kv_cache import KVCache
 from blockpilot.models.target import TargetModel
 
 DRAFT_SAMPLING_MODES = ("greedy", "sample")
@@ -96,6 +97,9 @@ class GenerationResult:
     finish_reason: str = ""
     ttft_s: float = 0.0
     decode_s: float = 0.0
+    # Why drafting stopped early ("" = it did not): the drafter failed and the rest of the request
+    # ran autoregressively (same output, lower speed). Set from DrafterUnavailableError.reason.
+    fallback_reason: str = ""
 
     @property
     def tau(self) -> float:
@@ -144,10 +148,20 @@ class SpeculativeDecoder:
         params: SamplingParams,
         block_size: int | BlockSizeHook = 1,
         result: GenerationResult | None = None,
+        *,
+        cache: KVCache | None = None,
+        prefix_features: torch.Tensor | None = None,
     ) -> Iterator[StepEvent]:
         """Decode, yielding the tokens of each step as soon as they are committed. `result` (if
         given) is filled in as decoding goes and is complete when the iterator is exhausted.
-        Closing the iterator early (client gone) frees the request's caches at once."""
+        Closing the iterator early (client gone) frees the request's caches at once.
+
+        cache: a caller-owned target cache (kept for a conversation's next turn); it may already hold
+            the first `cache.length` prompt tokens (earlier turns): only the rest is prefilled. Its capacity
+            must fit prompt + max_new_tokens + 1. With a drafter, `prefix_features` [cache.length, F]
+            must give the drafter context features of those cached tokens.
+        If the drafter fails (DrafterUnavailableError) the request continues at block size 1 with
+        `result.fallback_reason` set: the target cache is already correct, so the output is unchanged."""
         self._validate(prompt_ids, params, block_size)
         result = result if result is not None else GenerationResult(prompt_token_ids=list(prompt_ids))
         generator = torch.Generator(device="cpu")
@@ -161,9 +175,17 @@ class SpeculativeDecoder:
 
         # ---- prefill: first token, then the block size for the whole request -----------------
         started = time.perf_counter()
-        cache = self.target.new_cache(prompt_len + params.max_new_tokens + 1)
-        prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+        reused = 0
+        if cache is None:
+            cache = self.target.new_cache(prompt_len + params.max_new_tokens + 1)
+        else:
+            reused = cache.length
+            self._check_reused_cache(cache, prompt_len, params.max_new_tokens, prefix_features, bool(feature_layers))
+        prompt = torch.tensor([list(prompt_ids[reused:])], dtype=torch.long, device=device)
         out = self.target(prompt, cache, num_logits=1, hidden_layer_ids=feature_layers)
+        prompt_features = out.hidden
+        if reused and prompt_features is not None:
+            prompt_features = torch.cat([prefix_features.to(prompt_features)[None], prompt_features], dim=1)
         last_logits = out.logits[0, -1]
         first = self._sample_one(last_logits, params.temperature, generator)
         if callable(block_size):
@@ -180,9 +202,14 @@ class SpeculativeDecoder:
             if first in stop_ids or params.max_new_tokens == 1:
                 result.finish_reason = "stop" if first in stop_ids else "length"
                 return
-            session = self.drafter.open_session(prompt_len + params.max_new_tokens + 1) if block_size > 1 else None
+            session = None
+            if block_size > 1:
+                try:
+                    session = self.drafter.open_session(prompt_len + params.max_new_tokens + 1)
+                except DrafterUnavailableError as err:
+                    result.fallback_reason = err.reason
             try:
-                yield from self._decode_steps(cache, session, out.hidden, first, block_size, params, generator, result)
+                yield from self._decode_steps(cache, session, prompt_features, first, block_size, params, generator, result)
             finally:
                 if session is not None:
                     session.close()
@@ -205,21 +232,34 @@ class SpeculativeDecoder:
             start = prompt_len + generated - 1  # position of the anchor
             block = torch.full((1, verify_size), anchor, dtype=torch.long, device=device)
             draft = None
-            if verify_size > 1:
+            if verify_size > 1 and session is not None:
                 sample = params.temperature > 0 and params.draft_sampling == "sample"
-                draft = session.propose(
-                    DraftRequest(
-                        anchor=anchor,
-                        start=start,
-                        num_draft=verify_size - 1,
-                        context=pending_context,
-                        context_start=pending_start,
-                        temperature=params.temperature,
-                        sample=sample,
-                        uniforms=acceptance.draw_uniforms(generator, verify_size - 1) if sample else None,
+                try:
+                    draft = session.propose(
+                        DraftRequest(
+                            anchor=anchor,
+                            start=start,
+                            num_draft=verify_size - 1,
+                            context=pending_context,
+                            context_start=pending_start,
+                            temperature=params.temperature,
+                            sample=sample,
+                            uniforms=acceptance.draw_uniforms(generator, verify_size - 1) if sample else None,
+                        )
                     )
-                )
-                block[0, 1:] = draft.tokens.to(device)
+                except DrafterUnavailableError as err:
+                    # Drafting stops; the target cache holds exactly the committed tokens, so the
+                    # rest of the request runs at block size 1 with the same output.
+                    # (The session is closed by stream()'s cleanup.)
+                    result.fallback_reason = err.reason
+                    session, feature_layers, pending_context = None, (), None
+                    verify_size = 1
+                    block = block[:, :1]
+                else:
+                    block[0, 1:] = draft.tokens.to(device)
+            elif verify_size > 1:
+                verify_size = 1
+                block = block[:, :1]
             out = self.target(block, cache, num_logits=None, hidden_layer_ids=feature_layers)
             verdict = self._verify(block[0, 1:], draft, out.logits[0], params, generator)
             committed = block[0, 1 : 1 + verdict.num_accepted].tolist() + [verdict.next_token]
@@ -246,6 +286,16 @@ class SpeculativeDecoder:
             if finish:
                 return
             anchor = committed[-1]
+
+    @staticmethod
+    def _check_reused_cache(cache: KVCache, prompt_len: int, max_new_tokens: int, prefix_features, needs_features: bool) -> None:
+        if not 0 <= cache.length < prompt_len:
+            raise ValueError(f"a reused cache must hold 0 .. {prompt_len - 1} prompt tokens, it holds {cache.length}")
+        capacity = prompt_len + max_new_tokens + 1
+        if cache.capacity < capacity:
+            raise ValueError(f"reused cache holds {cache.capacity} tokens; the request needs {capacity}")
+        if needs_features and cache.length and (prefix_features is None or prefix_features.shape[0] != cache.length):
+            raise ValueError("a reused cache needs the drafter features of its cached tokens (prefix_features)")
 
     def _validate(self, prompt_ids, params: SamplingParams, block_size) -> None:
         vocab = self.target.config.vocab_size

@@ -1,0 +1,247 @@
+"""Service configuration: one frozen dataclass per service and one loader for all of them.
+
+Precedence, highest first: command-line flags (`--port 50061`) > environment variables
+(`BLOCKPILOT_<SERVICE>_<FIELD>`, e.g. BLOCKPILOT_VERIFIER_PORT) > a config file (`--config FILE`,
+TOML or JSON; either flat `field = value` pairs or a table named after the service) > defaults.
+Every value is checked whatever its source; a bad one raises InvalidArgumentError that quotes the
+value and says where it came from. `python -m services.<name> --help` lists every field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+from blockpilot.errors import InvalidArgumentError
+
+Check = Callable[[Any], str | None]  # returns what is wrong, or None
+
+
+def _port(allow_zero: bool = False) -> Check:
+    low = 0 if allow_zero else 1
+    return lambda v: None if low <= v <= 65535 else f"must be a port number in {low}..65535"
+
+
+def _at_least(low: float) -> Check:
+    return lambda v: None if v >= low and (not isinstance(v, float) or math.isfinite(v)) else f"must be a finite number >= {low}"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {list(choices)}"
+
+
+def _redis_url(v: str) -> str | None:
+    if v in ("", "memory") or v.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return "must be a redis:// URL, or 'memory' for the in-process store"
+
+
+def _address(v: str) -> str | None:
+    if v == "" or (":" in v and v.rsplit(":", 1)[1].isdigit()):
+        return None
+    return "must be HOST:PORT (or empty)"
+
+
+def _nonempty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def opt(default: Any, help: str, check: Check | None = None) -> Any:
+    """A documented config field."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ServiceConfig:
+    """Base of the service configs: `SERVICE` names the env prefix; fields are checked on creation."""
+
+    SERVICE = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            _check_field(self.SERVICE, f, getattr(self, f.name), "argument")
+
+
+@dataclass(frozen=True)
+class VerifierServiceConfig(ServiceConfig):
+    """Verifier service (client-facing; owns the target and its KV caches)."""
+
+    SERVICE = "verifier"
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 in containers)", _nonempty)
+    port: int = opt(50051, "gRPC port", _port())
+    metrics_port: int = opt(9101, "Prometheus /metrics HTTP port (0 = no metrics server)", _port(True))
+    target: str = opt("default", "target model: 'default', a Hugging Face directory or a .gguf file", _nonempty)
+    drafter_address: str = opt("127.0.0.1:50052", "drafter service HOST:PORT ('' = no drafter, block size 1)", _address)
+    policy_address: str = opt("127.0.0.1:50053", "policy service HOST:PORT ('' = in-process fixed policy)", _address)
+    redis_url: str = opt("redis://127.0.0.1:6379/0", "session store: redis:// URL or 'memory' (in-process, one replica only)", _redis_url)
+    default_block_size: int = opt(0, "block size when the policy is unreachable (0 = the drafter's trained size)", _at_least(0))
+    default_max_new_tokens: int = opt(128, "max_new_tokens when a request leaves it unset", _at_least(1))
+    max_new_tokens_cap: int = opt(4096, "largest max_new_tokens a request may ask for", _at_least(1))
+    max_streams: int = opt(16, "concurrent Generate streams; more are refused RESOURCE_EXHAUSTED", _at_least(1))
+    max_sessions: int = opt(64, "sessions whose target KV cache is kept for follow-up turns (LRU)", _at_least(0))
+    session_ttl_s: float = opt(1800.0, "idle time after which a session expires (local cache and Redis keys)", _at_least(1))
+    drafter_timeout_s: float = opt(10.0, "longest wait for one draft step or for opening a draft stream", _at_least(0.01))
+    policy_timeout_s: float = opt(2.0, "longest wait for a policy decision", _at_least(0.01))
+    redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (the store fails open after it)", _at_least(0.01))
+    grace_s: float = opt(10.0, "on SIGTERM: time in-flight streams get to finish", _at_least(0))
+    threads: int = opt(1, "torch CPU threads per decoding loop", _at_least(1))
+    replica_id: str = opt("", "this replica's id in Redis ('' = HOSTNAME:port)")
+    log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+
+
+@dataclass(frozen=True)
+class DrafterServiceConfig(ServiceConfig):
+    """Drafter service (DFlash drafter bound to the target's embedding and lm_head)."""
+
+    SERVICE = "drafter"
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 in containers)", _nonempty)
+    port: int = opt(50052, "gRPC port", _port())
+    metrics_port: int = opt(9102, "Prometheus /metrics HTTP port (0 = no metrics server)", _port(True))
+    target: str = opt("default", "target model the drafter is bound to (same value as the verifier's)", _nonempty)
+    drafter: str = opt("", "'' = the engine's default (the shipped drafter of the default target, else none), "
+                           "'random', 'none' or a DFlash checkpoint directory")
+    random_block_size: int = opt(8, "block size of the 'random' drafter", _at_least(2))
+    max_sessions: int = opt(64, "concurrent draft sessions; more are refused RESOURCE_EXHAUSTED", _at_least(1))
+    grace_s: float = opt(10.0, "on SIGTERM: time in-flight streams get to finish", _at_least(0))
+    threads: int = opt(1, "torch CPU threads", _at_least(1))
+    step_delay_s: float = opt(0.0, "artificial delay per draft step (fault-injection tests only)", _at_least(0))
+    replica_id: str = opt("", "this replica's id ('' = HOSTNAME:port)")
+    log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+
+
+@dataclass(frozen=True)
+class PolicyServiceConfig(ServiceConfig):
+    """Policy service (stateless block-size decisions; outcome statistics in Redis)."""
+
+    SERVICE = "policy"
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 in containers)", _nonempty)
+    port: int = opt(50053, "gRPC port", _port())
+    metrics_port: int = opt(9103, "Prometheus /metrics HTTP port (0 = no metrics server)", _port(True))
+    redis_url: str = opt("redis://127.0.0.1:6379/0", "where arm statistics and the outcome stream go: redis:// URL or 'memory'", _redis_url)
+    default_block_size: int = opt(0, "block size of the default policy (0 = the drafter's trained size sent by the verifier)", _at_least(0))
+    policy_version: str = opt("fixed-v1", "version reported with every decision", _nonempty)
+    outcome_stream_maxlen: int = opt(100000, "outcomes kept in the Redis stream bp:outcomes (approximate)", _at_least(1))
+    stats_ttl_s: float = opt(7 * 86400.0, "TTL of the statistics keys (refreshed on every write)", _at_least(1))
+    redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (statistics fail open)", _at_least(0.01))
+    grace_s: float = opt(5.0, "on SIGTERM: time in-flight calls get to finish", _at_least(0))
+    log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+
+
+C = TypeVar("C", bound=ServiceConfig)
+
+
+def env_name(service: str, name: str) -> str:
+    return f"BLOCKPILOT_{service.upper()}_{name.upper()}"
+
+
+def _convert(f: dataclasses.Field, raw: Any, service: str, source: str) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw) if not isinstance(raw, str) else int(raw.strip())
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if not isinstance(raw, str):
+            raise ValueError
+        return raw
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"{service} config: {f.name} expects {kind.__name__}, got {raw!r} (from {source})"
+        ) from None
+
+
+def _check_field(service: str, f: dataclasses.Field, value: Any, source: str) -> None:
+    check = f.metadata.get("check")
+    problem = check(value) if check is not None else None
+    if problem:
+        raise InvalidArgumentError(f"{service} config: {f.name} {problem}, got {value!r} (from {source})")
+
+
+def read_config_file(path: str | Path, service: str) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidArgumentError(f"config file '{path}' does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise InvalidArgumentError(f"config file '{path}' is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgumentError(f"config file '{path}' must hold a table/object of settings")
+    if isinstance(data.get(service), dict):
+        data = data[service]
+    return data
+
+
+def build_arg_parser(cls: type[C], prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(), argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file with settings (flags and env override it)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, metavar=f.name.upper(),
+                            help=f"{f.metadata.get('help', '')} [env {env_name(cls.SERVICE, f.name)}; default {f.default!r}]")
+    return parser
+
+
+def load_config(cls: type[C], argv: Sequence[str] | None = (), env: Mapping[str, str] | None = None,
+                config_file: str | Path | None = None) -> C:
+    """Build a `cls` from flags (`argv`), environment and config file, in that precedence.
+
+    argv: command-line arguments (None = sys.argv[1:]); flags may also carry --config FILE.
+    env: environment (None = os.environ).
+    """
+    service = cls.SERVICE
+    parser = build_arg_parser(cls, f"python -m services.{service}")
+    flags = vars(parser.parse_args(argv))
+    env = os.environ if env is None else env
+    config_file = flags.pop("config", None) or config_file or env.get(env_name(service, "config")) or None
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if config_file:
+        data = read_config_file(config_file, service)
+        unknown = sorted(set(data) - set(by_name))
+        if unknown:
+            raise InvalidArgumentError(f"config file '{config_file}': unknown {service} setting(s) {unknown}; known: {sorted(by_name)}")
+        for name, raw in data.items():
+            values[name] = (raw, f"config file {config_file}")
+    for name in by_name:
+        key = env_name(service, name)
+        if key in env:
+            values[name] = (env[key], f"env {key}")
+    for name, raw in flags.items():
+        values[name] = (raw, f"flag --{name.replace('_', '-')}")
+    kwargs = {}
+    for name, (raw, source) in values.items():
+        f = by_name[name]
+        value = _convert(f, raw, service, source)
+        _check_field(service, f, value, source)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def describe(cls: type[ServiceConfig]) -> list[dict[str, Any]]:
+    """Field documentation (name, env variable, default, help) for docs and --help."""
+    return [{"name": f.name, "env": env_name(cls.SERVICE, f.name), "default": f.default, "help": f.metadata.get("help", "")}
+            for f in dataclasses.fields(cls)]

@@ -1,0 +1,44 @@
+"""Prometheus metrics of the three services (names shared with the compose stack's dashboards).
+
+Each service process exposes the default registry on its own HTTP port (`/metrics`); a metric a
+service never touches stays at zero or, with labels, absent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+REQUESTS = Counter("blockpilot_requests", "RPCs served, by service and final status code", ["service", "status"])
+DRAFTS = Counter("blockpilot_drafts", "Verify steps that had drafts", ["block_size", "policy_version"])
+DRAFT_TOKENS = Counter("blockpilot_draft_tokens", "Draft tokens proposed", ["block_size", "policy_version"])
+ACCEPTED_TOKENS = Counter("blockpilot_accepted_tokens", "Draft tokens accepted", ["block_size", "policy_version"])
+ACCEPTED_BY_POSITION = Counter("blockpilot_accepted_tokens_by_position",
+                               "Accepted draft tokens by position in the block (1 = first draft)", ["position"])
+FALLBACKS = Counter("blockpilot_fallbacks", "Degradations: drafter/policy/session store unavailable", ["reason"])
+TTFT = Histogram("blockpilot_time_to_first_token_seconds", "Time to first token (prefill included)",
+                 ["policy_version"], buckets=_TTFT_BUCKETS)
+INTER_TOKEN = Histogram("blockpilot_inter_token_latency_seconds", "Time between streamed tokens (per token)",
+                        ["block_size"], buckets=_LATENCY_BUCKETS)
+STEP_SECONDS = Histogram("blockpilot_step_seconds", "Time of one decode step (verifier: draft + verify; drafter: draft)",
+                         ["service", "block_size"], buckets=_LATENCY_BUCKETS)
+ACCEPTANCE_LENGTH = Histogram("blockpilot_acceptance_length", "Tokens committed per verify step, bonus included",
+                              ["block_size", "policy_version"], buckets=tuple(float(i) for i in range(1, 17)) + (24.0, 32.0, 64.0))
+BLOCK_SIZE_CHOSEN = Counter("blockpilot_block_size_chosen", "Block size used per request",
+                            ["block_size", "policy_version", "arm"])
+GENERATED_TOKENS = Counter("blockpilot_generated_tokens", "Tokens generated (streamed to clients)")
+DRAFTER_SESSIONS = Gauge("blockpilot_drafter_sessions", "Active draft sessions (open Draft streams)")
+INFLIGHT = Gauge("blockpilot_inflight_requests", "RPCs in progress", ["service"])
+
+
+def start_metrics_server(port: int, host: str) -> None:
+    """Serve /metrics on host:port (port 0 = disabled)."""
+    if port:
+        start_http_server(port, addr=host)
+        log.info("metrics on http://%s:%d/metrics", host, port)

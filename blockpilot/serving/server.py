@@ -1,0 +1,104 @@
+"""What every service process shares: logging, the asyncio gRPC server with health checking and
+reflection, the metrics endpoint, readiness (SERVING only once models are loaded) and graceful
+drain on SIGTERM/SIGINT (NOT_SERVING, in-flight RPCs get `grace_s`, then stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from typing import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from blockpilot.serving.metrics import start_metrics_server
+from blockpilot.serving.wire import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def default_replica_id(config) -> str:
+    return config.replica_id or f"{socket.gethostname()}:{config.port}"
+
+
+class ServiceRunner:
+    """Runs one service: `load` (in a thread) loads the models and registers the servicers."""
+
+    def __init__(self, config, service_name: str, full_name: str) -> None:
+        self.config = config
+        self.service_name = service_name
+        self.full_name = full_name  # e.g. blockpilot.v1.Verifier
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        self.ready = False
+        self._stop = asyncio.Event()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", self.full_name):
+            await self.health.set(name, status)
+
+    async def run(self, setup: Callable[[grpc.aio.Server], Awaitable[Callable[[], Awaitable[None]]]],
+                  load: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`setup(server)` adds the servicers and returns an async cleanup; then the server starts
+        (health NOT_SERVING, so orchestrators see it is alive but not ready), `load()` loads the
+        models, and only then health turns SERVING. Runs until SIGTERM/SIGINT, then drains."""
+        cfg = self.config
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        await self._set_health(False)
+        cleanup = await setup(self.server)
+        reflection.enable_server_reflection([self.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        address = f"{cfg.host}:{cfg.port}"
+        if self.server.add_insecure_port(address) == 0:
+            raise OSError(f"cannot bind {address}")
+        start_metrics_server(cfg.metrics_port, cfg.host)
+        await self.server.start()
+        try:
+            if load is not None:
+                await load()
+        except BaseException:
+            await self.server.stop(0)
+            raise
+        self.ready = True
+        await self._set_health(True)
+        log.info("%s SERVING on %s (pid %d)", self.service_name, address, os.getpid())
+        print(f"{self.service_name} SERVING on {address}", flush=True)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+        log.info("%s draining: NOT_SERVING, %.1f s grace for in-flight RPCs", self.service_name, cfg.grace_s)
+        self.ready = False
+        await self._set_health(False)
+        await self.server.stop(cfg.grace_s)
+        if cleanup is not None:
+            await cleanup()
+        log.info("%s stopped", self.service_name)
+
+
+def main(run: Callable[[Sequence[str] | None], Awaitable[None]], argv: Sequence[str] | None = None) -> int:
+    from blockpilot.errors import BlockPilotError
+
+    try:
+        asyncio.run(run(argv))
+    except BlockPilotError as err:
+        print(f"error: {err}", flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,247 @@
+"""The local stack behind `blockpilot up` / `down` / `status`.
+
+`up` starts Redis (when none answers on the URL and `redis-server` is installed; otherwise the
+services use their in-memory store, with a warning), then the policy, drafter and verifier services
+on loopback, each as `python -m services.<name>` with its settings in BLOCKPILOT_<SERVICE>_* env
+variables; waits until every one is SERVING; prints the addresses. State (pids, addresses, logs)
+lives in the run folder: $BLOCKPILOT_RUN_DIR, else $BLOCKPILOT_CACHE/run (default
+~/.cache/blockpilot/run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from blockpilot.errors import FailedPreconditionError, UnavailableError
+
+SERVICES = ("policy", "drafter", "verifier")  # start order; stopped in reverse
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    target: str = "default"
+    drafter: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    verifier_port: int = 50051
+    drafter_port: int = 50052
+    policy_port: int = 50053
+    verifier_metrics_port: int = 9101
+    drafter_metrics_port: int = 9102
+    policy_metrics_port: int = 9103
+    threads: int = 1
+    timeout_s: float = 600.0
+
+
+def run_dir() -> Path:
+    from blockpilot.models.store import cache_root
+
+    override = os.environ.get("BLOCKPILOT_RUN_DIR", "").strip()
+    path = Path(override).expanduser() if override else cache_root() / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _state_file() -> Path:
+    return run_dir() / "stack.json"
+
+
+def read_state() -> dict | None:
+    path = _state_file()
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # a zombie child counts as gone
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        return waited == 0
+    except ChildProcessError:
+        return True
+
+
+def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        ok = client.ping()
+        client.close()
+        return bool(ok)
+    except Exception:  # noqa: BLE001 - any failure means "not answering"
+        return False
+
+
+def health_status(address: str, service: str = "", timeout_s: float = 1.0) -> str:
+    """SERVING / NOT_SERVING / UNKNOWN / DOWN (no answer)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError:
+            return "DOWN"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_serving(address: str, service: str, deadline: float, pid: int | None = None) -> None:
+    while time.monotonic() < deadline:
+        if health_status(address, service) == "SERVING":
+            return
+        if pid is not None and not pid_alive(pid):
+            raise UnavailableError(f"{service or address} exited before it was SERVING")
+        time.sleep(0.3)
+    raise UnavailableError(f"{service or address} was not SERVING within the timeout")
+
+
+def _start_redis(url: str, folder: Path) -> int:
+    parsed = urlparse(url)
+    port = parsed.port or 6379
+    host = parsed.hostname or "127.0.0.1"
+    process = subprocess.Popen(
+        ["redis-server", "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=open(folder / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if redis_answers(url):
+            return process.pid
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise UnavailableError(f"redis-server did not start on {host}:{port} (see {folder / 'redis.log'})")
+
+
+def _service_env(name: str, opts: StackOptions, redis_url: str) -> dict[str, str]:
+    port = getattr(opts, f"{name}_port")
+    values = {"host": opts.host, "port": port, "metrics_port": getattr(opts, f"{name}_metrics_port")}
+    if name == "verifier":
+        values.update(target=opts.target, redis_url=redis_url, threads=opts.threads,
+                      drafter_address=f"{opts.host}:{opts.drafter_port}", policy_address=f"{opts.host}:{opts.policy_port}")
+    elif name == "drafter":
+        values.update(target=opts.target, drafter=opts.drafter, threads=opts.threads)
+    else:
+        values.update(redis_url=redis_url)
+    env = dict(os.environ)
+    env.update({f"BLOCKPILOT_{name.upper()}_{k.upper()}": str(v) for k, v in values.items()})
+    return env
+
+
+def up(opts: StackOptions, log=print) -> dict:
+    """Start the stack; returns its state. Raises FailedPreconditionError if it already runs."""
+    state = read_state()
+    if state and any(pid_alive(s["pid"]) for s in state.get("services", {}).values()):
+        raise FailedPreconditionError(f"the stack is already running (run dir {run_dir()}); `blockpilot down` first")
+    folder = run_dir()
+    for name in SERVICES:
+        port = getattr(opts, f"{name}_port")
+        with socket.socket() as sock:
+            if sock.connect_ex((opts.host, port)) == 0:
+                raise FailedPreconditionError(f"port {opts.host}:{port} for the {name} is already in use")
+    state = {"run_dir": str(folder), "services": {}, "redis": {"url": opts.redis_url, "pid": None}}
+    redis_url = opts.redis_url
+    if not redis_answers(redis_url):
+        if shutil.which("redis-server"):
+            state["redis"]["pid"] = _start_redis(redis_url, folder)
+            log(f"redis      {redis_url} (started, pid {state['redis']['pid']})")
+        else:
+            log(f"warning: no Redis answers on {redis_url} and redis-server is not installed: "
+                "the services use in-memory stores (sessions live in the verifier process only)")
+            redis_url = "memory"
+            state["redis"]["url"] = "memory"
+    else:
+        log(f"redis      {redis_url} (already running)")
+    _state_file().write_text(json.dumps(state, indent=2))
+    deadline = time.monotonic() + opts.timeout_s
+    try:
+        for name in SERVICES:
+            address = f"{opts.host}:{getattr(opts, f'{name}_port')}"
+            log_path = folder / f"{name}.log"
+            process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=_service_env(name, opts, redis_url),
+                                       stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                                       cwd=str(Path(__file__).resolve().parents[2]))
+            (folder / f"{name}.pid").write_text(str(process.pid))
+            state["services"][name] = {"pid": process.pid, "address": address, "log": str(log_path),
+                                       "metrics": f"http://{opts.host}:{getattr(opts, f'{name}_metrics_port')}/metrics"}
+            _state_file().write_text(json.dumps(state, indent=2))
+        for name in SERVICES:
+            entry = state["services"][name]
+            try:
+                wait_serving(entry["address"], f"blockpilot.v1.{name.capitalize()}", deadline, entry["pid"])
+            except UnavailableError as err:
+                tail = Path(entry["log"]).read_text(errors="replace").strip().splitlines()[-5:]
+                raise UnavailableError(f"{err}; last lines of {entry['log']}: " + " | ".join(tail)) from None
+            log(f"{name:<10} {entry['address']} SERVING (pid {entry['pid']}, metrics {entry['metrics']})")
+    except BaseException:
+        down(log=lambda *_: None)
+        raise
+    return state
+
+
+def down(grace_s: float = 15.0, log=print) -> int:
+    """Stop what `up` started (services in reverse order, then Redis if it started it)."""
+    state = read_state()
+    if state is None:
+        log("nothing to stop (no stack state in the run dir)")
+        return 0
+    entries = [(name, state["services"][name]["pid"]) for name in reversed(SERVICES) if name in state.get("services", {})]
+    if state.get("redis", {}).get("pid"):
+        entries.append(("redis", state["redis"]["pid"]))
+    for name, pid in entries:
+        if not pid_alive(pid):
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            log(f"{name:<10} killed (pid {pid}) after {grace_s:.0f} s")
+        else:
+            log(f"{name:<10} stopped (pid {pid})")
+    folder = run_dir()
+    for name in SERVICES:
+        (folder / f"{name}.pid").unlink(missing_ok=True)
+    _state_file().unlink(missing_ok=True)
+    return 0
+
+
+def status(log=print) -> int:
+    """Print each service's health; 0 when all are SERVING."""
+    state = read_state()
+    if state is None:
+        log("the stack is not running (no stack state in the run dir)")
+        return 1
+    ok = True
+    for name in SERVICES:
+        entry = state["services"].get(name)
+        if entry is None:
+            ok = False
+            log(f"{name:<10} not started")
+            continue
+        health = health_status(entry["address"], f"blockpilot.v1.{name.capitalize()}")
+        alive = pid_alive(entry["pid"])
+        ok &= health == "SERVING"
+        log(f"{name:<10} {entry['address']} {health} (pid {entry['pid']} {'alive' if alive else 'gone'})")
+    redis = state.get("redis", {})
+    redis_ok = redis.get("url") == "memory" or redis_answers(redis["url"])
+    log(f"{'redis':<10} {redis.get('url')} {'answers' if redis_ok else 'DOWN'}")
+    return 0 if ok else 1

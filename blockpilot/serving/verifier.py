@@ -1,0 +1,593 @@
+"""The verifier's request handling, independent of gRPC: validate, tokenize, pick the block size
+(policy), run the speculative loop in a worker thread, stream committed tokens, keep per-session
+target caches for follow-up turns, record session metadata, report the outcome.
+
+services/verifier/ parses the wire request into a GenerateSpec and turns the messages this yields
+into the stream; everything else lives here.
+
+Threads: the loop (SpeculativeDecoder.stream) is synchronous torch code. Each request runs it in a
+worker thread that hands every step's event to the asyncio loop (call_soon_threadsafe into an
+asyncio.Queue). Cancelling the request sets a flag the worker checks after every step; it then
+closes the stream, which closes the draft session (the drafter frees its cache) - within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+import torch
+
+from blockpilot.decoding.drafting import Draft, DraftProvider, DraftRequest, DraftSession
+from blockpilot.decoding.speculative import GenerationResult, PrefillInfo, SamplingParams, SpeculativeDecoder
+from blockpilot.errors import (AbortedError, BlockPilotError, DeadlineExceededError, DrafterUnavailableError,
+                               FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
+                               UnavailableError)
+from blockpilot.models.kv_cache import KVCache
+from blockpilot.models.tokenizer import IncrementalDecoder
+from blockpilot.serving import metrics
+from blockpilot.serving.models import ServedTarget
+from blockpilot.serving.policy import Decision, Outcome, Policy, PolicyFeatures
+from blockpilot.serving.session_store import new_session_id
+from blockpilot.v1 import verifier_pb2
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE_LIMIT = 64  # largest block size accepted when the drafter's own limit is not known
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """A parsed Generate request (wire-independent).
+
+    prompt: exactly one of text / messages / token_ids. max_new_tokens 0 = the server default;
+    stop_token_ids None = the target's own stop tokens. mode: "auto" | "fixed" | "off".
+    deadline: time.monotonic() by which the request must end (None = no deadline).
+    """
+
+    text: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+    temperature: float = 0.0
+    seed: int | None = None
+    max_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] | None = None
+    draft_sampling: str = "greedy"
+    mode: str = "auto"
+    block_size: int = 0
+    policy: str = ""
+    session_id: str = ""
+    new_session: bool = False
+    return_prompt_token_ids: bool = False
+    deadline: float | None = None
+
+
+class DrafterSource(Protocol):
+    """Where the verifier gets a DraftProvider per request (RemoteDrafter or LocalDrafterSource).
+    provider() returns None when there is no drafter model; raises DrafterUnavailableError when
+    the drafter cannot be reached."""
+
+    def provider(self, *, deadline: float | None = None, session_id: str = "") -> DraftProvider | None: ...
+
+
+class LocalDrafterSource:
+    """An in-process drafter behind the DrafterSource interface (CLI, benchmarks, tests)."""
+
+    def __init__(self, drafter: DraftProvider | None) -> None:
+        self.drafter = drafter
+
+    def provider(self, *, deadline: float | None = None, session_id: str = "") -> DraftProvider | None:
+        return self.drafter
+
+
+@dataclass
+class SessionState:
+    """A conversation's target cache on this replica: `tokens` are the ids whose K/V sit at cache
+    positions 0.. (only the first min(cache.length, len(tokens)) are valid); `features` the
+    drafter context features of the first features.shape[0] of them (None: not known)."""
+
+    cache: KVCache
+    tokens: list[int]
+    features: torch.Tensor | None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class _Recorder:
+    """Wraps a DraftProvider: records the context features sent (so a follow-up turn can reuse
+    the cache without recomputing them) and what each step drafted (metrics)."""
+
+    def __init__(self, inner: DraftProvider) -> None:
+        self.inner = inner
+        self.block_size = inner.block_size
+        self.max_block_size = inner.max_block_size
+        self.target_layer_ids = inner.target_layer_ids
+        self.features: list[torch.Tensor] = []
+        self.features_len = 0
+        self.step_drafted = 0  # draft tokens of the step in progress (read and reset by the worker)
+        self.sessions: list[Any] = []
+
+    def open_session(self, capacity: int) -> DraftSession:
+        session = self.inner.open_session(capacity)
+        self.sessions.append(session)
+        recorder = self
+
+        class _Session:
+            def propose(self, request: DraftRequest) -> Draft:
+                if request.context_start == recorder.features_len and request.context.shape[0]:
+                    recorder.features.append(request.context)
+                    recorder.features_len += request.context.shape[0]
+                draft = session.propose(request)
+                recorder.step_drafted = request.num_draft
+                return draft
+
+            def close(self) -> None:
+                session.close()
+
+        return _Session()
+
+    def feature_tensor(self) -> torch.Tensor | None:
+        return torch.cat(self.features) if self.features else None
+
+
+@dataclass
+class _Turn:
+    spec: GenerateSpec
+    prompt_ids: list[int]
+    params: SamplingParams
+    session_id: str
+    fence: int | None
+    local: SessionState | None
+    started: float
+    reasons: list[str] = field(default_factory=list)
+    recorder: _Recorder | None = None
+    decision: Decision | None = None
+    block_size: int = 1
+    cached_tokens: int = 0
+    cache: KVCache | None = None
+    result: GenerationResult | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: asyncio.Future | None = None
+    ended: bool = False
+    owns_session_lock: bool = False
+
+
+class VerifierCore:
+    def __init__(self, config, target: ServedTarget, drafter: DrafterSource | None, policy: Policy, store, *,
+                 replica_id: str = "") -> None:
+        self.config = config
+        self.target = target
+        self.drafter = drafter
+        self.policy = policy
+        self.store = store
+        self.replica_id = replica_id
+        self.vocab_size = target.model.config.vocab_size
+        self.max_context = target.model.config.max_position_embeddings
+        self._pool = ThreadPoolExecutor(max_workers=config.max_streams, thread_name_prefix="decode")
+        self._streams = 0
+        self._sessions: OrderedDict[str, SessionState] = OrderedDict()
+        self._active_sessions: set[str] = set()
+        self._background: set[asyncio.Task] = set()
+
+    # ---- public -------------------------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        return self._streams
+
+    def drafter_name(self, provider: DraftProvider | None) -> str:
+        if provider is None:
+            return "none"
+        info = getattr(provider, "info", None)
+        return getattr(info, "name", None) or getattr(self, "local_drafter_name", "local")
+
+    async def generate(self, spec: GenerateSpec) -> AsyncIterator[verifier_pb2.GenerateResponse]:
+        """Stream the responses of one request. Raises BlockPilotError subclasses for bad input
+        (before any message) and, rarely, after messages were sent."""
+        if spec.deadline is not None and spec.deadline <= time.monotonic():
+            raise DeadlineExceededError("the request's deadline had already expired when it arrived")
+        if self._streams >= self.config.max_streams:
+            raise ResourceExhaustedError(f"the verifier is at its limit of {self.config.max_streams} concurrent streams; retry later")
+        self._streams += 1
+        turn: _Turn | None = None
+        try:
+            turn = await self._prepare(spec)
+        except BaseException:
+            self._streams -= 1
+            raise
+        try:
+            async for message in self._run(turn):
+                yield message
+        finally:
+            turn.cancel.set()
+            if not turn.ended:
+                task = asyncio.ensure_future(self._finish(turn, cancelled=True))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background work (turn cleanup, outcome reports)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- preparation --------------------------------------------------------------------
+
+    def _prompt_ids(self, spec: GenerateSpec) -> list[int]:
+        given = [spec.text is not None, spec.messages is not None, spec.token_ids is not None]
+        if sum(given) != 1:
+            raise InvalidArgumentError("give the prompt as exactly one of text, messages or token_ids")
+        if spec.token_ids is not None:
+            ids = list(spec.token_ids)
+            if not ids:
+                raise InvalidArgumentError("the prompt is empty")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidArgumentError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            return ids
+        tokenizer = self.target.tokenizer
+        if spec.text is not None:
+            if not spec.text.strip():
+                raise InvalidArgumentError("the prompt is empty")
+            if tokenizer is None:
+                raise FailedPreconditionError("this target has no tokenizer: send the prompt as token_ids")
+            ids = tokenizer.encode_raw(spec.text)
+        else:
+            if not spec.messages:
+                raise InvalidArgumentError("the prompt is empty (no messages)")
+            if tokenizer is None:
+                raise FailedPreconditionError("this target has no tokenizer: send the prompt as token_ids")
+            ids = tokenizer.encode_chat(list(spec.messages))
+        if not ids:
+            raise InvalidArgumentError("the prompt is empty after tokenization")
+        return ids
+
+    def _params(self, spec: GenerateSpec, prompt_len: int) -> SamplingParams:
+        cap = self.config.max_new_tokens_cap
+        if spec.max_new_tokens < 0 or spec.max_new_tokens > cap:
+            raise InvalidArgumentError(f"max_new_tokens must be in 1..{cap} (0 = the default of "
+                                       f"{self.config.default_max_new_tokens}), got {spec.max_new_tokens}")
+        max_new = spec.max_new_tokens or self.config.default_max_new_tokens
+        if not math.isfinite(spec.temperature) or spec.temperature < 0:
+            raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {spec.temperature!r}")
+        stop = spec.stop_token_ids if spec.stop_token_ids is not None else self.target.stop_token_ids
+        params = SamplingParams(temperature=spec.temperature, max_new_tokens=max_new, stop_token_ids=tuple(stop),
+                                seed=spec.seed, draft_sampling=spec.draft_sampling)
+        params.validate(self.vocab_size)
+        if prompt_len + max_new > self.max_context:
+            raise ResourceExhaustedError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the "
+                                         f"context of {self.max_context} tokens")
+        return params
+
+    def _count_fallback(self, turn: _Turn, reason: str, message: str) -> None:
+        if reason not in turn.reasons:
+            turn.reasons.append(reason)
+        metrics.FALLBACKS.labels(reason).inc()
+        log.warning("request degraded (%s): %s", reason, message)
+
+    async def _prepare(self, spec: GenerateSpec) -> _Turn:
+        started = time.perf_counter()
+        if spec.mode not in ("auto", "fixed", "off"):
+            raise InvalidArgumentError(f"unknown block size mode {spec.mode!r}")
+        if spec.session_id and spec.new_session:
+            raise InvalidArgumentError("give either session_id (continue) or new_session (open), not both")
+        prompt_ids = self._prompt_ids(spec)
+        params = self._params(spec, len(prompt_ids))
+        fixed = spec.block_size if spec.mode == "fixed" else (1 if spec.mode == "off" else None)
+        if fixed is not None and fixed < 1:
+            raise InvalidArgumentError(f"block size must be >= 1, got {fixed}")
+        if spec.mode != "auto" and spec.policy:
+            raise InvalidArgumentError("a policy override needs block size mode AUTO")
+        turn = _Turn(spec, prompt_ids, params, "", None, None, started)
+
+        # The drafter for this request (None: autoregressive).
+        provider: DraftProvider | None = None
+        if self.drafter is not None and fixed != 1:
+            try:
+                provider = await asyncio.to_thread(self.drafter.provider, deadline=spec.deadline, session_id=spec.session_id)
+            except DrafterUnavailableError as err:
+                self._count_fallback(turn, err.reason, str(err))
+            if provider is None and fixed is not None and fixed > 1 and not turn.reasons:
+                raise InvalidArgumentError(f"block size {fixed} needs a drafter; the drafter service has none loaded")
+        elif fixed is not None and fixed > 1:
+            raise InvalidArgumentError(f"block size {fixed} needs a drafter; this verifier runs without one")
+        limit = provider.max_block_size if provider is not None else BLOCK_SIZE_LIMIT
+        if fixed is not None and fixed > limit:
+            raise InvalidArgumentError(f"block size must be <= {limit}, got {fixed}")
+        if provider is not None:
+            turn.recorder = _Recorder(provider)
+        turn.block_size = fixed if fixed is not None else 1
+
+        await self._open_session(turn)
+        return turn
+
+    async def _store_call(self, turn: _Turn, coro):
+        try:
+            return await coro
+        except UnavailableError as err:
+            self._count_fallback(turn, "session_store_unavailable", str(err))
+            return None
+
+    async def _open_session(self, turn: _Turn) -> None:
+        spec = turn.spec
+        if spec.new_session:
+            turn.session_id = new_session_id()
+            await self._store_call(turn, self.store.create(turn.session_id, {"verifier_replica": self.replica_id}))
+            turn.fence = await self._store_call(turn, self.store.begin_turn(turn.session_id, self._lease_s(spec)))
+            self._active_sessions.add(turn.session_id)
+            turn.owns_session_lock = True
+            return
+        if not spec.session_id:
+            return
+        sid = spec.session_id
+        if sid in self._active_sessions:
+            raise AbortedError(f"session '{sid}' is already in use by another stream")
+        local = self._local_session(sid)
+        store_down = False
+        try:
+            record = await self.store.get(sid)
+            if record is None:
+                if local is None:
+                    raise NotFoundError(f"unknown or expired session '{sid}'")
+                await self.store.create(sid, {"verifier_replica": self.replica_id})
+            turn.fence = await self.store.begin_turn(sid, self._lease_s(spec))
+        except UnavailableError as err:
+            store_down = True
+            self._count_fallback(turn, "session_store_unavailable", str(err))
+        if store_down and local is None:
+            raise NotFoundError(f"unknown or expired session '{sid}' (the session store is unavailable, so only "
+                                "sessions held by this replica can continue)")
+        turn.session_id = sid
+        turn.local = local
+        self._active_sessions.add(sid)
+        turn.owns_session_lock = True
+
+    def _lease_s(self, spec: GenerateSpec) -> float:
+        if spec.deadline is not None:
+            return max(1.0, spec.deadline - time.monotonic())
+        return min(600.0, self.config.session_ttl_s)
+
+    def _local_session(self, sid: str) -> SessionState | None:
+        state = self._sessions.get(sid)
+        if state is not None and time.monotonic() - state.last_used > self.config.session_ttl_s:
+            del self._sessions[sid]
+            state = None
+        if state is not None:
+            self._sessions.move_to_end(sid)
+        return state
+
+    def _reuse(self, turn: _Turn) -> tuple[KVCache, torch.Tensor | None]:
+        """The target cache for this request: the session's, truncated to the longest prefix it
+        shares with the new prompt (grown if too small), or a new one."""
+        need = len(turn.prompt_ids) + turn.params.max_new_tokens + 1
+        local = turn.local
+        if local is not None:
+            valid = min(local.cache.length, len(local.tokens))
+            limit = min(valid, len(turn.prompt_ids) - 1)
+            common = 0
+            while common < limit and local.tokens[common] == turn.prompt_ids[common]:
+                common += 1
+            if turn.recorder is not None:
+                common = min(common, local.features.shape[0] if local.features is not None else 0)
+            if common > 0:
+                cache = local.cache
+                if cache.capacity < need:
+                    grown = self.target.model.new_cache(need)
+                    grown.keys[:, :, :, :common] = cache.keys[:, :, :, :common]
+                    grown.values[:, :, :, :common] = cache.values[:, :, :, :common]
+                    cache = grown
+                cache.length = common
+                turn.cached_tokens = common
+                features = local.features[:common] if turn.recorder is not None else None
+                return cache, features
+        return self.target.model.new_cache(need), None
+
+    # ---- running ------------------------------------------------------------------------
+
+    def _hook(self, turn: _Turn, loop: asyncio.AbstractEventLoop):
+        recorder = turn.recorder
+        default = self.config.default_block_size or recorder.block_size
+        default = max(1, min(default, recorder.max_block_size))
+
+        def decide(info: PrefillInfo) -> int:
+            features = PolicyFeatures(info.last_logits.detach().to(torch.float32).cpu(), info.prompt_len,
+                                      recorder.block_size, recorder.max_block_size, turn.session_id, turn.spec.policy)
+            future = asyncio.run_coroutine_threadsafe(self.policy.decide(features), loop)
+            try:
+                decision = future.result(timeout=self.config.policy_timeout_s + 0.5)
+            except (NotFoundError, InvalidArgumentError):
+                raise
+            except Exception as err:  # noqa: BLE001 - any policy failure falls back to the default
+                future.cancel()
+                self._count_fallback(turn, "policy_unavailable", f"policy decision failed ({err!r}); block size {default}")
+                decision = Decision(default, "", "", "")
+            size = decision.block_size
+            if not 1 <= size <= recorder.max_block_size:
+                log.error("policy answered block size %d outside 1..%d; using %d", size, recorder.max_block_size, default)
+                size = default
+            turn.decision = decision
+            turn.block_size = size
+            return size
+
+        return decide
+
+    def _work(self, turn: _Turn, stream, put) -> None:
+        recorder = turn.recorder
+        error: BaseException | None = None
+        try:
+            last = time.perf_counter()
+            for event in stream:
+                now = time.perf_counter()
+                drafted = 0
+                if recorder is not None:
+                    drafted, recorder.step_drafted = recorder.step_drafted, 0
+                put(("event", event, now - last, drafted))
+                last = now
+                if turn.cancel.is_set():
+                    break
+        except BaseException as err:  # noqa: BLE001 - handed to the asyncio side
+            error = err
+        finally:
+            stream.close()  # frees the draft session at once (cancel path included)
+        put(("error", error, 0.0, 0) if error is not None else ("done", None, 0.0, 0))
+
+    async def _run(self, turn: _Turn) -> AsyncIterator[verifier_pb2.GenerateResponse]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (shutdown)
+                pass
+
+        cache, prefix = self._reuse(turn)
+        turn.cache = cache
+        decoder = SpeculativeDecoder(self.target.model, turn.recorder, max_context=self.max_context)
+        block_size = self._hook(turn, loop) if (turn.recorder is not None and turn.spec.mode == "auto") else turn.block_size
+        result = GenerationResult(prompt_token_ids=list(turn.prompt_ids))
+        turn.result = result
+        stream = decoder.stream(turn.prompt_ids, turn.params, block_size, result, cache=cache, prefix_features=prefix)
+        turn.future = loop.run_in_executor(self._pool, self._work, turn, stream, put)
+
+        text = IncrementalDecoder(self.target.tokenizer) if self.target.tokenizer is not None else None
+        index = 0
+        first = True
+        last_emit = time.perf_counter()
+        while True:
+            kind, payload, step_s, drafted = await queue.get()
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                break
+            event = payload
+            now = time.perf_counter()
+            tokens = list(event.token_ids)
+            version = (turn.decision.policy_version if turn.decision else "") or "none"
+            if first:
+                first = False
+                metrics.TTFT.labels(version).observe(now - turn.started)
+                metrics.BLOCK_SIZE_CHOSEN.labels(str(turn.block_size), version,
+                                                 (turn.decision.arm if turn.decision else "") or "none").inc()
+            else:
+                label = str(turn.block_size)
+                for _ in tokens:
+                    metrics.INTER_TOKEN.labels(label).observe((now - last_emit) / len(tokens))
+                metrics.STEP_SECONDS.labels("verifier", label).observe(step_s)
+                metrics.ACCEPTANCE_LENGTH.labels(label, version).observe(len(tokens))
+                if drafted:
+                    accepted = min(len(tokens), event.acceptance_length or 0) - 1
+                    metrics.DRAFTS.labels(label, version).inc()
+                    metrics.DRAFT_TOKENS.labels(label, version).inc(drafted)
+                    metrics.ACCEPTED_TOKENS.labels(label, version).inc(max(0, accepted))
+                    for position in range(1, accepted + 1):
+                        metrics.ACCEPTED_BY_POSITION.labels(str(position)).inc()
+            last_emit = now
+            metrics.GENERATED_TOKENS.inc(len(tokens))
+            delta = verifier_pb2.TokenDelta(token_ids=tokens, text=text.push(tokens) if text else "",
+                                            acceptance_length=event.acceptance_length or 0)
+            yield verifier_pb2.GenerateResponse(index=index, session_id=turn.session_id, delta=delta)
+            index += 1
+        await turn.future
+        if result.fallback_reason:
+            self._count_fallback(turn, result.fallback_reason, "the drafter failed mid-request; continued at block size 1")
+        await self._finish(turn, cancelled=False)
+        yield verifier_pb2.GenerateResponse(index=index, session_id=turn.session_id, final=self._final(turn))
+
+    def _final(self, turn: _Turn) -> verifier_pb2.GenerateFinal:
+        result = turn.result
+        decision = turn.decision
+        decode_tokens = sum(result.acceptance_lengths)
+        final = verifier_pb2.GenerateFinal(
+            finish_reason=result.finish_reason,
+            usage=verifier_pb2.Usage(prompt_tokens=len(turn.prompt_ids), completion_tokens=len(result.token_ids),
+                                     cached_prompt_tokens=turn.cached_tokens),
+            acceptance_lengths=result.acceptance_lengths, tau=result.tau, block_size=result.block_size,
+            policy_version=decision.policy_version if decision else "", arm=decision.arm if decision else "",
+            decision_id=decision.decision_id if decision else "", fallback_reason=",".join(turn.reasons),
+            timings=verifier_pb2.Timings(ttft_s=result.ttft_s, decode_s=result.decode_s,
+                                         decode_tokens_per_s=decode_tokens / result.decode_s if result.decode_s > 0 else 0.0,
+                                         total_s=time.perf_counter() - turn.started),
+            token_ids=result.token_ids, text=self.target.tokenizer.decode(result.token_ids) if self.target.tokenizer else "",
+            target=str(self.target.target_dir), drafter=self.drafter_name(turn.recorder.inner if turn.recorder else None))
+        if turn.spec.return_prompt_token_ids:
+            final.prompt_token_ids.extend(turn.prompt_ids)
+        return final
+
+    async def _finish(self, turn: _Turn, *, cancelled: bool) -> None:
+        """End of a turn (once): wait for the worker, keep the session's cache, write the session
+        record, release the stream slot and the session, report the outcome to the policy."""
+        if turn.ended:
+            return
+        turn.ended = True
+        try:
+            if turn.future is not None:
+                try:
+                    await asyncio.shield(turn.future)
+                except BaseException:  # noqa: BLE001 - the worker's error was already raised to the client
+                    pass
+            result = turn.result
+            if turn.session_id and result is not None and turn.cache is not None:
+                tokens = list(turn.prompt_ids) + list(result.token_ids)
+                features = None
+                if turn.recorder is not None:
+                    recorded = turn.recorder.feature_tensor()
+                    features = recorded if recorded is not None and turn.recorder.features_len > 0 else None
+                self._sessions[turn.session_id] = SessionState(turn.cache, tokens, features)
+                self._sessions.move_to_end(turn.session_id)
+                while len(self._sessions) > self.config.max_sessions:
+                    self._sessions.popitem(last=False)
+                if self.config.max_sessions == 0:
+                    self._sessions.pop(turn.session_id, None)
+                fields = self._session_fields(turn, tokens)
+                if turn.fence is not None:
+                    try:
+                        if not await self.store.write(turn.session_id, turn.fence, fields):
+                            log.warning("session %s: a newer turn owns the record; this turn's write was fenced off", turn.session_id)
+                    except UnavailableError as err:
+                        metrics.FALLBACKS.labels("session_store_unavailable").inc()
+                        log.warning("session %s: record not updated (%s)", turn.session_id, err)
+            if turn.decision is not None and turn.decision.decision_id and result is not None:
+                outcome = Outcome(turn.decision, turn.session_id, len(turn.prompt_ids), len(result.token_ids),
+                                  tuple(result.acceptance_lengths), result.decode_s,
+                                  "cancelled" if cancelled else result.finish_reason, ",".join(turn.reasons))
+                task = asyncio.ensure_future(self._report(outcome))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        finally:
+            if turn.owns_session_lock:
+                self._active_sessions.discard(turn.session_id)
+            self._streams -= 1
+
+    def _session_fields(self, turn: _Turn, tokens: list[int]) -> dict[str, Any]:
+        decision = turn.decision
+        drafter_replica, drafter_len = "", 0
+        if turn.recorder is not None and turn.recorder.sessions:
+            session = turn.recorder.sessions[-1]
+            drafter_replica = getattr(session, "replica_id", "") or "local"
+            drafter_len = getattr(session, "cache_length", 0)
+        local = self._sessions.get(turn.session_id)
+        return {
+            "state": "idle", "lease_until": 0, "turns": int(turn.fence or 0),
+            "committed_tokens": len(tokens), "block_size": turn.block_size,
+            "policy_version": decision.policy_version if decision else "", "arm": decision.arm if decision else "",
+            "decision_id": decision.decision_id if decision else "",
+            "verifier_replica": self.replica_id, "verifier_cache_len": min(local.cache.length, len(tokens)) if local else 0,
+            "drafter_replica": drafter_replica, "drafter_cache_len": drafter_len,
+            "fallback_reason": ",".join(turn.reasons),
+        }
+
+    async def _report(self, outcome: Outcome) -> None:
+        try:
+            await self.policy.report(outcome)
+        except BlockPilotError as err:
+            metrics.FALLBACKS.labels("policy_report_failed").inc()
+            log.warning("policy report failed: %s", err)

@@ -1,0 +1,1 @@
+"""The drafter service: `python -m services.drafter --help`."""

@@ -1,0 +1,141 @@
+"""Drafter service: Describe, and one Draft bidi stream per session (draft KV freed when it ends)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import grpc
+import torch
+
+from blockpilot.config import DrafterServiceConfig, load_config
+from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from blockpilot.serving import metrics
+from blockpilot.serving.draft_wire import StepAssembler, block_messages
+from blockpilot.serving.models import load_served_drafter, load_served_target
+from blockpilot.serving.server import ServiceRunner, default_replica_id, setup_logging
+from blockpilot.serving.status import to_status
+from blockpilot.v1 import drafter_pb2, drafter_pb2_grpc
+
+log = logging.getLogger("services.drafter")
+
+
+class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
+    def __init__(self, config: DrafterServiceConfig, runner: ServiceRunner) -> None:
+        self.config = config
+        self.runner = runner
+        self.replica_id = default_replica_id(config)
+        self.drafter = None
+        self.name = "none"
+        self.feature_size = 0
+        self.sessions = 0
+        self.pool = ThreadPoolExecutor(max_workers=max(1, config.max_sessions), thread_name_prefix="draft")
+
+    def load(self) -> None:
+        torch.set_num_threads(self.config.threads)
+        target = load_served_target(self.config.target)
+        self.drafter, self.name = load_served_drafter(target, self.config.drafter, random_block_size=self.config.random_block_size)
+        if self.drafter is not None:
+            self.feature_size = len(self.drafter.target_layer_ids) * target.model.config.hidden_size
+        log.info("drafter %s for target %s", self.name, target.target_dir)
+
+    async def Describe(self, request, context) -> drafter_pb2.DescribeResponse:
+        if not self.runner.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the drafter is loading its model")
+        d = self.drafter
+        if d is None:
+            return drafter_pb2.DescribeResponse(has_drafter=False, drafter_name=self.name, replica_id=self.replica_id)
+        return drafter_pb2.DescribeResponse(has_drafter=True, block_size=d.block_size, max_block_size=d.max_block_size,
+                                            target_layer_ids=list(d.target_layer_ids), feature_size=self.feature_size,
+                                            vocab_size=d.target.config.vocab_size, drafter_name=self.name,
+                                            replica_id=self.replica_id)
+
+    async def Draft(self, request_iterator, context):
+        metrics.INFLIGHT.labels("drafter").inc()
+        status = "OK"
+        try:
+            async for reply in self._draft(request_iterator, context):
+                yield reply
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except Exception as err:  # noqa: BLE001 - mapped to a status in one place
+            code, message = to_status(err)
+            status = code.name
+            await context.abort(code, message)
+        finally:
+            metrics.REQUESTS.labels("drafter", status).inc()
+            metrics.INFLIGHT.labels("drafter").dec()
+
+    async def _draft(self, request_iterator, context):
+        if not self.runner.ready:
+            raise UnavailableError("the drafter is loading its model")
+        if self.drafter is None:
+            raise FailedPreconditionError("this drafter service runs without a drafter model")
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        if not first.HasField("open"):
+            raise InvalidArgumentError("the first message of a Draft stream must be DraftOpen")
+        opening = first.open
+        if tuple(opening.target_layer_ids) != tuple(self.drafter.target_layer_ids):
+            raise FailedPreconditionError(f"the client extracts target layers {list(opening.target_layer_ids)}, this drafter "
+                                          f"reads {list(self.drafter.target_layer_ids)}")
+        if not 1 <= opening.capacity <= self.drafter.target.config.max_position_embeddings + 1:
+            raise InvalidArgumentError(f"capacity must be in 1..{self.drafter.target.config.max_position_embeddings + 1}, got {opening.capacity}")
+        if self.sessions >= self.config.max_sessions:
+            raise ResourceExhaustedError(f"the drafter holds its limit of {self.config.max_sessions} sessions")
+        loop = asyncio.get_running_loop()
+        session = await loop.run_in_executor(self.pool, self.drafter.open_session, opening.capacity)
+        self.sessions += 1
+        metrics.DRAFTER_SESSIONS.inc()
+        try:
+            yield drafter_pb2.DraftResponse(opened=drafter_pb2.DraftOpened(replica_id=self.replica_id, capacity=opening.capacity))
+            steps = StepAssembler(self.feature_size, self.drafter.max_block_size, opening.capacity)
+            async for message in request_iterator:
+                kind = message.WhichOneof("payload")
+                if kind == "context":
+                    steps.add_chunk(message.context)
+                    continue
+                if kind != "step":
+                    raise InvalidArgumentError(f"unexpected {kind or 'empty'} message inside a Draft stream")
+                request = steps.build(message.step)
+                started = time.perf_counter()
+                draft = await loop.run_in_executor(self.pool, self._propose, session, request)
+                metrics.STEP_SECONDS.labels("drafter", str(request.num_draft + 1)).observe(time.perf_counter() - started)
+                cache_length = session.cache.length if getattr(session, "cache", None) is not None else steps.seen
+                for reply in block_messages(draft, message.step.step, cache_length):
+                    yield reply
+        finally:
+            session.close()
+            self.sessions -= 1
+            metrics.DRAFTER_SESSIONS.dec()
+
+    def _propose(self, session, request):
+        if self.config.step_delay_s:
+            time.sleep(self.config.step_delay_s)
+        return session.propose(request)
+
+
+async def serve(argv: Sequence[str] | None = None) -> None:
+    config = load_config(DrafterServiceConfig, argv)
+    setup_logging(config.log_level)
+    runner = ServiceRunner(config, "drafter", "blockpilot.v1.Drafter")
+
+    async def setup(server: grpc.aio.Server):
+        servicer = DrafterServicer(config, runner)
+        drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, server)
+        holder.append(servicer)
+
+        async def cleanup():
+            servicer.pool.shutdown(wait=False, cancel_futures=True)
+        return cleanup
+
+    async def load():
+        await asyncio.to_thread(holder[0].load)
+
+    holder: list[DrafterServicer] = []
+    await runner.run(setup, load)

@@ -1,0 +1,1 @@
+"""The policy service: `python -m services.policy --help`."""

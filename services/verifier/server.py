@@ -1,0 +1,128 @@
+"""Verifier service: the client-facing Generate stream. Parses the wire request at the boundary,
+then hands it to blockpilot.serving.verifier.VerifierCore."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Sequence
+
+import grpc
+import torch
+
+from blockpilot.config import VerifierServiceConfig, load_config
+from blockpilot.errors import InvalidArgumentError, UnavailableError
+from blockpilot.serving import metrics
+from blockpilot.serving.models import load_served_target
+from blockpilot.serving.policy import FixedPolicy, RemotePolicy
+from blockpilot.serving.remote_drafter import RemoteDrafter
+from blockpilot.serving.server import ServiceRunner, default_replica_id, setup_logging
+from blockpilot.serving.session_store import open_store
+from blockpilot.serving.status import to_status
+from blockpilot.serving.verifier import GenerateSpec, VerifierCore
+from blockpilot.v1 import verifier_pb2, verifier_pb2_grpc
+
+log = logging.getLogger("services.verifier")
+
+_MODES = {verifier_pb2.BLOCK_SIZE_MODE_UNSPECIFIED: "auto", verifier_pb2.BLOCK_SIZE_MODE_AUTO: "auto",
+          verifier_pb2.BLOCK_SIZE_MODE_FIXED: "fixed", verifier_pb2.BLOCK_SIZE_MODE_OFF: "off"}
+_DRAFT_SAMPLING = {verifier_pb2.DRAFT_SAMPLING_UNSPECIFIED: "greedy", verifier_pb2.DRAFT_SAMPLING_GREEDY: "greedy",
+                   verifier_pb2.DRAFT_SAMPLING_SAMPLE: "sample"}
+
+
+def parse_request(request: verifier_pb2.GenerateRequest, time_remaining: float | None) -> GenerateSpec:
+    """Wire request -> GenerateSpec; malformed fields raise InvalidArgumentError."""
+    kind = request.WhichOneof("prompt")
+    text = messages = token_ids = None
+    if kind == "text":
+        text = request.text
+    elif kind == "messages":
+        messages = tuple({"role": m.role, "content": m.content} for m in request.messages.messages)
+    elif kind == "token_ids":
+        token_ids = tuple(int(t) for t in request.token_ids.ids)
+    else:
+        raise InvalidArgumentError("the prompt is empty (set text, messages or token_ids)")
+    sampling = request.sampling
+    if request.block_size_mode not in _MODES:
+        raise InvalidArgumentError(f"unknown block_size_mode {request.block_size_mode}")
+    if sampling.draft_sampling not in _DRAFT_SAMPLING:
+        raise InvalidArgumentError(f"unknown draft_sampling {sampling.draft_sampling}")
+    mode = _MODES[request.block_size_mode]
+    if mode != "fixed" and request.block_size:
+        raise InvalidArgumentError(f"block_size {request.block_size} is only allowed with BLOCK_SIZE_MODE_FIXED")
+    return GenerateSpec(
+        text=text, messages=messages, token_ids=token_ids, temperature=float(sampling.temperature),
+        seed=int(sampling.seed) if sampling.HasField("seed") else None, max_new_tokens=int(sampling.max_new_tokens),
+        stop_token_ids=tuple(int(t) for t in sampling.stop_token_ids) or None,
+        draft_sampling=_DRAFT_SAMPLING[sampling.draft_sampling], mode=mode, block_size=int(request.block_size),
+        policy=request.policy, session_id=request.session_id, new_session=request.new_session,
+        return_prompt_token_ids=request.return_prompt_token_ids,
+        deadline=None if time_remaining is None else time.monotonic() + time_remaining)
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
+    def __init__(self, runner: ServiceRunner) -> None:
+        self.runner = runner
+        self.core: VerifierCore | None = None
+
+    async def Generate(self, request, context):
+        metrics.INFLIGHT.labels("verifier").inc()
+        status = "OK"
+        try:
+            if not self.runner.ready or self.core is None:
+                raise UnavailableError("the verifier is loading its model (or draining); retry later")
+            spec = parse_request(request, context.time_remaining())
+            async for message in self.core.generate(spec):
+                await context.write(message)
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except Exception as err:  # noqa: BLE001 - mapped to a status in one place
+            code, message = to_status(err)
+            status = code.name
+            await context.abort(code, message)
+        finally:
+            metrics.REQUESTS.labels("verifier", status).inc()
+            metrics.INFLIGHT.labels("verifier").dec()
+
+
+async def serve(argv: Sequence[str] | None = None) -> None:
+    config = load_config(VerifierServiceConfig, argv)
+    setup_logging(config.log_level)
+    runner = ServiceRunner(config, "verifier", "blockpilot.v1.Verifier")
+    servicer = VerifierServicer(runner)
+    resources: dict = {}
+
+    async def setup(server: grpc.aio.Server):
+        verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)
+
+        async def cleanup():
+            core = servicer.core
+            if core is not None:
+                await core.drain()
+                core.close()
+            if "store" in resources:
+                await resources["store"].close()
+            if "policy" in resources and hasattr(resources["policy"], "close"):
+                await resources["policy"].close()
+            if "drafter" in resources:
+                resources["drafter"].close()
+        return cleanup
+
+    async def load():
+        torch.set_num_threads(config.threads)
+        target = await asyncio.to_thread(load_served_target, config.target)
+        drafter = RemoteDrafter(config.drafter_address, step_timeout_s=config.drafter_timeout_s) if config.drafter_address else None
+        policy = RemotePolicy(config.policy_address, timeout_s=config.policy_timeout_s) if config.policy_address else \
+            FixedPolicy(config.default_block_size)
+        store = open_store(config.redis_url, ttl_s=config.session_ttl_s, timeout_s=config.redis_timeout_s)
+        resources.update(drafter=drafter, policy=policy, store=store) if drafter else resources.update(policy=policy, store=store)
+        if drafter is not None:
+            try:  # learn the drafter's shape early; a drafter that is down now is retried per request
+                await asyncio.to_thread(drafter.describe, 2.0)
+            except UnavailableError as err:
+                log.warning("%s (requests fall back to block size 1 until it answers)", err)
+        servicer.core = VerifierCore(config, target, drafter, policy, store, replica_id=default_replica_id(config))
+
+    await runner.run(setup, load)

@@ -1,0 +1,76 @@
+"""`blockpilot up / status / generate --server / down` as a user runs them (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from service_stack import free_port
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def cli(*args, env, timeout=240):
+    return subprocess.run([sys.executable, "-m", "blockpilot.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def stack_flags():
+    flags = []
+    for name in ("verifier", "drafter", "policy"):
+        flags += [f"--{name}-port", str(free_port()), f"--{name}-metrics-port", str(free_port())]
+    return flags
+
+
+def test_up_status_generate_down_with_an_own_redis(tiny_llama_dir, tmp_path):
+    if not __import__("shutil").which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    env = {**os.environ, "BLOCKPILOT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("BLOCKPILOT_RUN_DIR", None)
+    redis_port = free_port()  # nothing answers there: `up` starts its own redis-server
+    flags = stack_flags()
+    verifier = f"127.0.0.1:{flags[1]}"
+    up = cli("up", "--target", str(tiny_llama_dir), "--drafter", "random", "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
+             "--timeout", "200", *flags, env=env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "started" in up.stdout and f"verifier   {verifier} SERVING" in up.stdout
+        state = json.loads((tmp_path / "cache" / "run" / "stack.json").read_text())
+        assert state["redis"]["pid"] and all((tmp_path / "cache" / "run" / f"{n}.pid").exists() for n in state["services"])
+        again = cli("up", "--target", str(tiny_llama_dir), *flags, env=env)
+        assert again.returncode != 0 and "already running" in again.stderr
+        status = cli("status", env=env)
+        assert status.returncode == 0 and status.stdout.count("SERVING") == 3, status.stdout
+        # The tiny target has no tokenizer: a text prompt is refused with one clear line.
+        refused = cli("generate", "--server", verifier, "--raw", "hello", env=env)
+        assert refused.returncode == 1 and "no tokenizer" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    finally:
+        down = cli("down", env=env)
+    assert down.returncode == 0 and down.stdout.count("stopped") == 4, down.stdout  # 3 services + redis
+    assert cli("status", env=env).returncode == 1
+    for pid in [s["pid"] for s in state["services"].values()] + [state["redis"]["pid"]]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.default_model
+def test_generate_through_the_stack_prints_the_in_process_json(tmp_path):
+    run_env = {**os.environ, "BLOCKPILOT_RUN_DIR": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
+    flags = stack_flags()
+    verifier = f"127.0.0.1:{flags[1]}"
+    up = cli("up", "--drafter", "random", *flags, env=run_env, timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        args = ["--json", "--max-new-tokens", "24", "--block-size", "8", "Name three primary colors."]
+        remote = cli("generate", "--server", verifier, *args, env=run_env)
+        local = cli("generate", "--drafter", "random", *args, env=run_env)
+    finally:
+        cli("down", env=run_env)
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+    remote_report, local_report = json.loads(remote.stdout), json.loads(local.stdout)
+    for key in ("prompt_token_ids", "token_ids", "text", "block_size", "acceptance_lengths", "finish_reason", "drafter"):
+        assert remote_report[key] == local_report[key], key
