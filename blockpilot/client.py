@@ -71,7 +71,8 @@ class Reply:
                    list(final.acceptance_lengths), final.tau, final.policy_version, final.arm, final.decision_id,
                    final.fallback_reason, list(final.prompt_token_ids),
                    {"prompt_tokens": final.usage.prompt_tokens, "completion_tokens": final.usage.completion_tokens,
-                    "cached_prompt_tokens": final.usage.cached_prompt_tokens},
+                    "cached_prompt_tokens": final.usage.cached_prompt_tokens,
+                    "cached_draft_tokens": final.usage.cached_draft_tokens},
                    {"ttft_s": final.timings.ttft_s, "decode_s": final.timings.decode_s,
                     "decode_tokens_per_s": final.timings.decode_tokens_per_s, "total_s": final.timings.total_s},
                    final.target, final.drafter)

@@ -111,6 +111,9 @@ class DrafterServiceConfig(ServiceConfig):
                            "'random', 'none' or a DFlash checkpoint directory")
     random_block_size: int = opt(8, "block size of the 'random' drafter", _at_least(2))
     max_sessions: int = opt(64, "concurrent draft sessions; more are refused RESOURCE_EXHAUSTED", _at_least(1))
+    max_kept_sessions: int = opt(64, "draft caches kept after a session's stream ends, for its next turn "
+                                     "(LRU; 0 = free every cache when its stream ends)", _at_least(0))
+    kept_session_ttl_s: float = opt(600.0, "idle time after which a kept draft cache is freed", _at_least(0.1))
     grace_s: float = opt(10.0, "on SIGTERM: time in-flight streams get to finish", _at_least(0))
     threads: int = opt(1, "torch CPU threads", _at_least(1))
     step_delay_s: float = opt(0.0, "artificial delay per draft step (fault-injection tests only)", _at_least(0))
@@ -133,6 +136,7 @@ class PolicyServiceConfig(ServiceConfig):
     stats_ttl_s: float = opt(7 * 86400.0, "TTL of the statistics keys (refreshed on every write)", _at_least(1))
     redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (statistics fail open)", _at_least(0.01))
     grace_s: float = opt(5.0, "on SIGTERM: time in-flight calls get to finish", _at_least(0))
+    decide_delay_s: float = opt(0.0, "artificial delay per Decide (fault-injection tests only)", _at_least(0))
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
 
 

@@ -50,7 +50,28 @@ class Draft:
     probs: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class DraftResume:
+    """Multi-turn: what the caller asks of a drafter that may still hold a session's draft cache.
+
+    session_id: the conversation. cache_tag: tag of the cache this session builds (new per turn;
+    a drafter that keeps caches keeps it under this tag). resume_tag / resume_length: the tag of
+    the cache the previous turn left and how many of its context tokens the new prompt shares
+    ("" / 0: nothing to resume). The drafter holds min(resume_length, what it kept) afterwards.
+    """
+
+    session_id: str
+    cache_tag: str
+    resume_tag: str = ""
+    resume_length: int = 0
+
+
 class DraftSession(Protocol):
+    """`context_length`: context tokens the session already holds when opened (a resumed cache;
+    positions 0 .. context_length - 1); the loop sends context from there. 0 for a new cache."""
+
+    context_length: int
+
     def propose(self, request: DraftRequest) -> Draft: ...
 
     def close(self) -> None: ...
@@ -58,7 +79,8 @@ class DraftSession(Protocol):
 
 class DraftProvider(Protocol):
     """Something that drafts for a target: `block_size` is its trained size, `target_layer_ids`
-    the target layers whose outputs it reads as context features."""
+    the target layers whose outputs it reads as context features. `open_session` may take a
+    `resume=DraftResume(...)` keyword (drafters that keep caches across turns)."""
 
     block_size: int
     target_layer_ids: tuple[int, ...]
@@ -73,6 +95,26 @@ class LocalDraftSession:
         self.target = target
         self.head = head
         self.cache = drafter.new_cache(capacity)
+        self.context_length = 0
+
+    @property
+    def cached_length(self) -> int:
+        """Context tokens in the draft cache now (0 once closed)."""
+        return self.cache.length if self.cache is not None else 0
+
+    def resume(self, length: int, capacity: int) -> int:
+        """Reuse this (kept) cache for a new stream: keep its first min(length, cached) context
+        tokens, grow it to `capacity` if needed. Returns the tokens kept (the new context_length)."""
+        keep = max(0, min(length, self.cached_length))
+        if self.cache is None or self.cache.capacity < capacity:
+            grown = self.drafter.new_cache(capacity)
+            if keep:
+                grown.keys[:, :, :, :keep] = self.cache.keys[:, :, :, :keep]
+                grown.values[:, :, :, :keep] = self.cache.values[:, :, :, :keep]
+            self.cache = grown
+        self.cache.length = keep
+        self.context_length = keep
+        return keep
 
     @torch.inference_mode()
     def propose(self, request: DraftRequest) -> Draft:
@@ -113,5 +155,7 @@ class LocalDrafter:
         self.target_layer_ids = drafter.config.target_layer_ids
         self.head = DraftHead(target.lm_head.weight, drafter.draft_vocab)
 
-    def open_session(self, capacity: int) -> LocalDraftSession:
+    def open_session(self, capacity: int, resume: DraftResume | None = None) -> LocalDraftSession:
+        """A new session (in process nothing is kept across requests: `resume` is ignored and the
+        session starts empty, context_length 0)."""
         return LocalDraftSession(self.drafter, self.target, self.head, capacity)

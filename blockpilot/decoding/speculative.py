@@ -100,6 +100,13 @@ class GenerationResult:
     # Why drafting stopped early ("" = it did not): the drafter failed and the rest of the request
     # ran autoregressively (same output, lower speed). Set from DrafterUnavailableError.reason.
     fallback_reason: str = ""
+    # With stream(collect_features=...): the drafter context features [N, F] of the first N
+    # tokens of prompt + output (N = all but the last token, which has not been through the
+    # target), so a follow-up turn can reuse the target cache and feed a drafter without a
+    # recompute. None otherwise. Set when the stream ends (also when it is closed early).
+    context_features: torch.Tensor | None = field(default=None, repr=False)
+    # Context tokens the draft session already held when it opened (a resumed drafter cache).
+    draft_context_reused: int = 0
 
     @property
     def tau(self) -> float:
@@ -151,6 +158,7 @@ class SpeculativeDecoder:
         *,
         cache: KVCache | None = None,
         prefix_features: torch.Tensor | None = None,
+        collect_features: Sequence[int] = (),
     ) -> Iterator[StepEvent]:
         """Decode, yielding the tokens of each step as soon as they are committed. `result` (if
         given) is filled in as decoding goes and is complete when the iterator is exhausted.
@@ -159,7 +167,13 @@ class SpeculativeDecoder:
         cache: a caller-owned target cache (kept for a conversation's next turn); it may already hold
             the first `cache.length` prompt tokens (earlier turns): only the rest is prefilled. Its capacity
             must fit prompt + max_new_tokens + 1. With a drafter, `prefix_features` [cache.length, F]
-            must give the drafter context features of those cached tokens.
+            must give the drafter context features of those cached tokens (also with
+            `collect_features`).
+        collect_features: target layers whose outputs to keep for every committed token in
+            `result.context_features`, even at block size 1 (the target pass returns them at almost no
+            cost); must equal the drafter's target_layer_ids when there is a drafter.
+        A draft session that opens holding context already (`session.context_length`, a drafter
+            cache resumed from an earlier turn) is sent context from that position on only.
         If the drafter fails (DrafterUnavailableError) the request continues at block size 1 with
         `result.fallback_reason` set: the target cache is already correct, so the output is unchanged."""
         self._validate(prompt_ids, params, block_size)
@@ -171,7 +185,10 @@ class SpeculativeDecoder:
             generator.seed()
         device = self.target.device
         prompt_len = len(prompt_ids)
-        feature_layers = self.drafter.target_layer_ids if self.drafter is not None else ()
+        collect_features = tuple(collect_features)
+        if collect_features and self.drafter is not None and collect_features != tuple(self.drafter.target_layer_ids):
+            raise ValueError(f"collect_features {collect_features} differ from the drafter's layers {self.drafter.target_layer_ids}")
+        feature_layers = self.drafter.target_layer_ids if self.drafter is not None else collect_features
 
         # ---- prefill: first token, then the block size for the whole request -----------------
         started = time.perf_counter()
@@ -197,6 +214,8 @@ class SpeculativeDecoder:
         result.ttft_s = time.perf_counter() - started
         decode_started = time.perf_counter()
         stop_ids = set(params.stop_token_ids)
+        # Features of committed tokens, kept for the caller (collect_features).
+        kept: list[torch.Tensor] | None = [prompt_features[0]] if collect_features and prompt_features is not None else None
         try:
             yield StepEvent((first,), None)
             if first in stop_ids or params.max_new_tokens == 1:
@@ -209,21 +228,31 @@ class SpeculativeDecoder:
                 except DrafterUnavailableError as err:
                     result.fallback_reason = err.reason
             try:
-                yield from self._decode_steps(cache, session, prompt_features, first, block_size, params, generator, result)
+                yield from self._decode_steps(cache, session, prompt_features, first, block_size, params, generator, result,
+                                              kept, collect_features)
             finally:
                 if session is not None:
                     session.close()
         finally:
             result.decode_s = time.perf_counter() - decode_started
+            if kept is not None:
+                result.context_features = torch.cat(kept) if len(kept) > 1 else kept[0]
 
-    def _decode_steps(self, cache, session, prompt_features, first, block_size, params, generator, result):
+    def _decode_steps(self, cache, session, prompt_features, first, block_size, params, generator, result, kept,
+                      collect_features):
         device = self.target.device
         prompt_len = len(result.prompt_token_ids)
-        feature_layers = self.drafter.target_layer_ids if session is not None else ()
+        feature_layers = self.drafter.target_layer_ids if session is not None else collect_features
         stop_ids = set(params.stop_token_ids)
-        # Target features the drafter has not seen yet: after the prefill, the whole prompt.
-        pending_context = prompt_features[0] if session is not None else None  # [N, F]
-        pending_start = 0
+        # Target features the drafter has not seen yet: after the prefill, the prompt from the
+        # context the session already holds (a resumed drafter cache) on.
+        pending_context, pending_start = None, 0
+        if session is not None:
+            held = int(getattr(session, "context_length", 0) or 0)
+            if not 0 <= held <= prompt_len:
+                raise ValueError(f"the draft session holds {held} context tokens; the prompt has {prompt_len}")
+            result.draft_context_reused = held
+            pending_context, pending_start = prompt_features[0, held:], held  # [N, F]
         anchor = first
         generated = 1
         while True:
@@ -252,7 +281,7 @@ class SpeculativeDecoder:
                     # rest of the request runs at block size 1 with the same output.
                     # (The session is closed by stream()'s cleanup.)
                     result.fallback_reason = err.reason
-                    session, feature_layers, pending_context = None, (), None
+                    session, feature_layers, pending_context = None, collect_features, None
                     verify_size = 1
                     block = block[:, :1]
                 else:
@@ -275,6 +304,9 @@ class SpeculativeDecoder:
                     committed = committed[: i + 1]
                     finish = "stop"
                     break
+            if kept is not None and out.hidden is not None:
+                # Features of the anchor and the committed tokens but the last (the next anchor).
+                kept.append(out.hidden[0, : len(committed)])
             generated += len(committed)
             result.token_ids.extend(committed)
             result.acceptance_lengths.append(len(committed))

@@ -34,11 +34,12 @@ class StepAssembler:
     wrong feature width, a step before any context, uniforms of the wrong length.
     """
 
-    def __init__(self, feature_size: int, max_block_size: int, capacity: int) -> None:
+    def __init__(self, feature_size: int, max_block_size: int, capacity: int, held: int = 0) -> None:
         self.feature_size = feature_size
         self.max_block_size = max_block_size
         self.capacity = capacity
-        self.seen = 0  # context tokens received so far (their positions are 0 .. seen - 1)
+        # context tokens held so far (a resumed cache, then what was received: positions 0 .. seen - 1)
+        self.seen = held
         self._chunks: list[torch.Tensor] = []
         self._chunk_start: int | None = None
 

@@ -34,6 +34,12 @@ BLOCK_SIZE_CHOSEN = Counter("blockpilot_block_size_chosen", "Block size used per
                             ["block_size", "policy_version", "arm"])
 GENERATED_TOKENS = Counter("blockpilot_generated_tokens", "Tokens generated (streamed to clients)")
 DRAFTER_SESSIONS = Gauge("blockpilot_drafter_sessions", "Active draft sessions (open Draft streams)")
+DRAFTER_CACHED_SESSIONS = Gauge("blockpilot_drafter_cached_sessions",
+                                "Draft caches kept after their session's stream ended, for the next turn")
+DRAFTER_CACHE_RESUMES = Counter("blockpilot_drafter_cache_resumes",
+                                "Draft streams that asked to resume a kept cache, by result (hit: resumed; miss: "
+                                "not held here - unknown, evicted, expired, other tag - so the context is sent again)",
+                                ["result"])
 INFLIGHT = Gauge("blockpilot_inflight_requests", "RPCs in progress", ["service"])
 
 

@@ -61,7 +61,10 @@ class Outcome:
 
 
 class Policy(Protocol):
-    async def decide(self, features: PolicyFeatures) -> Decision: ...
+    """timeout_s: the longest the decision may take (the caller's remaining deadline, bounded by
+    its own policy timeout); None = the implementation's default."""
+
+    async def decide(self, features: PolicyFeatures, timeout_s: float | None = None) -> Decision: ...
 
     async def report(self, outcome: Outcome) -> None: ...
 
@@ -91,7 +94,7 @@ class FixedPolicy:
             raise InvalidArgumentError(f"policy '{name}': block size {size} is outside the allowed range 1..{features.max_block_size}")
         return size
 
-    async def decide(self, features: PolicyFeatures) -> Decision:
+    async def decide(self, features: PolicyFeatures, timeout_s: float | None = None) -> Decision:
         size = self.resolve(features)
         return Decision(size, self.policy_version, features.policy or DEFAULT_POLICY, uuid.uuid4().hex)
 
@@ -153,7 +156,8 @@ class RemotePolicy:
 
     async def decide(self, features: PolicyFeatures, timeout_s: float | None = None) -> Decision:
         try:
-            reply = await self._stub.Decide(features_to_proto(features), timeout=timeout_s or self.timeout_s)
+            timeout = self.timeout_s if timeout_s is None else max(0.001, min(timeout_s, self.timeout_s))
+            reply = await self._stub.Decide(features_to_proto(features), timeout=timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err, f"policy Decide at {self.address}") from None
         return Decision(reply.block_size, reply.policy_version, reply.arm, reply.decision_id)

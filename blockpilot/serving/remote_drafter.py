@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from blockpilot.decoding.drafting import Draft, DraftRequest
+from blockpilot.decoding.drafting import Draft, DraftRequest, DraftResume
 from blockpilot.errors import DrafterUnavailableError
 from blockpilot.serving.draft_wire import BlockAssembler, step_messages
 from blockpilot.serving.wire import MAX_MESSAGE_BYTES
@@ -81,6 +81,10 @@ class RemoteDrafter:
     def known_info(self) -> DrafterInfo | None:
         return self._info
 
+    def known_target_layer_ids(self) -> tuple[int, ...] | None:
+        """The target layers the drafter reads, when already known (no call is made)."""
+        return self._info.target_layer_ids if self._info is not None else None
+
     def provider(self, *, deadline: float | None = None, session_id: str = "") -> "RemoteDraftProvider | None":
         """A DraftProvider for one request (None when the service has no drafter model).
         deadline: time.monotonic() by which the request must end (propagated to the draft stream)."""
@@ -107,8 +111,8 @@ class RemoteDraftProvider:
         self.session_id = session_id
         self.sessions: list[RemoteDraftSession] = []
 
-    def open_session(self, capacity: int) -> "RemoteDraftSession":
-        session = RemoteDraftSession(self, capacity)
+    def open_session(self, capacity: int, resume: DraftResume | None = None) -> "RemoteDraftSession":
+        session = RemoteDraftSession(self, capacity, resume)
         self.sessions.append(session)
         return session
 
@@ -116,24 +120,37 @@ class RemoteDraftProvider:
 class RemoteDraftSession:
     """One Draft stream. Not thread-safe: one decoding loop drives it."""
 
-    def __init__(self, provider: RemoteDraftProvider, capacity: int) -> None:
+    def __init__(self, provider: RemoteDraftProvider, capacity: int, resume: DraftResume | None = None) -> None:
         self.provider = provider
         self.client = provider.client
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._step = 0
         self.replica_id = ""
-        self.cache_length = 0
+        self.cache_length = 0  # context tokens the drafter holds (as last reported)
+        self.context_length = 0  # context tokens it held when the stream opened (a resumed cache)
+        self.resume = resume
+        self.cache_tag = resume.cache_tag if resume is not None else ""
         timeout = None
         if provider.deadline is not None:
             timeout = max(0.001, provider.deadline - time.monotonic())
         self._call = self.client._stub.Draft(iter(self._requests.get, _END), timeout=timeout)
-        self._requests.put(drafter_pb2.DraftRequest(open=drafter_pb2.DraftOpen(
-            session_id=provider.session_id, capacity=capacity, target_layer_ids=list(provider.target_layer_ids))))
+        opening = drafter_pb2.DraftOpen(session_id=provider.session_id, capacity=capacity,
+                                        target_layer_ids=list(provider.target_layer_ids))
+        if resume is not None:
+            opening.session_id = resume.session_id
+            opening.cache_tag = resume.cache_tag
+            if resume.resume_tag:
+                opening.resume_tag, opening.resume_length = resume.resume_tag, resume.resume_length
+        self._requests.put(drafter_pb2.DraftRequest(open=opening))
         reply = self._next("drafter_unavailable", "opening a draft stream")
         if not reply.HasField("opened"):
             self._fail("drafter_unavailable", "the drafter did not answer DraftOpen with DraftOpened")
+        held = reply.opened.context_length
+        if held > opening.resume_length:
+            self._fail("drafter_unavailable", f"the drafter claims {held} context tokens; at most {opening.resume_length} were asked")
         self.replica_id = reply.opened.replica_id
+        self.context_length = self.cache_length = int(held)
 
     def _fail(self, reason: str, message: str):
         self.close()

@@ -5,10 +5,12 @@ drain on SIGTERM/SIGINT (NOT_SERVING, in-flight RPCs get `grace_s`, then stop)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
+import time
 from typing import Awaitable, Callable, Sequence
 
 import grpc
@@ -45,7 +47,22 @@ class ServiceRunner:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         self.ready = False
+        self.draining = False
+        self.inflight = 0  # RPCs in progress that the drain waits for (see track())
         self._stop = asyncio.Event()
+
+    @contextlib.contextmanager
+    def track(self):
+        """Count one RPC as in flight for the drain (servicers wrap their work in it)."""
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    def not_ready_message(self, what: str) -> str:
+        return f"the {self.service_name} is draining (shutting down); retry on another replica" if self.draining else \
+            f"the {self.service_name} is loading {what}; retry later"
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -66,6 +83,10 @@ class ServiceRunner:
         if self.server.add_insecure_port(address) == 0:
             raise OSError(f"cannot bind {address}")
         start_metrics_server(cfg.metrics_port, cfg.host)
+        # Signal handlers first: a SIGTERM while loading (or right after SERVING) still drains.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
         await self.server.start()
         try:
             if load is not None:
@@ -73,19 +94,25 @@ class ServiceRunner:
         except BaseException:
             await self.server.stop(0)
             raise
-        self.ready = True
-        await self._set_health(True)
-        log.info("%s SERVING on %s (pid %d)", self.service_name, address, os.getpid())
-        print(f"{self.service_name} SERVING on {address}", flush=True)
+        if not self._stop.is_set():  # (a SIGTERM during the load: straight to the drain)
+            self.ready = True
+            await self._set_health(True)
+            log.info("%s SERVING on %s (pid %d)", self.service_name, address, os.getpid())
+            print(f"{self.service_name} SERVING on {address}", flush=True)
 
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
         await self._stop.wait()
-        log.info("%s draining: NOT_SERVING, %.1f s grace for in-flight RPCs", self.service_name, cfg.grace_s)
+        log.info("%s draining: NOT_SERVING, %.1f s grace for %d in-flight RPC(s)", self.service_name, cfg.grace_s,
+                 self.inflight)
         self.ready = False
+        self.draining = True
         await self._set_health(False)
-        await self.server.stop(cfg.grace_s)
+        deadline = time.monotonic() + cfg.grace_s
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.inflight:
+            log.warning("%s: %d RPC(s) still running after the %.1f s grace period; cancelling them",
+                        self.service_name, self.inflight, cfg.grace_s)
+        await self.server.stop(max(0.0, min(1.0, deadline - time.monotonic())))  # then cancels what still runs
         if cleanup is not None:
             await cleanup()
         log.info("%s stopped", self.service_name)

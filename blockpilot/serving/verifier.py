@@ -14,10 +14,13 @@ closes the stream, which closes the draft session (the drafter frees its cache) 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import threading
 import time
+import uuid
+from array import array
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from typing import Any, AsyncIterator, Protocol
 
 import torch
 
-from blockpilot.decoding.drafting import Draft, DraftProvider, DraftRequest, DraftSession
+from blockpilot.decoding.drafting import Draft, DraftProvider, DraftRequest, DraftResume, DraftSession
 from blockpilot.decoding.speculative import GenerationResult, PrefillInfo, SamplingParams, SpeculativeDecoder
 from blockpilot.errors import (AbortedError, BlockPilotError, DeadlineExceededError, DrafterUnavailableError,
                                FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
@@ -72,9 +75,13 @@ class GenerateSpec:
 class DrafterSource(Protocol):
     """Where the verifier gets a DraftProvider per request (RemoteDrafter or LocalDrafterSource).
     provider() returns None when there is no drafter model; raises DrafterUnavailableError when
-    the drafter cannot be reached."""
+    the drafter cannot be reached. known_target_layer_ids(): the target layers the drafter reads,
+    if known without a call (None otherwise): turns without drafting keep those features too, so
+    the next drafting turn of the session does not prefill again."""
 
     def provider(self, *, deadline: float | None = None, session_id: str = "") -> DraftProvider | None: ...
+
+    def known_target_layer_ids(self) -> tuple[int, ...] | None: ...
 
 
 class LocalDrafterSource:
@@ -85,6 +92,16 @@ class LocalDrafterSource:
 
     def provider(self, *, deadline: float | None = None, session_id: str = "") -> DraftProvider | None:
         return self.drafter
+
+    def known_target_layer_ids(self) -> tuple[int, ...] | None:
+        return tuple(self.drafter.target_layer_ids) if self.drafter is not None else None
+
+
+def token_digest(token_ids) -> str:
+    """Digest of a token id sequence (its length included): the session record says which tokens
+    a kept drafter cache was built from, so a follow-up turn resumes it only for the same prefix."""
+    data = array("q", [len(token_ids), *token_ids]).tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @dataclass
@@ -100,29 +117,30 @@ class SessionState:
 
 
 class _Recorder:
-    """Wraps a DraftProvider: records the context features sent (so a follow-up turn can reuse
-    the cache without recomputing them) and what each step drafted (metrics)."""
+    """Wraps a DraftProvider: opens its sessions with the turn's resume claim (a drafter cache
+    kept from the session's previous turn) and records what each step drafted (metrics)."""
 
     def __init__(self, inner: DraftProvider) -> None:
         self.inner = inner
         self.block_size = inner.block_size
         self.max_block_size = inner.max_block_size
         self.target_layer_ids = inner.target_layer_ids
-        self.features: list[torch.Tensor] = []
-        self.features_len = 0
+        self.resume: DraftResume | None = None
         self.step_drafted = 0  # draft tokens of the step in progress (read and reset by the worker)
         self.sessions: list[Any] = []
 
     def open_session(self, capacity: int) -> DraftSession:
-        session = self.inner.open_session(capacity)
+        if self.resume is not None:
+            session = self.inner.open_session(capacity, resume=self.resume)
+        else:
+            session = self.inner.open_session(capacity)
         self.sessions.append(session)
         recorder = self
 
         class _Session:
+            context_length = int(getattr(session, "context_length", 0) or 0)
+
             def propose(self, request: DraftRequest) -> Draft:
-                if request.context_start == recorder.features_len and request.context.shape[0]:
-                    recorder.features.append(request.context)
-                    recorder.features_len += request.context.shape[0]
                 draft = session.propose(request)
                 recorder.step_drafted = request.num_draft
                 return draft
@@ -131,9 +149,6 @@ class _Recorder:
                 session.close()
 
         return _Session()
-
-    def feature_tensor(self) -> torch.Tensor | None:
-        return torch.cat(self.features) if self.features else None
 
 
 @dataclass
@@ -147,6 +162,8 @@ class _Turn:
     started: float
     reasons: list[str] = field(default_factory=list)
     recorder: _Recorder | None = None
+    record: dict[str, str] | None = None  # the session's Redis record when the turn began
+    feature_layers: tuple[int, ...] = ()  # drafter context features kept for the session ((): none)
     decision: Decision | None = None
     block_size: int = 1
     cached_tokens: int = 0
@@ -304,10 +321,30 @@ class VerifierCore:
             raise InvalidArgumentError(f"block size must be <= {limit}, got {fixed}")
         if provider is not None:
             turn.recorder = _Recorder(provider)
+            turn.feature_layers = tuple(provider.target_layer_ids)
+        elif self.drafter is not None:
+            turn.feature_layers = tuple(self.drafter.known_target_layer_ids() or ())
         turn.block_size = fixed if fixed is not None else 1
 
         await self._open_session(turn)
+        if turn.recorder is not None and turn.session_id:
+            turn.recorder.resume = self._resume_claim(turn)
         return turn
+
+    def _resume_claim(self, turn: _Turn) -> DraftResume:
+        """The drafter cache this turn asks to resume: the one the session's record says the last
+        drafting turn left (its tag and length), when the new prompt starts with the tokens it was
+        built from (their digest); else none. The drafter answers what it actually holds."""
+        resume = DraftResume(turn.session_id, uuid.uuid4().hex)
+        record = turn.record or {}
+        try:
+            length = int(record.get("drafter_cache_len", 0) or 0)
+        except ValueError:
+            length = 0
+        tag, digest = record.get("drafter_cache_tag", ""), record.get("drafter_cache_digest", "")
+        if 0 < length <= len(turn.prompt_ids) and tag and digest == token_digest(turn.prompt_ids[:length]):
+            resume = DraftResume(turn.session_id, resume.cache_tag, tag, length)
+        return resume
 
     async def _store_call(self, turn: _Turn, coro):
         try:
@@ -338,6 +375,7 @@ class VerifierCore:
                 if local is None:
                     raise NotFoundError(f"unknown or expired session '{sid}'")
                 await self.store.create(sid, {"verifier_replica": self.replica_id})
+            turn.record = record
             turn.fence = await self.store.begin_turn(sid, self._lease_s(spec))
         except UnavailableError as err:
             store_down = True
@@ -375,7 +413,7 @@ class VerifierCore:
             common = 0
             while common < limit and local.tokens[common] == turn.prompt_ids[common]:
                 common += 1
-            if turn.recorder is not None:
+            if turn.feature_layers:
                 common = min(common, local.features.shape[0] if local.features is not None else 0)
             if common > 0:
                 cache = local.cache
@@ -386,7 +424,7 @@ class VerifierCore:
                     cache = grown
                 cache.length = common
                 turn.cached_tokens = common
-                features = local.features[:common] if turn.recorder is not None else None
+                features = local.features[:common] if turn.feature_layers else None
                 return cache, features
         return self.target.model.new_cache(need), None
 
@@ -400,9 +438,16 @@ class VerifierCore:
         def decide(info: PrefillInfo) -> int:
             features = PolicyFeatures(info.last_logits.detach().to(torch.float32).cpu(), info.prompt_len,
                                       recorder.block_size, recorder.max_block_size, turn.session_id, turn.spec.policy)
-            future = asyncio.run_coroutine_threadsafe(self.policy.decide(features), loop)
+            # The policy call gets the client's remaining time, bounded by its own timeout.
+            timeout = self.config.policy_timeout_s
+            if turn.spec.deadline is not None:
+                remaining = turn.spec.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceededError("the request's deadline expired before the block size was chosen")
+                timeout = min(timeout, remaining)
+            future = asyncio.run_coroutine_threadsafe(self.policy.decide(features, timeout_s=timeout), loop)
             try:
-                decision = future.result(timeout=self.config.policy_timeout_s + 0.5)
+                decision = future.result(timeout=timeout + 0.5)
             except (NotFoundError, InvalidArgumentError):
                 raise
             except Exception as err:  # noqa: BLE001 - any policy failure falls back to the default
@@ -455,7 +500,11 @@ class VerifierCore:
         block_size = self._hook(turn, loop) if (turn.recorder is not None and turn.spec.mode == "auto") else turn.block_size
         result = GenerationResult(prompt_token_ids=list(turn.prompt_ids))
         turn.result = result
-        stream = decoder.stream(turn.prompt_ids, turn.params, block_size, result, cache=cache, prefix_features=prefix)
+        # A session keeps the drafter features of every turn (block size 1 included), so its next
+        # drafting turn feeds the drafter without a new prefill.
+        collect = turn.feature_layers if turn.session_id else ()
+        stream = decoder.stream(turn.prompt_ids, turn.params, block_size, result, cache=cache, prefix_features=prefix,
+                                collect_features=collect)
         turn.future = loop.run_in_executor(self._pool, self._work, turn, stream, put)
 
         text = IncrementalDecoder(self.target.tokenizer) if self.target.tokenizer is not None else None
@@ -497,6 +546,13 @@ class VerifierCore:
             yield verifier_pb2.GenerateResponse(index=index, session_id=turn.session_id, delta=delta)
             index += 1
         await turn.future
+        resume = turn.recorder.resume if turn.recorder is not None else None
+        if resume is not None and resume.resume_length and turn.recorder.sessions:
+            held = turn.recorder.sessions[0].context_length
+            if held < resume.resume_length:
+                self._count_fallback(turn, "drafter_cache_rebuilt",
+                                     f"session {turn.session_id}: the drafter held {held} of the {resume.resume_length} "
+                                     "context tokens of its kept cache; sent the context again")
         if result.fallback_reason:
             self._count_fallback(turn, result.fallback_reason, "the drafter failed mid-request; continued at block size 1")
         await self._finish(turn, cancelled=False)
@@ -509,7 +565,8 @@ class VerifierCore:
         final = verifier_pb2.GenerateFinal(
             finish_reason=result.finish_reason,
             usage=verifier_pb2.Usage(prompt_tokens=len(turn.prompt_ids), completion_tokens=len(result.token_ids),
-                                     cached_prompt_tokens=turn.cached_tokens),
+                                     cached_prompt_tokens=turn.cached_tokens,
+                                     cached_draft_tokens=result.draft_context_reused),
             acceptance_lengths=result.acceptance_lengths, tau=result.tau, block_size=result.block_size,
             policy_version=decision.policy_version if decision else "", arm=decision.arm if decision else "",
             decision_id=decision.decision_id if decision else "", fallback_reason=",".join(turn.reasons),
@@ -537,11 +594,7 @@ class VerifierCore:
             result = turn.result
             if turn.session_id and result is not None and turn.cache is not None:
                 tokens = list(turn.prompt_ids) + list(result.token_ids)
-                features = None
-                if turn.recorder is not None:
-                    recorded = turn.recorder.feature_tensor()
-                    features = recorded if recorded is not None and turn.recorder.features_len > 0 else None
-                self._sessions[turn.session_id] = SessionState(turn.cache, tokens, features)
+                self._sessions[turn.session_id] = SessionState(turn.cache, tokens, result.context_features)
                 self._sessions.move_to_end(turn.session_id)
                 while len(self._sessions) > self.config.max_sessions:
                     self._sessions.popitem(last=False)
@@ -569,21 +622,25 @@ class VerifierCore:
 
     def _session_fields(self, turn: _Turn, tokens: list[int]) -> dict[str, Any]:
         decision = turn.decision
-        drafter_replica, drafter_len = "", 0
-        if turn.recorder is not None and turn.recorder.sessions:
-            session = turn.recorder.sessions[-1]
-            drafter_replica = getattr(session, "replica_id", "") or "local"
-            drafter_len = getattr(session, "cache_length", 0)
         local = self._sessions.get(turn.session_id)
-        return {
+        fields = {
             "state": "idle", "lease_until": 0, "turns": int(turn.fence or 0),
             "committed_tokens": len(tokens), "block_size": turn.block_size,
             "policy_version": decision.policy_version if decision else "", "arm": decision.arm if decision else "",
             "decision_id": decision.decision_id if decision else "",
             "verifier_replica": self.replica_id, "verifier_cache_len": min(local.cache.length, len(tokens)) if local else 0,
-            "drafter_replica": drafter_replica, "drafter_cache_len": drafter_len,
             "fallback_reason": ",".join(turn.reasons),
         }
+        # Where this turn's draft cache lives (the drafter keeps it for the next turn): replica,
+        # context length, the tag it is kept under and the digest of the tokens it was built from.
+        # A turn that opened no draft stream leaves the previous turn's entry (still valid) alone.
+        if turn.recorder is not None and turn.recorder.sessions:
+            session = turn.recorder.sessions[-1]
+            length = min(int(getattr(session, "cache_length", 0) or 0), len(tokens))
+            tag = getattr(session, "cache_tag", "")
+            fields.update(drafter_replica=getattr(session, "replica_id", "") or "local", drafter_cache_len=length,
+                          drafter_cache_tag=tag, drafter_cache_digest=token_digest(tokens[:length]) if tag else "")
+        return fields
 
     async def _report(self, outcome: Outcome) -> None:
         try:

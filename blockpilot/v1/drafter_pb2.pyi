@@ -42,14 +42,20 @@ class DraftRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[DraftOpen, _Mapping]] = ..., context: _Optional[_Union[ContextChunk, _Mapping]] = ..., step: _Optional[_Union[DraftStep, _Mapping]] = ...) -> None: ...
 
 class DraftOpen(_message.Message):
-    __slots__ = ("session_id", "capacity", "target_layer_ids")
+    __slots__ = ("session_id", "capacity", "target_layer_ids", "cache_tag", "resume_tag", "resume_length")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     TARGET_LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TAG_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TAG_FIELD_NUMBER: _ClassVar[int]
+    RESUME_LENGTH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     capacity: int
     target_layer_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., capacity: _Optional[int] = ..., target_layer_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    cache_tag: str
+    resume_tag: str
+    resume_length: int
+    def __init__(self, session_id: _Optional[str] = ..., capacity: _Optional[int] = ..., target_layer_ids: _Optional[_Iterable[int]] = ..., cache_tag: _Optional[str] = ..., resume_tag: _Optional[str] = ..., resume_length: _Optional[int] = ...) -> None: ...
 
 class ContextChunk(_message.Message):
     __slots__ = ("start", "features")
@@ -86,12 +92,14 @@ class DraftResponse(_message.Message):
     def __init__(self, opened: _Optional[_Union[DraftOpened, _Mapping]] = ..., block: _Optional[_Union[DraftBlock, _Mapping]] = ...) -> None: ...
 
 class DraftOpened(_message.Message):
-    __slots__ = ("replica_id", "capacity")
+    __slots__ = ("replica_id", "capacity", "context_length")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     capacity: int
-    def __init__(self, replica_id: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
+    context_length: int
+    def __init__(self, replica_id: _Optional[str] = ..., capacity: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
     __slots__ = ("step", "tokens", "probs", "probs_row", "final", "cache_length")

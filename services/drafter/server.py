@@ -1,4 +1,6 @@
-"""Drafter service: Describe, and one Draft bidi stream per session (draft KV freed when it ends)."""
+"""Drafter service: Describe, and one Draft bidi stream per request. A session's draft cache is
+kept after its stream ends (DraftCachePool: LRU + TTL) so the session's next turn resumes it;
+one-off streams free theirs when they end."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from blockpilot.config import DrafterServiceConfig, load_config
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from blockpilot.serving import metrics
+from blockpilot.serving.draft_cache import DraftCachePool
 from blockpilot.serving.draft_wire import StepAssembler, block_messages
 from blockpilot.serving.models import load_served_drafter, load_served_target
 from blockpilot.serving.server import ServiceRunner, default_replica_id, setup_logging
@@ -33,6 +36,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.feature_size = 0
         self.sessions = 0
         self.pool = ThreadPoolExecutor(max_workers=max(1, config.max_sessions), thread_name_prefix="draft")
+        self.kept = DraftCachePool(config.max_kept_sessions, config.kept_session_ttl_s,
+                                   on_change=metrics.DRAFTER_CACHED_SESSIONS.set)
 
     def load(self) -> None:
         torch.set_num_threads(self.config.threads)
@@ -44,7 +49,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     async def Describe(self, request, context) -> drafter_pb2.DescribeResponse:
         if not self.runner.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the drafter is loading its model")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.runner.not_ready_message("its model"))
         d = self.drafter
         if d is None:
             return drafter_pb2.DescribeResponse(has_drafter=False, drafter_name=self.name, replica_id=self.replica_id)
@@ -57,8 +62,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         metrics.INFLIGHT.labels("drafter").inc()
         status = "OK"
         try:
-            async for reply in self._draft(request_iterator, context):
-                yield reply
+            with self.runner.track():
+                async for reply in self._draft(request_iterator, context):
+                    yield reply
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
@@ -72,7 +78,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     async def _draft(self, request_iterator, context):
         if not self.runner.ready:
-            raise UnavailableError("the drafter is loading its model")
+            raise UnavailableError(self.runner.not_ready_message("its model"))
         if self.drafter is None:
             raise FailedPreconditionError("this drafter service runs without a drafter model")
         first = await anext(aiter(request_iterator), None)
@@ -86,15 +92,33 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                                           f"reads {list(self.drafter.target_layer_ids)}")
         if not 1 <= opening.capacity <= self.drafter.target.config.max_position_embeddings + 1:
             raise InvalidArgumentError(f"capacity must be in 1..{self.drafter.target.config.max_position_embeddings + 1}, got {opening.capacity}")
+        if (opening.cache_tag or opening.resume_tag) and not opening.session_id:
+            raise InvalidArgumentError("cache_tag / resume_tag need a session_id")
+        if opening.resume_length and not opening.resume_tag:
+            raise InvalidArgumentError("resume_length needs the resume_tag of the cache to resume")
         if self.sessions >= self.config.max_sessions:
             raise ResourceExhaustedError(f"the drafter holds its limit of {self.config.max_sessions} sessions")
         loop = asyncio.get_running_loop()
-        session = await loop.run_in_executor(self.pool, self.drafter.open_session, opening.capacity)
+        session, held = None, 0
+        if opening.session_id:
+            # A session's earlier cache: resumed when the tag matches, else freed (stale or absent).
+            session = self.kept.take(opening.session_id, opening.resume_tag)
+            if opening.resume_tag:
+                metrics.DRAFTER_CACHE_RESUMES.labels("hit" if session is not None else "miss").inc()
+                if session is None:
+                    log.info("session %s: no kept draft cache with tag %s here; the context is sent again",
+                             opening.session_id, opening.resume_tag)
+        if session is not None:
+            held = await loop.run_in_executor(self.pool, session.resume, int(opening.resume_length), opening.capacity)
+        else:
+            session = await loop.run_in_executor(self.pool, self.drafter.open_session, opening.capacity)
         self.sessions += 1
         metrics.DRAFTER_SESSIONS.inc()
+        busy = False  # a step runs in a worker thread (its cache cannot be kept if the stream ends now)
         try:
-            yield drafter_pb2.DraftResponse(opened=drafter_pb2.DraftOpened(replica_id=self.replica_id, capacity=opening.capacity))
-            steps = StepAssembler(self.feature_size, self.drafter.max_block_size, opening.capacity)
+            yield drafter_pb2.DraftResponse(opened=drafter_pb2.DraftOpened(replica_id=self.replica_id, capacity=opening.capacity,
+                                                                           context_length=held))
+            steps = StepAssembler(self.feature_size, self.drafter.max_block_size, opening.capacity, held)
             async for message in request_iterator:
                 kind = message.WhichOneof("payload")
                 if kind == "context":
@@ -104,15 +128,22 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                     raise InvalidArgumentError(f"unexpected {kind or 'empty'} message inside a Draft stream")
                 request = steps.build(message.step)
                 started = time.perf_counter()
+                busy = True
                 draft = await loop.run_in_executor(self.pool, self._propose, session, request)
+                busy = False
                 metrics.STEP_SECONDS.labels("drafter", str(request.num_draft + 1)).observe(time.perf_counter() - started)
-                cache_length = session.cache.length if getattr(session, "cache", None) is not None else steps.seen
-                for reply in block_messages(draft, message.step.step, cache_length):
+                for reply in block_messages(draft, message.step.step, session.cached_length):
                     yield reply
+        except InvalidArgumentError:
+            busy = True  # a broken stream: its cache is not kept
+            raise
         finally:
-            session.close()
             self.sessions -= 1
             metrics.DRAFTER_SESSIONS.dec()
+            if busy or not opening.session_id:
+                session.close()
+            else:  # ended or cancelled between steps: the cache holds exactly the context received
+                self.kept.keep(opening.session_id, opening.cache_tag, session)
 
     def _propose(self, session, request):
         if self.config.step_delay_s:
@@ -130,7 +161,16 @@ async def serve(argv: Sequence[str] | None = None) -> None:
         drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, server)
         holder.append(servicer)
 
+        async def expire_kept():  # kept caches are freed once idle past their TTL
+            while True:
+                await asyncio.sleep(min(5.0, config.kept_session_ttl_s / 4))
+                servicer.kept.expire()
+
+        expiry = asyncio.ensure_future(expire_kept())
+
         async def cleanup():
+            expiry.cancel()
+            servicer.kept.clear()
             servicer.pool.shutdown(wait=False, cancel_futures=True)
         return cleanup
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Sequence
 
@@ -20,16 +21,24 @@ log = logging.getLogger("services.policy")
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
-    def __init__(self, policy: FixedPolicy, store) -> None:
+    def __init__(self, policy: FixedPolicy, store, runner: ServiceRunner, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
         self.policy = policy
         self.store = store
+        self.runner = runner
 
     async def _answer(self, context, call):
         metrics.INFLIGHT.labels("policy").inc()
         try:
-            reply = await call()
+            with self.runner.track():
+                if not self.runner.ready:
+                    raise UnavailableError(self.runner.not_ready_message("its policies"))
+                reply = await call()
             metrics.REQUESTS.labels("policy", "OK").inc()
             return reply
+        except asyncio.CancelledError:  # the caller cancelled or its deadline expired
+            metrics.REQUESTS.labels("policy", "CANCELLED").inc()
+            raise
         except Exception as err:  # noqa: BLE001 - mapped to a status in one place
             code, message = to_status(err)
             metrics.REQUESTS.labels("policy", code.name).inc()
@@ -39,7 +48,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
     async def Decide(self, request: policy_pb2.DecideRequest, context) -> policy_pb2.DecideResponse:
         async def call():
-            decision = await self.policy.decide(features_from_proto(request))
+            features = features_from_proto(request)
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            decision = await self.policy.decide(features)
             return policy_pb2.DecideResponse(block_size=decision.block_size, policy_version=decision.policy_version,
                                              arm=decision.arm, decision_id=decision.decision_id)
         return await self._answer(context, call)
@@ -76,7 +88,8 @@ async def serve(argv: Sequence[str] | None = None) -> None:
         store = open_store(config.redis_url, timeout_s=config.redis_timeout_s, outcome_maxlen=config.outcome_stream_maxlen,
                            stats_ttl_s=config.stats_ttl_s)
         policy_pb2_grpc.add_PolicyServicer_to_server(
-            PolicyServicer(FixedPolicy(config.default_block_size, config.policy_version), store), server)
+            PolicyServicer(FixedPolicy(config.default_block_size, config.policy_version), store, runner,
+                           config.decide_delay_s), server)
         return store.close
 
     await runner.run(setup)

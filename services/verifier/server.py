@@ -70,11 +70,12 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         metrics.INFLIGHT.labels("verifier").inc()
         status = "OK"
         try:
-            if not self.runner.ready or self.core is None:
-                raise UnavailableError("the verifier is loading its model (or draining); retry later")
-            spec = parse_request(request, context.time_remaining())
-            async for message in self.core.generate(spec):
-                await context.write(message)
+            with self.runner.track():
+                if not self.runner.ready or self.core is None:
+                    raise UnavailableError(self.runner.not_ready_message("its model"))
+                spec = parse_request(request, context.time_remaining())
+                async for message in self.core.generate(spec):
+                    await context.write(message)
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise

@@ -56,15 +56,17 @@ def engine(tiny_llama_dir):
     return target.model, drafter
 
 
-def in_process(engine, prompt, max_new_tokens, block_size):
+def in_process(engine, prompt, max_new_tokens, block_size, **sampling):
     target, drafter = engine
     decoder = SpeculativeDecoder(target, drafter if block_size > 1 else None)
-    return decoder.generate(prompt, SamplingParams(max_new_tokens=max_new_tokens), block_size)
+    return decoder.generate(prompt, SamplingParams(max_new_tokens=max_new_tokens, **sampling), block_size)
 
 
-def request(prompt=PROMPT, max_new_tokens=24, mode=pb.BLOCK_SIZE_MODE_AUTO, block_size=0, **kwargs):
-    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingOptions(max_new_tokens=max_new_tokens),
-                              block_size_mode=mode, block_size=block_size, **kwargs)
+def request(prompt=PROMPT, max_new_tokens=24, mode=pb.BLOCK_SIZE_MODE_AUTO, block_size=0, sampling=None, **kwargs):
+    options = sampling if sampling is not None else pb.SamplingOptions()
+    options.max_new_tokens = max_new_tokens
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=options, block_size_mode=mode,
+                              block_size=block_size, **kwargs)
 
 
 def collect(stub, req, timeout=60):
@@ -124,6 +126,62 @@ def test_multi_turn_reuses_the_cache_and_equals_one_shot(stack, engine):
     third, _ = collect(stub, request(edited, max_new_tokens=10, mode=pb.BLOCK_SIZE_MODE_OFF, session_id=session))
     assert list(third.token_ids) == in_process(engine, edited, 10, 1).token_ids
     assert third.usage.cached_prompt_tokens == 0
+
+
+@pytest.mark.parametrize("draft_sampling", ["greedy", "sample"])
+def test_sampling_pipeline_equals_in_process_token_for_token(stack, engine, draft_sampling):
+    """T > 0: the verifier draws every uniform (draft sampling included) from the request's seeded
+    stream and q travels over the wire, so the pipeline reproduces the in-process run exactly."""
+    stub = stack["stub"]
+    wire = {"greedy": pb.DRAFT_SAMPLING_GREEDY, "sample": pb.DRAFT_SAMPLING_SAMPLE}[draft_sampling]
+    for block_size, seed in [(1, 3), (2, 4), (5, 5), (8, 6)]:
+        sampling = pb.SamplingOptions(temperature=0.9, seed=seed, draft_sampling=wire)
+        mode = pb.BLOCK_SIZE_MODE_FIXED if block_size > 1 else pb.BLOCK_SIZE_MODE_OFF
+        final, _ = collect(stub, request(max_new_tokens=40, mode=mode, block_size=block_size if block_size > 1 else 0,
+                                         sampling=sampling))
+        expected = in_process(engine, PROMPT, 40, block_size, temperature=0.9, seed=seed, draft_sampling=draft_sampling)
+        assert list(final.token_ids) == expected.token_ids, (draft_sampling, block_size)
+        assert list(final.acceptance_lengths) == expected.acceptance_lengths, (draft_sampling, block_size)
+        assert final.fallback_reason == ""
+    # Different seeds give different samples (the comparison above is not vacuous).
+    other = in_process(engine, PROMPT, 40, 1, temperature=0.9, seed=99, draft_sampling=draft_sampling)
+    assert other.token_ids != in_process(engine, PROMPT, 40, 1, temperature=0.9, seed=3, draft_sampling=draft_sampling).token_ids
+
+
+def test_multi_turn_resumes_the_drafter_cache(stack, engine):
+    """Each drafting turn sends the drafter only the context its kept cache lacks; a block size 1
+    turn in between keeps the features, so the next drafting turn neither prefills nor resends."""
+    import redis
+
+    stub, drafter = stack["stub"], stack["drafter"]
+    fixed = dict(mode=pb.BLOCK_SIZE_MODE_FIXED, block_size=4)
+    first, session = collect(stub, request(max_new_tokens=20, new_session=True, **fixed))
+    assert first.usage.cached_draft_tokens == 0
+    assert wait_until(lambda: drafter.metric("blockpilot_drafter_cached_sessions") >= 1, timeout=5)
+    assert drafter.metric("blockpilot_drafter_sessions") == 0  # live streams only
+    record = redis.Redis(port=stack["redis"].port, decode_responses=True).hgetall(f"bp:{{{session}}}:meta")
+    held = int(record["drafter_cache_len"])
+    assert held > len(PROMPT) and record["drafter_cache_tag"] and record["drafter_replica"]
+    conversation = PROMPT + list(first.token_ids) + [11, 12, 13]
+    hits = drafter.metric("blockpilot_drafter_cache_resumes_total", result="hit")
+    second, _ = collect(stub, request(conversation, max_new_tokens=20, session_id=session, **fixed))
+    one_shot = in_process(engine, conversation, 20, 4)
+    assert list(second.token_ids) == one_shot.token_ids
+    assert list(second.acceptance_lengths) == one_shot.acceptance_lengths  # same drafts: same draft context
+    assert second.usage.cached_draft_tokens == held and second.fallback_reason == ""
+    assert drafter.metric("blockpilot_drafter_cache_resumes_total", result="hit") == hits + 1
+    # A block size 1 turn, then a drafting turn: the target cache covers the whole conversation
+    # (features kept at block size 1) and the drafter still holds the second turn's context.
+    record = redis.Redis(port=stack["redis"].port, decode_responses=True).hgetall(f"bp:{{{session}}}:meta")
+    conversation = conversation + list(second.token_ids) + [14, 15]
+    third, _ = collect(stub, request(conversation, max_new_tokens=10, mode=pb.BLOCK_SIZE_MODE_OFF, session_id=session))
+    assert list(third.token_ids) == in_process(engine, conversation, 10, 1).token_ids
+    conversation = conversation + list(third.token_ids) + [16]
+    fourth, _ = collect(stub, request(conversation, max_new_tokens=20, session_id=session, **fixed))
+    one_shot = in_process(engine, conversation, 20, 4)
+    assert list(fourth.token_ids) == one_shot.token_ids and list(fourth.acceptance_lengths) == one_shot.acceptance_lengths
+    assert fourth.usage.cached_prompt_tokens == len(conversation) - 2  # all but the last output token and the new one
+    assert fourth.usage.cached_draft_tokens == int(record["drafter_cache_len"]) and fourth.fallback_reason == ""
 
 
 def test_bad_inputs_get_their_status_while_another_stream_runs(stack, engine):
@@ -187,6 +245,30 @@ def test_client_cancel_frees_the_draft_session(stack):
     assert wait_until(lambda: drafter.metric("blockpilot_drafter_sessions") == 0, timeout=10)
     assert wait_until(lambda: verifier.metric("blockpilot_inflight_requests", service="verifier") == 0, timeout=10)
     assert verifier.metric("blockpilot_requests_total", service="verifier", status="CANCELLED") >= 1
+
+
+def test_drafter_restarted_between_turns_rebuilds_its_cache(stack, engine):
+    stub, drafter = stack["stub"], stack["drafter"]
+    fixed = dict(mode=pb.BLOCK_SIZE_MODE_FIXED, block_size=5)
+    first, session = collect(stub, request(max_new_tokens=16, new_session=True, **fixed))
+    assert drafter.stop() == 0  # SIGTERM: drained, exit 0; its kept caches are gone
+    drafter.start().wait_serving(timeout=120)
+    # The verifier's channel reconnects (bounded backoff): wait until a one-off request drafts again.
+    warm = lambda: collect(stub, request(max_new_tokens=4, **fixed))[0].fallback_reason == ""  # noqa: E731
+    assert wait_until(warm, timeout=20, interval=0.3)
+    conversation = PROMPT + list(first.token_ids) + [21, 22]
+    second, _ = collect(stub, request(conversation, max_new_tokens=20, session_id=session, **fixed))
+    one_shot = in_process(engine, conversation, 20, 5)
+    assert list(second.token_ids) == one_shot.token_ids and list(second.acceptance_lengths) == one_shot.acceptance_lengths
+    assert second.usage.cached_draft_tokens == 0 and second.fallback_reason == "drafter_cache_rebuilt"
+    assert second.usage.cached_prompt_tokens > len(PROMPT)  # the target cache was still reused
+    assert drafter.metric("blockpilot_drafter_cache_resumes_total", result="miss") == 1
+    assert stack["verifier"].metric("blockpilot_fallbacks_total", reason="drafter_cache_rebuilt") >= 1
+    # The rebuilt cache is kept again: the next turn resumes it.
+    conversation = conversation + list(second.token_ids) + [23]
+    third, _ = collect(stub, request(conversation, max_new_tokens=12, session_id=session, **fixed))
+    assert list(third.token_ids) == in_process(engine, conversation, 12, 5).token_ids
+    assert third.usage.cached_draft_tokens > 0 and third.fallback_reason == ""
 
 
 def test_policy_down_uses_the_default_block_size(stack, engine):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
+from blockpilot.decoding.speculative import GenerationResult, SamplingParams, SpeculativeDecoder
 from blockpilot.errors import DrafterUnavailableError
 from blockpilot.models.target import TargetModel
 from fake_drafters import OracleDrafter
@@ -72,3 +72,37 @@ def test_reused_cache_prefix_gives_the_one_shot_output(target):
         result = decoder.stream(conversation, params, block_size, cache=cache, prefix_features=features)
         tokens = [t for event in result for t in event.token_ids]
         assert tokens == one_shot.token_ids, block_size
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_collected_features_equal_a_full_prefill(target, block_size):
+    """collect_features keeps the drafter features of every committed token (block size 1 too):
+    exactly what a prefill of prompt + output would compute, so a next turn needs no recompute."""
+    drafter = OracleDrafter([0] * 600, target.config.vocab_size, 0.5, target_layer_ids=(1, 3))
+    decoder = SpeculativeDecoder(target, drafter if block_size > 1 else None)
+    result = GenerationResult(prompt_token_ids=list(PROMPT))
+    for _ in decoder.stream(PROMPT, SamplingParams(max_new_tokens=15), block_size, result, collect_features=(1, 3)):
+        pass
+    tokens = PROMPT + result.token_ids
+    with torch.inference_mode():
+        out = target(torch.tensor([tokens[:-1]]), target.new_cache(len(tokens)), num_logits=1, hidden_layer_ids=(1, 3))
+    assert result.context_features.shape == out.hidden[0].shape
+    torch.testing.assert_close(result.context_features, out.hidden[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_session_holding_context_gets_only_the_rest(target):
+    """A draft session that opens holding the first n context tokens (a resumed drafter cache) is
+    sent context from position n on; the output is unchanged."""
+    reference = SpeculativeDecoder(target).generate(PROMPT, SamplingParams(max_new_tokens=20), 1)
+
+    class Holding(OracleDrafter):
+        def open_session(self, capacity):
+            session = super().open_session(capacity)
+            session.context_length = session.seen_context = 3
+            return session
+
+    drafter = Holding(PROMPT + reference.token_ids, target.config.vocab_size, 0.8)
+    result = SpeculativeDecoder(target, drafter).generate(PROMPT, SamplingParams(max_new_tokens=20), 4)
+    assert result.token_ids == reference.token_ids and result.draft_context_reused == 3
+    assert drafter.sessions[0].requests[0].context_start == 3
+    assert drafter.sessions[0].requests[0].context.shape[0] == len(PROMPT) - 3
