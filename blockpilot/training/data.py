@@ -136,6 +136,26 @@ def generate_batch(
     return [(r, f or "length") for r, f in zip(responses, finish)]
 
 
+def plan_batches(jobs: list[tuple], batch_size: int, window_batches: int = 8) -> list[list[tuple]]:
+    """Batches of one mode each, in the interleaved prompt order, sorted by prompt length only
+    within windows of `window_batches` batches: little padding, yet every file and both modes are
+    represented from the start (an interrupted run still has a balanced mix). Resumption stays
+    exact because finished work is skipped by (id, mode), not by position."""
+    batches = []
+    window = batch_size * window_batches
+    for mode in ("greedy", "sample"):
+        mode_jobs = [j for j in jobs if j[2] == mode]
+        for lo in range(0, len(mode_jobs), window):
+            chunk = sorted(mode_jobs[lo : lo + window], key=lambda j: len(j[1]))
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    # Alternate greedy and sample batches so both modes grow together.
+    greedy = [b for b in batches if b[0][2] == "greedy"]
+    sample = [b for b in batches if b[0][2] == "sample"]
+    mixed = [b for pair in zip(greedy, sample) for b in pair]
+    longer = greedy if len(greedy) > len(sample) else sample
+    return mixed + longer[min(len(greedy), len(sample)) :]
+
+
 def generate_dataset(
     target: TargetModel,
     tokenizer: ChatTokenizer,
@@ -166,12 +186,7 @@ def generate_dataset(
     stop_ids = set(tokenizer.stop_token_ids)
     generated_tokens = 0
     started = time.perf_counter()
-    # Sort each mode's jobs by prompt length so a batch pads little; resumption stays exact
-    # because the skip is by (id, mode), not by position.
-    batches = []
-    for mode in ("greedy", "sample"):
-        mode_jobs = sorted((j for j in todo if j[2] == mode), key=lambda j: len(j[1]))
-        batches += [mode_jobs[i : i + cfg.batch_size] for i in range(0, len(mode_jobs), cfg.batch_size)]
+    batches = plan_batches(todo, cfg.batch_size)
     bar = tqdm(total=len(todo), desc="responses", unit="resp", disable=not progress)
     with out_path.open("a") as handle:
         for index, batch in enumerate(batches):

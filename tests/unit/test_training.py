@@ -158,3 +158,14 @@ def test_eval_report_replay_tau_matches_real_decoding(target, tmp_path):
     assert "t1_tau_min_p_q" in report["overall"]
     table = format_table(report)
     assert table.splitlines()[0].startswith("dataset | n | B=2") and "ALL" in table
+
+
+def test_batches_mix_files_and_modes_from_the_start():
+    from blockpilot.training.data import plan_batches
+
+    jobs = [({"id": f"{f}/{i}"}, [0] * (1 + (i * 7) % 13), mode) for i in range(40) for f in ("a", "b") for mode in ("greedy", "sample")]
+    batches = plan_batches(jobs, batch_size=4, window_batches=2)
+    assert sorted(id(j) for b in batches for j in b) == sorted(id(j) for j in jobs)
+    assert all(len({j[2] for j in b}) == 1 for b in batches)
+    first = [j for b in batches[:4] for j in b]
+    assert {j[2] for j in first} == {"greedy", "sample"} and {j[0]["id"][0] for j in first} == {"a", "b"}
