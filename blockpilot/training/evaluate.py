@@ -126,7 +126,7 @@ def format_table(report: dict) -> str:
         cells = [name, str(d["prompts"])] + [f"{d['replay_tau'][b]:.2f}" for b in sizes]
         cells += [f"{d['oracle_replay_tau']:.2f}", f"{d['share_best_not_trained']:.0%}", f"{d['spec_tau']:.2f}",
                   f"{d['speedup']:.2f}x", f"{d['lossless_prompts']}/{d['prompts']}",
-                  f"{d.get('t1_tau_sample_and_match', float('nan')):.2f}", f"{d.get('t1_tau_min_p_q', float('nan')):.2f}"]
+                  *(f"{d[key]:.2f}" if key in d else "-" for key in ("t1_tau_sample_and_match", "t1_tau_min_p_q"))]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
