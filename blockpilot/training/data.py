@@ -211,5 +211,14 @@ def generate_dataset(
 def read_dataset(path: Path) -> list[dict]:
     if not path.is_file():
         raise NotFoundError(f"no drafter dataset at '{path}' (make one with `blockpilot drafter data`)")
-    with path.open() as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # cut by an interrupted `drafter data` run; it is redone on resume
+                log.warning("'%s': ignoring an incomplete last line", path)
+                continue
+            raise InvalidArgumentError(f"'{path}' line {number} is not valid JSON") from None
+    return records

@@ -169,3 +169,16 @@ def test_batches_mix_files_and_modes_from_the_start():
     assert all(len({j[2] for j in b}) == 1 for b in batches)
     first = [j for b in batches[:4] for j in b]
     assert {j[2] for j in first} == {"greedy", "sample"} and {j[0]["id"][0] for j in first} == {"a", "b"}
+
+
+def test_read_dataset_ignores_only_a_cut_last_line(tmp_path):
+    from blockpilot.errors import InvalidArgumentError
+    from blockpilot.training.data import read_dataset
+
+    good = json.dumps({"id": "a", "mode": "greedy", "prompt_ids": [1], "response_ids": [2]})
+    path = tmp_path / "d.jsonl"
+    path.write_text(good + "\n" + good[:10])
+    assert len(read_dataset(path)) == 1
+    path.write_text(good[:10] + "\n" + good + "\n")
+    with pytest.raises(InvalidArgumentError, match="line 1"):
+        read_dataset(path)
