@@ -38,6 +38,9 @@ def load_prompts(source: Path, total: int, datasets: list[str] | None = None) ->
     files = [source / f"{name}.jsonl" for name in datasets] if datasets else sorted(source.glob("*.jsonl"))
     if not files:
         raise NotFoundError(f"no *.jsonl prompt files in '{source}'")
-    per_file = [read_jsonl_prompts(f, total) for f in files]
-    interleaved = [p for group in zip_longest(*per_file) for p in group if p is not None]
-    return interleaved[:total]
+    return interleave([read_jsonl_prompts(f, total) for f in files])[:total]
+
+
+def interleave(lists: list[list[dict]]) -> list[dict]:
+    """Round-robin over several prompt lists (first of each, then second of each, ...)."""
+    return [p for group in zip_longest(*lists) for p in group if p is not None]

@@ -69,7 +69,7 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
         if shipped is not None:
             drafter, name = str(shipped), SHIPPED_DRAFTER_NAME
     if drafter == RANDOM_DRAFTER:
-        model = DFlashDrafter.random(target_model.config, block_size=random_drafter_block_size, mask_token_id=_mask_token(tokenizer))
+        model = DFlashDrafter.random(target_model.config, block_size=random_drafter_block_size, mask_token_id=untrained_mask_token(tokenizer))
         provider, name = LocalDrafter(model, target_model), RANDOM_DRAFTER
     elif drafter not in (None, NO_DRAFTER):
         path = Path(drafter).expanduser()
@@ -81,7 +81,7 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
     return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(target_model, provider))
 
 
-def _mask_token(tokenizer: ChatTokenizer) -> int:
+def untrained_mask_token(tokenizer: ChatTokenizer) -> int:
     # Any fixed token works for an untrained drafter; use the first stop token (always in vocabulary).
     return tokenizer.stop_token_ids[0] if tokenizer.stop_token_ids else 0
 

@@ -15,7 +15,7 @@ from blockpilot.models.drafter import DFlashDrafter
 from blockpilot.models.store import resolve_target
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
-from blockpilot.runtime import NO_DRAFTER, RANDOM_DRAFTER, SHIPPED_DRAFTER_NAME, _mask_token, shipped_drafter_dir
+from blockpilot.runtime import NO_DRAFTER, RANDOM_DRAFTER, SHIPPED_DRAFTER_NAME, untrained_mask_token, shipped_drafter_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def load_served_target(name: str = "default") -> ServedTarget:
 def random_mask_token(target: ServedTarget) -> int:
     """The mask token of a 'random' drafter: the same as `blockpilot generate --drafter random`."""
     if target.tokenizer is not None:
-        return _mask_token(target.tokenizer)
+        return untrained_mask_token(target.tokenizer)
     config = json.loads((target.target_dir / "config.json").read_text())
     eos = config.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos

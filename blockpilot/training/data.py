@@ -19,12 +19,12 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
-from blockpilot.benchmarking import read_jsonl_prompts
+from blockpilot.benchmarking import interleave, read_jsonl_prompts
 from blockpilot.decoding import acceptance
 from blockpilot.errors import InvalidArgumentError, NotFoundError
 from blockpilot.models.target import TargetModel
@@ -65,12 +65,7 @@ def collect_prompts(sources: Sequence[Path], cfg: DataConfig) -> list[dict]:
         prompts = read_jsonl_prompts(path)
         rng.shuffle(prompts)
         per_file.append(prompts[: cfg.prompts_per_file])
-    return [p for group in _interleave(per_file) for p in group]
-
-
-def _interleave(lists: list[list[dict]]) -> Iterable[list[dict]]:
-    for i in range(max(len(l) for l in lists)):
-        yield [l[i] for l in lists if i < len(l)]
+    return interleave(per_file)
 
 
 def done_keys(out_path: Path) -> set[tuple[str, str]]:
