@@ -10,64 +10,39 @@ on stderr; no traceback reaches the user for an expected failure.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from blockpilot.cli_args import EXIT_FAILURE, EXIT_USAGE, OneLineParser, positive_int, temperature
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
 
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints a multi-line usage on errors; users and scripts want one clear line."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+# Command groups kept beside their code: each module's add_parsers(sub) adds its subcommands and
+# sets `handler` (args -> exit status) on them with set_defaults.
+COMMAND_GROUPS = ("blockpilot.backends.cli", "blockpilot.policy.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="blockpilot", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="blockpilot", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     gen = sub.add_parser("generate", help="generate a reply with speculative decoding (in-process)")
     gen.add_argument("prompt", metavar="PROMPT", help="one user message (wrapped in the chat template unless --raw)")
     gen.add_argument("--target", default=None, help="'default' (SmolLM2-135M-Instruct), a Hugging Face model directory, or a .gguf file")
     gen.add_argument("--drafter", default=None, help="DFlash checkpoint directory, 'random' (untrained, for testing) or 'none'; default: the shipped drafter of the default target")
-    gen.add_argument("--block-size", type=_positive_int, default=None, help="tokens per verify step; 1 = autoregressive (default: the drafter's trained size, else 1)")
-    gen.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    gen.add_argument("--block-size", type=positive_int, default=None, help="tokens per verify step; 1 = autoregressive (default: the drafter's trained size, else 1)")
+    gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--seed", type=int, default=None, help="seed of the request's random stream (temperature > 0)")
     gen.add_argument("--draft-sampling", choices=("greedy", "sample"), default="greedy",
                      help="at temperature > 0: 'greedy' drafts + sample-and-match (DFlash), 'sample' drafts + min(1, p/q)")
     gen.add_argument("--raw", action="store_true", help="send PROMPT as plain text, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the tokens and statistics")
-    gen.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     gen.add_argument("--server", metavar="HOST:PORT", default=None,
                      help="generate through a verifier service (e.g. 127.0.0.1:50051) instead of in-process")
     gen.add_argument("--timeout", type=float, default=600.0, help="with --server: deadline of the request in seconds")
@@ -77,49 +52,51 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--target", default=None)
 
     drafter = sub.add_parser("drafter", help="make, train and evaluate DFlash drafters")
-    drafter_sub = drafter.add_subparsers(dest="drafter_command", required=True, parser_class=_OneLineParser)
+    drafter_sub = drafter.add_subparsers(dest="drafter_command", required=True, parser_class=OneLineParser)
     data = drafter_sub.add_parser("data", help="the target's own responses to training prompts (resumable)")
     data.add_argument("--prompts", type=Path, nargs="+", required=True, help="training *.jsonl files or folders of them (never evaluation sets)")
     data.add_argument("--out", type=Path, required=True, help="JSONL dataset file (appended to; rerun to resume)")
     data.add_argument("--target", default=None)
-    data.add_argument("--prompts-per-file", type=_positive_int, default=200)
+    data.add_argument("--prompts-per-file", type=positive_int, default=200)
     data.add_argument("--sample-fraction", type=float, default=0.5, help="share of prompts also answered at temperature 1")
-    data.add_argument("--max-new-tokens", type=_positive_int, default=192)
-    data.add_argument("--batch-size", type=_positive_int, default=32)
+    data.add_argument("--max-new-tokens", type=positive_int, default=192)
+    data.add_argument("--batch-size", type=positive_int, default=32)
     data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--threads", type=_positive_int, default=None)
+    data.add_argument("--threads", type=positive_int, default=None)
 
     train = drafter_sub.add_parser("train", help="train a DFlash drafter on a `drafter data` file (resumable)")
     train.add_argument("--data", type=Path, required=True, help="JSONL file written by `blockpilot drafter data`")
     train.add_argument("--out", type=Path, required=True, help="run folder: drafter/ (DFlash format), state.pt, history.json")
     train.add_argument("--target", default=None)
-    train.add_argument("--steps", type=_positive_int, default=2000)
-    train.add_argument("--layers", type=_positive_int, default=1, help="draft layers")
+    train.add_argument("--steps", type=positive_int, default=2000)
+    train.add_argument("--layers", type=positive_int, default=1, help="draft layers")
     train.add_argument("--target-layers", type=int, nargs="+", default=None, help="target layer ids (default: DFlash's rule)")
-    train.add_argument("--block-size", type=_positive_int, default=8)
+    train.add_argument("--block-size", type=positive_int, default=8)
     train.add_argument("--gamma", type=float, default=4.0, help="loss decay exp(-(k-1)/gamma)")
     train.add_argument("--lr", type=float, default=6e-4)
-    train.add_argument("--anchors", type=_positive_int, default=32, help="anchors per sequence")
-    train.add_argument("--sequences", type=_positive_int, default=4, help="sequences per optimizer step")
+    train.add_argument("--anchors", type=positive_int, default=32, help="anchors per sequence")
+    train.add_argument("--sequences", type=positive_int, default=4, help="sequences per optimizer step")
     train.add_argument("--mask-token-id", type=int, default=None, help="default: the tokenizer's <empty_output> or the last special token")
-    train.add_argument("--eval-every", type=_positive_int, default=200)
-    train.add_argument("--save-every", type=_positive_int, default=100)
+    train.add_argument("--eval-every", type=positive_int, default=200)
+    train.add_argument("--save-every", type=positive_int, default=100)
     train.add_argument("--init-from", type=Path, default=None, help="start from this drafter checkpoint")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=_positive_int, default=None)
+    train.add_argument("--threads", type=positive_int, default=None)
 
     evaluate = drafter_sub.add_parser("eval", help="τ per dataset and block size on evaluation prompts")
     evaluate.add_argument("--drafter", type=Path, default=None, help="DFlash checkpoint (default: the shipped drafter)")
     evaluate.add_argument("--datasets-dir", type=Path, required=True, help="folder with the evaluation *.jsonl files")
     evaluate.add_argument("--datasets", nargs="+", default=["gsm8k", "math500", "humaneval", "mbpp", "mt_bench", "alpaca"])
-    evaluate.add_argument("--prompts-per-dataset", type=_positive_int, default=20)
-    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    evaluate.add_argument("--prompts-per-dataset", type=positive_int, default=20)
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=128)
     evaluate.add_argument("--radius", type=int, default=4, help="sweep block sizes trained ± radius")
-    evaluate.add_argument("--block-size", type=_positive_int, default=None, help="block size of the real decodes (default: the drafter's)")
+    evaluate.add_argument("--block-size", type=positive_int, default=None, help="block size of the real decodes (default: the drafter's)")
     evaluate.add_argument("--no-temperature", action="store_true", help="skip the T=1 runs")
     evaluate.add_argument("--target", default=None)
     evaluate.add_argument("--out", type=Path, default=None, help="write the JSON report here")
-    evaluate.add_argument("--threads", type=_positive_int, default=None)
+    evaluate.add_argument("--threads", type=positive_int, default=None)
+    for module in COMMAND_GROUPS:
+        importlib.import_module(module).add_parsers(sub)
     return parser
 
 
@@ -128,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return handler(args)
         if args.command == "generate":
             return _generate(args)
         if args.command in ("up", "down", "status"):
@@ -234,9 +214,9 @@ def _add_stack_parsers(sub) -> None:
     up.add_argument("--drafter", default="", help="drafter of the drafter service ('' = the engine's default, 'random', 'none', a path)")
     up.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use (started when none answers and redis-server is installed)")
     for name, port, metrics_port in (("verifier", 50051, 9101), ("drafter", 50052, 9102), ("policy", 50053, 9103)):
-        up.add_argument(f"--{name}-port", type=_positive_int, default=port)
+        up.add_argument(f"--{name}-port", type=positive_int, default=port)
         up.add_argument(f"--{name}-metrics-port", type=int, default=metrics_port)
-    up.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads per service")
+    up.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per service")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all services to be SERVING")
     down = sub.add_parser("down", help="stop the local stack started by `blockpilot up`")
     down.add_argument("--grace", type=float, default=15.0, help="seconds each service gets to drain before SIGKILL")

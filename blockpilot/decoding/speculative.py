@@ -70,11 +70,14 @@ class PrefillInfo:
 
     last_logits [V]: target logits of the last prompt token (BlockPilot's feature).
     last_hidden [F] or None: drafter context features of the last prompt token.
+    final_hidden [C]: the last prompt token's final hidden state (after the final norm: the
+    lm_head input), the policy's alternative feature.
     """
 
     prompt_len: int
     last_logits: torch.Tensor
     last_hidden: torch.Tensor | None
+    final_hidden: torch.Tensor | None = None
 
 
 BlockSizeHook = Callable[[PrefillInfo], int]
@@ -207,7 +210,8 @@ class SpeculativeDecoder:
         first = self._sample_one(last_logits, params.temperature, generator)
         if callable(block_size):
             last_hidden = out.hidden[0, -1] if out.hidden is not None else None
-            block_size = block_size(PrefillInfo(prompt_len, last_logits, last_hidden))
+            final_hidden = self.target.norm(out.final_state[0, -1]) if out.final_state is not None else None
+            block_size = block_size(PrefillInfo(prompt_len, last_logits, last_hidden, final_hidden))
             self.check_block_size(block_size)
         result.block_size = block_size
         result.token_ids.append(first)

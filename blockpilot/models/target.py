@@ -32,10 +32,13 @@ from blockpilot.models.layers import FastLinear, RMSNorm, Rotary, SwiGLU, apply_
 class ForwardOutput:
     """logits [B, N, V] for the last N positions asked for (None when N == 0);
     hidden [B, T, len(layer_ids) * C]: outputs of the requested decoder layers, concatenated in the
-    order asked (None when no layer was asked for)."""
+    order asked (None when no layer was asked for);
+    final_state [B, T, C]: the residual stream after the last layer that ran (pre final norm;
+    the last decoder layer's output whenever logits were asked for)."""
 
     logits: torch.Tensor | None
     hidden: torch.Tensor | None
+    final_state: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -165,7 +168,7 @@ class TargetModel(nn.Module):
         else:
             logits = None
         hidden = torch.cat([captured[i] for i in hidden_layer_ids], dim=-1) if captured else None
-        return ForwardOutput(logits=logits, hidden=hidden)
+        return ForwardOutput(logits=logits, hidden=hidden, final_state=x)
 
     @staticmethod
     def _mask(start: int, steps: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:

@@ -1,0 +1,1 @@
+"""Verifier backends: the torch engine, ONNX Runtime and TensorRT (issue #6)."""
