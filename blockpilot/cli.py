@@ -22,7 +22,7 @@ from blockpilot.errors import BlockPilotError, InvalidArgumentError
 
 # Command groups kept beside their code: each module's add_parsers(sub) adds its subcommands and
 # sets `handler` (args -> exit status) on them with set_defaults.
-COMMAND_GROUPS = ("blockpilot.backends.cli", "blockpilot.policy.cli")
+COMMAND_GROUPS = ("blockpilot.backends.cli", "blockpilot.policy.cli", "blockpilot.policy.ab_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`blockpilot policy ...` and `blockpilot ab ...` commands (registered by blockpilot.cli)."""
+"""`blockpilot policy ...` commands (registered by blockpilot.cli)."""
 
 from __future__ import annotations
 
