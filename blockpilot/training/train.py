@@ -14,6 +14,7 @@ Recipe:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -151,22 +152,61 @@ def drafter_loss(drafter: DFlashDrafter, head: DraftHead, embed: torch.nn.Embedd
 
 
 class FeatureCache:
-    """Target features per training sequence, computed once (the target is frozen)."""
+    """Target features per training sequence, computed once (the target is frozen).
 
-    def __init__(self, target: TargetModel, layer_ids: Sequence[int]) -> None:
+    directory: optional folder where features persist across runs (float16, one file per
+    sequence, named by a digest of its token ids), so a restarted or second run skips the target
+    forward, which dominates the first pass over the data. store_layer_ids: a superset of
+    layer_ids to compute and store, so runs that compare target-layer choices share one store.
+    float16 storage rounds features by ~1e-3 relative; drafters see float32 at inference."""
+
+    def __init__(self, target: TargetModel, layer_ids: Sequence[int], directory: Path | None = None,
+                 store_layer_ids: Sequence[int] | None = None) -> None:
         self.target = target
         self.layer_ids = tuple(layer_ids)
+        self.store_layer_ids = tuple(store_layer_ids) if store_layer_ids else self.layer_ids
+        missing = [i for i in self.layer_ids if i not in self.store_layer_ids]
+        if missing:
+            raise InvalidArgumentError(f"feature store layers {list(self.store_layer_ids)} lack drafter layers {missing}")
+        hidden = target.config.hidden_size
+        self._columns = torch.cat([torch.arange(hidden) + self.store_layer_ids.index(i) * hidden for i in self.layer_ids])
+        self._identity = self.store_layer_ids == self.layer_ids
+        self.directory = Path(directory) / ("layers-" + "-".join(map(str, self.store_layer_ids))) if directory else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self._store: dict[int, torch.Tensor] = {}
 
+    @staticmethod
+    def _digest(token_ids: Sequence[int]) -> str:
+        return hashlib.sha1(json.dumps(list(token_ids)).encode()).hexdigest()[:20]
+
     @torch.no_grad()  # not inference_mode: the features feed an autograd graph (the drafter's)
+    def _compute(self, token_ids: Sequence[int]) -> torch.Tensor:
+        tokens = torch.tensor([list(token_ids)])
+        out = self.target(tokens, self.target.new_cache(len(token_ids)), num_logits=0, hidden_layer_ids=self.store_layer_ids)
+        return out.hidden[0].clone()
+
     def get(self, index: int, token_ids: Sequence[int]) -> torch.Tensor:
         cached = self._store.get(index)
         if cached is None:
-            tokens = torch.tensor([list(token_ids)])
-            out = self.target(tokens, self.target.new_cache(len(token_ids)), num_logits=0, hidden_layer_ids=self.layer_ids)
-            cached = out.hidden[0].clone()
+            stored = None
+            path = self.directory / f"{self._digest(token_ids)}.pt" if self.directory is not None else None
+            if path is not None and path.exists():
+                stored = torch.load(path, weights_only=True).float()
+            if stored is None:
+                stored = self._compute(token_ids)
+                if path is not None:
+                    partial = path.with_suffix(".tmp")
+                    torch.save(stored.half(), partial)
+                    partial.replace(path)  # atomic: an interrupted run never leaves a cut file
+            cached = stored if self._identity else stored[:, self._columns].contiguous()
             self._store[index] = cached
         return cached
+
+    def precompute(self, sequences: Sequence[Sequence[int]], offset: int = 0, progress: bool = True) -> None:
+        """Fill the cache for sequences[i] under index offset + i, with a progress bar."""
+        for i, token_ids in enumerate(tqdm(sequences, desc="target features", disable=not progress)):
+            self.get(offset + i, token_ids)
 
 
 @torch.no_grad()
@@ -241,8 +281,13 @@ def train_drafter(
     *,
     init_from: Path | None = None,
     progress: bool = True,
+    feature_dir: Path | None = None,
+    feature_layer_ids: Sequence[int] | None = None,
 ) -> dict:
-    """Train (or resume) a drafter; writes out_dir/drafter (DFlash format) and out_dir/state.pt."""
+    """Train (or resume) a drafter; writes out_dir/drafter (DFlash format) and out_dir/state.pt.
+
+    feature_dir / feature_layer_ids: a persistent feature store shared by runs (see FeatureCache);
+    all features are computed before the first step so the step timing shows training alone."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -274,7 +319,10 @@ def train_drafter(
         optimizer.load_state_dict(saved["optimizer"])
         rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
-    features = FeatureCache(target, drafter.target_layer_ids)
+    features = FeatureCache(target, drafter.target_layer_ids, feature_dir, feature_layer_ids)
+    features.precompute([r["prompt_ids"] + r["response_ids"] for r in train], progress=progress)
+    eval_greedy = [r for r in holdout if r["mode"] == "greedy"][: cfg.eval_sequences]
+    features.precompute([r["prompt_ids"] + r["response_ids"] for r in eval_greedy], offset=len(train), progress=progress)
     head = DraftHead(target.lm_head.weight.detach(), drafter.draft_vocab)
     embed = target.embed_tokens
 
