@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send PROMPT as plain text, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the tokens and statistics")
     gen.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=None,
+                     help="verifier backend: the torch engine (default), ONNX Runtime, or TensorRT (GPU, gpu extra)")
+    gen.add_argument("--onnx", type=Path, default=None,
+                     help="ONNX export folder for --backend onnxruntime/tensorrt (default: export on demand into $BLOCKPILOT_CACHE/onnx)")
     gen.add_argument("--server", metavar="HOST:PORT", default=None,
                      help="generate through a verifier service (e.g. 127.0.0.1:50051) instead of in-process")
     gen.add_argument("--timeout", type=float, default=600.0, help="with --server: deadline of the request in seconds")
@@ -80,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=positive_int, default=200)
     train.add_argument("--save-every", type=positive_int, default=100)
     train.add_argument("--init-from", type=Path, default=None, help="start from this drafter checkpoint")
+    train.add_argument("--feature-dir", type=Path, default=None, help="persistent store of target features shared by runs (default: in memory only)")
+    train.add_argument("--feature-layers", type=int, nargs="+", default=None, help="target layers to store (a superset of --target-layers; lets runs share a store)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=positive_int, default=None)
 
@@ -172,7 +178,8 @@ def _drafter_train(args: argparse.Namespace) -> int:
                       block_size=args.block_size, mask_token_id=mask, gamma=args.gamma, lr=args.lr, steps=args.steps,
                       anchors_per_sequence=args.anchors, sequences_per_step=args.sequences, eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed)
-    summary = train_drafter(target, read_dataset(args.data), args.out, cfg, init_from=args.init_from)
+    summary = train_drafter(target, read_dataset(args.data), args.out, cfg, init_from=args.init_from,
+                            feature_dir=args.feature_dir, feature_layer_ids=args.feature_layers)
     (args.out / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": summary["history"][-1] if summary["history"] else None}))
     return 0
@@ -304,7 +311,11 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise InvalidArgumentError("the prompt is empty")
     if args.server:
+        if args.backend is not None or args.onnx is not None:
+            raise InvalidArgumentError("--backend and --onnx are the server's settings (verifier config 'backend'); not allowed with --server")
         return _generate_remote(args)
+    if args.onnx is not None and args.backend in (None, "torch"):
+        raise InvalidArgumentError(f"--onnx '{args.onnx}' needs --backend onnxruntime or tensorrt")
     if args.drafter not in (None, "none", "random") and not Path(args.drafter).expanduser().exists():
         raise InvalidArgumentError(f"--drafter '{args.drafter}' does not exist (give a DFlash checkpoint directory, 'random' or 'none')")
     if args.block_size is not None and args.block_size > 1 and args.drafter in (None, "none"):
@@ -317,10 +328,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     from blockpilot.decoding.speculative import GenerationResult, SamplingParams
     from blockpilot.models.tokenizer import IncrementalDecoder
+    from blockpilot.backends.loader import BackendOptions
     from blockpilot.runtime import load_engine, set_threads
 
     set_threads(args.threads)
-    engine = load_engine(args.target, args.drafter)
+    engine = load_engine(args.target, args.drafter,
+                         backend=BackendOptions(name=args.backend or "torch", onnx=args.onnx, threads=args.threads))
     tokenizer = engine.tokenizer
     prompt_ids = tokenizer.encode_raw(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     block_size = args.block_size if args.block_size is not None else engine.default_block_size
@@ -359,6 +372,7 @@ def _generate(args: argparse.Namespace) -> int:
         "decode_s": round(result.decode_s, 4),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         "finish_reason": result.finish_reason,
+        "backend": engine.backend,
     }
     if args.json:
         print(json.dumps(report))
@@ -366,7 +380,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(
             f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, block_size={result.block_size}, "
             f"drafter={engine.drafter_name}, tau={result.tau:.2f}, ttft={result.ttft_s * 1000:.0f} ms, "
-            f"decode={result.decode_tokens_per_s:.1f} tokens/s]",
+            f"decode={result.decode_tokens_per_s:.1f} tokens/s, backend={engine.backend}]",
             file=sys.stderr,
         )
     return 0

@@ -64,6 +64,7 @@ class Reply:
     timings: dict = field(default_factory=dict)
     target: str = ""
     drafter: str = ""
+    experiment: str = ""  # A/B experiment that chose the block size ("" = none)
 
     @classmethod
     def from_final(cls, session_id: str, final: verifier_pb2.GenerateFinal) -> "Reply":
@@ -75,7 +76,7 @@ class Reply:
                     "cached_draft_tokens": final.usage.cached_draft_tokens},
                    {"ttft_s": final.timings.ttft_s, "decode_s": final.timings.decode_s,
                     "decode_tokens_per_s": final.timings.decode_tokens_per_s, "total_s": final.timings.total_s},
-                   final.target, final.drafter)
+                   final.target, final.drafter, final.experiment)
 
 
 def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None = None, token_ids: Sequence[int] | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from blockpilot.errors import InvalidArgumentError
+from blockpilot.policy.repository import POLICY_NAME, SHIPPED_POLICY_NAME
 
 Check = Callable[[Any], str | None]  # returns what is wrong, or None
 
@@ -51,6 +52,10 @@ def _address(v: str) -> str | None:
 
 def _nonempty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
+
+
+def _policy_name(v: str) -> str | None:
+    return None if POLICY_NAME.fullmatch(v) else f"must be a policy name ({POLICY_NAME.pattern})"
 
 
 def opt(default: Any, help: str, check: Check | None = None) -> Any:
@@ -94,6 +99,15 @@ class VerifierServiceConfig(ServiceConfig):
     redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (the store fails open after it)", _at_least(0.01))
     grace_s: float = opt(10.0, "on SIGTERM: time in-flight streams get to finish", _at_least(0))
     threads: int = opt(1, "torch CPU threads per decoding loop", _at_least(1))
+    # The names of blockpilot.backends.BACKENDS (spelled out: this module does not import the backends).
+    backend: str = opt("torch", "verifier backend: 'torch' (the engine), 'onnxruntime' (CPU, or CUDA with the gpu extra) "
+                                "or 'tensorrt' (needs the gpu extra and an NVIDIA GPU)", _one_of("torch", "onnxruntime", "tensorrt"))
+    onnx_path: str = opt("", "ONNX export folder (`blockpilot export onnx`) for the onnxruntime/tensorrt backends "
+                             "('' = export on demand into $BLOCKPILOT_CACHE/onnx)")
+    onnx_layers: str = opt("", "target layers an on-demand export returns: the drafter's target_layer_ids, e.g. '1,9,17' "
+                               "('' = the shipped drafter's for the default target, else DFlash's one-layer default)",
+                           lambda v: None if all(p.isdigit() for p in v.replace(",", " ").split())
+                           else "must be layer ids separated by commas, e.g. '1,9,17'")
     replica_id: str = opt("", "this replica's id in Redis ('' = HOSTNAME:port)")
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
 
@@ -131,7 +145,16 @@ class PolicyServiceConfig(ServiceConfig):
     metrics_port: int = opt(9103, "Prometheus /metrics HTTP port (0 = no metrics server)", _port(True))
     redis_url: str = opt("redis://127.0.0.1:6379/0", "where arm statistics and the outcome stream go: redis:// URL or 'memory'", _redis_url)
     default_block_size: int = opt(0, "block size of the default policy (0 = the drafter's trained size sent by the verifier)", _at_least(0))
-    policy_version: str = opt("fixed-v1", "version reported with every decision", _nonempty)
+    policy_version: str = opt("fixed-v1", "version reported with decisions of the fixed-size policies ('default', 'fixed-<n>')", _nonempty)
+    repository: str = opt("", "policy repository folder (<name>/<version>/model.onnx + metadata.json; '' = the policies/ "
+                              "folder of this checkout)")
+    default_policy: str = opt(SHIPPED_POLICY_NAME, "policy (or experiment) that answers requests naming none; when it "
+                                                   "is not loaded, the fixed default size answers and says so", _policy_name)
+    poll_interval_s: float = opt(5.0, "how often the repository is rescanned for new versions (0 = only on a Reload call)",
+                                 _at_least(0))
+    onnx_providers: str = opt("auto", "ONNX Runtime providers: 'auto' (CUDA when onnxruntime-gpu and a GPU are present, "
+                                      "else CPU), 'cpu' or 'cuda'", _one_of("auto", "cpu", "cuda"))
+    spec_ttl_s: float = opt(5.0, "seconds verifiers may cache which features a policy needs (DescribePolicy)", _at_least(0))
     outcome_stream_maxlen: int = opt(100000, "outcomes kept in the Redis stream bp:outcomes (approximate)", _at_least(1))
     stats_ttl_s: float = opt(7 * 86400.0, "TTL of the statistics keys (refreshed on every write)", _at_least(1))
     redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (statistics fail open)", _at_least(0.01))

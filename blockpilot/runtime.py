@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from blockpilot.backends.base import VerifierBackend, backend_name
+from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend, place_beside
 from blockpilot.decoding.drafting import DraftProvider, LocalDrafter
 from blockpilot.decoding.speculative import SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError, NotFoundError
@@ -36,33 +38,47 @@ def shipped_drafter_dir() -> Path | None:
 
 @dataclass
 class Engine:
+    """target: the torch TargetModel (its embedding and output projection also serve the drafter);
+    verifier_target: what the decoder verifies with (the torch target itself, or an ONNX Runtime /
+    TensorRT backend over an export of it)."""
+
     target_dir: Path
     tokenizer: ChatTokenizer
     target: TargetModel
     drafter: DraftProvider | None
     drafter_name: str
     decoder: SpeculativeDecoder
+    verifier_target: VerifierBackend | None = None
 
     @property
     def default_block_size(self) -> int:
         """The drafter's trained block size, or 1 (autoregressive) without a drafter."""
         return self.drafter.block_size if self.drafter is not None else 1
 
+    @property
+    def backend(self) -> str:
+        """'torch', 'onnxruntime' or 'tensorrt'."""
+        return backend_name(self.verifier_target if self.verifier_target is not None else self.target)
 
-def load_engine(target: str | None = None, drafter: str | None = None, *, random_drafter_block_size: int = 8) -> Engine:
-    """Load a target and its drafter.
+
+def load_engine(target: str | None = None, drafter: str | None = None, *, random_drafter_block_size: int = 8,
+                backend: BackendOptions | None = None) -> Engine:
+    """Load a target, its drafter and the backend that verifies.
 
     target: None/"default" (SmolLM2-135M-Instruct), a Hugging Face directory or a GGUF file.
     drafter: None = the shipped drafter when the target is the default one, else no drafter;
         "none" = no drafter; "random" = a randomly initialised drafter (testing); else a DFlash
         checkpoint directory.
+    backend: which verifier backend runs the target (default: the torch engine); a graph backend's
+        export must return the drafter's target layers (checked; exported on demand if none given).
     """
+    backend = backend or BackendOptions()
     target_dir = resolve_target(target)
     target_model = TargetModel.from_pretrained(target_dir)
     tokenizer = ChatTokenizer(target_dir)
     is_default = target is None or target.lower() in ("default", "smollm2-135m-instruct")
 
-    provider: DraftProvider | None = None
+    model: DFlashDrafter | None = None
     name = NO_DRAFTER
     if drafter is None and is_default:
         shipped = shipped_drafter_dir()
@@ -70,15 +86,22 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
             drafter, name = str(shipped), SHIPPED_DRAFTER_NAME
     if drafter == RANDOM_DRAFTER:
         model = DFlashDrafter.random(target_model.config, block_size=random_drafter_block_size, mask_token_id=untrained_mask_token(tokenizer))
-        provider, name = LocalDrafter(model, target_model), RANDOM_DRAFTER
+        name = RANDOM_DRAFTER
     elif drafter not in (None, NO_DRAFTER):
         path = Path(drafter).expanduser()
         if not path.exists():
             raise NotFoundError(f"drafter path '{drafter}' does not exist (give a DFlash checkpoint directory or 'random')")
         model = DFlashDrafter.from_pretrained(path)
-        provider = LocalDrafter(model, target_model)
         name = name if name != NO_DRAFTER else str(path)
-    return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(target_model, provider))
+    if model is not None:
+        model.config.check_target(target_model.config)
+    layers = model.config.target_layer_ids if model is not None else None
+    verifier = load_backend(target_model, backend, drafter_layers=layers, source=str(target_dir),
+                            default_layers=default_export_layers(target_model, is_default) if layers is None else ())
+    place_beside(verifier, target_model, *([model] if model is not None else []))
+    provider: DraftProvider | None = LocalDrafter(model, target_model) if model is not None else None
+    return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(verifier, provider),
+                  verifier_target=verifier)
 
 
 def untrained_mask_token(tokenizer: ChatTokenizer) -> int:

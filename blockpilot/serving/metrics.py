@@ -28,8 +28,9 @@ INTER_TOKEN = Histogram("blockpilot_inter_token_latency_seconds", "Time between 
                         ["block_size"], buckets=_LATENCY_BUCKETS)
 STEP_SECONDS = Histogram("blockpilot_step_seconds", "Time of one decode step (verifier: draft + verify; drafter: draft)",
                          ["service", "block_size"], buckets=_LATENCY_BUCKETS)
+_TAU_BUCKETS = tuple(float(i) for i in range(1, 17)) + (24.0, 32.0, 64.0)
 ACCEPTANCE_LENGTH = Histogram("blockpilot_acceptance_length", "Tokens committed per verify step, bonus included",
-                              ["block_size", "policy_version"], buckets=tuple(float(i) for i in range(1, 17)) + (24.0, 32.0, 64.0))
+                              ["block_size", "policy_version", "arm"], buckets=_TAU_BUCKETS)
 BLOCK_SIZE_CHOSEN = Counter("blockpilot_block_size_chosen", "Block size used per request",
                             ["block_size", "policy_version", "arm"])
 GENERATED_TOKENS = Counter("blockpilot_generated_tokens", "Tokens generated (streamed to clients)")
@@ -41,6 +42,26 @@ DRAFTER_CACHE_RESUMES = Counter("blockpilot_drafter_cache_resumes",
                                 "not held here - unknown, evicted, expired, other tag - so the context is sent again)",
                                 ["result"])
 INFLIGHT = Gauge("blockpilot_inflight_requests", "RPCs in progress", ["service"])
+
+# Policy service. `arm` is the experiment arm (outside experiments: the policy name asked for);
+# `experiment` is "" outside experiments.
+POLICY_DECISIONS = Counter("blockpilot_policy_decisions", "Block-size decisions applied, by policy version, arm and size",
+                           ["policy_version", "arm", "experiment", "block_size"])
+POLICY_SHADOW_DECISIONS = Counter("blockpilot_policy_shadow_decisions",
+                                  "Shadow-arm decisions (computed and logged, never applied), by whether they agree "
+                                  "with the applied one (result: agree | differ | error)",
+                                  ["policy_version", "arm", "experiment", "result"])
+POLICY_OUTCOMES = Counter("blockpilot_policy_outcomes", "Decision outcomes reported by verifiers",
+                          ["policy_version", "arm", "experiment"])
+POLICY_TAU = Histogram("blockpilot_policy_tau", "Per-request τ of reported outcomes (mean tokens per verify step)",
+                       ["policy_version", "arm", "experiment"], buckets=_TAU_BUCKETS)
+POLICY_DECIDE_SECONDS = Histogram("blockpilot_policy_decide_seconds", "Time the policy service takes to answer Decide",
+                                  ["policy_version"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025,
+                                                               0.05, 0.1, 0.25, 1.0))
+POLICY_SERVED = Gauge("blockpilot_policy_served", "Learned policy versions being served (1 each)", ["policy_version"])
+POLICY_LOAD_FAILURES = Counter("blockpilot_policy_load_failures",
+                               "Policy versions that failed to load (not served; the version before keeps serving)",
+                               ["policy_version"])
 
 
 def start_metrics_server(port: int, host: str) -> None:

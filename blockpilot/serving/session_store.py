@@ -4,14 +4,16 @@ Schema (every key has a TTL, refreshed on each write; one session's keys share t
 `{<session>}`, so they sit in one cluster slot):
 
     bp:{<session>}:meta   hash  state (idle|generating), lease_until, step (the fence), turns,
-                                committed_tokens, block_size, policy_version, arm, decision_id,
-                                verifier_replica, verifier_cache_len, drafter_replica,
+                                committed_tokens, block_size, policy_version, arm, experiment,
+                                decision_id, verifier_replica, verifier_cache_len, drafter_replica,
                                 drafter_cache_len, drafter_cache_tag (the tag the drafter keeps
                                 that cache under), drafter_cache_digest (digest of the tokens it
                                 was built from), fallback_reason, created_at, updated_at
     bp:outcomes           stream of decision outcomes (bounded, MAXLEN ~), for offline training
     bp:arm:<version>:<arm> hash  per-arm counters: sessions, requests, tokens, steps,
                                 accepted_tokens, decode_seconds
+    bp:experiments, bp:exp:{<name>}:...  A/B experiments and their arm statistics (see
+                                blockpilot/policy/experiments.py; same client, same fail-open rules)
 
 Fencing: `begin_turn` atomically checks that no other stream holds the session (a lease), bumps
 `step` and returns it as the turn's fence token. `write` (a Lua script) applies only if the stored
@@ -130,6 +132,15 @@ class RedisSessionStore:
             self._down_until = time.monotonic() + self.retry_after_s
             log.warning("Redis %s failed (%s): failing open for %.1f s", what, err, self.retry_after_s)
             raise UnavailableError(f"session store {self.url} is unavailable: {err}") from None
+
+    @property
+    def client(self):
+        """The redis.asyncio client (decode_responses=True), for other key families (experiments)."""
+        return self._client
+
+    async def call(self, what: str, coro_factory):
+        """Run one Redis operation with this store's fail-open rules (UnavailableError, back-off)."""
+        return await self._call(what, coro_factory)
 
     async def ping(self) -> bool:
         return bool(await self._call("ping", self._client.ping))

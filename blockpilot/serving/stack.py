@@ -103,6 +103,26 @@ def health_status(address: str, service: str = "", timeout_s: float = 1.0) -> st
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
+def default_policy_line(address: str, timeout_s: float = 5.0) -> str:
+    """What answers requests that name no policy (DescribePolicy ""), in one line."""
+    import grpc
+
+    from blockpilot.v1 import policy_pb2, policy_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            spec = policy_pb2_grpc.PolicyStub(channel).DescribePolicy(policy_pb2.DescribePolicyRequest(), timeout=timeout_s)
+        except grpc.RpcError as err:
+            return f"default policy unknown (DescribePolicy failed: {err.code().name} {err.details()})"
+    versions = ", ".join(spec.policy_versions)
+    if spec.fallback_reason == "default_policy_not_loaded":
+        return (f"default policy {spec.policy} is not in the repository: the fixed default block size answers "
+                f"({versions}; responses say default_policy_not_loaded)")
+    routed = f" (experiment {spec.experiment})" if spec.experiment else ""
+    features = ", ".join(f"{f.kind}[{f.dim}]" for f in spec.features) or "no features"
+    return f"default policy {spec.policy}{routed}: {versions} ({features})"
+
+
 def wait_serving(address: str, service: str, deadline: float, pid: int | None = None) -> None:
     while time.monotonic() < deadline:
         if health_status(address, service) == "SERVING":
@@ -190,6 +210,8 @@ def up(opts: StackOptions, log=print) -> dict:
                 tail = Path(entry["log"]).read_text(errors="replace").strip().splitlines()[-5:]
                 raise UnavailableError(f"{err}; last lines of {entry['log']}: " + " | ".join(tail)) from None
             log(f"{name:<10} {entry['address']} SERVING (pid {entry['pid']}, metrics {entry['metrics']})")
+            if name == "policy":
+                log(f"{'':<10} {default_policy_line(entry['address'])}")
     except BaseException:
         down(log=lambda *_: None)
         raise

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
+import numpy as np
 import torch
 
 from blockpilot.decoding.drafting import Draft, DraftProvider, DraftRequest, DraftResume, DraftSession
@@ -35,9 +36,10 @@ from blockpilot.errors import (AbortedError, BlockPilotError, DeadlineExceededEr
                                UnavailableError)
 from blockpilot.models.kv_cache import KVCache
 from blockpilot.models.tokenizer import IncrementalDecoder
+from blockpilot.policy.features import feature_vector
 from blockpilot.serving import metrics
 from blockpilot.serving.models import ServedTarget
-from blockpilot.serving.policy import Decision, Outcome, Policy, PolicyFeatures
+from blockpilot.serving.policy import Decision, Outcome, Policy, PolicyFeatures, PolicySpec
 from blockpilot.serving.session_store import new_session_id
 from blockpilot.v1 import verifier_pb2
 
@@ -436,16 +438,14 @@ class VerifierCore:
         default = max(1, min(default, recorder.max_block_size))
 
         def decide(info: PrefillInfo) -> int:
-            features = PolicyFeatures(info.last_logits.detach().to(torch.float32).cpu(), info.prompt_len,
-                                      recorder.block_size, recorder.max_block_size, turn.session_id, turn.spec.policy)
-            # The policy call gets the client's remaining time, bounded by its own timeout.
+            # The policy calls get the client's remaining time, bounded by the policy timeout.
             timeout = self.config.policy_timeout_s
             if turn.spec.deadline is not None:
                 remaining = turn.spec.deadline - time.monotonic()
                 if remaining <= 0:
                     raise DeadlineExceededError("the request's deadline expired before the block size was chosen")
                 timeout = min(timeout, remaining)
-            future = asyncio.run_coroutine_threadsafe(self.policy.decide(features, timeout_s=timeout), loop)
+            future = asyncio.run_coroutine_threadsafe(self._choose(turn, info, default, timeout), loop)
             try:
                 decision = future.result(timeout=timeout + 0.5)
             except (NotFoundError, InvalidArgumentError):
@@ -463,6 +463,48 @@ class VerifierCore:
             return size
 
         return decide
+
+    async def _choose(self, turn: _Turn, info: PrefillInfo, default: int, timeout: float) -> Decision:
+        """Ask the policy: which features it reads (DescribePolicy, cached), then the decision for
+        this prefill's features. A FAILED_PRECONDITION / INVALID_ARGUMENT answer with a cached
+        feature list that is stale (a new policy version reads another feature) is retried once
+        with a fresh one; a policy this target cannot feed (another vocabulary or hidden size: a
+        feature left out, or one of an experiment's policies expecting another length) falls back
+        to the default size ("policy_feature_mismatch"). Unknown policy names and bad
+        overrides (NOT_FOUND, INVALID_ARGUMENT) reach the client."""
+        recorder = turn.recorder
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.001, deadline - time.monotonic())
+
+        name = turn.spec.policy
+        spec = await self.policy.describe(name, timeout_s=left())
+        for attempt in (0, 1):
+            vectors, problems = _policy_features(spec, info)
+            features = PolicyFeatures(vectors, info.prompt_len, recorder.block_size, recorder.max_block_size,
+                                      turn.session_id, name)
+            try:
+                decision = await self.policy.decide(features, timeout_s=left())
+                break
+            except (FailedPreconditionError, InvalidArgumentError) as err:
+                if attempt == 0:
+                    fresh = await self.policy.describe(name, timeout_s=left(), fresh=True)
+                    if fresh.features != spec.features:
+                        spec = fresh
+                        continue
+                if isinstance(err, InvalidArgumentError) and not problems:
+                    raise  # a bad request (e.g. a fixed size above the limit), not a feature this target lacks
+                self._count_fallback(turn, "policy_feature_mismatch",
+                                     f"policy {name or '(default)'} needs features this target cannot give "
+                                     f"({'; '.join(problems) or err}); block size {default}")
+                return Decision(default, "", "", "")
+        for reason in filter(None, decision.fallback_reason.split(",")):
+            # Reported by the policy service, which logs it; here it is counted and passed on.
+            if reason not in turn.reasons:
+                turn.reasons.append(reason)
+            metrics.FALLBACKS.labels(reason).inc()
+        return decision
 
     def _work(self, turn: _Turn, stream, put) -> None:
         recorder = turn.recorder
@@ -521,17 +563,17 @@ class VerifierCore:
             now = time.perf_counter()
             tokens = list(event.token_ids)
             version = (turn.decision.policy_version if turn.decision else "") or "none"
+            arm = (turn.decision.arm if turn.decision else "") or "none"
             if first:
                 first = False
                 metrics.TTFT.labels(version).observe(now - turn.started)
-                metrics.BLOCK_SIZE_CHOSEN.labels(str(turn.block_size), version,
-                                                 (turn.decision.arm if turn.decision else "") or "none").inc()
+                metrics.BLOCK_SIZE_CHOSEN.labels(str(turn.block_size), version, arm).inc()
             else:
                 label = str(turn.block_size)
                 for _ in tokens:
                     metrics.INTER_TOKEN.labels(label).observe((now - last_emit) / len(tokens))
                 metrics.STEP_SECONDS.labels("verifier", label).observe(step_s)
-                metrics.ACCEPTANCE_LENGTH.labels(label, version).observe(len(tokens))
+                metrics.ACCEPTANCE_LENGTH.labels(label, version, arm).observe(len(tokens))
                 if drafted:
                     accepted = min(len(tokens), event.acceptance_length or 0) - 1
                     metrics.DRAFTS.labels(label, version).inc()
@@ -569,7 +611,8 @@ class VerifierCore:
                                      cached_draft_tokens=result.draft_context_reused),
             acceptance_lengths=result.acceptance_lengths, tau=result.tau, block_size=result.block_size,
             policy_version=decision.policy_version if decision else "", arm=decision.arm if decision else "",
-            decision_id=decision.decision_id if decision else "", fallback_reason=",".join(turn.reasons),
+            decision_id=decision.decision_id if decision else "", experiment=decision.experiment if decision else "",
+            fallback_reason=",".join(turn.reasons),
             timings=verifier_pb2.Timings(ttft_s=result.ttft_s, decode_s=result.decode_s,
                                          decode_tokens_per_s=decode_tokens / result.decode_s if result.decode_s > 0 else 0.0,
                                          total_s=time.perf_counter() - turn.started),
@@ -627,7 +670,7 @@ class VerifierCore:
             "state": "idle", "lease_until": 0, "turns": int(turn.fence or 0),
             "committed_tokens": len(tokens), "block_size": turn.block_size,
             "policy_version": decision.policy_version if decision else "", "arm": decision.arm if decision else "",
-            "decision_id": decision.decision_id if decision else "",
+            "decision_id": decision.decision_id if decision else "", "experiment": decision.experiment if decision else "",
             "verifier_replica": self.replica_id, "verifier_cache_len": min(local.cache.length, len(tokens)) if local else 0,
             "fallback_reason": ",".join(turn.reasons),
         }
@@ -648,3 +691,29 @@ class VerifierCore:
         except BlockPilotError as err:
             metrics.FALLBACKS.labels("policy_report_failed").inc()
             log.warning("policy report failed: %s", err)
+
+
+def _policy_features(spec: PolicySpec, info: PrefillInfo) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The features `spec` asks for, computed from the prefill (blockpilot.policy.features, the same
+    code the training sweeps use), and what could not be given: a kind the prefill lacks, a length
+    other than the policy's (a policy trained for another target), NaN/Inf values. Those are left
+    out; the policy service answers FAILED_PRECONDITION if the deciding policy needed one."""
+    computed: dict[str, np.ndarray | BlockPilotError] = {}
+    vectors: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    for need in spec.features:
+        if need.kind not in computed:
+            try:
+                computed[need.kind] = feature_vector(info, need.kind)
+            except BlockPilotError as err:
+                computed[need.kind] = err
+        vector = computed[need.kind]
+        if isinstance(vector, BlockPilotError):
+            problems.append(str(vector))
+        elif vector.shape != (need.dim,):
+            problems.append(f"{need.kind} has {vector.size} values here, the policy expects {need.dim}")
+        elif not np.isfinite(vector).all():
+            problems.append(f"{need.kind} has NaN or infinite values")
+        else:
+            vectors[need.kind] = vector
+    return vectors, problems

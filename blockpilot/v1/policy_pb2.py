@@ -25,23 +25,37 @@ _sym_db = _symbol_database.Default()
 from blockpilot.v1 import tensor_pb2 as blockpilot_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62lockpilot/v1/policy.proto\x12\rblockpilot.v1\x1a\x1a\x62lockpilot/v1/tensor.proto\"\xa7\x01\n\rDecideRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\'\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_block_size\x18\x05 \x01(\r\x12\x16\n\x0emax_block_size\x18\x06 \x01(\r\"^\n\x0e\x44\x65\x63ideResponse\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x0b\n\x03\x61rm\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\"\xa3\x02\n\rReportRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x18\n\x10generated_tokens\x18\x07 \x01(\r\x12\x1a\n\x12\x61\x63\x63\x65ptance_lengths\x18\x08 \x03(\r\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\t \x01(\x01\x12\x32\n\rfinish_reason\x18\n \x01(\x0e\x32\x1b.blockpilot.v1.FinishReason\x12\x17\n\x0f\x66\x61llback_reason\x18\x0b \x01(\t\"\x10\n\x0eReportResponse*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x96\x01\n\x06Policy\x12\x45\n\x06\x44\x65\x63ide\x12\x1c.blockpilot.v1.DecideRequest\x1a\x1d.blockpilot.v1.DecideResponse\x12\x45\n\x06Report\x12\x1c.blockpilot.v1.ReportRequest\x1a\x1d.blockpilot.v1.ReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62lockpilot/v1/policy.proto\x12\rblockpilot.v1\x1a\x1a\x62lockpilot/v1/tensor.proto\"(\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\">\n\x07\x46\x65\x61ture\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12%\n\x06values\x18\x02 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\"\'\n\x15\x44\x65scribePolicyRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\"\xb1\x01\n\x16\x44\x65scribePolicyResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12,\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x1a.blockpilot.v1.FeatureSpec\x12\x17\n\x0fpolicy_versions\x18\x03 \x03(\t\x12\x12\n\nexperiment\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_ttl_s\x18\x05 \x01(\x01\x12\x17\n\x0f\x66\x61llback_reason\x18\x06 \x01(\t\"\xc0\x01\n\rDecideRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_block_size\x18\x05 \x01(\r\x12\x16\n\x0emax_block_size\x18\x06 \x01(\r\x12\x30\n\x10prefill_features\x18\x07 \x03(\x0b\x32\x16.blockpilot.v1.FeatureJ\x04\x08\x03\x10\x04R\x08\x66\x65\x61tures\"\x8b\x01\n\x0e\x44\x65\x63ideResponse\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x0b\n\x03\x61rm\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\x12\x12\n\nexperiment\x18\x05 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x06 \x01(\t\"\xb7\x02\n\rReportRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x18\n\x10generated_tokens\x18\x07 \x01(\r\x12\x1a\n\x12\x61\x63\x63\x65ptance_lengths\x18\x08 \x03(\r\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\t \x01(\x01\x12\x32\n\rfinish_reason\x18\n \x01(\x0e\x32\x1b.blockpilot.v1.FinishReason\x12\x17\n\x0f\x66\x61llback_reason\x18\x0b \x01(\t\x12\x12\n\nexperiment\x18\x0c \x01(\t\"\x10\n\x0eReportResponse\"\x0f\n\rReloadRequest\"4\n\x0bLoadFailure\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"p\n\x0eReloadResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\x12,\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\x1a.blockpilot.v1.LoadFailure\x12\x0f\n\x07removed\x18\x04 \x03(\t*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xbc\x02\n\x06Policy\x12]\n\x0e\x44\x65scribePolicy\x12$.blockpilot.v1.DescribePolicyRequest\x1a%.blockpilot.v1.DescribePolicyResponse\x12\x45\n\x06\x44\x65\x63ide\x12\x1c.blockpilot.v1.DecideRequest\x1a\x1d.blockpilot.v1.DecideResponse\x12\x45\n\x06Report\x12\x1c.blockpilot.v1.ReportRequest\x1a\x1d.blockpilot.v1.ReportResponse\x12\x45\n\x06Reload\x12\x1c.blockpilot.v1.ReloadRequest\x1a\x1d.blockpilot.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'blockpilot.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=651
-  _globals['_FINISHREASON']._serialized_end=775
-  _globals['_DECIDEREQUEST']._serialized_start=74
-  _globals['_DECIDEREQUEST']._serialized_end=241
-  _globals['_DECIDERESPONSE']._serialized_start=243
-  _globals['_DECIDERESPONSE']._serialized_end=337
-  _globals['_REPORTREQUEST']._serialized_start=340
-  _globals['_REPORTREQUEST']._serialized_end=631
-  _globals['_REPORTRESPONSE']._serialized_start=633
-  _globals['_REPORTRESPONSE']._serialized_end=649
-  _globals['_POLICY']._serialized_start=778
-  _globals['_POLICY']._serialized_end=928
+  _globals['_FINISHREASON']._serialized_start=1254
+  _globals['_FINISHREASON']._serialized_end=1378
+  _globals['_FEATURESPEC']._serialized_start=73
+  _globals['_FEATURESPEC']._serialized_end=113
+  _globals['_FEATURE']._serialized_start=115
+  _globals['_FEATURE']._serialized_end=177
+  _globals['_DESCRIBEPOLICYREQUEST']._serialized_start=179
+  _globals['_DESCRIBEPOLICYREQUEST']._serialized_end=218
+  _globals['_DESCRIBEPOLICYRESPONSE']._serialized_start=221
+  _globals['_DESCRIBEPOLICYRESPONSE']._serialized_end=398
+  _globals['_DECIDEREQUEST']._serialized_start=401
+  _globals['_DECIDEREQUEST']._serialized_end=593
+  _globals['_DECIDERESPONSE']._serialized_start=596
+  _globals['_DECIDERESPONSE']._serialized_end=735
+  _globals['_REPORTREQUEST']._serialized_start=738
+  _globals['_REPORTREQUEST']._serialized_end=1049
+  _globals['_REPORTRESPONSE']._serialized_start=1051
+  _globals['_REPORTRESPONSE']._serialized_end=1067
+  _globals['_RELOADREQUEST']._serialized_start=1069
+  _globals['_RELOADREQUEST']._serialized_end=1084
+  _globals['_LOADFAILURE']._serialized_start=1086
+  _globals['_LOADFAILURE']._serialized_end=1138
+  _globals['_RELOADRESPONSE']._serialized_start=1140
+  _globals['_RELOADRESPONSE']._serialized_end=1252
+  _globals['_POLICY']._serialized_start=1381
+  _globals['_POLICY']._serialized_end=1697
 # @@protoc_insertion_point(module_scope)

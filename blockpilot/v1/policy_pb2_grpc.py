@@ -35,6 +35,11 @@ class PolicyStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.DescribePolicy = channel.unary_unary(
+                '/blockpilot.v1.Policy/DescribePolicy',
+                request_serializer=blockpilot_dot_v1_dot_policy__pb2.DescribePolicyRequest.SerializeToString,
+                response_deserializer=blockpilot_dot_v1_dot_policy__pb2.DescribePolicyResponse.FromString,
+                _registered_method=True)
         self.Decide = channel.unary_unary(
                 '/blockpilot.v1.Policy/Decide',
                 request_serializer=blockpilot_dot_v1_dot_policy__pb2.DecideRequest.SerializeToString,
@@ -45,14 +50,27 @@ class PolicyStub:
                 request_serializer=blockpilot_dot_v1_dot_policy__pb2.ReportRequest.SerializeToString,
                 response_deserializer=blockpilot_dot_v1_dot_policy__pb2.ReportResponse.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/blockpilot.v1.Policy/Reload',
+                request_serializer=blockpilot_dot_v1_dot_policy__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=blockpilot_dot_v1_dot_policy__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServicer:
     """Block-size policies. Stateless: any replica answers any request.
     """
 
+    def DescribePolicy(self, request, context):
+        """Which prefill features Decide needs for a policy name. Callers cache the answer for
+        cache_ttl_s; a Decide answered FAILED_PRECONDITION says the cached answer is stale.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Decide(self, request, context):
-        """Choose the block size of one request from its prefill feature.
+        """Choose the block size of one request from its prefill features.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,9 +83,22 @@ class PolicyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Rescan the policy repository now (the service also polls it); a broken new version is not
+        loaded and the version served before keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'DescribePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribePolicy,
+                    request_deserializer=blockpilot_dot_v1_dot_policy__pb2.DescribePolicyRequest.FromString,
+                    response_serializer=blockpilot_dot_v1_dot_policy__pb2.DescribePolicyResponse.SerializeToString,
+            ),
             'Decide': grpc.unary_unary_rpc_method_handler(
                     servicer.Decide,
                     request_deserializer=blockpilot_dot_v1_dot_policy__pb2.DecideRequest.FromString,
@@ -77,6 +108,11 @@ def add_PolicyServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=blockpilot_dot_v1_dot_policy__pb2.ReportRequest.FromString,
                     response_serializer=blockpilot_dot_v1_dot_policy__pb2.ReportResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=blockpilot_dot_v1_dot_policy__pb2.ReloadRequest.FromString,
+                    response_serializer=blockpilot_dot_v1_dot_policy__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +125,33 @@ def add_PolicyServicer_to_server(servicer, server):
 class Policy:
     """Block-size policies. Stateless: any replica answers any request.
     """
+
+    @staticmethod
+    def DescribePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockpilot.v1.Policy/DescribePolicy',
+            blockpilot_dot_v1_dot_policy__pb2.DescribePolicyRequest.SerializeToString,
+            blockpilot_dot_v1_dot_policy__pb2.DescribePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Decide(request,
@@ -134,6 +197,33 @@ class Policy:
             '/blockpilot.v1.Policy/Report',
             blockpilot_dot_v1_dot_policy__pb2.ReportRequest.SerializeToString,
             blockpilot_dot_v1_dot_policy__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockpilot.v1.Policy/Reload',
+            blockpilot_dot_v1_dot_policy__pb2.ReloadRequest.SerializeToString,
+            blockpilot_dot_v1_dot_policy__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -120,7 +120,7 @@ class Timings(_message.Message):
     def __init__(self, ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "acceptance_lengths", "tau", "block_size", "policy_version", "arm", "decision_id", "fallback_reason", "timings", "token_ids", "prompt_token_ids", "text", "target", "drafter")
+    __slots__ = ("finish_reason", "usage", "acceptance_lengths", "tau", "block_size", "policy_version", "arm", "decision_id", "fallback_reason", "timings", "token_ids", "prompt_token_ids", "text", "target", "drafter", "experiment")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class GenerateFinal(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     usage: Usage
     acceptance_lengths: _containers.RepeatedScalarFieldContainer[int]
@@ -151,7 +152,8 @@ class GenerateFinal(_message.Message):
     text: str
     target: str
     drafter: str
-    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., acceptance_lengths: _Optional[_Iterable[int]] = ..., tau: _Optional[float] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ..., decision_id: _Optional[str] = ..., fallback_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ...) -> None: ...
+    experiment: str
+    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., acceptance_lengths: _Optional[_Iterable[int]] = ..., tau: _Optional[float] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ..., decision_id: _Optional[str] = ..., fallback_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., experiment: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("index", "session_id", "delta", "final")

@@ -14,7 +14,7 @@ import torch
 from blockpilot.config import VerifierServiceConfig, load_config
 from blockpilot.errors import InvalidArgumentError, UnavailableError
 from blockpilot.serving import metrics
-from blockpilot.serving.models import load_served_target
+from blockpilot.serving.models import load_verifier_target
 from blockpilot.serving.policy import FixedPolicy, RemotePolicy
 from blockpilot.serving.remote_drafter import RemoteDrafter
 from blockpilot.serving.server import ServiceRunner, default_replica_id, setup_logging
@@ -113,7 +113,7 @@ async def serve(argv: Sequence[str] | None = None) -> None:
 
     async def load():
         torch.set_num_threads(config.threads)
-        target = await asyncio.to_thread(load_served_target, config.target)
+        target = await asyncio.to_thread(load_verifier_target, config)  # target + verifier backend
         drafter = RemoteDrafter(config.drafter_address, step_timeout_s=config.drafter_timeout_s) if config.drafter_address else None
         policy = RemotePolicy(config.policy_address, timeout_s=config.policy_timeout_s) if config.policy_address else \
             FixedPolicy(config.default_block_size)

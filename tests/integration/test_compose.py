@@ -76,6 +76,7 @@ ENV = {
         "BLOCKPILOT_POLICY_PORT": "50053",
         "BLOCKPILOT_POLICY_METRICS_PORT": "9103",
         "BLOCKPILOT_POLICY_REDIS_URL": REDIS_URL,
+        "BLOCKPILOT_POLICY_REPOSITORY": "/app/policies",
         "BLOCKPILOT_CACHE": "/cache",
     },
 }
@@ -83,16 +84,18 @@ COUNTERS = {
     "blockpilot_requests_total", "blockpilot_drafts_total", "blockpilot_draft_tokens_total",
     "blockpilot_accepted_tokens_total", "blockpilot_accepted_tokens_by_position_total",
     "blockpilot_fallbacks_total", "blockpilot_block_size_chosen_total", "blockpilot_generated_tokens_total",
-    "blockpilot_drafter_cache_resumes_total",
+    "blockpilot_drafter_cache_resumes_total", "blockpilot_policy_decisions_total",
+    "blockpilot_policy_shadow_decisions_total", "blockpilot_policy_outcomes_total", "blockpilot_policy_load_failures_total",
 }
 HISTOGRAMS = {
     "blockpilot_time_to_first_token_seconds", "blockpilot_inter_token_latency_seconds",
-    "blockpilot_step_seconds", "blockpilot_acceptance_length",
+    "blockpilot_step_seconds", "blockpilot_acceptance_length", "blockpilot_policy_tau", "blockpilot_policy_decide_seconds",
 }
-GAUGES = {"blockpilot_drafter_sessions", "blockpilot_drafter_cached_sessions", "blockpilot_inflight_requests"}
+GAUGES = {"blockpilot_drafter_sessions", "blockpilot_drafter_cached_sessions", "blockpilot_inflight_requests",
+          "blockpilot_policy_served"}
 # Labels the contract's metrics carry, plus Prometheus' own (le of histograms, target labels).
-KNOWN_LABELS = {"service", "status", "position", "reason", "block_size", "policy_version", "arm", "result", "le",
-                "instance", "job"}
+KNOWN_LABELS = {"service", "status", "position", "reason", "block_size", "policy_version", "arm", "experiment", "result",
+                "le", "instance", "job"}
 # Metrics that are not the services' own but Prometheus' (scrape health).
 PROMETHEUS_BUILTINS = {"up"}
 

@@ -28,7 +28,9 @@ VOCAB = 97
 def stack(tiny_llama_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("stack")
     redis = Redis(folder).start()
-    policy = Service("policy", folder, redis_url=redis.url).start()
+    # The fixed default size answers AUTO requests (no learned policy: the repository is empty).
+    (folder / "policies").mkdir()
+    policy = Service("policy", folder, redis_url=redis.url, repository=folder / "policies", default_policy="default").start()
     drafter = Service("drafter", folder, target=tiny_llama_dir, drafter="random", random_block_size=DRAFTER_BLOCK,
                       step_delay_s=0.01).start()
     verifier = Service("verifier", folder, target=tiny_llama_dir, drafter_address=f"127.0.0.1:{drafter.port}",
@@ -99,7 +101,7 @@ def test_pipeline_equals_in_process_token_for_token(stack, engine):
         speculative = in_process(engine, PROMPT, 40, expected_size)
         assert list(final.acceptance_lengths) == speculative.acceptance_lengths
         assert final.finish_reason == "length" and final.usage.completion_tokens == 40
-    assert final.policy_version == "fixed-v1" and final.decision_id
+    assert final.policy_version == "fixed-v1" and final.arm == "default" and final.decision_id
     assert stack["verifier"].metric("blockpilot_drafts_total") > 0
     assert stack["verifier"].metric("blockpilot_block_size_chosen_total", block_size="8", policy_version="fixed-v1") >= 1
     assert stack["drafter"].metric("blockpilot_drafter_sessions") == 0

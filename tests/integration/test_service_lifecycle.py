@@ -30,7 +30,8 @@ GRACE_S = 30.0
 @pytest.fixture(scope="module")
 def stack(tiny_llama_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lifecycle")
-    policy = Service("policy", folder, redis_url="memory", decide_delay_s=POLICY_DELAY_S).start()
+    # default_policy "default": the fixed default size answers AUTO requests, whatever policies/ ships.
+    policy = Service("policy", folder, redis_url="memory", decide_delay_s=POLICY_DELAY_S, default_policy="default").start()
     drafter = Service("drafter", folder, target=tiny_llama_dir, drafter="random", random_block_size=8,
                       step_delay_s=0.02).start()
     verifier = Service("verifier", folder, target=tiny_llama_dir, drafter_address=drafter.address,
@@ -63,7 +64,7 @@ def test_policy_call_carries_the_client_deadline(stack):
     assert wait_until(lambda: policy.metric("blockpilot_requests_total", service="policy", status="CANCELLED") >= 1,
                       timeout=POLICY_DELAY_S - 1.5, interval=0.05)
     assert time.monotonic() - started < POLICY_DELAY_S - 0.5
-    assert policy.metric("blockpilot_requests_total", service="policy", status="OK") == 0
+    assert policy.metric("blockpilot_policy_decisions_total") == 0  # (DescribePolicy, undelayed, did answer)
     # With time to spare, the same slow policy answers and its block size is used.
     messages = list(stub.Generate(request(mode=pb.BLOCK_SIZE_MODE_AUTO, block_size=0), timeout=60))
     final = messages[-1].final

@@ -1,0 +1,127 @@
+"""Pick and build the verifier backend named by the config or the command line.
+
+One place decides, for the CLI (`generate --backend`), the benchmarks and the verifier service:
+which export a graph backend runs (the folder given, else one made on demand into
+`$BLOCKPILOT_CACHE/onnx/`), that it was made from the loaded weights, and that it returns the
+hidden states of the layers the drafter reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from blockpilot.backends.base import ONNXRUNTIME, TENSORRT, TORCH, VerifierBackend, check_backend_name, check_layers_match
+from blockpilot.errors import InvalidArgumentError, ModelFormatError, NotFoundError
+from blockpilot.models.target import TargetModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to run the verifier's target.
+
+    name: 'torch' | 'onnxruntime' | 'tensorrt'.
+    onnx: an export folder (`blockpilot export onnx`); None = export on demand into the cache.
+    threads: ONNX Runtime intra-op threads (None: torch's thread count).
+    ort_provider: 'auto' | 'cpu' | 'cuda' | 'tensorrt' (ONNX Runtime execution provider).
+    trt_precision / trt_max_block_size / trt_max_context: the TensorRT engine's precision, largest
+        verify block and largest cache length (None: the model's context).
+    """
+
+    name: str = TORCH
+    onnx: str | Path | None = None
+    threads: int | None = None
+    ort_provider: str = "auto"
+    trt_precision: str = "fp16"
+    trt_max_block_size: int = 16
+    trt_max_context: int | None = None
+
+    def __post_init__(self) -> None:
+        check_backend_name(self.name)
+        if self.name == TORCH and self.onnx:
+            raise InvalidArgumentError(f"an ONNX export ('{self.onnx}') is only used by the onnxruntime and tensorrt backends, not 'torch'")
+
+
+def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers: Sequence[int] | None,
+                 default_layers: Sequence[int] = (), source: str = "") -> VerifierBackend:
+    """The target as the loop should run it.
+
+    drafter_layers: the target layers the drafter reads (None: no drafter here, or not known).
+    default_layers: the layers an on-demand export returns when drafter_layers is None (so one
+        export serves block size 1 and the usual drafter alike).
+    source: where the target came from (recorded in on-demand exports)."""
+    if options.name == TORCH:
+        return target
+    from blockpilot.backends.onnx_export import cached_export, check_export_matches, read_export, weights_digest
+
+    if options.name == TENSORRT:
+        from blockpilot.backends.tensorrt_backend import require_tensorrt
+
+        require_tensorrt()  # before a minute of exporting, not after
+    digest = weights_digest(target)
+    if options.onnx:
+        export = read_export(options.onnx)
+        check_export_matches(export, target, digest)
+        if drafter_layers is not None:
+            check_layers_match(export.hidden_layer_ids, drafter_layers, str(export.directory))
+    else:
+        layers = drafter_layers if drafter_layers is not None else default_layers
+        export = cached_export(target, tuple(layers), source=source, digest=digest)
+    if options.name == ONNXRUNTIME:
+        from blockpilot.backends.onnxruntime_backend import OnnxRuntimeTarget
+
+        return OnnxRuntimeTarget(export, target, provider=options.ort_provider, threads=options.threads,
+                                 verify_weights=False, max_block_size=options.trt_max_block_size)
+    from blockpilot.backends.tensorrt_backend import EngineSpec, TensorRTTarget
+
+    spec = EngineSpec(max_block_size=options.trt_max_block_size, precision=options.trt_precision,
+                      max_context=options.trt_max_context)
+    return TensorRTTarget(export, target, spec=spec, verify_weights=False)
+
+
+def place_beside(backend: VerifierBackend, target: TargetModel, *modules: torch.nn.Module) -> None:
+    """Move the torch target (whose embedding and output projection the drafter uses) and the
+    drafter onto the backend's device, so a GPU backend does not draft on the CPU."""
+    device = backend.device
+    if backend is target or target.device == device:
+        return
+    log.info("moving the torch target and the drafter to %s (beside the %s backend)", device, getattr(backend, "backend", "?"))
+    target.to(device)
+    target.prepare_for_inference()  # the one-row weight copies are plain attributes: remake them there
+    for module in modules:
+        module.to(device)
+
+
+def drafter_checkpoint_layers(path: str | Path) -> tuple[int, ...]:
+    """The target layers a DFlash checkpoint reads (its config.json), without loading its weights."""
+    from blockpilot.models.drafter import DrafterConfig
+
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        raise NotFoundError(f"no drafter at '{config.parent}': expected a DFlash checkpoint directory with config.json")
+    try:
+        raw = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFormatError(f"'{config}' is not valid JSON: {err}") from None
+    return DrafterConfig.from_hf_dict(raw).target_layer_ids
+
+
+def default_export_layers(target: TargetModel, is_default_target: bool) -> tuple[int, ...]:
+    """Layers an export returns when nothing names them: those of the shipped drafter for the
+    default target, else DFlash's choice for a one-layer drafter (what `--drafter random` and
+    `drafter train` make by default). A drafter reading other layers is refused with a message
+    that says how to export for it."""
+    from blockpilot.models.drafter import default_target_layer_ids
+    from blockpilot.runtime import shipped_drafter_dir
+
+    shipped = shipped_drafter_dir() if is_default_target else None
+    if shipped is not None:
+        return drafter_checkpoint_layers(shipped)
+    return tuple(default_target_layer_ids(target.config.num_hidden_layers, 1))

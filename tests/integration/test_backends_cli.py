@@ -1,0 +1,91 @@
+"""`blockpilot export onnx | trt` and `blockpilot generate --backend` as a user runs them: real
+processes, exit codes, one JSON object on stdout, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from blockpilot.backends.tensorrt_backend import tensorrt_unavailable_reason
+
+TRT_REASON = tensorrt_unavailable_reason()
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blockpilot.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def one_line_error(done: subprocess.CompletedProcess, status: int, fragment: str) -> None:
+    assert done.returncode == status, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_export_onnx_writes_a_checked_export(tiny_llama_dir, tmp_path):
+    out = tmp_path / "export"
+    done = run_cli("export", "onnx", "--target", str(tiny_llama_dir), "--hidden-layers", "1", "3", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # exactly one JSON object
+    assert report["export"] == str(out) and report["hidden_layer_ids"] == [1, 3] and report["dtype"] == "float32"
+    assert report["check_max_error"] <= 1e-4
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.onnx.data", "export.json"}
+    again = run_cli("export", "onnx", "--target", str(tiny_llama_dir), "--hidden-layers", "1", "--out", str(out))
+    one_line_error(again, 2, "already holds an ONNX export (pass --force to replace it)")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["export", "onnx", "--hidden-layers", "40", "--out", "{tmp}/x"], "must be distinct and within [0, 4)"),
+    (["export", "onnx", "--hidden-layers", "1", "--drafter", "random", "--out", "{tmp}/x"], "not both"),
+    (["export", "onnx", "--drafter", "{tmp}/no-drafter", "--out", "{tmp}/x"], "no drafter at"),
+])
+def test_export_onnx_bad_arguments_are_one_line_errors(tiny_llama_dir, tmp_path, args, fragment):
+    args = [a.format(tmp=tmp_path) for a in args]
+    done = run_cli(*args[:2], "--target", str(tiny_llama_dir), *args[2:])
+    status = 1 if "no drafter at" in fragment else 2
+    one_line_error(done, status, fragment)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["generate", "--onnx", "/tmp/x", "hi"], "needs --backend onnxruntime or tensorrt"),
+    (["generate", "--backend", "onnx", "hi"], "invalid choice: 'onnx'"),
+    (["generate", "--server", "127.0.0.1:1", "--backend", "onnxruntime", "hi"], "are the server's settings"),
+])
+def test_generate_backend_arguments_are_checked(args, fragment):
+    one_line_error(run_cli(*args, timeout=60), 2, fragment)
+
+
+def test_export_trt_without_a_gpu_says_what_is_missing(tiny_llama_dir):
+    if TRT_REASON is None:
+        pytest.skip("TensorRT and a GPU are present here: the refusal does not apply")
+    done = run_cli("export", "trt", "--target", str(tiny_llama_dir), timeout=120)
+    one_line_error(done, 1, TRT_REASON)
+
+
+@pytest.mark.default_model
+def test_generate_on_tensorrt_without_a_gpu_refuses_in_one_line():
+    if TRT_REASON is None:
+        pytest.skip("TensorRT and a GPU are present here: the refusal does not apply")
+    one_line_error(run_cli("generate", "--backend", "tensorrt", "--max-new-tokens", "4", "hi"), 1, TRT_REASON)
+
+
+@pytest.mark.default_model
+@pytest.mark.slow
+def test_generate_on_onnxruntime_equals_torch_on_the_default_model():
+    """The default model through `generate --backend onnxruntime` (exported on demand into the cache
+    once, about 1-2 minutes on the 2-core machine), block size 1 and speculative: the same tokens
+    as the torch backend."""
+    reports = {}
+    for backend, extra in [("torch", ["--block-size", "1"]), ("onnxruntime", ["--block-size", "1"]),
+                           ("onnxruntime", ["--block-size", "4"])]:
+        done = run_cli("generate", "--json", "--backend", backend, "--drafter", "random", "--max-new-tokens", "24",
+                       "--threads", "1", *extra, "Name three primary colors.", timeout=600)
+        assert done.returncode == 0, done.stderr
+        reports[(backend, extra[1])] = json.loads(done.stdout)
+    reference = reports[("torch", "1")]["token_ids"]
+    assert reference and all(r["token_ids"] == reference for r in reports.values())
+    assert reports[("onnxruntime", "4")]["backend"] == "onnxruntime" and reports[("onnxruntime", "4")]["block_size"] == 4
