@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from blockpilot.decoding import acceptance
 from blockpilot.decoding.drafting import DraftProvider, DraftRequest
+from blockpilot.decoding.replay import ReplayResult, replay_greedy
 from blockpilot.decoding.speculative import PrefillInfo, SamplingParams, SpeculativeDecoder
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from blockpilot.models.target import TargetModel
@@ -123,76 +124,6 @@ class SweepConfig:
 # ---- the greedy loop, replayed ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ReplayResult:
-    """Per step: tokens committed (acceptance length, bonus included) and tokens verified."""
-
-    acceptance_lengths: tuple[int, ...]
-    verify_sizes: tuple[int, ...]
-
-
-@torch.inference_mode()
-def replay_greedy(provider: DraftProvider | None, token_ids: Sequence[int], prompt_len: int,
-                  context_features: torch.Tensor | None, block_size: int, max_new_tokens: int,
-                  stop_token_ids: Sequence[int] = ()) -> ReplayResult:
-    """The steps SpeculativeDecoder.stream takes at temperature 0 for this request, given its
-    greedy output.
-
-    token_ids: prompt + the target's greedy continuation (first token included) as decoded with
-    these max_new_tokens and stop tokens. context_features [>= len(token_ids) - 1, F]: the drafter
-    context features of those tokens. The drafter session receives exactly the calls the real loop
-    makes (same anchors, positions, context slices and draft lengths), so the drafts are the real
-    loop's; a draft is accepted iff it equals the recorded token, since at temperature 0 the loop
-    commits that same continuation at every block size.
-    """
-    ids = list(token_ids)
-    seq_len = len(ids)
-    if not 0 < prompt_len < seq_len:
-        raise ValueError(f"token_ids must hold the prompt ({prompt_len} tokens) and at least one generated token; got {seq_len}")
-    if block_size > 1 and (provider is None or context_features is None):
-        raise ValueError(f"block size {block_size} needs a drafter and context features")
-    stop = set(stop_token_ids)
-    if ids[prompt_len] in stop or max_new_tokens == 1:
-        return ReplayResult((), ())
-    session = provider.open_session(prompt_len + max_new_tokens + 1) if block_size > 1 else None
-    lengths: list[int] = []
-    sizes: list[int] = []
-    generated = 1
-    sent = int(getattr(session, "context_length", 0) or 0)  # context the session already holds
-    try:
-        while True:
-            verify = min(block_size, max_new_tokens - generated)
-            start = prompt_len + generated - 1  # position of the anchor
-            draft: list[int] = []
-            if verify > 1 and session is not None:
-                request = DraftRequest(anchor=ids[start], start=start, num_draft=verify - 1,
-                                       context=context_features[sent:start], context_start=sent)
-                draft = session.propose(request).tokens.tolist()
-                sent = start
-            else:
-                verify = 1
-            truth = ids[start + 1 : start + verify]
-            accepted = 0
-            while accepted < len(truth) and draft[accepted] == truth[accepted]:
-                accepted += 1
-            # The accepted drafts and the target's own next token (the bonus). Shorter only when
-            # the recorded output ends inside the block with a stop token: the loop cuts there too.
-            committed = ids[start + 1 : start + 2 + accepted]
-            for i, token in enumerate(committed):
-                if token in stop:
-                    committed = committed[: i + 1]
-                    break
-            if not committed:
-                raise ValueError("the recorded continuation ends before the decoding loop would stop: it is not the "
-                                 "greedy output for these max_new_tokens and stop tokens")
-            generated += len(committed)
-            lengths.append(len(committed))
-            sizes.append(verify)
-            if committed[-1] in stop or generated >= max_new_tokens:
-                return ReplayResult(tuple(lengths), tuple(sizes))
-    finally:
-        if session is not None:
-            session.close()
 
 
 # ---- cost model (replay mode) ------------------------------------------------------------------

@@ -3,9 +3,9 @@
 Per prompt:
 1. the target's greedy continuation, decoded autoregressively through the engine (block size 1):
    the baseline's decode tokens/s, and the reference output;
-2. greedy τ at every swept block size, by replaying the loop over the recorded continuation with
-   teacher-forced target features (at T=0 the loop commits exactly that continuation, so a draft
-   token is accepted iff it equals the recorded token; this costs drafter passes only);
+2. greedy τ at every swept block size, by replaying the loop over the recorded continuation
+   (decoding.replay: at T=0 the loop commits exactly that continuation, so a draft token is
+   accepted iff it equals the recorded token; this costs drafter passes only);
 3. a real speculative decode at the measured block size (default: the drafter's own): its decode
    tokens/s (speed-up over step 1, same run), its τ, and a check that its output equals step 1's;
 4. at T=1, real decodes with DFlash's sample-and-match rule and with a sampled draft + min(1, p/q).
@@ -19,16 +19,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from blockpilot.benchmarking import read_jsonl_prompts
 from blockpilot.decoding.drafting import LocalDrafter
+from blockpilot.decoding.replay import replay_greedy
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
-from blockpilot.models.drafter import DFlashDrafter, DraftHead
+from blockpilot.models.drafter import DFlashDrafter
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
-from blockpilot.training.train import FeatureCache, replay_tau
+from blockpilot.training.train import FeatureCache
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,6 @@ def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFl
     autoregressive = SpeculativeDecoder(target)
     speculative = SpeculativeDecoder(target, provider)
     features = FeatureCache(target, drafter.target_layer_ids)
-    head = DraftHead(target.lm_head.weight, drafter.draft_vocab)
     prompts = [p for name in cfg.datasets for p in read_jsonl_prompts(datasets_dir / f"{name}.jsonl", cfg.prompts_per_dataset)]
     rows = []
     for index, prompt in enumerate(tqdm(prompts, desc="eval prompts", disable=not progress, file=sys.stderr)):
@@ -60,8 +59,8 @@ def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFl
         ar = autoregressive.generate(ids, params, 1)
         sequence = ids + ar.token_ids
         feats = features.get(index, sequence)
-        with torch.no_grad():
-            replay = {b: replay_tau(drafter, target, head, feats, sequence, len(ids), b, max_steps=10_000) for b in sizes}
+        replay = {b: replay_greedy(provider, sequence, len(ids), feats, b, cfg.max_new_tokens, tokenizer.stop_token_ids).acceptance_lengths
+                  for b in sizes}
         spec = speculative.generate(ids, params, measured)
         row = {
             "id": prompt["id"], "dataset": prompt["dataset"], "prompt_tokens": len(ids), "new_tokens": len(ar.token_ids),

@@ -228,7 +228,8 @@ def replay_tau(drafter: DFlashDrafter, target: TargetModel, head: DraftHead, fea
         draft = head.token_ids(head.logits(hidden[0, 1:]).argmax(-1))
         truth = ids[anchor + 1 : anchor + steps]
         accepted = int((draft == truth).int().cumprod(0).sum())
-        lengths.append(accepted + 1)
+        # The bonus token exists only while the recorded sequence goes on.
+        lengths.append(min(accepted + 1, seq_len - 1 - anchor))
         anchor += accepted + 1
     return lengths
 

@@ -136,7 +136,8 @@ def test_replay_tau_walks_the_whole_response(target, drafter):
     features = FeatureCache(target, drafter.target_layer_ids).get(0, token_ids)
     lengths = replay_tau(drafter, target, DraftHead(target.lm_head.weight, None), features, token_ids, 3, drafter.block_size)
     assert all(1 <= n <= drafter.block_size for n in lengths)
-    assert len(token_ids) - 1 <= 3 + sum(lengths) <= len(token_ids)
+    # Every recorded token after the first response token is committed exactly once (no bonus past the end).
+    assert 3 + 1 + sum(lengths) == len(token_ids)
 
 
 def test_eval_report_replay_tau_matches_real_decoding(target, tmp_path):
