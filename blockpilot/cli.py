@@ -1,8 +1,9 @@
 """`blockpilot` command line.
 
 Contract of `blockpilot generate` (benchmarks and later services rely on it; extend, do not break):
-    blockpilot generate [--target NAME_OR_PATH] [--drafter PATH|random|none] [--block-size N]
+    blockpilot generate [--target NAME_OR_PATH] [--drafter PATH|random|none] [--block-size N|auto]
                         [--temperature T] [--max-new-tokens N] [--seed S] [--raw] [--json] PROMPT
+    (also: --policy/--policies with --block-size auto, --backend/--onnx, --server HOST:PORT)
 `--json` prints exactly one JSON object on stdout. Bad arguments exit with status 2 and one line
 on stderr; no traceback reaches the user for an expected failure.
 """
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from blockpilot.cli_args import EXIT_FAILURE, EXIT_USAGE, OneLineParser, positive_int, temperature
+from blockpilot.cli_args import AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, block_size_arg, positive_int, temperature
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
 
 # Command groups kept beside their code: each module's add_parsers(sub) adds its subcommands and
@@ -34,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", metavar="PROMPT", help="one user message (wrapped in the chat template unless --raw)")
     gen.add_argument("--target", default=None, help="'default' (SmolLM2-135M-Instruct), a Hugging Face model directory, or a .gguf file")
     gen.add_argument("--drafter", default=None, help="DFlash checkpoint directory, 'random' (untrained, for testing) or 'none'; default: the shipped drafter of the default target")
-    gen.add_argument("--block-size", type=positive_int, default=None, help="tokens per verify step; 1 = autoregressive (default: the drafter's trained size, else 1)")
+    gen.add_argument("--block-size", type=block_size_arg, default=None,
+                     help="tokens per verify step; 1 = autoregressive; 'auto' = the block-size policy decides from the prefill "
+                          "(default: the drafter's trained size, else 1)")
+    gen.add_argument("--policy", default="", help="with --block-size auto: the policy to ask ('' = the shipped policy, a learned "
+                                                  "policy's name, 'default' or 'fixed-<n>'; with --server also an experiment)")
+    gen.add_argument("--policies", type=Path, default=None, help="with --block-size auto: policy repository folder (default: the shipped policies/)")
     gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--seed", type=int, default=None, help="seed of the request's random stream (temperature > 0)")
@@ -251,11 +257,11 @@ def _generate_remote(args: argparse.Namespace) -> int:
     """`generate --server`: the same output contract, through the verifier service."""
     from blockpilot.client import BlockPilotClient
 
-    if args.target is not None or args.drafter is not None or args.threads is not None:
-        raise InvalidArgumentError("--target, --drafter and --threads are the server's settings; not allowed with --server")
+    if args.target is not None or args.drafter is not None or args.threads is not None or args.policies is not None:
+        raise InvalidArgumentError("--target, --drafter, --threads and --policies are the server's settings; not allowed with --server")
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                    draft_sampling=args.draft_sampling, block_size=args.block_size if args.block_size is not None else "auto",
-                   return_prompt_token_ids=True)
+                   policy=args.policy, return_prompt_token_ids=True)
     if args.raw:
         request["prompt"] = args.prompt
     else:
@@ -318,7 +324,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--onnx '{args.onnx}' needs --backend onnxruntime or tensorrt")
     if args.drafter not in (None, "none", "random") and not Path(args.drafter).expanduser().exists():
         raise InvalidArgumentError(f"--drafter '{args.drafter}' does not exist (give a DFlash checkpoint directory, 'random' or 'none')")
-    if args.block_size is not None and args.block_size > 1 and args.drafter in (None, "none"):
+    auto = args.block_size == AUTO
+    if not auto and (args.policy or args.policies is not None):
+        raise InvalidArgumentError("--policy and --policies need --block-size auto")
+    if not auto and args.block_size is not None and args.block_size > 1 and args.drafter in (None, "none"):
         from blockpilot.runtime import shipped_drafter_dir
 
         if args.drafter == "none" or shipped_drafter_dir() is None or args.target not in (None, "default"):
@@ -336,7 +345,14 @@ def _generate(args: argparse.Namespace) -> int:
                          backend=BackendOptions(name=args.backend or "torch", onnx=args.onnx, threads=args.threads))
     tokenizer = engine.tokenizer
     prompt_ids = tokenizer.encode_raw(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
-    block_size = args.block_size if args.block_size is not None else engine.default_block_size
+    policy = None
+    if auto:
+        from blockpilot.policy.in_process import InProcessPolicy
+
+        policy = InProcessPolicy(args.policies, args.policy)
+        block_size = policy.hook(engine.default_block_size, engine.decoder.max_block_size)
+    else:
+        block_size = args.block_size if args.block_size is not None else engine.default_block_size
     params = SamplingParams(
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
@@ -373,14 +389,22 @@ def _generate(args: argparse.Namespace) -> int:
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         "finish_reason": result.finish_reason,
         "backend": engine.backend,
+        "policy_version": policy.decision.policy_version if policy and policy.decision else "",
+        "arm": policy.decision.arm if policy and policy.decision else "",
+        "fallback_reason": ",".join(r for r in (policy.decision.fallback_reason if policy and policy.decision else "",
+                                                 result.fallback_reason or "") if r),
     }
+    if policy is not None:
+        policy.close()
     if args.json:
         print(json.dumps(report))
     else:
         print(
             f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, block_size={result.block_size}, "
             f"drafter={engine.drafter_name}, tau={result.tau:.2f}, ttft={result.ttft_s * 1000:.0f} ms, "
-            f"decode={result.decode_tokens_per_s:.1f} tokens/s, backend={engine.backend}]",
+            f"decode={result.decode_tokens_per_s:.1f} tokens/s, backend={engine.backend}"
+            + (f", policy={report['policy_version']}" if report["policy_version"] else "")
+            + (f", fallback={report['fallback_reason']}" if report["fallback_reason"] else "") + "]",
             file=sys.stderr,
         )
     return 0

@@ -34,3 +34,11 @@ def temperature(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value
+
+
+AUTO = "auto"
+
+
+def block_size_arg(text: str) -> int | str:
+    """A block size: a positive integer, or 'auto' (the block-size policy decides)."""
+    return AUTO if text.strip().lower() == AUTO else positive_int(text)
