@@ -2,6 +2,7 @@
 verify-cost curve (forward time for k new tokens relative to k = 1).
 
     .venv/bin/python benchmarks/engine.py --datasets ../shared/datasets --prompts 10 --out runs/engine.json
+    (add --backends torch onnxruntime to time the ONNX Runtime verifier backend in the same run)
 
 Both decoders run the same model (default: SmolLM2-135M-Instruct, fp32) on the same prompts in the
 same process, 128 new tokens each, greedy, no early stop (so both produce exactly the same number
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=7, help="repeats per k for the verify-cost curve")
+    parser.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "onnxruntime"],
+                        help="engine backends to time beside transformers (the first is 'engine' in the report)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -104,7 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_target(args.target)
     tokenizer = ChatTokenizer(model_dir)
     target = TargetModel.from_pretrained(model_dir)
-    decoder = SpeculativeDecoder(target)
+    decoders = {}
+    for name in args.backends:
+        if name == "torch":
+            decoders[name] = SpeculativeDecoder(target)
+        else:
+            from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend
+
+            # The export the speculative path uses too (the shipped drafter's layers): one export, cached.
+            backend = load_backend(target, BackendOptions(name=name, threads=args.threads), drafter_layers=None,
+                                   default_layers=default_export_layers(target, args.target in (None, "default")),
+                                   source=str(model_dir))
+            decoders[name] = SpeculativeDecoder(backend)
+    decoder = decoders[args.backends[0]]
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
     prompts = load_prompts(args.datasets, args.prompts)
     print(f"setup: {model_dir.name}, {len(prompts)} prompts, {args.new_tokens} new tokens, greedy, "
@@ -113,16 +128,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # Warm-up: first calls pay for allocator and kernel selection.
     warm = tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
-    engine_decode(decoder, warm, 8), hf_decode(hf, warm, 8)
+    for each in decoders.values():
+        engine_decode(each, warm, 8)
+    hf_decode(hf, warm, 8)
 
     per_prompt = []
     for prompt in tqdm(prompts, desc="prompts", file=sys.stderr):
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt["text"]}])
-        ours, theirs = engine_decode(decoder, ids, args.new_tokens), hf_decode(hf, ids, args.new_tokens)
+        # Decoders interleave per prompt, so machine load drifts hit them alike.
+        runs = {name: engine_decode(each, ids, args.new_tokens) for name, each in decoders.items()}
+        ours, theirs = runs[args.backends[0]], hf_decode(hf, ids, args.new_tokens)
         per_prompt.append({"id": prompt["id"], "prompt_tokens": len(ids),
                            "engine": {k: v for k, v in ours.items() if k != "token_ids"},
                            "transformers": {k: v for k, v in theirs.items() if k != "token_ids"},
-                           "same_tokens": ours["token_ids"] == theirs["token_ids"]})
+                           **{f"engine_{name}": {k: v for k, v in run.items() if k != "token_ids"} for name, run in runs.items()},
+                           "same_tokens": ours["token_ids"] == theirs["token_ids"],
+                           "same_tokens_across_backends": all(run["token_ids"] == ours["token_ids"] for run in runs.values())})
 
     def rate(key: str) -> float:
         tokens = sum(p[key]["tokens"] - 1 for p in per_prompt)
@@ -138,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         "engine_ttft_s_mean": statistics.mean(p["engine"]["ttft_s"] for p in per_prompt),
         "transformers_prefill_s_mean": statistics.mean(p["transformers"]["ttft_s"] for p in per_prompt),
         "identical_outputs": sum(p["same_tokens"] for p in per_prompt),
+        "backends": {name: {"decode_tokens_per_s": rate(f"engine_{name}"),
+                            "speedup_vs_transformers": rate(f"engine_{name}") / rate("transformers")} for name in decoders},
+        "identical_outputs_across_backends": sum(p["same_tokens_across_backends"] for p in per_prompt),
         "verify_cost_ms": {k: v * 1000 for k, v in curve.items()},
         "verify_cost_relative": {k: v / curve[1] for k, v in curve.items()},
         "decode_step_profile": profile_decode_step(target, 128),
@@ -145,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "per_prompt": per_prompt,
     }
     print(f"engine        {report['engine_decode_tokens_per_s']:6.1f} decode tokens/s")
+    for name, figures in report["backends"].items():
+        print(f"  {name:12s}{figures['decode_tokens_per_s']:6.1f} decode tokens/s  ({figures['speedup_vs_transformers']:.2f} x transformers)")
     print(f"transformers  {report['transformers_decode_tokens_per_s']:6.1f} decode tokens/s")
     print(f"speed-up      {report['speedup_vs_transformers']:6.2f} x   (identical outputs: {report['identical_outputs']}/{len(per_prompt)})")
     print("verify cost   " + "  ".join(f"k={k}: {v:.2f}x ({curve[k] * 1000:.1f} ms)" for k, v in report["verify_cost_relative"].items()))
