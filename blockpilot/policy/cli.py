@@ -17,39 +17,9 @@ import json
 import logging
 from pathlib import Path
 
-from blockpilot.cli_args import OneLineParser, positive_int
+from blockpilot.cli_args import OneLineParser, fraction, non_negative_int, positive_float, positive_int
 from blockpilot.errors import InvalidArgumentError
 from blockpilot.policy.metadata import FEATURE_KINDS, LABEL_RULES
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
