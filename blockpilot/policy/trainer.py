@@ -126,7 +126,7 @@ def train_policy(sweep_dir: Path, repository: Path, cfg: TrainPolicyConfig, *, p
         "train_datasets": sorted(set(train.datasets)),
         "default_block_size": trained_size,
         "best_fixed_block_size": candidates[best_fixed],
-        "sweep": {"directory": str(Path(sweep_dir).resolve()), "mode": sweep.manifest["mode"],
+        "sweep": {"directory": _portable(Path(sweep_dir)), "mode": sweep.manifest["mode"],
                   "prompts": len(data), "train_prompts": len(train), "holdout_prompts": len(held),
                   "max_new_tokens": sweep.manifest["max_new_tokens"],
                   "features_sha256": file_sha256(feature_file(sweep.directory, chosen.feature_kind))},
@@ -145,3 +145,13 @@ def train_policy(sweep_dir: Path, repository: Path, cfg: TrainPolicyConfig, *, p
     return {"version_dir": str(version_dir), "policy_version": metadata.policy_version, "chosen": chosen.label,
             "holdout": {k: holdout[k] for k in ("prompts", "accuracy", "within_one", "tau", "tokens_per_s", "objective")},
             "selection": table}
+
+
+def _portable(path: Path) -> str:
+    """The sweep folder as metadata records it: relative to the working directory when it lies
+    below it (published policies travel to other machines; an absolute path would not mean
+    anything there), else as given."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
