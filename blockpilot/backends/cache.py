@@ -20,26 +20,12 @@ from blockpilot.models.kv_cache import KVCache
 
 
 class SeqMajorKVCache(KVCache):
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        capacity: int,
-        *,
-        batch_size: int = 1,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        # Not KVCache.__init__: that would allocate a second, layer-major pair of buffers.
-        shape = (capacity, num_layers, batch_size, num_kv_heads, head_dim)
-        # empty, not zeros: slots beyond `length` are never read.
-        self.key_buffer = torch.empty(shape, dtype=dtype, device=device)
-        self.value_buffer = torch.empty(shape, dtype=dtype, device=device)
-        self.keys = self.key_buffer.permute(1, 2, 3, 0, 4)
-        self.values = self.value_buffer.permute(1, 2, 3, 0, 4)
-        self.capacity = capacity
-        self.length = 0
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        layers, batch, heads, capacity, head_dim = shape
+        seq_major = (capacity, layers, batch, heads, head_dim)
+        self.key_buffer = torch.empty(seq_major, dtype=dtype, device=device)
+        self.value_buffer = torch.empty(seq_major, dtype=dtype, device=device)
+        return self.key_buffer.permute(1, 2, 3, 0, 4), self.value_buffer.permute(1, 2, 3, 0, 4)
 
     def past(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots [0, length) of keys and values: contiguous [length, L, B, K, D] tensors (no copy)."""

@@ -25,12 +25,15 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
-        # empty, not zeros: slots beyond `length` are never read.
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.keys, self.values = self._allocate((num_layers, batch_size, num_kv_heads, capacity, head_dim), dtype, device)
         self.capacity = capacity
         self.length = 0
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value storage, [layer, batch, head, slot, dim] (subclasses may lay the memory out
+        differently and return views of that shape)."""
+        # empty, not zeros: slots beyond `length` are never read.
+        return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
     def reserve(self, num_new: int) -> int:
         """Check that `num_new` more entries fit; returns the first slot they go to."""

@@ -20,7 +20,7 @@ import math
 import os
 import time
 
-from blockpilot.cli_args import OneLineParser
+from blockpilot.cli_args import OneLineParser, checked_number
 from blockpilot.errors import NotFoundError
 from blockpilot.policy.experiments import DEFAULT_TTL_S, ArmReport, Comparison, Experiment, ExperimentStore, parse_arm
 
@@ -34,13 +34,7 @@ def _redis_url(text: str) -> str:
 
 
 def _ttl_days(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of days, got {text!r}")
-    return value
+    return checked_number(text, float, "a number of days", lambda v: math.isfinite(v) and v > 0, "a positive number of days")
 
 
 def add_parsers(sub) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from blockpilot.decoding.speculative import PrefillInfo
-from blockpilot.errors import FailedPreconditionError, InvalidArgumentError
+from blockpilot.errors import BlockPilotError, FailedPreconditionError, InvalidArgumentError
 from blockpilot.models.config import TargetConfig
 from blockpilot.policy.metadata import FEATURE_KINDS
 
@@ -48,6 +48,33 @@ def feature_vector(info: PrefillInfo, kind: str) -> np.ndarray:
 def feature_vectors(info: PrefillInfo, kinds=FEATURE_KINDS) -> dict[str, np.ndarray]:
     """Every kind in `kinds` from one PrefillInfo (sweeps record all of them)."""
     return {kind: feature_vector(info, kind) for kind in kinds}
+
+
+def policy_features(needs, info: PrefillInfo) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The features a policy asks for (`needs`: items with .kind and .dim, e.g. the FeatureSpecs of
+    DescribePolicy), computed from the prefill, and what could not be given: a kind the prefill
+    lacks, a length other than the policy's (a policy trained for another target), NaN/Inf values.
+    Those are left out; the policy engine answers FAILED_PRECONDITION if the deciding policy needed
+    one, and callers fall back to the default size ("policy_feature_mismatch")."""
+    computed: dict[str, np.ndarray | BlockPilotError] = {}
+    vectors: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    for need in needs:
+        if need.kind not in computed:
+            try:
+                computed[need.kind] = feature_vector(info, need.kind)
+            except BlockPilotError as err:
+                computed[need.kind] = err
+        vector = computed[need.kind]
+        if isinstance(vector, BlockPilotError):
+            problems.append(str(vector))
+        elif vector.shape != (need.dim,):
+            problems.append(f"{need.kind} has {vector.size} values here, the policy expects {need.dim}")
+        elif not np.isfinite(vector).all():
+            problems.append(f"{need.kind} has NaN or infinite values")
+        else:
+            vectors[need.kind] = vector
+    return vectors, problems
 
 
 def model_fingerprint(name: str, module: torch.nn.Module) -> str:

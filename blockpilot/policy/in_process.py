@@ -10,12 +10,15 @@ experiments and no session store here: those live in Redis behind the policy ser
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from blockpilot.decoding.speculative import BlockSizeHook, PrefillInfo
-from blockpilot.policy.features import feature_vector
+from blockpilot.policy.features import policy_features
 from blockpilot.policy.repository import PolicyRepository, SHIPPED_POLICY_NAME, default_repository_dir
 from blockpilot.serving.policy import Decision, LocalPolicy, PolicyFeatures, PolicySpec
+
+log = logging.getLogger(__name__)
 
 
 class InProcessPolicy:
@@ -36,9 +39,16 @@ class InProcessPolicy:
         prefill and returns its decision."""
 
         def decide(info: PrefillInfo) -> int:
-            features = {spec.kind: feature_vector(info, spec.kind) for spec in self.spec.features}
-            request = PolicyFeatures(features, info.prompt_len, default_block_size, max_block_size, policy=self.policy)
-            self.decision = asyncio.run(self.engine.decide(request))
+            features, problems = policy_features(self.spec.features, info)
+            if problems:
+                # A policy trained for another target (vocabulary, hidden size): the verifier's rule.
+                log.warning("policy %s needs features this target cannot give (%s); block size %d",
+                            self.policy or "(default)", "; ".join(problems), default_block_size)
+                self.decision = Decision(max(1, min(default_block_size, max_block_size)), "", "", "",
+                                         fallback_reason="policy_feature_mismatch")
+            else:
+                request = PolicyFeatures(features, info.prompt_len, default_block_size, max_block_size, policy=self.policy)
+                self.decision = asyncio.run(self.engine.decide(request))
             return self.decision.block_size
 
         return decide

@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
-import numpy as np
 import torch
 
 from blockpilot.decoding.drafting import Draft, DraftProvider, DraftRequest, DraftResume, DraftSession
@@ -36,10 +35,10 @@ from blockpilot.errors import (AbortedError, BlockPilotError, DeadlineExceededEr
                                UnavailableError)
 from blockpilot.models.kv_cache import KVCache
 from blockpilot.models.tokenizer import IncrementalDecoder
-from blockpilot.policy.features import feature_vector
+from blockpilot.policy.features import policy_features
 from blockpilot.serving import metrics
 from blockpilot.serving.models import ServedTarget
-from blockpilot.serving.policy import Decision, Outcome, Policy, PolicyFeatures, PolicySpec
+from blockpilot.serving.policy import Decision, Outcome, Policy, PolicyFeatures
 from blockpilot.serving.session_store import new_session_id
 from blockpilot.v1 import verifier_pb2
 
@@ -481,7 +480,7 @@ class VerifierCore:
         name = turn.spec.policy
         spec = await self.policy.describe(name, timeout_s=left())
         for attempt in (0, 1):
-            vectors, problems = _policy_features(spec, info)
+            vectors, problems = policy_features(spec.features, info)
             features = PolicyFeatures(vectors, info.prompt_len, recorder.block_size, recorder.max_block_size,
                                       turn.session_id, name)
             try:
@@ -691,29 +690,3 @@ class VerifierCore:
         except BlockPilotError as err:
             metrics.FALLBACKS.labels("policy_report_failed").inc()
             log.warning("policy report failed: %s", err)
-
-
-def _policy_features(spec: PolicySpec, info: PrefillInfo) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The features `spec` asks for, computed from the prefill (blockpilot.policy.features, the same
-    code the training sweeps use), and what could not be given: a kind the prefill lacks, a length
-    other than the policy's (a policy trained for another target), NaN/Inf values. Those are left
-    out; the policy service answers FAILED_PRECONDITION if the deciding policy needed one."""
-    computed: dict[str, np.ndarray | BlockPilotError] = {}
-    vectors: dict[str, np.ndarray] = {}
-    problems: list[str] = []
-    for need in spec.features:
-        if need.kind not in computed:
-            try:
-                computed[need.kind] = feature_vector(info, need.kind)
-            except BlockPilotError as err:
-                computed[need.kind] = err
-        vector = computed[need.kind]
-        if isinstance(vector, BlockPilotError):
-            problems.append(str(vector))
-        elif vector.shape != (need.dim,):
-            problems.append(f"{need.kind} has {vector.size} values here, the policy expects {need.dim}")
-        elif not np.isfinite(vector).all():
-            problems.append(f"{need.kind} has NaN or infinite values")
-        else:
-            vectors[need.kind] = vector
-    return vectors, problems

@@ -51,7 +51,7 @@ def test_export_onnx_bad_arguments_are_one_line_errors(tiny_llama_dir, tmp_path,
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["generate", "--onnx", "/tmp/x", "hi"], "needs --backend onnxruntime or tensorrt"),
+    (["generate", "--onnx", "exports/missing", "hi"], "needs --backend onnxruntime or tensorrt"),
     (["generate", "--backend", "onnx", "hi"], "invalid choice: 'onnx'"),
     (["generate", "--server", "127.0.0.1:1", "--backend", "onnxruntime", "hi"], "are the server's settings"),
 ])

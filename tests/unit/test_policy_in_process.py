@@ -50,3 +50,14 @@ def test_without_a_shipped_policy_the_default_size_answers_and_says_so(target, t
 def test_an_unknown_policy_name_fails_before_any_work(tmp_path):
     with pytest.raises(NotFoundError, match="unknown policy 'nope'"):
         InProcessPolicy(tmp_path, "nope")
+
+
+def test_a_policy_for_another_target_falls_back_to_the_default_size(target, tmp_path):
+    write_policy(tmp_path, "blockpilot", 1, feature_kind="last_logits", feature_dim=target.config.vocab_size + 1, choice=3)
+    policy = InProcessPolicy(tmp_path)
+    decoder = SpeculativeDecoder(target, OracleDrafter([0] * 64, target.config.vocab_size, 0.0))
+    result = GenerationResult(prompt_token_ids=PROMPT)
+    list(decoder.stream(PROMPT, SamplingParams(max_new_tokens=6), policy.hook(4, decoder.max_block_size), result))
+    policy.close()
+    assert result.block_size == 4
+    assert policy.decision.fallback_reason == "policy_feature_mismatch"

@@ -122,14 +122,14 @@ def test_client_errors_reach_the_client_and_policy_reasons_are_reported(tmp_path
 
 def test_policy_features_are_exactly_the_prefill_tensors():
     from blockpilot.serving.policy import FeatureSpec
-    from blockpilot.serving.verifier import _policy_features
+    from blockpilot.policy.features import policy_features
 
     prefill = info()
-    vectors, problems = _policy_features(PolicySpec("p", (FeatureSpec("last_logits", VOCAB), FeatureSpec("final_hidden", HIDDEN),
-                                                          FeatureSpec("final_hidden", 7))), prefill)
+    vectors, problems = policy_features(PolicySpec("p", (FeatureSpec("last_logits", VOCAB), FeatureSpec("final_hidden", HIDDEN),
+                                                         FeatureSpec("final_hidden", 7))).features, prefill)
     assert problems == ["final_hidden has 64 values here, the policy expects 7"]
     assert np.array_equal(vectors["last_logits"], prefill.last_logits.numpy())
     assert np.array_equal(vectors["final_hidden"], prefill.final_hidden.numpy())
-    vectors, problems = _policy_features(PolicySpec("p", (FeatureSpec("final_hidden", HIDDEN),)),
-                                         PrefillInfo(6, torch.randn(VOCAB), None, None))
+    vectors, problems = policy_features(PolicySpec("p", (FeatureSpec("final_hidden", HIDDEN),)).features,
+                                        PrefillInfo(6, torch.randn(VOCAB), None, None))
     assert vectors == {} and "did not produce the 'final_hidden' feature" in problems[0]
