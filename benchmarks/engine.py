@@ -2,7 +2,9 @@
 verify-cost curve (forward time for k new tokens relative to k = 1).
 
     .venv/bin/python benchmarks/engine.py --datasets ../shared/datasets --prompts 10 --out runs/engine.json
-    (add --backends torch onnxruntime to time the ONNX Runtime verifier backend in the same run)
+
+"engine" is the first of --backends: by default the default verifier backend (onnxruntime, the
+engine's exported graph), then the torch engine itself, both timed in the same run.
 
 Both decoders run the same model (default: SmolLM2-135M-Instruct, fp32) on the same prompts in the
 same process, 128 new tokens each, greedy, no early stop (so both produce exactly the same number
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
 from blockpilot.benchmarking import load_prompts
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.models.store import resolve_target
@@ -51,7 +54,7 @@ def hf_decode(model, prompt_ids: list[int], new_tokens: int) -> dict:
             "decode_tokens_per_s": (produced - 1) / decode_s, "token_ids": out[0, len(prompt_ids):].tolist()}
 
 
-def verify_cost_curve(target: TargetModel, context_len: int, sizes: list[int], repeats: int) -> dict[int, float]:
+def verify_cost_curve(target, context_len: int, sizes: list[int], repeats: int) -> dict[int, float]:
     """Median forward time (s) for k new tokens on top of a `context_len`-token cache."""
     cache = target.new_cache(context_len + max(sizes) + 1)
     generator = torch.Generator().manual_seed(0)
@@ -95,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=7, help="repeats per k for the verify-cost curve")
-    parser.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "onnxruntime"],
-                        help="engine backends to time beside transformers (the first is 'engine' in the report)")
+    parser.add_argument("--backends", nargs="+", default=[DEFAULT_VERIFIER_BACKEND, "torch"], choices=["torch", "onnxruntime"],
+                        help="engine backends to time beside transformers (the first is 'engine' in the report; "
+                             "default: the default verifier backend, then the torch engine)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -119,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
                                    default_layers=default_export_layers(target, args.target in (None, "default")),
                                    source=str(model_dir))
             decoders[name] = SpeculativeDecoder(backend)
-    decoder = decoders[args.backends[0]]
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
     prompts = load_prompts(args.datasets, args.prompts)
     print(f"setup: {model_dir.name}, {len(prompts)} prompts, {args.new_tokens} new tokens, greedy, "
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens = sum(p[key]["tokens"] - 1 for p in per_prompt)
         return tokens / sum(p[key]["decode_s"] for p in per_prompt)
 
-    curve = verify_cost_curve(target, 128, [1, 2, 4, 8, 16, 32], args.repeats)
+    curves = {name: verify_cost_curve(each.target, 128, [1, 2, 4, 8, 16, 32], args.repeats) for name, each in decoders.items()}
+    curve = curves[args.backends[0]]
     report = {
         "setup": {"target": model_dir.name, "prompts": len(prompts), "new_tokens": args.new_tokens,
                   "threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "identical_outputs_across_backends": sum(p["same_tokens_across_backends"] for p in per_prompt),
         "verify_cost_ms": {k: v * 1000 for k, v in curve.items()},
         "verify_cost_relative": {k: v / curve[1] for k, v in curve.items()},
+        "verify_cost_ms_by_backend": {name: {k: v * 1000 for k, v in c.items()} for name, c in curves.items()},
+        "verify_cost_relative_by_backend": {name: {k: v / c[1] for k, v in c.items()} for name, c in curves.items()},
         "decode_step_profile": profile_decode_step(target, 128),
         "weights_mb": sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20,
         "per_prompt": per_prompt,
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:12s}{figures['decode_tokens_per_s']:6.1f} decode tokens/s  ({figures['speedup_vs_transformers']:.2f} x transformers)")
     print(f"transformers  {report['transformers_decode_tokens_per_s']:6.1f} decode tokens/s")
     print(f"speed-up      {report['speedup_vs_transformers']:6.2f} x   (identical outputs: {report['identical_outputs']}/{len(per_prompt)})")
-    print("verify cost   " + "  ".join(f"k={k}: {v:.2f}x ({curve[k] * 1000:.1f} ms)" for k, v in report["verify_cost_relative"].items()))
+    for name, c in curves.items():
+        print(f"verify cost {name:12s}" + "  ".join(f"k={k}: {v / c[1]:.2f}x ({v * 1000:.1f} ms)" for k, v in c.items()))
     print("decode step   " + "; ".join(f"{r['op']} {r['self_ms_per_step']:.1f} ms ({r['share']:.0%})" for r in report["decode_step_profile"][:4]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

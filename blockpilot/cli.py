@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with the tokens and statistics")
     gen.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     gen.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=None,
-                     help="verifier backend: the torch engine (default), ONNX Runtime, or TensorRT (GPU, gpu extra)")
+                     help="verifier backend: ONNX Runtime (default; exports the target once into $BLOCKPILOT_CACHE/onnx), "
+                          "the torch engine (no export), or TensorRT (GPU, gpu extra)")
     gen.add_argument("--onnx", type=Path, default=None,
                      help="ONNX export folder for --backend onnxruntime/tensorrt (default: export on demand into $BLOCKPILOT_CACHE/onnx)")
     gen.add_argument("--server", metavar="HOST:PORT", default=None,
@@ -58,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=600.0, help="with --server: deadline of the request in seconds")
     _add_stack_parsers(sub)
 
-    prep = sub.add_parser("prepare", help="make the default model ready (de-quantize once into the cache)")
+    prep = sub.add_parser("prepare", help="make the default model ready: de-quantize it once into the cache, and export it "
+                                          "to ONNX for the default verifier backend")
     prep.add_argument("--target", default=None)
+    prep.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+                      help="the verifier backend to prepare for (default: onnxruntime, which needs the export; torch needs none)")
 
     drafter = sub.add_parser("drafter", help="make, train and evaluate DFlash drafters")
     drafter_sub = drafter.add_subparsers(dest="drafter_command", required=True, parser_class=OneLineParser)
@@ -90,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=positive_int, default=200)
     train.add_argument("--save-every", type=positive_int, default=100)
     train.add_argument("--init-from", type=Path, default=None, help="start from this drafter checkpoint")
+    train.add_argument("--holdout-ids", type=Path, default=None,
+                       help="JSON list of prompt ids to hold out (e.g. the holdout_ids.json of the run --init-from continues); "
+                            "default: a seeded 5%% of the ids")
     train.add_argument("--feature-dir", type=Path, default=None, help="persistent store of target features shared by runs (default: in memory only)")
     train.add_argument("--feature-layers", type=int, nargs="+", default=None, help="target layers to store (a superset of --target-layers; lets runs share a store)")
     train.add_argument("--seed", type=int, default=0)
@@ -107,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--target", default=None)
     evaluate.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     evaluate.add_argument("--threads", type=positive_int, default=None)
+    evaluate.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+                          help="backend of the real decodes (default: the default verifier backend, onnxruntime)")
     for module in COMMAND_GROUPS:
         importlib.import_module(module).add_parsers(sub)
     return parser
@@ -139,10 +148,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from blockpilot.models.store import resolve_target
+    from blockpilot.backends import DEFAULT_VERIFIER_BACKEND, TORCH
+    from blockpilot.models.store import is_default_target, resolve_target
 
     logging.getLogger("blockpilot").setLevel(logging.INFO)
-    print(resolve_target(args.target))
+    target_dir = resolve_target(args.target)
+    print(target_dir)
+    if (args.backend or DEFAULT_VERIFIER_BACKEND) != TORCH:
+        # The export the verifier would otherwise make on its first start (and time out a client on).
+        from blockpilot.backends.loader import default_export_layers
+        from blockpilot.backends.onnx_export import cached_export
+        from blockpilot.models.target import TargetModel
+
+        target = TargetModel.from_pretrained(target_dir)
+        is_default = is_default_target(args.target)
+        print(cached_export(target, default_export_layers(target, is_default), source=str(target_dir)).directory)
     return 0
 
 
@@ -184,11 +204,25 @@ def _drafter_train(args: argparse.Namespace) -> int:
                       block_size=args.block_size, mask_token_id=mask, gamma=args.gamma, lr=args.lr, steps=args.steps,
                       anchors_per_sequence=args.anchors, sequences_per_step=args.sequences, eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed)
+    holdout_ids = None
+    if args.holdout_ids is not None:
+        holdout_ids = read_id_list(args.holdout_ids)
     summary = train_drafter(target, read_dataset(args.data), args.out, cfg, init_from=args.init_from,
-                            feature_dir=args.feature_dir, feature_layer_ids=args.feature_layers)
+                            feature_dir=args.feature_dir, feature_layer_ids=args.feature_layers, holdout_ids=holdout_ids)
     (args.out / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": summary["history"][-1] if summary["history"] else None}))
     return 0
+
+
+def read_id_list(path: Path) -> list[str]:
+    """A JSON list of prompt ids, with a one-line error for anything else."""
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(f"cannot read the id list {str(path)!r}: {exc}") from None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise InvalidArgumentError(f"{str(path)!r} must hold a non-empty JSON list of prompt id strings")
+    return ids
 
 
 def default_mask_token(tokenizer) -> int:
@@ -212,9 +246,17 @@ def _drafter_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(datasets=tuple(args.datasets), prompts_per_dataset=args.prompts_per_dataset,
                      max_new_tokens=args.max_new_tokens, sweep_radius=args.radius, block_size=args.block_size,
                      temperature_runs=not args.no_temperature)
-    report = evaluate_drafter(TargetModel.from_pretrained(target_dir), ChatTokenizer(target_dir),
-                              DFlashDrafter.from_pretrained(drafter_dir), args.datasets_dir, cfg)
+    from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
+    from blockpilot.backends.loader import BackendOptions, load_backend
+
+    target = TargetModel.from_pretrained(target_dir)
+    drafter = DFlashDrafter.from_pretrained(drafter_dir)
+    backend = args.backend or DEFAULT_VERIFIER_BACKEND
+    verifier = load_backend(target, BackendOptions(name=backend, threads=args.threads),
+                            drafter_layers=drafter.target_layer_ids, source=str(target_dir))
+    report = evaluate_drafter(target, ChatTokenizer(target_dir), drafter, args.datasets_dir, cfg, verifier=verifier)
     report["drafter"] = str(drafter_dir)
+    report["backend"] = backend
     write_report(report, args.out)
     print(format_table(report))
     return 0
@@ -230,6 +272,8 @@ def _add_stack_parsers(sub) -> None:
         up.add_argument(f"--{name}-port", type=positive_int, default=port)
         up.add_argument(f"--{name}-metrics-port", type=int, default=metrics_port)
     up.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per service")
+    up.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="",
+                    help="the verifier's backend (default: its config's, i.e. BLOCKPILOT_VERIFIER_BACKEND, else onnxruntime)")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all services to be SERVING")
     down = sub.add_parser("down", help="stop the local stack started by `blockpilot up`")
     down.add_argument("--grace", type=float, default=15.0, help="seconds each service gets to drain before SIGKILL")
@@ -244,7 +288,7 @@ def _stack(args: argparse.Namespace) -> int:
             target=args.target, drafter=args.drafter, redis_url=args.redis_url, verifier_port=args.verifier_port,
             drafter_port=args.drafter_port, policy_port=args.policy_port, verifier_metrics_port=args.verifier_metrics_port,
             drafter_metrics_port=args.drafter_metrics_port, policy_metrics_port=args.policy_metrics_port,
-            threads=args.threads, timeout_s=args.timeout)
+            threads=args.threads, timeout_s=args.timeout, backend=args.backend)
         state = stack.up(opts)
         print(f"stack up: verifier at {state['services']['verifier']['address']} (logs in {state['run_dir']})")
         return 0
@@ -321,7 +365,7 @@ def _generate(args: argparse.Namespace) -> int:
         if args.backend is not None or args.onnx is not None:
             raise InvalidArgumentError("--backend and --onnx are the server's settings (verifier config 'backend'); not allowed with --server")
         return _generate_remote(args)
-    if args.onnx is not None and args.backend in (None, "torch"):
+    if args.onnx is not None and args.backend == "torch":
         raise InvalidArgumentError(f"--onnx '{args.onnx}' needs --backend onnxruntime or tensorrt")
     if args.drafter not in (None, "none", "random") and not Path(args.drafter).expanduser().exists():
         raise InvalidArgumentError(f"--drafter '{args.drafter}' does not exist (give a DFlash checkpoint directory, 'random' or 'none')")
@@ -338,12 +382,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     from blockpilot.decoding.speculative import GenerationResult, SamplingParams
     from blockpilot.models.tokenizer import IncrementalDecoder
+    from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
     from blockpilot.backends.loader import BackendOptions
     from blockpilot.runtime import load_engine, set_threads
 
     set_threads(args.threads)
     engine = load_engine(args.target, args.drafter,
-                         backend=BackendOptions(name=args.backend or "torch", onnx=args.onnx, threads=args.threads))
+                         backend=BackendOptions(name=args.backend or DEFAULT_VERIFIER_BACKEND, onnx=args.onnx, threads=args.threads))
     tokenizer = engine.tokenizer
     prompt_ids = tokenizer.encode_raw(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     policy = None

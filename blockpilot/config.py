@@ -100,8 +100,9 @@ class VerifierServiceConfig(ServiceConfig):
     grace_s: float = opt(10.0, "on SIGTERM: time in-flight streams get to finish", _at_least(0))
     threads: int = opt(1, "torch CPU threads per decoding loop", _at_least(1))
     # The names of blockpilot.backends.BACKENDS (spelled out: this module does not import the backends).
-    backend: str = opt("torch", "verifier backend: 'torch' (the engine), 'onnxruntime' (CPU, or CUDA with the gpu extra) "
-                                "or 'tensorrt' (needs the gpu extra and an NVIDIA GPU)", _one_of("torch", "onnxruntime", "tensorrt"))
+    backend: str = opt("onnxruntime", "verifier backend: 'onnxruntime' (default; the engine's exported graph, exported once "
+                                      "into $BLOCKPILOT_CACHE/onnx; CPU, or CUDA with the gpu extra), 'torch' (the engine "
+                                      "itself, no export) or 'tensorrt' (needs the gpu extra and an NVIDIA GPU)", _one_of("torch", "onnxruntime", "tensorrt"))
     onnx_path: str = opt("", "ONNX export folder (`blockpilot export onnx`) for the onnxruntime/tensorrt backends "
                              "('' = export on demand into $BLOCKPILOT_CACHE/onnx)")
     onnx_layers: str = opt("", "target layers an on-demand export returns: the drafter's target_layer_ids, e.g. '1,9,17' "

@@ -18,7 +18,7 @@ from blockpilot.decoding.drafting import DraftProvider, LocalDrafter
 from blockpilot.decoding.speculative import SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError, NotFoundError
 from blockpilot.models.drafter import DFlashDrafter
-from blockpilot.models.store import resolve_target
+from blockpilot.models.store import is_default_target, resolve_target
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
 
@@ -76,7 +76,7 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
     target_dir = resolve_target(target)
     target_model = TargetModel.from_pretrained(target_dir)
     tokenizer = ChatTokenizer(target_dir)
-    is_default = target is None or target.lower() in ("default", "smollm2-135m-instruct")
+    is_default = is_default_target(target)
 
     model: DFlashDrafter | None = None
     name = NO_DRAFTER

@@ -70,6 +70,11 @@ class Service:
         self.flags = {"port": self.port, "metrics_port": self.metrics_port, "threads": 1, **flags}
         if name == "policy":
             self.flags.pop("threads")
+        if name == "verifier":
+            # These stacks test the pipeline, so they keep the torch engine (no export per tiny
+            # model); the default onnxruntime backend has its own stacks (test_backends_pipeline.py)
+            # and `blockpilot up` tests (test_stack_cli.py).
+            self.flags.setdefault("backend", "torch")
         self.log_path = folder / f"{name}-{self.port}.log"
         self.process: subprocess.Popen | None = None
 

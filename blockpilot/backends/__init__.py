@@ -8,3 +8,12 @@ TORCH = "torch"
 ONNXRUNTIME = "onnxruntime"
 TENSORRT = "tensorrt"
 BACKENDS = (TORCH, ONNXRUNTIME, TENSORRT)
+
+# What the user-facing entry points (`blockpilot generate`, the verifier service's config) run
+# when no backend is named: the same graph through ONNX Runtime decodes about twice as fast as the
+# torch engine on CPU (benchmarks/engine.py: the engine pays a Python call per op, ORT runs the
+# graph in C++), and its output is token-identical (tests/integration/test_backends_*.py). Its cost
+# is a one-time export per target into $BLOCKPILOT_CACHE/onnx (`blockpilot prepare` makes it for
+# the default model). In-process library calls (load_engine, BackendOptions()) keep the torch
+# engine: no export step, and what the drafter service and the offline tools want.
+DEFAULT_VERIFIER_BACKEND = ONNXRUNTIME

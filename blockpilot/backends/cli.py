@@ -74,14 +74,14 @@ def resolve_layers(args: argparse.Namespace, target, is_default: bool) -> tuple[
 
 
 def _load_target(args: argparse.Namespace):
-    from blockpilot.models.store import resolve_target
+    from blockpilot.models.store import is_default_target, resolve_target
     from blockpilot.models.target import TargetModel
     from blockpilot.runtime import set_threads
 
     set_threads(args.threads)
     logging.getLogger("blockpilot").setLevel(logging.INFO)
     target_dir = resolve_target(args.target)
-    is_default = args.target is None or args.target.lower() in ("default", "smollm2-135m-instruct")
+    is_default = is_default_target(args.target)
     return target_dir, TargetModel.from_pretrained(target_dir), is_default
 
 

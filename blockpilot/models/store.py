@@ -111,6 +111,11 @@ def default_gguf_path() -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
+def is_default_target(name_or_path: str | os.PathLike[str] | None) -> bool:
+    """True for the names that mean the default model: None, '', 'default', its own name."""
+    return name_or_path is None or str(name_or_path).strip().lower() in _DEFAULT_ALIASES | {""}
+
+
 def resolve_target(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
@@ -131,7 +136,7 @@ def resolve_target(
     locks = cache / "locks"
 
     raw = None if name_or_path is None else os.fspath(name_or_path)
-    if raw is None or raw.strip().lower() in _DEFAULT_ALIASES:
+    if is_default_target(raw):
         gguf = default_gguf_path()
         out = models / DEFAULT_TARGET_NAME
         return _ensure_converted(

@@ -19,15 +19,12 @@ from blockpilot.backends.loader import BackendOptions, default_export_layers, lo
 from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.errors import InvalidArgumentError, ModelFormatError, NotFoundError
 from blockpilot.models.drafter import DFlashDrafter
-from blockpilot.models.store import resolve_target
+from blockpilot.models.store import is_default_target, resolve_target
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
 from blockpilot.runtime import NO_DRAFTER, RANDOM_DRAFTER, SHIPPED_DRAFTER_NAME, untrained_mask_token, shipped_drafter_dir
 
 log = logging.getLogger(__name__)
-
-_DEFAULT_NAMES = ("", "default", "smollm2-135m-instruct")
-
 
 @dataclass
 class ServedTarget:
@@ -47,7 +44,7 @@ class ServedTarget:
 
     @property
     def is_default(self) -> bool:
-        return self.name.lower() in _DEFAULT_NAMES
+        return is_default_target(self.name)
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
@@ -61,7 +58,7 @@ def load_served_target(name: str = "default", *, backend: BackendOptions | None 
     """backend: the verifier backend (default: torch). drafter_layers: the target layers the
     (remote) drafter reads, which a graph backend's export must return (None: not known; an
     on-demand export then returns blockpilot.backends.loader.default_export_layers)."""
-    target_dir = resolve_target(None if name.lower() in _DEFAULT_NAMES else name)
+    target_dir = resolve_target(None if is_default_target(name) else name)
     model = TargetModel.from_pretrained(target_dir)
     try:
         tokenizer = ChatTokenizer(target_dir)
@@ -72,7 +69,7 @@ def load_served_target(name: str = "default", *, backend: BackendOptions | None 
     if backend.name == "torch":
         return ServedTarget(name, target_dir, model, tokenizer)
     verifier = load_backend(model, backend, drafter_layers=drafter_layers, source=str(target_dir),
-                            default_layers=default_export_layers(model, name.lower() in _DEFAULT_NAMES))
+                            default_layers=default_export_layers(model, is_default_target(name)))
     log.info("verifier backend %s, export layers %s", backend.name, list(verifier.hidden_layer_ids))
     return ServedTarget(name, target_dir, verifier, tokenizer, torch_model=model)
 

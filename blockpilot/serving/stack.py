@@ -41,6 +41,7 @@ class StackOptions:
     policy_metrics_port: int = 9103
     threads: int = 1
     timeout_s: float = 600.0
+    backend: str = ""  # the verifier's backend; '' = its config's (env BLOCKPILOT_VERIFIER_BACKEND, else onnxruntime)
 
 
 def run_dir() -> Path:
@@ -156,6 +157,8 @@ def _service_env(name: str, opts: StackOptions, redis_url: str) -> dict[str, str
     if name == "verifier":
         values.update(target=opts.target, redis_url=redis_url, threads=opts.threads,
                       drafter_address=f"{opts.host}:{opts.drafter_port}", policy_address=f"{opts.host}:{opts.policy_port}")
+        if opts.backend:
+            values["backend"] = opts.backend
     elif name == "drafter":
         values.update(target=opts.target, drafter=opts.drafter, threads=opts.threads)
     else:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from blockpilot.backends.base import VerifierBackend
 from blockpilot.benchmarking import read_jsonl_prompts
 from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.decoding.replay import replay_greedy
@@ -43,13 +44,16 @@ class EvalConfig:
 
 
 def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFlashDrafter, datasets_dir: Path,
-                     cfg: EvalConfig, *, progress: bool = True) -> dict:
+                     cfg: EvalConfig, *, verifier: VerifierBackend | None = None, progress: bool = True) -> dict:
+    """verifier: what runs the target in the real decodes (default: the torch engine `target`);
+    the replay's teacher-forced features always come from `target`."""
     trained = drafter.block_size
     measured = cfg.block_size or trained
     sizes = [b for b in range(trained - cfg.sweep_radius, trained + cfg.sweep_radius + 1) if b >= 2]
     provider = LocalDrafter(drafter, target)
-    autoregressive = SpeculativeDecoder(target)
-    speculative = SpeculativeDecoder(target, provider)
+    verifier = verifier if verifier is not None else target
+    autoregressive = SpeculativeDecoder(verifier)
+    speculative = SpeculativeDecoder(verifier, provider)
     features = FeatureCache(target, drafter.target_layer_ids)
     prompts = [p for name in cfg.datasets for p in read_jsonl_prompts(datasets_dir / f"{name}.jsonl", cfg.prompts_per_dataset)]
     rows = []

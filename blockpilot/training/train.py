@@ -22,7 +22,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -264,11 +264,19 @@ class TrainState:
     seconds: float = 0.0
 
 
-def split_records(records: list[dict], holdout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split by prompt id (both modes of a prompt fall on the same side)."""
-    ids = sorted({r["id"] for r in records})
-    random.Random(seed).shuffle(ids)
-    held = set(ids[: max(1, int(len(ids) * holdout_fraction))])
+def split_records(records: list[dict], holdout_fraction: float, seed: int,
+                  holdout_ids: Collection[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Split by prompt id (both modes of a prompt fall on the same side).
+
+    holdout_ids: hold out exactly these ids instead of a seeded share. A run that continues from
+    another drafter (`--init-from`) on a grown data file passes that run's held-out ids, so the
+    held-out figures never include prompts the starting drafter was trained on."""
+    if holdout_ids is not None:
+        held = set(holdout_ids)
+    else:
+        ids = sorted({r["id"] for r in records})
+        random.Random(seed).shuffle(ids)
+        held = set(ids[: max(1, int(len(ids) * holdout_fraction))])
     train = [r for r in records if r["id"] not in held and r["response_ids"]]
     holdout = [r for r in records if r["id"] in held and r["response_ids"]]
     return train, holdout
@@ -284,6 +292,7 @@ def train_drafter(
     progress: bool = True,
     feature_dir: Path | None = None,
     feature_layer_ids: Sequence[int] | None = None,
+    holdout_ids: Collection[str] | None = None,
 ) -> dict:
     """Train (or resume) a drafter; writes out_dir/drafter (DFlash format) and out_dir/state.pt.
 
@@ -294,9 +303,13 @@ def train_drafter(
     rng = random.Random(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "state.pt"
-    train, holdout = split_records(records, cfg.holdout_fraction, cfg.seed)
+    ids_path = out_dir / "holdout_ids.json"
+    if holdout_ids is None and ids_path.exists():  # a resumed run keeps its own split
+        holdout_ids = json.loads(ids_path.read_text())
+    train, holdout = split_records(records, cfg.holdout_fraction, cfg.seed, holdout_ids)
     if not train:
         raise InvalidArgumentError("no training records with a response")
+    ids_path.write_text(json.dumps(sorted({r["id"] for r in holdout})) + "\n")
 
     if state_path.exists():
         drafter = DFlashDrafter.from_pretrained(out_dir / "drafter")

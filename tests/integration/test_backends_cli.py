@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,12 +52,32 @@ def test_export_onnx_bad_arguments_are_one_line_errors(tiny_llama_dir, tmp_path,
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["generate", "--onnx", "exports/missing", "hi"], "needs --backend onnxruntime or tensorrt"),
+    (["generate", "--backend", "torch", "--onnx", "exports/missing", "hi"], "needs --backend onnxruntime or tensorrt"),
     (["generate", "--backend", "onnx", "hi"], "invalid choice: 'onnx'"),
     (["generate", "--server", "127.0.0.1:1", "--backend", "onnxruntime", "hi"], "are the server's settings"),
 ])
 def test_generate_backend_arguments_are_checked(args, fragment):
     one_line_error(run_cli(*args, timeout=60), 2, fragment)
+
+
+def test_generate_with_a_missing_export_on_the_default_backend_is_one_line():
+    one_line_error(run_cli("generate", "--onnx", "exports/missing", "hi", timeout=120), 1, "does not exist")
+
+
+def test_prepare_makes_the_default_backends_export_once(tiny_llama_dir, tmp_path):
+    """`prepare` exports for the default backend (onnxruntime) so the verifier's first start does
+    not; `--backend torch` needs no export and makes none."""
+    env = {**__import__("os").environ, "BLOCKPILOT_CACHE": str(tmp_path / "cache")}
+    torch_only = run_cli("prepare", "--target", str(tiny_llama_dir), "--backend", "torch", env=env)
+    assert torch_only.returncode == 0 and torch_only.stdout.strip() == str(tiny_llama_dir), torch_only.stderr
+    assert not (tmp_path / "cache" / "onnx").exists()
+    done = run_cli("prepare", "--target", str(tiny_llama_dir), env=env)
+    assert done.returncode == 0, done.stderr
+    model_dir, export_dir = done.stdout.strip().splitlines()
+    assert model_dir == str(tiny_llama_dir) and export_dir.startswith(str(tmp_path / "cache" / "onnx"))
+    assert json.loads((Path(export_dir) / "export.json").read_text())["hidden_layer_ids"]
+    again = run_cli("prepare", "--target", str(tiny_llama_dir), env=env)  # cached: the same folder, no new export
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[1] == export_dir and "exporting" not in again.stderr
 
 
 def test_export_trt_without_a_gpu_says_what_is_missing(tiny_llama_dir):

@@ -9,6 +9,7 @@ import pytest
 
 from blockpilot.config import (DrafterServiceConfig, PolicyServiceConfig, VerifierServiceConfig, describe, env_name,
                                load_config)
+from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
 from blockpilot.errors import InvalidArgumentError
 
 
@@ -18,6 +19,8 @@ def test_defaults_match_the_shared_contract():
     assert v.drafter_address == "127.0.0.1:50052" and v.policy_address == "127.0.0.1:50053"
     assert env_name("verifier", "redis_url") == "BLOCKPILOT_VERIFIER_REDIS_URL"
     assert all(field["help"] for cls in (VerifierServiceConfig, DrafterServiceConfig, PolicyServiceConfig) for field in describe(cls))
+    # config.py spells the backend names out (it does not import the backends): keep them in step.
+    assert v.backend == DEFAULT_VERIFIER_BACKEND == "onnxruntime"
 
 
 def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):

@@ -11,10 +11,11 @@ import torch
 from blockpilot.decoding.drafting import DraftRequest, LocalDrafter
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.models.drafter import DFlashDrafter, DraftHead
+from blockpilot.errors import InvalidArgumentError
 from blockpilot.models.target import TargetModel
 from blockpilot.training.data import generate_batch, generate_dataset, DataConfig
 from blockpilot.training.train import (
-    IGNORE, FeatureCache, TrainConfig, drafter_loss, pack_blocks, replay_tau, sample_anchors, train_drafter,
+    IGNORE, FeatureCache, TrainConfig, drafter_loss, pack_blocks, replay_tau, sample_anchors, split_records, train_drafter,
 )
 
 
@@ -129,6 +130,28 @@ def test_data_generation_resumes_and_training_runs_end_to_end(target, tmp_path):
     session = LocalDrafter(saved, target).open_session(64)
     draft = session.propose(DraftRequest(5, 3, 3, FeatureCache(target, saved.target_layer_ids).get(0, [5, 6, 7, 8])[:3], 0))
     assert set(draft.tokens.tolist()) <= set(saved.draft_vocab.tolist())
+
+    # A run continuing from this drafter on a grown file holds out exactly the first run's ids.
+    held = json.loads((tmp_path / "run" / "holdout_ids.json").read_text())
+    assert held and set(held) == {r["id"] for r in records if r["id"] in held}
+    grown = records + [{**records[0], "id": "t/new", "mode": "greedy"}]
+    train, holdout = split_records(grown, 0.5, 1, holdout_ids=held)
+    assert {r["id"] for r in holdout} == set(held) and "t/new" in {r["id"] for r in train}
+    continued = train_drafter(target, grown, tmp_path / "run2", TrainConfig(**{**train_cfg.__dict__, "steps": 2, "eval_every": 2}),
+                              init_from=tmp_path / "run" / "drafter", holdout_ids=held, progress=False)
+    assert continued["holdout_records"] == len(holdout)
+    assert json.loads((tmp_path / "run2" / "holdout_ids.json").read_text()) == sorted(held)
+
+
+def test_holdout_id_list_errors_are_one_line(tmp_path):
+    from blockpilot.cli import read_id_list
+
+    bad = tmp_path / "ids.json"
+    bad.write_text('{"not": "a list"}')
+    with pytest.raises(InvalidArgumentError, match="non-empty JSON list"):
+        read_id_list(bad)
+    with pytest.raises(InvalidArgumentError, match="cannot read the id list"):
+        read_id_list(tmp_path / "missing.json")
 
 
 def test_replay_tau_walks_the_whole_response(target, drafter):
