@@ -18,6 +18,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,6 +91,35 @@ def profile_decode_step(target: TargetModel, context_len: int) -> list[dict]:
              "calls_per_step": e.count / 5} for e in rows[:8]]
 
 
+def profile_ort_decode_step(backend, context_len: int, out_dir: Path) -> list[dict]:
+    """ONNX Runtime's own per-node profile of 5 one-token steps, kernel time summed by operator type."""
+    from blockpilot.backends.onnxruntime_backend import OnnxRuntimeTarget
+
+    profiled = OnnxRuntimeTarget(backend.export, backend.torch_target, provider=backend.provider,
+                                 threads=backend.session.get_session_options().intra_op_num_threads,
+                                 verify_weights=False, profile_prefix=str(out_dir / "ort-profile"))
+    cache = profiled.new_cache(context_len + 2)
+    with torch.inference_mode():
+        profiled(torch.randint(profiled.config.vocab_size, (1, context_len)), cache, num_logits=0)
+        for _ in range(5):
+            cache.truncate(context_len)
+            profiled(torch.tensor([[42]]), cache)
+    events = json.loads(Path(profiled.session.end_profiling()).read_text())
+    # The last 5 runs are the decode steps; node events carry their operator type.
+    runs = [e for e in events if e.get("name") == "model_run"]
+    first_step_ts = runs[-5]["ts"]
+    by_op: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= first_step_ts:
+            op = event.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + event["dur"]
+    # Shares of the summed kernel time: a profiled run is 2x slower than a plain one (ORT writes an
+    # event per node), but the big kernels' own times are not inflated much.
+    total_us = sum(by_op.values())
+    rows = sorted(by_op.items(), key=lambda kv: kv[1], reverse=True)
+    return [{"op": op, "ms_per_step": us / 5 / 1000, "share": us / total_us} for op, us in rows[:8]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", type=Path, required=True, help="folder with the evaluation *.jsonl files")
@@ -152,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = sum(p[key]["tokens"] - 1 for p in per_prompt)
         return tokens / sum(p[key]["decode_s"] for p in per_prompt)
 
+    profile_dir = Path(tempfile.mkdtemp(prefix="blockpilot-ort-profile-"))
     curves = {name: verify_cost_curve(each.target, 128, [1, 2, 4, 8, 16, 32], args.repeats) for name, each in decoders.items()}
     curve = curves[args.backends[0]]
     report = {
@@ -171,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "verify_cost_ms_by_backend": {name: {k: v * 1000 for k, v in c.items()} for name, c in curves.items()},
         "verify_cost_relative_by_backend": {name: {k: v / c[1] for k, v in c.items()} for name, c in curves.items()},
         "decode_step_profile": profile_decode_step(target, 128),
+        "decode_step_profile_onnxruntime": (profile_ort_decode_step(decoders["onnxruntime"].target, 128, profile_dir)
+                                            if "onnxruntime" in decoders else None),
         "weights_mb": sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20,
         "per_prompt": per_prompt,
     }
@@ -181,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up      {report['speedup_vs_transformers']:6.2f} x   (identical outputs: {report['identical_outputs']}/{len(per_prompt)})")
     for name, c in curves.items():
         print(f"verify cost {name:12s}" + "  ".join(f"k={k}: {v / c[1]:.2f}x ({v * 1000:.1f} ms)" for k, v in c.items()))
-    print("decode step   " + "; ".join(f"{r['op']} {r['self_ms_per_step']:.1f} ms ({r['share']:.0%})" for r in report["decode_step_profile"][:4]))
+    print("decode step torch        " + "; ".join(f"{r['op']} {r['self_ms_per_step']:.1f} ms ({r['share']:.0%})" for r in report["decode_step_profile"][:4]))
+    if report["decode_step_profile_onnxruntime"]:
+        print("decode step onnxruntime  " + "; ".join(f"{r['op']} {r['ms_per_step']:.1f} ms ({r['share']:.0%})"
+                                                     for r in report["decode_step_profile_onnxruntime"][:4]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

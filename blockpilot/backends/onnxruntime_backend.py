@@ -88,11 +88,14 @@ class OnnxRuntimeTarget:
         verify_weights: bool = True,
         max_block_size: int = 16,
         trt_cache_dir: str | None = None,
+        profile_prefix: str | None = None,
     ) -> None:
         """export: an export of exactly this target (checked: architecture and weights digest, unless
         verify_weights=False, used by the exporter's own check on an export it just made).
         threads: ONNX Runtime intra-op threads (default: torch's thread count, so both backends
-        compare on equal terms). max_block_size / trt_cache_dir: only for provider='tensorrt'."""
+        compare on equal terms). max_block_size / trt_cache_dir: only for provider='tensorrt'.
+        profile_prefix: record ONNX Runtime's per-node profile into '<prefix>_<date>.json'
+        (`self.session.end_profiling()` closes it and returns its path; benchmarks/engine.py)."""
         ort = _import_ort()
         if verify_weights:
             check_export_matches(export, target)
@@ -109,6 +112,9 @@ class OnnxRuntimeTarget:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         cfg = self.config
         self._kv_shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim)
         providers = self._providers(max_block_size, trt_cache_dir)
