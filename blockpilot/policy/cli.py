@@ -27,6 +27,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter", default=None, help="DFlash checkpoint directory or 'random' (default: the shipped drafter of the default target)")
     parser.add_argument("--random-drafter-block-size", type=positive_int, default=8, help="trained block size of --drafter random")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+                        help="backend timed by the cost model and run by decode mode (default: the default verifier "
+                             "backend, onnxruntime); replay's features come from the torch engine either way")
 
 
 def _add_sweep_args(parser: argparse.ArgumentParser, *, prompts_required: bool) -> None:
@@ -101,12 +104,15 @@ def add_parsers(sub) -> None:
 
 
 def _load_models(args: argparse.Namespace):
+    from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
+    from blockpilot.backends.loader import BackendOptions
     from blockpilot.policy.features import model_fingerprint
     from blockpilot.policy.sweep import SweepModels
     from blockpilot.runtime import load_engine, set_threads
 
     set_threads(args.threads)
-    engine = load_engine(args.target, args.drafter, random_drafter_block_size=args.random_drafter_block_size)
+    engine = load_engine(args.target, args.drafter, random_drafter_block_size=args.random_drafter_block_size,
+                         backend=BackendOptions(name=args.backend or DEFAULT_VERIFIER_BACKEND, threads=args.threads))
     if engine.drafter is None:
         raise InvalidArgumentError("a sweep needs a drafter: pass --drafter PATH (a DFlash checkpoint) or --drafter random")
     module = getattr(engine.drafter, "drafter", None)
@@ -114,7 +120,7 @@ def _load_models(args: argparse.Namespace):
     drafter_label = "/".join(Path(engine.drafter_name).parts[-2:]) or engine.drafter_name
     drafter_name = model_fingerprint(drafter_label, module) if module is not None else engine.drafter_name
     return SweepModels(engine.target, engine.drafter, engine.tokenizer, model_fingerprint(engine.target_dir.name, engine.target),
-                       drafter_name)
+                       drafter_name, verifier=engine.verifier_target)
 
 
 def _run_sweep(args: argparse.Namespace, out: Path, candidates=None) -> dict:

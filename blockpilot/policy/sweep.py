@@ -56,9 +56,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from blockpilot.backends.base import VerifierBackend, backend_name
 from blockpilot.decoding import acceptance
 from blockpilot.decoding.drafting import DraftProvider, DraftRequest
-from blockpilot.decoding.replay import ReplayResult, replay_greedy
+from blockpilot.decoding.replay import replay_greedy
 from blockpilot.decoding.speculative import PrefillInfo, SamplingParams, SpeculativeDecoder
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from blockpilot.models.target import TargetModel
@@ -147,6 +148,7 @@ class CostModel:
     draft_s: dict[int, float]
     threads: int
     machine: str = ""
+    backend: str = "torch"
 
     def step_s(self, verify_size: int) -> float:
         return self.verify_s[verify_size] + (self.draft_s[verify_size] if verify_size > 1 else 0.0)
@@ -163,11 +165,12 @@ class CostModel:
     @classmethod
     def from_json(cls, data: dict) -> "CostModel":
         return cls(int(data["context_tokens"]), {int(k): float(v) for k, v in data["verify_s"].items()},
-                   {int(k): float(v) for k, v in data["draft_s"].items()}, int(data["threads"]), data.get("machine", ""))
+                   {int(k): float(v) for k, v in data["draft_s"].items()}, int(data["threads"]), data.get("machine", ""),
+                   data.get("backend", "torch"))
 
 
 @torch.inference_mode()
-def measure_cost_model(target: TargetModel, provider: DraftProvider, max_block_size: int, context_tokens: int,
+def measure_cost_model(target: VerifierBackend, provider: DraftProvider, max_block_size: int, context_tokens: int,
                        repeats: int = 5, seed: int = 0) -> CostModel:
     """Time every verify size 1..max_block_size and every draft size 2..max_block_size (the
     replayed loop's last step may verify fewer tokens than the block size).
@@ -213,7 +216,7 @@ def measure_cost_model(target: TargetModel, provider: DraftProvider, max_block_s
     # The first round is the warm-up (allocations, caches).
     return CostModel(context_tokens, {k: min(v[1:]) for k, v in verify_times.items()},
                      {k: min(v[1:]) for k, v in draft_times.items()}, torch.get_num_threads(),
-                     f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip())
+                     f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(), backend_name(target))
 
 
 def read_cost_model(path: Path) -> CostModel:
@@ -406,13 +409,22 @@ class SweepWriter:
 @dataclass
 class SweepModels:
     """What a sweep runs: the target, its drafter (in-process or remote), their fingerprints
-    (features.model_fingerprint) and the tokenizer (encode_chat, stop_token_ids)."""
+    (features.model_fingerprint) and the tokenizer (encode_chat, stop_token_ids).
+
+    verifier: the backend that times the cost model and runs decode mode, so tokens/s are those
+    of the backend users serve with (None: the torch target). Replay's features always come
+    from the torch target: they are the same up to float rounding on every backend."""
 
     target: TargetModel
     drafter: DraftProvider
     tokenizer: object
     target_name: str
     drafter_name: str
+    verifier: object | None = None
+
+    @property
+    def timed_target(self):
+        return self.verifier if self.verifier is not None else self.target
 
 
 def read_ids(paths: Sequence[Path]) -> set[str]:
@@ -641,7 +653,7 @@ def run_sweep(models: SweepModels, prompts: Sequence[dict], out_dir: Path, cfg: 
     bar = tqdm(total=len(todo), desc=f"sweep ({cfg.mode})", unit="prompt", disable=not progress, file=sys.stderr)
     try:
         if cfg.mode == "decode":
-            decoder = SpeculativeDecoder(models.target, models.drafter)
+            decoder = SpeculativeDecoder(models.timed_target, models.drafter)
             for prompt in todo:
                 finish_prompt(*decode_prompt(models, decoder, prompt, cfg, stop_ids))
         elif todo:
@@ -657,7 +669,7 @@ def run_sweep(models: SweepModels, prompts: Sequence[dict], out_dir: Path, cfg: 
                 lengths = sorted(len(p["prompt_ids"]) for p in prepared)
                 context = lengths[len(lengths) // 2] + cfg.max_new_tokens // 2
                 measured = time.perf_counter()
-                cost = measure_cost_model(models.target, models.drafter, max(cfg.block_sizes), context, cfg.cost_repeats)
+                cost = measure_cost_model(models.timed_target, models.drafter, max(cfg.block_sizes), context, cfg.cost_repeats)
                 totals["cost_model_s"] = time.perf_counter() - measured
                 writer.set_cost_model(cost, "measured")
             # Batches of similar prompt lengths (little padding) within windows of the prompt order,

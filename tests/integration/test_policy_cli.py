@@ -62,6 +62,8 @@ def test_sweep_train_eval_end_to_end(setup):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["swept"] == 11 and summary["block_sizes"] == [1, 2, 3, 4, 5, 6, 7]  # 4 ± 3, >= 2, plus 1
+    # The cost model timed the backend the verifier serves with by default.
+    assert json.loads((root / "sweep-train" / "manifest.json").read_text())["cost_model"]["backend"] == "onnxruntime"
 
     done = run_cli("policy", "train", "--sweep", root / "sweep-train", "--repository", root / "repo", "--name", "tiny",
                    "--widths", "8", "--ranks", "4", "--top-k", "4", "--epochs", "5", "--folds", "2", "--holdout", "0.34",
