@@ -113,6 +113,22 @@ def drafter_checkpoint_layers(path: str | Path) -> tuple[int, ...]:
     return DrafterConfig.from_hf_dict(raw).target_layer_ids
 
 
+def served_drafter_layers(target: str, drafter: str) -> tuple[int, ...] | None:
+    """The target layers the drafter service will read, as `blockpilot up` starts it: its
+    --target and --drafter ('' = the shipped drafter, 'none', 'random' or a checkpoint folder).
+    None when the verifier's own rule already gives them ('' and 'none'). `up` hands them to the
+    verifier (onnx_layers), so a graph backend exports what the drafter reads."""
+    if drafter in ("", "none"):
+        return None
+    if drafter == "random":
+        from blockpilot.models.config import TargetConfig
+        from blockpilot.models.drafter import DrafterConfig
+        from blockpilot.models.store import resolve_target
+
+        return DrafterConfig.for_target(TargetConfig.from_dir(resolve_target(target))).target_layer_ids
+    return drafter_checkpoint_layers(drafter)
+
+
 def default_export_layers(target: TargetModel, is_default_target: bool) -> tuple[int, ...]:
     """Layers an export returns when nothing names them: those of the shipped drafter for the
     default target, else DFlash's choice for a one-layer drafter (what `--drafter random` and

@@ -159,6 +159,11 @@ def _service_env(name: str, opts: StackOptions, redis_url: str) -> dict[str, str
                       drafter_address=f"{opts.host}:{opts.drafter_port}", policy_address=f"{opts.host}:{opts.policy_port}")
         if opts.backend:
             values["backend"] = opts.backend
+        from blockpilot.backends.loader import served_drafter_layers  # torch: only when a verifier starts
+
+        layers = served_drafter_layers(opts.target, opts.drafter)
+        if layers is not None:
+            values["onnx_layers"] = ",".join(map(str, layers))
     elif name == "drafter":
         values.update(target=opts.target, drafter=opts.drafter, threads=opts.threads)
     else:

@@ -62,15 +62,17 @@ def test_generate_through_the_stack_prints_the_in_process_json(tmp_path):
     run_env = {**os.environ, "BLOCKPILOT_RUN_DIR": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
     flags = stack_flags()
     verifier = f"127.0.0.1:{flags[1]}"
-    up = cli("up", "--drafter", "random", *flags, env=run_env, timeout=600)
+    # The shipped drafter and the default backend (onnxruntime): what `make demo` runs.
+    up = cli("up", *flags, env=run_env, timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         args = ["--json", "--max-new-tokens", "24", "--block-size", "8", "Name three primary colors."]
         remote = cli("generate", "--server", verifier, *args, env=run_env)
-        local = cli("generate", "--drafter", "random", *args, env=run_env)
+        local = cli("generate", *args, env=run_env)
     finally:
         cli("down", env=run_env)
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
     remote_report, local_report = json.loads(remote.stdout), json.loads(local.stdout)
     for key in ("prompt_token_ids", "token_ids", "text", "block_size", "acceptance_lengths", "finish_reason", "drafter"):
         assert remote_report[key] == local_report[key], key
+    assert local_report["backend"] == "onnxruntime"

@@ -21,3 +21,17 @@ def test_without_the_flag_the_environment_still_decides(monkeypatch):
     monkeypatch.setenv("BLOCKPILOT_VERIFIER_BACKEND", "torch")
     assert verifier_env(StackOptions())["BLOCKPILOT_VERIFIER_BACKEND"] == "torch"
     assert verifier_env(StackOptions(backend="onnxruntime"))["BLOCKPILOT_VERIFIER_BACKEND"] == "onnxruntime"
+
+
+def test_the_verifier_exports_the_layers_the_started_drafter_reads(tiny_llama_dir, tmp_path):
+    from blockpilot.models.drafter import DFlashDrafter
+    from blockpilot.models.target import TargetModel
+
+    env = verifier_env(StackOptions(target=str(tiny_llama_dir), drafter="random"))
+    target = TargetModel.from_pretrained(tiny_llama_dir)
+    random_layers = DFlashDrafter.random(target.config).target_layer_ids  # what the drafter service builds
+    assert env["BLOCKPILOT_VERIFIER_ONNX_LAYERS"] == ",".join(map(str, random_layers))
+    DFlashDrafter.random(target.config, target_layer_ids=(0, 2), num_hidden_layers=2).save_pretrained(tmp_path / "d")
+    assert verifier_env(StackOptions(target=str(tiny_llama_dir), drafter=str(tmp_path / "d")))["BLOCKPILOT_VERIFIER_ONNX_LAYERS"] == "0,2"
+    # The shipped drafter ('') and no drafter: the verifier's own rule, nothing passed.
+    assert "BLOCKPILOT_VERIFIER_ONNX_LAYERS" not in verifier_env(StackOptions(target=str(tiny_llama_dir), drafter="none"))
