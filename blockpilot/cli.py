@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = drafter_sub.add_parser("eval", help="τ per dataset and block size on evaluation prompts")
     evaluate.add_argument("--drafter", type=Path, default=None, help="DFlash checkpoint (default: the shipped drafter)")
-    evaluate.add_argument("--datasets-dir", type=Path, required=True, help="folder with the evaluation *.jsonl files")
+    evaluate.add_argument("--datasets-dir", type=Path, default=None, help="folder with the evaluation *.jsonl files (required unless --merge)")
+    evaluate.add_argument("--merge", type=Path, nargs="+", default=None, metavar="REPORT",
+                          help="evaluate nothing: merge the JSON reports of runs over disjoint --datasets (one process per core) into one")
     evaluate.add_argument("--datasets", nargs="+", default=["gsm8k", "math500", "humaneval", "mbpp", "mt_bench", "alpaca"])
     evaluate.add_argument("--prompts-per-dataset", type=positive_int, default=20)
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=128)
@@ -237,8 +239,21 @@ def _drafter_eval(args: argparse.Namespace) -> int:
     from blockpilot.models.target import TargetModel
     from blockpilot.models.tokenizer import ChatTokenizer
     from blockpilot.runtime import shipped_drafter_dir
-    from blockpilot.training.evaluate import EvalConfig, evaluate_drafter, format_table, write_report
+    from blockpilot.training.evaluate import EvalConfig, evaluate_drafter, format_table, merge_reports, write_report
 
+    if args.merge:
+        reports = []
+        for path in args.merge:
+            try:
+                reports.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                raise InvalidArgumentError(f"cannot read the eval report {str(path)!r}: {exc}") from None
+        report = merge_reports(reports)
+        write_report(report, args.out)
+        print(format_table(report))
+        return 0
+    if args.datasets_dir is None:
+        raise InvalidArgumentError("--datasets-dir is required (or --merge REPORT ...)")
     drafter_dir = args.drafter or shipped_drafter_dir()
     if drafter_dir is None:
         raise InvalidArgumentError("no --drafter given and this checkout ships none")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from blockpilot.backends.base import VerifierBackend
 from blockpilot.benchmarking import read_jsonl_prompts
+from blockpilot.errors import InvalidArgumentError
 from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.decoding.replay import replay_greedy
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
@@ -119,6 +120,29 @@ def summarize(rows: list[dict], sizes: list[int], trained: int, measured: int) -
 
     return {"trained_block_size": trained, "measured_block_size": measured, "sweep": sizes,
             "datasets": {name: block(group) for name, group in by_dataset.items()}, "overall": block(rows), "prompts": rows}
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from the reports of shards (e.g. datasets split over processes, one per core):
+    the same drafter, backend and block sizes, disjoint prompts; summarized as if run at once."""
+    if not reports:
+        raise InvalidArgumentError("nothing to merge")
+    keys = ("trained_block_size", "measured_block_size", "sweep", "drafter", "backend")
+    first = reports[0]
+    for report in reports[1:]:
+        differing = [k for k in keys if report.get(k) != first.get(k)]
+        if differing:
+            raise InvalidArgumentError(f"cannot merge eval reports that differ in {', '.join(differing)}")
+    rows = []
+    for report in reports:
+        for row in report["prompts"]:
+            # JSON turned the block-size keys into strings.
+            rows.append({**row, "replay_tau": {int(b): v for b, v in row["replay_tau"].items()}})
+    ids = [(r["dataset"], r["id"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        raise InvalidArgumentError("the eval reports share prompts: merge shards of disjoint datasets or prompts")
+    merged = summarize(rows, first["sweep"], first["trained_block_size"], first["measured_block_size"])
+    return merged | {k: first[k] for k in ("drafter", "backend") if k in first}
 
 
 def format_table(report: dict) -> str:

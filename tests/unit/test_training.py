@@ -183,6 +183,21 @@ def test_eval_report_replay_tau_matches_real_decoding(target, tmp_path):
     table = format_table(report)
     assert table.splitlines()[0].startswith("dataset | n | B=2") and "ALL" in table
 
+    # Shards over disjoint datasets (one process per core), merged after a JSON round trip, are
+    # the report of one run over all of them.
+    from blockpilot.training.evaluate import merge_reports
+
+    shards = [json.loads(json.dumps({**evaluate_drafter(target, _TinyTokenizer(), drafter, tmp_path,
+                                                          EvalConfig(**{**cfg.__dict__, "datasets": (name,)}), progress=False),
+                                       "drafter": "d", "backend": "torch"})) for name in ("alpha", "beta")]
+    merged = merge_reports(shards)
+    assert merged["overall"]["replay_tau"] == pytest.approx(report["overall"]["replay_tau"])
+    assert merged["overall"]["prompts"] == 4 and set(merged["datasets"]) == {"alpha", "beta"}
+    with pytest.raises(InvalidArgumentError, match="share prompts"):
+        merge_reports([shards[0], shards[0]])
+    with pytest.raises(InvalidArgumentError, match="differ in backend"):
+        merge_reports([shards[0], {**shards[1], "backend": "onnxruntime"}])
+
 
 def test_batches_mix_files_and_modes_from_the_start():
     from blockpilot.training.data import plan_batches
