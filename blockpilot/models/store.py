@@ -112,8 +112,8 @@ def default_gguf_path() -> Path:
 
 
 def is_default_target(name_or_path: str | os.PathLike[str] | None) -> bool:
-    """True for the names that mean the default model: None, '', 'default', its own name."""
-    return name_or_path is None or str(name_or_path).strip().lower() in _DEFAULT_ALIASES | {""}
+    """True for the names that mean the default model: None, 'default', its own name."""
+    return name_or_path is None or str(name_or_path).strip().lower() in _DEFAULT_ALIASES
 
 
 def resolve_target(
