@@ -28,7 +28,7 @@ from tqdm import tqdm
 from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
 from blockpilot.benchmarking import load_prompts
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
-from blockpilot.models.store import resolve_target
+from blockpilot.models.store import is_default_target, resolve_target
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # The export the speculative path uses too (the shipped drafter's layers): one export, cached.
             backend = load_backend(target, BackendOptions(name=name, threads=args.threads), drafter_layers=None,
-                                   default_layers=default_export_layers(target, args.target in (None, "default")),
+                                   default_layers=default_export_layers(target, is_default_target(args.target)),
                                    source=str(model_dir))
             decoders[name] = SpeculativeDecoder(backend)
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from blockpilot.backends import BACKENDS, CPU_BACKENDS, DEFAULT_VERIFIER_BACKEND, TORCH
 from blockpilot.cli_args import AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, block_size_arg, positive_int, temperature
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
 
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send PROMPT as plain text, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the tokens and statistics")
     gen.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    gen.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=None,
+    gen.add_argument("--backend", choices=BACKENDS, default=None,
                      help="verifier backend: ONNX Runtime (default; exports the target once into $BLOCKPILOT_CACHE/onnx), "
                           "the torch engine (no export), or TensorRT (GPU, gpu extra)")
     gen.add_argument("--onnx", type=Path, default=None,
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="make the default model ready: de-quantize it once into the cache, and export it "
                                           "to ONNX for the default verifier backend")
     prep.add_argument("--target", default=None)
-    prep.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+    prep.add_argument("--backend", choices=CPU_BACKENDS, default=DEFAULT_VERIFIER_BACKEND,
                       help="the verifier backend to prepare for (default: onnxruntime, which needs the export; torch needs none)")
 
     drafter = sub.add_parser("drafter", help="make, train and evaluate DFlash drafters")
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--target", default=None)
     evaluate.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     evaluate.add_argument("--threads", type=positive_int, default=None)
-    evaluate.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+    evaluate.add_argument("--backend", choices=CPU_BACKENDS, default=DEFAULT_VERIFIER_BACKEND,
                           help="backend of the real decodes (default: the default verifier backend, onnxruntime)")
     for module in COMMAND_GROUPS:
         importlib.import_module(module).add_parsers(sub)
@@ -150,21 +151,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from blockpilot.backends import DEFAULT_VERIFIER_BACKEND, TORCH
     from blockpilot.models.store import is_default_target, resolve_target
 
     logging.getLogger("blockpilot").setLevel(logging.INFO)
     target_dir = resolve_target(args.target)
     print(target_dir)
-    if (args.backend or DEFAULT_VERIFIER_BACKEND) != TORCH:
+    if args.backend != TORCH:
         # The export the verifier would otherwise make on its first start (and time out a client on).
         from blockpilot.backends.loader import default_export_layers
         from blockpilot.backends.onnx_export import cached_export
         from blockpilot.models.target import TargetModel
 
         target = TargetModel.from_pretrained(target_dir)
-        is_default = is_default_target(args.target)
-        print(cached_export(target, default_export_layers(target, is_default), source=str(target_dir)).directory)
+        layers = default_export_layers(target, is_default_target(args.target))
+        print(cached_export(target, layers, source=str(target_dir)).directory)
     return 0
 
 
@@ -206,9 +206,7 @@ def _drafter_train(args: argparse.Namespace) -> int:
                       block_size=args.block_size, mask_token_id=mask, gamma=args.gamma, lr=args.lr, steps=args.steps,
                       anchors_per_sequence=args.anchors, sequences_per_step=args.sequences, eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed)
-    holdout_ids = None
-    if args.holdout_ids is not None:
-        holdout_ids = read_id_list(args.holdout_ids)
+    holdout_ids = read_id_list(args.holdout_ids) if args.holdout_ids is not None else None
     summary = train_drafter(target, read_dataset(args.data), args.out, cfg, init_from=args.init_from,
                             feature_dir=args.feature_dir, feature_layer_ids=args.feature_layers, holdout_ids=holdout_ids)
     (args.out / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -216,12 +214,17 @@ def _drafter_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_json_file(path: Path, what: str):
+    """The JSON value in `path`, or a one-line InvalidArgumentError naming `what` it should be."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(f"cannot read the {what} {str(path)!r}: {exc}") from None
+
+
 def read_id_list(path: Path) -> list[str]:
     """A JSON list of prompt ids, with a one-line error for anything else."""
-    try:
-        ids = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidArgumentError(f"cannot read the id list {str(path)!r}: {exc}") from None
+    ids = read_json_file(path, "id list")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise InvalidArgumentError(f"{str(path)!r} must hold a non-empty JSON list of prompt id strings")
     return ids
@@ -242,13 +245,7 @@ def _drafter_eval(args: argparse.Namespace) -> int:
     from blockpilot.training.evaluate import EvalConfig, evaluate_drafter, format_table, merge_reports, write_report
 
     if args.merge:
-        reports = []
-        for path in args.merge:
-            try:
-                reports.append(json.loads(path.read_text()))
-            except (OSError, ValueError) as exc:
-                raise InvalidArgumentError(f"cannot read the eval report {str(path)!r}: {exc}") from None
-        report = merge_reports(reports)
+        report = merge_reports([read_json_file(path, "eval report") for path in args.merge])
         write_report(report, args.out)
         print(format_table(report))
         return 0
@@ -261,17 +258,15 @@ def _drafter_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(datasets=tuple(args.datasets), prompts_per_dataset=args.prompts_per_dataset,
                      max_new_tokens=args.max_new_tokens, sweep_radius=args.radius, block_size=args.block_size,
                      temperature_runs=not args.no_temperature)
-    from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
     from blockpilot.backends.loader import BackendOptions, load_backend
 
     target = TargetModel.from_pretrained(target_dir)
     drafter = DFlashDrafter.from_pretrained(drafter_dir)
-    backend = args.backend or DEFAULT_VERIFIER_BACKEND
-    verifier = load_backend(target, BackendOptions(name=backend, threads=args.threads),
+    verifier = load_backend(target, BackendOptions(name=args.backend, threads=args.threads),
                             drafter_layers=drafter.target_layer_ids, source=str(target_dir))
     report = evaluate_drafter(target, ChatTokenizer(target_dir), drafter, args.datasets_dir, cfg, verifier=verifier)
     report["drafter"] = str(drafter_dir)
-    report["backend"] = backend
+    report["backend"] = args.backend
     write_report(report, args.out)
     print(format_table(report))
     return 0
@@ -287,7 +282,7 @@ def _add_stack_parsers(sub) -> None:
         up.add_argument(f"--{name}-port", type=positive_int, default=port)
         up.add_argument(f"--{name}-metrics-port", type=int, default=metrics_port)
     up.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per service")
-    up.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="",
+    up.add_argument("--backend", choices=BACKENDS, default="",
                     help="the verifier's backend (default: its config's, i.e. BLOCKPILOT_VERIFIER_BACKEND, else onnxruntime)")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all services to be SERVING")
     down = sub.add_parser("down", help="stop the local stack started by `blockpilot up`")
@@ -397,7 +392,6 @@ def _generate(args: argparse.Namespace) -> int:
 
     from blockpilot.decoding.speculative import GenerationResult, SamplingParams
     from blockpilot.models.tokenizer import IncrementalDecoder
-    from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
     from blockpilot.backends.loader import BackendOptions
     from blockpilot.runtime import load_engine, set_threads
 

@@ -8,6 +8,7 @@ TORCH = "torch"
 ONNXRUNTIME = "onnxruntime"
 TENSORRT = "tensorrt"
 BACKENDS = (TORCH, ONNXRUNTIME, TENSORRT)
+CPU_BACKENDS = (TORCH, ONNXRUNTIME)  # what offline tools (prepare, eval, sweeps) run on
 
 # What the user-facing entry points (`blockpilot generate`, the verifier service's config) run
 # when no backend is named: the same graph through ONNX Runtime decodes about twice as fast as the

@@ -17,6 +17,7 @@ import json
 import logging
 from pathlib import Path
 
+from blockpilot.backends import CPU_BACKENDS, DEFAULT_VERIFIER_BACKEND
 from blockpilot.cli_args import OneLineParser, fraction, non_negative_int, positive_float, positive_int
 from blockpilot.errors import InvalidArgumentError
 from blockpilot.policy.metadata import FEATURE_KINDS, LABEL_RULES
@@ -27,7 +28,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter", default=None, help="DFlash checkpoint directory or 'random' (default: the shipped drafter of the default target)")
     parser.add_argument("--random-drafter-block-size", type=positive_int, default=8, help="trained block size of --drafter random")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+    parser.add_argument("--backend", choices=CPU_BACKENDS, default=DEFAULT_VERIFIER_BACKEND,
                         help="backend timed by the cost model and run by decode mode (default: the default verifier "
                              "backend, onnxruntime); replay's features come from the torch engine either way")
 
@@ -104,7 +105,6 @@ def add_parsers(sub) -> None:
 
 
 def _load_models(args: argparse.Namespace):
-    from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
     from blockpilot.backends.loader import BackendOptions
     from blockpilot.policy.features import model_fingerprint
     from blockpilot.policy.sweep import SweepModels
@@ -112,7 +112,7 @@ def _load_models(args: argparse.Namespace):
 
     set_threads(args.threads)
     engine = load_engine(args.target, args.drafter, random_drafter_block_size=args.random_drafter_block_size,
-                         backend=BackendOptions(name=args.backend or DEFAULT_VERIFIER_BACKEND, threads=args.threads))
+                         backend=BackendOptions(name=args.backend, threads=args.threads))
     if engine.drafter is None:
         raise InvalidArgumentError("a sweep needs a drafter: pass --drafter PATH (a DFlash checkpoint) or --drafter random")
     module = getattr(engine.drafter, "drafter", None)

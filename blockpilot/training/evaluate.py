@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from blockpilot.backends.base import VerifierBackend
 from blockpilot.benchmarking import read_jsonl_prompts
-from blockpilot.errors import InvalidArgumentError
 from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.decoding.replay import replay_greedy
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
+from blockpilot.errors import InvalidArgumentError
 from blockpilot.models.drafter import DFlashDrafter
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer

@@ -37,13 +37,18 @@ def test_the_policy_decides_the_block_size_and_output_stays_greedy(target, tmp_p
     assert result.token_ids == reference.token_ids
 
 
-def test_without_a_shipped_policy_the_default_size_answers_and_says_so(target, tmp_path):
-    policy = InProcessPolicy(tmp_path / "empty")
+def decide_short(target, policy: InProcessPolicy) -> GenerationResult:
+    """A 6-token decode whose block size `policy` decides (default size 4); closes the policy."""
     decoder = SpeculativeDecoder(target, OracleDrafter([0] * 64, target.config.vocab_size, 0.0))
     result = GenerationResult(prompt_token_ids=PROMPT)
     list(decoder.stream(PROMPT, SamplingParams(max_new_tokens=6), policy.hook(4, decoder.max_block_size), result))
     policy.close()
-    assert result.block_size == 4
+    return result
+
+
+def test_without_a_shipped_policy_the_default_size_answers_and_says_so(target, tmp_path):
+    policy = InProcessPolicy(tmp_path / "empty")
+    assert decide_short(target, policy).block_size == 4
     assert policy.decision.fallback_reason == "default_policy_not_loaded"
 
 
@@ -55,9 +60,5 @@ def test_an_unknown_policy_name_fails_before_any_work(tmp_path):
 def test_a_policy_for_another_target_falls_back_to_the_default_size(target, tmp_path):
     write_policy(tmp_path, "blockpilot", 1, feature_kind="last_logits", feature_dim=target.config.vocab_size + 1, choice=3)
     policy = InProcessPolicy(tmp_path)
-    decoder = SpeculativeDecoder(target, OracleDrafter([0] * 64, target.config.vocab_size, 0.0))
-    result = GenerationResult(prompt_token_ids=PROMPT)
-    list(decoder.stream(PROMPT, SamplingParams(max_new_tokens=6), policy.hook(4, decoder.max_block_size), result))
-    policy.close()
-    assert result.block_size == 4
+    assert decide_short(target, policy).block_size == 4
     assert policy.decision.fallback_reason == "policy_feature_mismatch"
