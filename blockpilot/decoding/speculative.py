@@ -7,10 +7,17 @@ per-step math):
 - step: one drafter pass (block of `block_size`) and one target pass over the block; it commits
   `acceptance_length` = accepted drafts + 1 tokens.
 - pending context: target features of committed tokens the drafter has not seen yet (the prompt
-  after prefill; then, after each step, the anchor and the accepted drafts).
+  after prefill; then, after each step, the anchor and the accepted drafts; steps that make no
+  drafter call let it grow, and the next drafter call sends all of it).
+- draft source: where a step's draft comes from. "lookup": prompt lookup (lookup.py) found the
+  current suffix earlier in prompt + output and proposes what followed it; the drafter pass is
+  skipped for that step. "dflash": no lookup match and block size > 1: the DFlash drafter drafts
+  block_size - 1 tokens. Neither: a one-token step. Both are verified by the same acceptance rules
+  (a lookup draft is deterministic: a one-hot q).
 
-Block size 1 is plain autoregressive decoding through this same loop: no drafter call, a one-token
-target pass per step. Every speed-up is measured against it.
+Block size 1 with prompt lookup off is plain autoregressive decoding through this same loop: no
+draft, a one-token target pass per step. Every speed-up is measured against it. (Block size 1
+with lookup on verifies lookup drafts only.)
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ import torch
 
 from blockpilot.decoding import acceptance
 from blockpilot.decoding.drafting import DraftProvider, DraftRequest
+from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig, PromptLookupIndex
 from blockpilot.errors import DrafterUnavailableError, InvalidArgumentError, ResourceExhaustedError
 from blockpilot.models.kv_cache import KVCache
 from blockpilot.models.target import TargetModel
 
 DRAFT_SAMPLING_MODES = ("greedy", "sample")
+DRAFT_SOURCES = ("dflash", "lookup")
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class StepEvent:
 
     token_ids: tuple[int, ...]
     acceptance_length: int | None  # None for the prefill's token
+    source: str = ""  # the step's draft source (DRAFT_SOURCES), "" for a one-token step or the prefill
 
 
 @dataclass
@@ -110,6 +120,13 @@ class GenerationResult:
     context_features: torch.Tensor | None = field(default=None, repr=False)
     # Context tokens the draft session already held when it opened (a resumed drafter cache).
     draft_context_reused: int = 0
+    # Accepted draft tokens (bonus tokens excluded) by draft source; every DRAFT_SOURCES key.
+    accepted_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DRAFT_SOURCES, 0))
+    # Per step: its draft source ("" = a one-token step) and the tokens it verified.
+    step_sources: list[str] = field(default_factory=list)
+    verify_sizes: list[int] = field(default_factory=list)
+    # Steps that would have called the drafter (block size > 1) but verified a lookup draft instead.
+    drafter_passes_skipped: int = 0
 
     @property
     def tau(self) -> float:
@@ -144,10 +161,11 @@ class SpeculativeDecoder:
             raise InvalidArgumentError(f"block size must be <= {self.max_block_size}, got {block_size}")
 
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, block_size: int | BlockSizeHook = 1
+        self, prompt_ids: Sequence[int], params: SamplingParams, block_size: int | BlockSizeHook = 1,
+        *, lookup: LookupConfig = LOOKUP_OFF,
     ) -> GenerationResult:
         result = GenerationResult(prompt_token_ids=list(prompt_ids))
-        for _ in self.stream(prompt_ids, params, block_size, result):
+        for _ in self.stream(prompt_ids, params, block_size, result, lookup=lookup):
             pass
         return result
 
@@ -162,6 +180,7 @@ class SpeculativeDecoder:
         cache: KVCache | None = None,
         prefix_features: torch.Tensor | None = None,
         collect_features: Sequence[int] = (),
+        lookup: LookupConfig = LOOKUP_OFF,
     ) -> Iterator[StepEvent]:
         """Decode, yielding the tokens of each step as soon as they are committed. `result` (if
         given) is filled in as decoding goes and is complete when the iterator is exhausted.
@@ -175,6 +194,7 @@ class SpeculativeDecoder:
         collect_features: target layers whose outputs to keep for every committed token in
             `result.context_features`, even at block size 1 (the target pass returns them at almost no
             cost); must equal the drafter's target_layer_ids when there is a drafter.
+        lookup: prompt-lookup drafting (off by default here; the CLI and the verifier turn it on).
         A draft session that opens holding context already (`session.context_length`, a drafter
             cache resumed from an earlier turn) is sent context from that position on only.
         If the drafter fails (DrafterUnavailableError) the request continues at block size 1 with
@@ -232,8 +252,9 @@ class SpeculativeDecoder:
                 except DrafterUnavailableError as err:
                     result.fallback_reason = err.reason
             try:
+                index = PromptLookupIndex(lookup, [*prompt_ids, first]) if lookup.enabled else None
                 yield from self._decode_steps(cache, session, prompt_features, first, block_size, params, generator, result,
-                                              kept, collect_features)
+                                              kept, collect_features, index)
             finally:
                 if session is not None:
                     session.close()
@@ -243,37 +264,45 @@ class SpeculativeDecoder:
                 result.context_features = torch.cat(kept) if len(kept) > 1 else kept[0]
 
     def _decode_steps(self, cache, session, prompt_features, first, block_size, params, generator, result, kept,
-                      collect_features):
+                      collect_features, index: PromptLookupIndex | None):
         device = self.target.device
         prompt_len = len(result.prompt_token_ids)
         feature_layers = self.drafter.target_layer_ids if session is not None else collect_features
         stop_ids = set(params.stop_token_ids)
-        # Target features the drafter has not seen yet: after the prefill, the prompt from the
-        # context the session already holds (a resumed drafter cache) on.
-        pending_context, pending_start = None, 0
+        # Target features the drafter has not seen yet ([N, F] chunks, positions pending_start ..
+        # the anchor's - 1): after the prefill, the prompt from the context the session already
+        # holds (a resumed drafter cache) on; then what each step commits, until a drafter call.
+        pending: list[torch.Tensor] = []
+        pending_start = 0
         if session is not None:
             held = int(getattr(session, "context_length", 0) or 0)
             if not 0 <= held <= prompt_len:
                 raise ValueError(f"the draft session holds {held} context tokens; the prompt has {prompt_len}")
             result.draft_context_reused = held
-            pending_context, pending_start = prompt_features[0, held:], held  # [N, F]
+            pending, pending_start = [prompt_features[0, held:]], held
         anchor = first
         generated = 1
         while True:
-            remaining = params.max_new_tokens - generated
-            verify_size = min(block_size, remaining)
+            room = params.max_new_tokens - generated  # tokens this step may still commit
             start = prompt_len + generated - 1  # position of the anchor
-            block = torch.full((1, verify_size), anchor, dtype=torch.long, device=device)
-            draft = None
-            if verify_size > 1 and session is not None:
+            copied = index.propose(room - 1) if index is not None else []
+            draft, source = None, ""
+            if copied:
+                source = "lookup"
+                block = torch.tensor([[anchor, *copied]], dtype=torch.long, device=device)
+                if session is not None and min(block_size, room) > 1:
+                    result.drafter_passes_skipped += 1
+            elif session is not None and min(block_size, room) > 1:
+                verify_size = min(block_size, room)
                 sample = params.temperature > 0 and params.draft_sampling == "sample"
+                context = pending[0] if len(pending) == 1 else torch.cat(pending)
                 try:
                     draft = session.propose(
                         DraftRequest(
                             anchor=anchor,
                             start=start,
                             num_draft=verify_size - 1,
-                            context=pending_context,
+                            context=context,
                             context_start=pending_start,
                             temperature=params.temperature,
                             sample=sample,
@@ -282,17 +311,19 @@ class SpeculativeDecoder:
                     )
                 except DrafterUnavailableError as err:
                     # Drafting stops; the target cache holds exactly the committed tokens, so the
-                    # rest of the request runs at block size 1 with the same output.
-                    # (The session is closed by stream()'s cleanup.)
+                    # rest of the request runs without DFlash drafts (lookup drafts go on) with the
+                    # same output. (The session is closed by stream()'s cleanup.)
                     result.fallback_reason = err.reason
-                    session, feature_layers, pending_context = None, collect_features, None
-                    verify_size = 1
-                    block = block[:, :1]
+                    session, feature_layers, pending = None, collect_features, []
+                    block = torch.tensor([[anchor]], dtype=torch.long, device=device)
                 else:
+                    source = "dflash"
+                    pending, pending_start = [], start
+                    block = torch.empty((1, verify_size), dtype=torch.long, device=device)
+                    block[0, 0] = anchor
                     block[0, 1:] = draft.tokens.to(device)
-            elif verify_size > 1:
-                verify_size = 1
-                block = block[:, :1]
+            else:
+                block = torch.tensor([[anchor]], dtype=torch.long, device=device)
             out = self.target(block, cache, num_logits=None, hidden_layer_ids=feature_layers)
             verdict = self._verify(block[0, 1:], draft, out.logits[0], params, generator)
             committed = block[0, 1 : 1 + verdict.num_accepted].tolist() + [verdict.next_token]
@@ -300,8 +331,7 @@ class SpeculativeDecoder:
             # dropped by moving the length back. The new token is the next anchor.
             cache.truncate(start + 1 + verdict.num_accepted)
             if session is not None:
-                pending_context = out.hidden[0, : 1 + verdict.num_accepted]
-                pending_start = start
+                pending.append(out.hidden[0, : 1 + verdict.num_accepted])
             finish = ""
             for i, token in enumerate(committed):
                 if token in stop_ids:
@@ -311,14 +341,21 @@ class SpeculativeDecoder:
             if kept is not None and out.hidden is not None:
                 # Features of the anchor and the committed tokens but the last (the next anchor).
                 kept.append(out.hidden[0, : len(committed)])
+            if index is not None:
+                index.extend(committed)
             generated += len(committed)
             result.token_ids.extend(committed)
             result.acceptance_lengths.append(len(committed))
+            result.step_sources.append(source)
+            result.verify_sizes.append(block.shape[1])
+            if source:
+                # A stop token among the accepted drafts cuts the step there: all it commits are drafts.
+                result.accepted_by_source[source] += min(verdict.num_accepted, len(committed))
             if not finish and generated >= params.max_new_tokens:
                 finish = "length"
             if finish:
                 result.finish_reason = finish
-            yield StepEvent(tuple(committed), len(committed))
+            yield StepEvent(tuple(committed), len(committed), source)
             if finish:
                 return
             anchor = committed[-1]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from blockpilot.decoding.drafting import LocalDrafter
+from blockpilot.decoding.lookup import LookupConfig
 from blockpilot.decoding.speculative import PrefillInfo, SamplingParams, SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
 from blockpilot.models.drafter import DFlashDrafter
@@ -204,3 +205,96 @@ def test_seeded_sampling_is_reproducible(target, random_drafter):
     params = SamplingParams(temperature=1.0, max_new_tokens=20, seed=7)
     decoder = SpeculativeDecoder(target, random_drafter)
     assert decoder.generate(PROMPTS[0], params, 4).token_ids == decoder.generate(PROMPTS[0], params, 4).token_ids
+
+
+# ---- prompt lookup: another draft source through the same loop -------------------------------
+
+REPETITIVE_PROMPTS = [[9, 8, 7, 6, 9, 8, 7, 6, 9, 8], [3, 3, 3, 3, 3, 3], [40, 3, 3, 3, 3, 90, 17, 17, 60, 2, 44, 31, 90, 17]]
+LOOKUP_CONFIGS = [LookupConfig(), LookupConfig(min_ngram=1, max_ngram=3, max_tokens=12)]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS + REPETITIVE_PROMPTS)
+@pytest.mark.parametrize("lookup", LOOKUP_CONFIGS)
+def test_greedy_with_lookup_equals_autoregressive(target, random_drafter, prompt, lookup):
+    max_new_tokens = 50
+    reference = autoregressive(target, prompt, max_new_tokens)
+    full = list(prompt) + reference.token_ids
+    oracle = OracleDrafter(full, target.config.vocab_size, 0.8, seed=3)
+    sources_seen = set()
+    for drafter in (random_drafter, oracle, None):
+        decoder = SpeculativeDecoder(target, drafter)
+        for block_size in range(1, 17) if drafter is not None else (1,):
+            result = decoder.generate(prompt, SamplingParams(max_new_tokens=max_new_tokens), block_size, lookup=lookup)
+            assert result.token_ids == reference.token_ids, (drafter, block_size)
+            assert sum(result.acceptance_lengths) == max_new_tokens - 1
+            assert len(result.step_sources) == len(result.acceptance_lengths) == len(result.verify_sizes)
+            # Accepted drafts + one target token per step = the tokens the steps committed.
+            assert sum(result.accepted_by_source.values()) + len(result.acceptance_lengths) == max_new_tokens - 1
+            if drafter is None or block_size == 1:
+                assert "dflash" not in result.step_sources and result.drafter_passes_skipped == 0
+            else:
+                assert result.drafter_passes_skipped == result.step_sources.count("lookup") or \
+                    result.verify_sizes[-1] < block_size  # the last step may have no room for a DFlash draft
+            sources_seen.update(result.step_sources)
+    assert "lookup" in sources_seen  # tiny random models repeat themselves: copies were verified
+
+
+def test_lookup_off_never_copies(target, random_drafter):
+    prompt = REPETITIVE_PROMPTS[0]
+    result = SpeculativeDecoder(target, random_drafter).generate(prompt, SamplingParams(max_new_tokens=40), 4)
+    assert "lookup" not in result.step_sources and result.accepted_by_source["lookup"] == 0
+
+
+def test_lookup_copies_a_repeated_continuation_in_long_steps(target):
+    """A continuation that repeats itself is copied: far fewer steps than tokens."""
+    prompt = REPETITIVE_PROMPTS[0]
+    reference = autoregressive(target, prompt, 80)
+    full = list(prompt) + reference.token_ids
+    result = SpeculativeDecoder(target).generate(prompt, SamplingParams(max_new_tokens=80), 1,
+                                                 lookup=LookupConfig(min_ngram=1, max_ngram=4, max_tokens=10))
+    assert result.token_ids == reference.token_ids
+    # How many steps a perfect copier needs is a property of the continuation; the loop must copy
+    # at least whenever its last 4 tokens already occurred with the same next token.
+    repeats = sum(1 for i in range(len(prompt) + 4, len(full)) if full[i - 4 : i] in
+                  [full[j - 4 : j] for j in range(4, i)])
+    if repeats > 20:
+        assert result.tau > 1.3
+
+
+def test_drafter_gets_every_committed_token_after_lookup_steps(target):
+    """Steps that copy make no drafter call; the next drafter call sends the context they committed
+    (OracleSession asserts that context arrives in order with no gap)."""
+    prompt = REPETITIVE_PROMPTS[2]
+    reference = autoregressive(target, prompt, 60)
+    drafter = OracleDrafter(list(prompt) + reference.token_ids, target.config.vocab_size, 0.5, seed=0)
+    result = SpeculativeDecoder(target, drafter).generate(prompt, SamplingParams(max_new_tokens=60), 4,
+                                                          lookup=LookupConfig(min_ngram=1, max_ngram=2))
+    assert result.token_ids == reference.token_ids
+    assert {"lookup", "dflash"} <= set(result.step_sources)
+    requests = drafter.sessions[0].requests
+    assert sum(r.num_draft > 0 for r in requests) == result.step_sources.count("dflash")
+
+
+@pytest.mark.parametrize("draft_sampling", ["greedy", "sample"])
+def test_temperature_sampling_with_lookup_is_lossless_in_distribution(small_vocab_target, draft_sampling):
+    """Lookup drafts are deterministic proposals (one-hot q) accepted by sample-and-match; mixed
+    with DFlash drafts (both acceptance rules) the output law is still the target's."""
+    target = small_vocab_target
+    prompt, length, temperature, trials = [1, 3, 1, 3], 4, 1.3, 3000
+    exact = exact_joint(target, prompt, length, temperature)
+    greedy = autoregressive(target, prompt, length).token_ids
+    drafter = OracleDrafter(list(prompt) + greedy, target.config.vocab_size, 0.7, seed=1)
+    decoder = SpeculativeDecoder(target, drafter)
+    lookup = LookupConfig(min_ngram=1, max_ngram=2, max_tokens=3)
+    counts: dict[tuple[int, ...], int] = {}
+    copied = lookup_steps = 0
+    for seed in range(trials):
+        result = decoder.generate(prompt, SamplingParams(temperature=temperature, max_new_tokens=length, seed=seed,
+                                                         draft_sampling=draft_sampling), 3, lookup=lookup)
+        key = tuple(result.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+        copied += result.accepted_by_source["lookup"] > 0
+        lookup_steps += "lookup" in result.step_sources
+    # Lookup drafts were verified in most requests, accepted in some (and rejected in others).
+    assert lookup_steps > trials // 5 and copied > trials // 20
+    assert chi_square_p_value(counts, exact, trials) > 1e-3

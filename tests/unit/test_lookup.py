@@ -1,0 +1,81 @@
+"""Prompt-lookup drafting (blockpilot.decoding.lookup): hand-built cases and the incremental
+index against a slow rescan of the whole history."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from blockpilot.decoding.lookup import LookupConfig, PromptLookupIndex, propose_slow
+from blockpilot.errors import InvalidArgumentError
+
+
+def index_of(history, **config):
+    return PromptLookupIndex(LookupConfig(**config), history)
+
+
+def test_copies_what_followed_the_latest_occurrence_of_the_longest_suffix():
+    #          0  1  2  3  4  5  6  7  8  9
+    history = [1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 1, 2, 3]
+    # Suffix 2-gram (2, 3) and 3-gram (1, 2, 3) occur at 0..2 and 5..7; the latest is 5..7,
+    # followed by 4, 5, 1, 2, 3 (the continuation may run up to the history's end).
+    assert index_of(history, max_tokens=3).propose() == [4, 5, 1]
+    assert index_of(history, max_tokens=10).propose() == [4, 5, 1, 2, 3]
+
+
+def test_longer_ngram_wins_over_a_more_recent_shorter_one():
+    history = [7, 8, 9, 1, 0, 8, 9, 2, 7, 8, 9]
+    # (8, 9) last occurred at 5..6 (then 2), but (7, 8, 9) occurred only at 0..2 (then 1).
+    assert index_of(history, min_ngram=2, max_ngram=3, max_tokens=2).propose() == [1, 0]
+    assert index_of(history, min_ngram=2, max_ngram=2, max_tokens=2).propose() == [2, 7]
+
+
+def test_no_match_and_too_short_suffix_propose_nothing():
+    assert index_of([1, 2, 3, 4, 5]).propose() == []
+    assert index_of([3]).propose() == []
+    assert index_of([]).propose() == []
+    # A 1-token suffix needs min_ngram 1.
+    assert index_of([4, 6, 4], min_ngram=2).propose() == []
+    assert index_of([4, 6, 4], min_ngram=1, max_ngram=2).propose() == [6, 4]
+
+
+def test_the_suffix_itself_is_not_a_match():
+    # (5, 5) ends at 1 and at 2 (the suffix): only the one at 1 has a continuation.
+    assert index_of([5, 5, 5]).propose() == [5]
+
+
+def test_cap_below_the_configured_maximum():
+    history = [1, 2, 3, 4, 5, 1, 2]
+    index = index_of(history, max_tokens=5)
+    assert index.propose() == [3, 4, 5, 1, 2]
+    assert index.propose(2) == [3, 4]
+    assert index.propose(0) == []
+
+
+def test_extend_is_the_same_as_building_from_the_whole_history():
+    rng = random.Random(0)
+    history = [rng.randrange(4) for _ in range(60)]
+    grown = PromptLookupIndex(LookupConfig(min_ngram=1, max_ngram=3), history[:5])
+    for lo in range(5, 60, 7):
+        grown.extend(history[lo : lo + 7])
+        assert grown.propose() == index_of(history[: lo + 7], min_ngram=1, max_ngram=3).propose()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_index_matches_the_slow_reference(seed):
+    rng = random.Random(seed)
+    vocab = rng.choice([2, 3, 5, 20])
+    config = LookupConfig(min_ngram=rng.randint(1, 3), max_ngram=rng.randint(3, 6), max_tokens=rng.randint(1, 9))
+    history = [rng.randrange(vocab) for _ in range(rng.randint(0, 120))]
+    index = PromptLookupIndex(config)
+    for position, token in enumerate(history):
+        index.extend([token])
+        cap = rng.choice([None, 0, 1, 3])
+        assert index.propose(cap) == propose_slow(history[: position + 1], config, cap), (position, cap)
+
+
+@pytest.mark.parametrize("overrides", [dict(min_ngram=0), dict(min_ngram=4, max_ngram=3), dict(max_tokens=0)])
+def test_bad_config_is_refused_with_the_value(overrides):
+    with pytest.raises(InvalidArgumentError, match="got"):
+        LookupConfig(**overrides)
