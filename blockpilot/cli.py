@@ -2,7 +2,8 @@
 
 Contract of `blockpilot generate` (benchmarks and later services rely on it; extend, do not break):
     blockpilot generate [--target NAME_OR_PATH] [--drafter PATH|random|none] [--block-size N|auto]
-                        [--temperature T] [--max-new-tokens N] [--seed S] [--raw] [--json] PROMPT
+                        [--prompt-lookup on|off] [--temperature T] [--max-new-tokens N] [--seed S] [--raw]
+                        [--json] PROMPT
     (also: --policy/--policies with --block-size auto, --backend/--onnx, --server HOST:PORT)
 `--json` prints exactly one JSON object on stdout. Bad arguments exit with status 2 and one line
 on stderr; no traceback reaches the user for an expected failure.
@@ -36,10 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", metavar="PROMPT", help="one user message (wrapped in the chat template unless --raw)")
     gen.add_argument("--target", default=None, help="'default' (SmolLM2-135M-Instruct), a Hugging Face model directory, or a .gguf file")
     gen.add_argument("--drafter", default=None, help="DFlash checkpoint directory, 'random' (untrained, for testing) or 'none'; default: the shipped drafter of the default target")
-    gen.add_argument("--block-size", type=block_size_arg, default=None,
-                     help="tokens per verify step; 1 = autoregressive; 'auto' = the block-size policy decides from the prefill "
-                          "(default: the drafter's trained size, else 1)")
-    gen.add_argument("--policy", default="", help="with --block-size auto: the policy to ask ('' = the shipped policy, a learned "
+    gen.add_argument("--block-size", type=block_size_arg, default=AUTO,
+                     help="DFlash block: tokens per verify step of a drafter draft; 1 = no drafter pass (with "
+                          "--prompt-lookup off: plain autoregressive decoding); 'auto' (default) = the block-size "
+                          "policy decides from the prefill")
+    gen.add_argument("--prompt-lookup", choices=("on", "off"), default="on",
+                     help="verify a copy of what followed an earlier occurrence of the last tokens (prompt + output) "
+                          "when there is one, instead of a drafter pass (default: on)")
+    gen.add_argument("--policy", default="", help="with --block-size auto (the default): the policy to ask ('' = the shipped policy, a learned "
                                                   "policy's name, 'default' or 'fixed-<n>'; with --server also an experiment)")
     gen.add_argument("--policies", type=Path, default=None, help="with --block-size auto: policy repository folder (default: the shipped policies/)")
     gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
@@ -382,7 +387,7 @@ def _generate(args: argparse.Namespace) -> int:
     auto = args.block_size == AUTO
     if not auto and (args.policy or args.policies is not None):
         raise InvalidArgumentError("--policy and --policies need --block-size auto")
-    if not auto and args.block_size is not None and args.block_size > 1 and args.drafter in (None, "none"):
+    if not auto and args.block_size > 1 and args.drafter in (None, "none"):
         from blockpilot.runtime import shipped_drafter_dir
 
         if args.drafter == "none" or shipped_drafter_dir() is None or args.target not in (None, "default"):
@@ -390,6 +395,7 @@ def _generate(args: argparse.Namespace) -> int:
                 f"--block-size {args.block_size} needs a drafter: pass --drafter PATH (a DFlash checkpoint) or --drafter random"
             )
 
+    from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
     from blockpilot.decoding.speculative import GenerationResult, SamplingParams
     from blockpilot.models.tokenizer import IncrementalDecoder
     from blockpilot.backends.loader import BackendOptions
@@ -401,13 +407,14 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = engine.tokenizer
     prompt_ids = tokenizer.encode_raw(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     policy = None
-    if auto:
+    if auto and engine.drafter is not None:
         from blockpilot.policy.in_process import InProcessPolicy
 
         policy = InProcessPolicy(args.policies, args.policy)
         block_size = policy.hook(engine.default_block_size, engine.decoder.max_block_size)
     else:
-        block_size = args.block_size if args.block_size is not None else engine.default_block_size
+        block_size = 1 if auto else args.block_size  # without a drafter there is no block size to decide
+    lookup = LookupConfig() if args.prompt_lookup == "on" else LOOKUP_OFF
     params = SamplingParams(
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
@@ -416,7 +423,7 @@ def _generate(args: argparse.Namespace) -> int:
         draft_sampling=args.draft_sampling,
     )
     result = GenerationResult(prompt_token_ids=prompt_ids)
-    stream = engine.decoder.stream(prompt_ids, params, block_size, result)
+    stream = engine.decoder.stream(prompt_ids, params, block_size, result, lookup=lookup)
     if args.json:
         for _ in stream:
             pass
@@ -443,6 +450,9 @@ def _generate(args: argparse.Namespace) -> int:
         "decode_s": round(result.decode_s, 4),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         "finish_reason": result.finish_reason,
+        "prompt_lookup": lookup.enabled,
+        "accepted_by_source": result.accepted_by_source,
+        "drafter_passes_skipped": result.drafter_passes_skipped,
         "backend": engine.backend,
         "policy_version": policy.decision.policy_version if policy and policy.decision else "",
         "arm": policy.decision.arm if policy and policy.decision else "",
@@ -456,7 +466,8 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(
             f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, block_size={result.block_size}, "
-            f"drafter={engine.drafter_name}, tau={result.tau:.2f}, ttft={result.ttft_s * 1000:.0f} ms, "
+            f"drafter={engine.drafter_name}, tau={result.tau:.2f}, accepted lookup={result.accepted_by_source['lookup']} "
+            f"dflash={result.accepted_by_source['dflash']}, ttft={result.ttft_s * 1000:.0f} ms, "
             f"decode={result.decode_tokens_per_s:.1f} tokens/s, backend={engine.backend}"
             + (f", policy={report['policy_version']}" if report["policy_version"] else "")
             + (f", fallback={report['fallback_reason']}" if report["fallback_reason"] else "") + "]",

@@ -108,7 +108,8 @@ class OnnxRuntimeTarget:
         self._ort_device = "cuda" if self._device.type == "cuda" else "cpu"
         self.io_binding = io_binding
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -47,6 +47,9 @@ def _add_sweep_args(parser: argparse.ArgumentParser, *, prompts_required: bool) 
     parser.add_argument("--candidates", type=positive_int, nargs="+", default=None,
                         help="block sizes the policy chooses from (default: the drafter's trained size ± --radius, >= 2)")
     parser.add_argument("--radius", type=non_negative_int, default=3)
+    parser.add_argument("--prompt-lookup", choices=("on", "off"), default="on",
+                        help="decode every size with prompt-lookup drafts as the verifier does by default (block size 1 "
+                             "then = lookup drafts only; the autoregressive baseline is recorded apart); default: on")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     parser.add_argument("--max-prompt-tokens", type=positive_int, default=384, help="longer prompts are skipped")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts generated together (replay mode)")
@@ -124,6 +127,7 @@ def _load_models(args: argparse.Namespace):
 
 
 def _run_sweep(args: argparse.Namespace, out: Path, candidates=None) -> dict:
+    from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
     from blockpilot.policy.sweep import SweepConfig, default_candidates, read_cost_model, read_ids, run_sweep, select_prompts
 
     # Everything that can fail fast does so before the models load (tens of seconds).
@@ -137,7 +141,8 @@ def _run_sweep(args: argparse.Namespace, out: Path, candidates=None) -> dict:
         prompts = prompts[: args.limit]
     chosen = tuple(sorted(set(args.candidates))) if args.candidates else candidates or default_candidates(models.drafter.block_size, args.radius)
     cfg = SweepConfig(candidates=chosen, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                      max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size, cost_repeats=args.cost_repeats)
+                      max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size, cost_repeats=args.cost_repeats,
+                      lookup=LookupConfig() if args.prompt_lookup == "on" else LOOKUP_OFF)
     logging.getLogger("blockpilot").setLevel(logging.INFO)
     return run_sweep(models, prompts, out, cfg, cost_model=cost, progress=not args.no_progress)
 

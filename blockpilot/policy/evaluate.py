@@ -55,10 +55,21 @@ def check_compatible(policy: OnnxPolicy, sweep: Sweep, allow_model_mismatch: boo
         raise FailedPreconditionError(f"the policy was trained on prompts of {overlap}; evaluate on other datasets")
 
 
+def autoregressive_record(record: dict) -> dict:
+    """Plain autoregressive decoding of a prompt from its block-size-1 record: the same tokens in
+    one-token steps (τ 1) and the record's baseline_decode_s (with prompt lookup on, block size 1
+    verifies lookup drafts, so its own figures are not the baseline's)."""
+    seconds = record.get("baseline_decode_s", record["decode_s"])
+    return {**record, "tau": 1.0 if record["steps"] else 0.0, "decode_s": seconds,
+            "decode_tokens_per_s": record["tokens"] / seconds if seconds > 0 else 0.0}
+
+
 def evaluate_policy(policy: OnnxPolicy, sweep: Sweep, *, allow_model_mismatch: bool = False) -> dict:
     check_compatible(policy, sweep, allow_model_mismatch)
     meta = policy.metadata
-    fixed = [b for b in sweep.block_sizes if b != BASELINE_BLOCK_SIZE]
+    # With prompt lookup, block size 1 (lookup drafts only) is a method of its own, not the baseline.
+    lookup = bool(sweep.manifest.get("prompt_lookup"))
+    fixed = [b for b in sweep.block_sizes if b != BASELINE_BLOCK_SIZE or lookup]
     features = sweep.features(meta.feature_kind)
     rows = []
     for prompt in sweep.prompts:
@@ -78,7 +89,7 @@ def evaluate_policy(policy: OnnxPolicy, sweep: Sweep, *, allow_model_mismatch: b
 
     def record(row: dict, method: str) -> dict:
         if method == AUTOREGRESSIVE:
-            return row["sizes"][BASELINE_BLOCK_SIZE]
+            return autoregressive_record(row["sizes"][BASELINE_BLOCK_SIZE])
         if method in (POLICY, ORACLE):
             return row["sizes"][row[method]]
         return row["sizes"][int(method[2:])]

@@ -96,7 +96,13 @@ def policy_data(sweep: Sweep, kind: str, rule: str, candidates: Sequence[int] | 
         labels=np.array([label_index(p["by_size"], candidates, rule) for p in keep], dtype=np.int64),
         tau=np.array([[p["by_size"][c]["tau"] for c in candidates] for p in keep], dtype=np.float64),
         tokens_per_s=np.array([[p["by_size"][c]["decode_tokens_per_s"] for c in candidates] for p in keep], dtype=np.float64),
-        baseline_tokens_per_s=np.array([p["by_size"][BASELINE_BLOCK_SIZE]["decode_tokens_per_s"] for p in keep], dtype=np.float64),
+        baseline_tokens_per_s=np.array([_baseline_tokens_per_s(p["by_size"][BASELINE_BLOCK_SIZE]) for p in keep], dtype=np.float64),
         candidates=candidates,
         rule=rule,
     )
+
+
+def _baseline_tokens_per_s(record: Mapping) -> float:
+    """Plain autoregressive decode tokens/s of a prompt (see the sweep's baseline_decode_s)."""
+    seconds = float(record.get("baseline_decode_s", record["decode_s"]))
+    return record["tokens"] / seconds if seconds > 0 else 0.0

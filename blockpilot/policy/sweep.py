@@ -11,13 +11,18 @@ A sweep is a folder (one output, resumable):
 
 RECORD = {"id", "dataset", "block_size", "mode": "replay"|"decode", "tau", "steps", "tokens",
           "decode_s", "decode_tokens_per_s", "acceptance_lengths", "verify_sizes",
-          "prompt_tokens", "new_tokens", "finish_reason", "feature_row", "greedy_mismatches"}
+          "prompt_tokens", "new_tokens", "finish_reason", "feature_row", "greedy_mismatches",
+          "step_sources", "baseline_decode_s"}
   tau = tokens / steps (0 without a step); tokens = tokens committed by decode steps (the
   prefill's first token excluded, as GenerationResult counts them); decode_s: measured (decode) or
   from the cost model (replay); verify_sizes: tokens verified per step; greedy_mismatches: replay:
   recorded tokens that differ from the single-sequence argmax (0 = the replay is exact); decode:
-  tokens that differ from the block-size-1 output (0 = lossless). Block size 1, the
-  autoregressive baseline, is always swept besides the candidates.
+  tokens that differ from the block-size-1 output (0 = lossless). Block size 1 is always
+  swept besides the candidates. step_sources: each step's draft source ("dflash", "lookup", "" =
+  one token). baseline_decode_s: plain autoregressive decoding of the same tokens (block size 1,
+  prompt lookup off), the baseline of every speed-up; with lookup off it is block size 1's
+  decode_s. With `prompt_lookup` on (manifest), every size is decoded with prompt lookup as the
+  verifier runs it (block size 1 then means lookup drafts only).
 
 Every prompt's feature rows are appended first, then all its record lines in one write, so an
 interrupted sweep leaves at most one incomplete prompt at the end; resuming cuts it off (records
@@ -59,6 +64,7 @@ from tqdm import tqdm
 from blockpilot.backends.base import VerifierBackend, backend_name
 from blockpilot.decoding import acceptance
 from blockpilot.decoding.drafting import DraftProvider, DraftRequest
+from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
 from blockpilot.decoding.replay import replay_greedy
 from blockpilot.decoding.speculative import PrefillInfo, SamplingParams, SpeculativeDecoder
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
@@ -74,7 +80,8 @@ RECORDS_FILE = "records.jsonl"
 MODES = ("replay", "decode")
 BASELINE_BLOCK_SIZE = 1
 # Manifest fields that must agree for a sweep to be resumed (anything else may differ).
-_IDENTITY_FIELDS = ("format", "mode", "block_sizes", "candidates", "target", "drafter", "max_new_tokens", "feature_dims")
+_IDENTITY_FIELDS = ("format", "mode", "block_sizes", "candidates", "target", "drafter", "max_new_tokens", "feature_dims",
+                    "prompt_lookup")
 
 
 def feature_file(directory: Path, kind: str) -> Path:
@@ -96,7 +103,8 @@ class SweepConfig:
     max_new_tokens: tokens generated per prompt (the same at every block size).
     max_prompt_tokens: longer prompts are skipped (they would dominate padded generation batches).
     batch_size: prompts generated together in replay mode.
-    cost_repeats: timed repetitions per verify/draft size in the cost model (median taken)."""
+    cost_repeats: timed repetitions per verify/draft size in the cost model (median taken).
+    lookup: prompt lookup as the decoding loop runs it (LOOKUP_OFF: DFlash drafts only)."""
 
     candidates: tuple[int, ...]
     mode: str = "replay"
@@ -104,6 +112,7 @@ class SweepConfig:
     max_prompt_tokens: int = 384
     batch_size: int = 16
     cost_repeats: int = 10
+    lookup: LookupConfig = LOOKUP_OFF
 
     def __post_init__(self) -> None:
         candidates = tuple(self.candidates)
@@ -118,8 +127,13 @@ class SweepConfig:
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
-        """Every size swept: the candidates and the autoregressive baseline."""
+        """Every size swept: the candidates and block size 1."""
         return tuple(sorted({BASELINE_BLOCK_SIZE, *self.candidates}))
+
+    @property
+    def max_verify_size(self) -> int:
+        """The longest target pass a step can make (a lookup copy may exceed the block size)."""
+        return max(max(self.block_sizes), self.lookup.max_tokens + 1 if self.lookup.enabled else 1)
 
 
 # ---- the greedy loop, replayed ------------------------------------------------------------------
@@ -139,8 +153,8 @@ class CostModel:
     draft_s[k]: a drafter pass drafting k - 1 tokens with one new context token (k >= 2).
     Per-step bookkeeping of the loop (a few list operations) is left out."""
 
-    def covers(self, max_block_size: int) -> bool:
-        return all(k in self.verify_s for k in range(1, max_block_size + 1)) and \
+    def covers(self, max_block_size: int, max_verify_size: int | None = None) -> bool:
+        return all(k in self.verify_s for k in range(1, max(max_block_size, max_verify_size or 0) + 1)) and \
             all(k in self.draft_s for k in range(2, max_block_size + 1))
 
     context_tokens: int
@@ -153,8 +167,12 @@ class CostModel:
     def step_s(self, verify_size: int) -> float:
         return self.verify_s[verify_size] + (self.draft_s[verify_size] if verify_size > 1 else 0.0)
 
-    def decode_s(self, verify_sizes: Sequence[int]) -> float:
-        return sum(self.step_s(k) for k in verify_sizes)
+    def decode_s(self, verify_sizes: Sequence[int], sources: Sequence[str] | None = None) -> float:
+        """Seconds of these steps; with `sources` only "dflash" steps pay a drafter pass (else every
+        step verifying more than one token does)."""
+        if sources is None:
+            return sum(self.step_s(k) for k in verify_sizes)
+        return sum(self.verify_s[k] + (self.draft_s[k] if source == "dflash" else 0.0) for k, source in zip(verify_sizes, sources))
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -171,9 +189,10 @@ class CostModel:
 
 @torch.inference_mode()
 def measure_cost_model(target: VerifierBackend, provider: DraftProvider, max_block_size: int, context_tokens: int,
-                       repeats: int = 5, seed: int = 0) -> CostModel:
-    """Time every verify size 1..max_block_size and every draft size 2..max_block_size (the
-    replayed loop's last step may verify fewer tokens than the block size).
+                       repeats: int = 5, seed: int = 0, max_verify_size: int | None = None) -> CostModel:
+    """Time every verify size 1..max(max_block_size, max_verify_size) and every draft size
+    2..max_block_size (the replayed loop's last step may verify fewer tokens than the block size;
+    a lookup copy may verify more).
 
     The sizes are timed round-robin, `repeats` rounds after a warm-up round, and the fastest run of
     each size is kept: on a shared machine other processes only ever add time, and round-robin
@@ -181,11 +200,12 @@ def measure_cost_model(target: VerifierBackend, provider: DraftProvider, max_blo
     generator = torch.Generator().manual_seed(seed)
     vocab = target.config.vocab_size
     layers = tuple(provider.target_layer_ids)
-    capacity = context_tokens + max_block_size + 1
+    longest = max(max_block_size, max_verify_size or 0)
+    capacity = context_tokens + longest + 1
     cache = target.new_cache(capacity)
     prompt = torch.randint(vocab, (1, context_tokens), generator=generator)
     prefill = target(prompt, cache, num_logits=1, hidden_layer_ids=layers)
-    blocks = {k: torch.randint(vocab, (1, k), generator=generator) for k in range(1, max_block_size + 1)}
+    blocks = {k: torch.randint(vocab, (1, k), generator=generator) for k in range(1, longest + 1)}
     calls = (max_block_size - 1) * (repeats + 1)
     session = provider.open_session(capacity + calls)
     verify_times: dict[int, list[float]] = {k: [] for k in blocks}
@@ -491,7 +511,8 @@ def prepare_prompts(prompts: Sequence[dict], tokenizer, max_prompt_tokens: int) 
 
 
 def _record(prompt: dict, block_size: int, mode: str, lengths: Sequence[int], verify_sizes: Sequence[int], decode_s: float,
-            new_tokens: int, finish_reason: str, greedy_mismatches: int) -> dict:
+            new_tokens: int, finish_reason: str, greedy_mismatches: int, sources: Sequence[str] = (),
+            baseline_decode_s: float | None = None) -> dict:
     tokens = int(sum(lengths))
     steps = len(lengths)
     return {"id": prompt["id"], "dataset": prompt["dataset"], "block_size": block_size, "mode": mode,
@@ -499,7 +520,8 @@ def _record(prompt: dict, block_size: int, mode: str, lengths: Sequence[int], ve
             "decode_tokens_per_s": tokens / decode_s if decode_s > 0 else 0.0,
             "acceptance_lengths": list(lengths), "verify_sizes": list(verify_sizes),
             "prompt_tokens": len(prompt["prompt_ids"]), "new_tokens": new_tokens, "finish_reason": finish_reason,
-            "greedy_mismatches": greedy_mismatches}
+            "greedy_mismatches": greedy_mismatches, "step_sources": list(sources),
+            "baseline_decode_s": decode_s if baseline_decode_s is None else baseline_decode_s}
 
 
 @torch.inference_mode()
@@ -537,11 +559,14 @@ def replay_prompt(models: SweepModels, prompt: dict, response: Sequence[int], fi
     timings["features_s"] = time.perf_counter() - started
     started = time.perf_counter()
     records = []
+    autoregressive = replay_greedy(None, sequence, len(prompt_ids), context, 1, cfg.max_new_tokens, stop_ids)
+    baseline_s = cost.decode_s(autoregressive.verify_sizes, autoregressive.sources)
     for size in cfg.block_sizes:
         result = replay_greedy(models.drafter if size > 1 else None, sequence, len(prompt_ids), context, size,
-                               cfg.max_new_tokens, stop_ids)
+                               cfg.max_new_tokens, stop_ids, cfg.lookup)
         records.append(_record(prompt, size, "replay", result.acceptance_lengths, result.verify_sizes,
-                               cost.decode_s(result.verify_sizes), len(response), finish_reason, mismatches))
+                               cost.decode_s(result.verify_sizes, result.sources), len(response), finish_reason, mismatches,
+                               result.sources, baseline_s))
         if result.acceptance_lengths and 1 + sum(result.acceptance_lengths) != len(response):
             raise ValueError(f"replay of {prompt['id']!r} at block size {size} commits {1 + sum(result.acceptance_lengths)} "
                              f"tokens; the recorded continuation has {len(response)}")
@@ -561,30 +586,23 @@ def decode_prompt(models: SweepModels, decoder: SpeculativeDecoder, prompt: dict
         return BASELINE_BLOCK_SIZE
 
     started = time.perf_counter()
-    results = {BASELINE_BLOCK_SIZE: decoder.generate(prompt["prompt_ids"], params, hook)}
+    baseline = decoder.generate(prompt["prompt_ids"], params, hook)  # plain autoregressive decoding
     features = feature_vectors(captured["info"])
+    results = {BASELINE_BLOCK_SIZE: baseline} if not cfg.lookup.enabled else {}
     for size in cfg.block_sizes:
-        if size != BASELINE_BLOCK_SIZE:
-            results[size] = decoder.generate(prompt["prompt_ids"], params, size)
-    reference = results[BASELINE_BLOCK_SIZE].token_ids
+        if size not in results:
+            results[size] = decoder.generate(prompt["prompt_ids"], params, size, lookup=cfg.lookup)
+    reference = baseline.token_ids
     records = []
     for size in cfg.block_sizes:
         result = results[size]
         # At temperature 0 every block size must give the baseline's output (losslessness);
         # a difference is counted like the replay's argmax mismatches.
         mismatches = sum(a != b for a, b in zip(result.token_ids, reference)) + abs(len(result.token_ids) - len(reference))
-        verify_sizes = _decode_verify_sizes(result.acceptance_lengths, size, cfg.max_new_tokens)
-        records.append(_record(prompt, size, "decode", result.acceptance_lengths, verify_sizes, result.decode_s,
-                               len(result.token_ids), result.finish_reason, mismatches))
+        records.append(_record(prompt, size, "decode", result.acceptance_lengths, result.verify_sizes, result.decode_s,
+                               len(result.token_ids), result.finish_reason, mismatches, result.step_sources,
+                               baseline.decode_s))
     return records, features, {"decode_s": time.perf_counter() - started}
-
-
-def _decode_verify_sizes(lengths: Sequence[int], block_size: int, max_new_tokens: int) -> list[int]:
-    sizes, generated = [], 1
-    for length in lengths:
-        sizes.append(min(block_size, max_new_tokens - generated))
-        generated += length
-    return sizes
 
 
 def sweep_manifest(models: SweepModels, cfg: SweepConfig) -> dict:
@@ -598,6 +616,7 @@ def sweep_manifest(models: SweepModels, cfg: SweepConfig) -> dict:
         "drafter_block_size": int(models.drafter.block_size),
         "max_new_tokens": cfg.max_new_tokens,
         "max_prompt_tokens": cfg.max_prompt_tokens,
+        "prompt_lookup": asdict(cfg.lookup) if cfg.lookup.enabled else None,
         "temperature": 0.0,
         "feature_dims": {kind: feature_dim(models.target.config, kind) for kind in FEATURE_KINDS},
         "feature_dtype": "<f4",
@@ -661,15 +680,17 @@ def run_sweep(models: SweepModels, prompts: Sequence[dict], out_dir: Path, cfg: 
             if cost is not None and cost_model is not None and cost != cost_model:
                 log.warning("resuming with the cost model this sweep started with, not the one given")
             if cost is None and cost_model is not None:
-                if not cost_model.covers(max(cfg.block_sizes)):
-                    raise InvalidArgumentError(f"the given cost model does not cover block sizes up to {max(cfg.block_sizes)}")
+                if not cost_model.covers(max(cfg.block_sizes), cfg.max_verify_size):
+                    raise InvalidArgumentError(f"the given cost model does not cover block sizes up to {max(cfg.block_sizes)} "
+                                               f"and verify sizes up to {cfg.max_verify_size}")
                 cost = cost_model
                 writer.set_cost_model(cost, "given")
             elif cost is None:
                 lengths = sorted(len(p["prompt_ids"]) for p in prepared)
                 context = lengths[len(lengths) // 2] + cfg.max_new_tokens // 2
                 measured = time.perf_counter()
-                cost = measure_cost_model(models.timed_target, models.drafter, max(cfg.block_sizes), context, cfg.cost_repeats)
+                cost = measure_cost_model(models.timed_target, models.drafter, max(cfg.block_sizes), context, cfg.cost_repeats,
+                                          max_verify_size=cfg.max_verify_size)
                 totals["cost_model_s"] = time.perf_counter() - measured
                 writer.set_cost_model(cost, "measured")
             # Batches of similar prompt lengths (little padding) within windows of the prompt order,

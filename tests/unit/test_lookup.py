@@ -66,7 +66,9 @@ def test_extend_is_the_same_as_building_from_the_whole_history():
 def test_index_matches_the_slow_reference(seed):
     rng = random.Random(seed)
     vocab = rng.choice([2, 3, 5, 20])
-    config = LookupConfig(min_ngram=rng.randint(1, 3), max_ngram=rng.randint(3, 6), max_tokens=rng.randint(1, 9))
+    max_ngram = rng.randint(3, 6)
+    by_ngram = rng.choice([(), tuple(rng.randint(0, 8) for _ in range(max_ngram))])
+    config = LookupConfig(min_ngram=rng.randint(1, 3), max_ngram=max_ngram, max_tokens=rng.randint(1, 9), max_tokens_by_ngram=by_ngram)
     history = [rng.randrange(vocab) for _ in range(rng.randint(0, 120))]
     index = PromptLookupIndex(config)
     for position, token in enumerate(history):
@@ -79,3 +81,22 @@ def test_index_matches_the_slow_reference(seed):
 def test_bad_config_is_refused_with_the_value(overrides):
     with pytest.raises(InvalidArgumentError, match="got"):
         LookupConfig(**overrides)
+
+
+def test_proposal_length_depends_on_the_match_length():
+    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3]
+    by_ngram = (1, 2, 4, 4)
+    # A 3-gram match (1, 2, 3) allows 4 tokens; a 2-gram match only 2; max_tokens caps both.
+    assert index_of(history, min_ngram=1, max_ngram=4, max_tokens=9, max_tokens_by_ngram=by_ngram).propose() == [4, 5, 6, 7]
+    assert index_of(history, min_ngram=1, max_ngram=2, max_tokens=9, max_tokens_by_ngram=by_ngram).propose() == [4, 5]
+    assert index_of(history, min_ngram=1, max_ngram=4, max_tokens=3, max_tokens_by_ngram=by_ngram).propose() == [4, 5, 6]
+    # A 0 entry turns proposals after such short matches off.
+    assert index_of([5, 9, 5], min_ngram=1, max_ngram=2, max_tokens_by_ngram=(0, 3)).propose() == []
+    assert index_of(history, max_ngram=4, max_tokens_by_ngram=()).propose(5) == [4, 5, 6, 7, 8]
+
+
+def test_bad_per_ngram_lengths_are_refused():
+    with pytest.raises(InvalidArgumentError, match=r"\[3, 5\]"):
+        LookupConfig(max_ngram=3, max_tokens_by_ngram=(3, 5))
+    with pytest.raises(InvalidArgumentError, match="-1"):
+        LookupConfig(max_ngram=2, max_tokens_by_ngram=(3, -1))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from blockpilot.decoding.drafting import LocalDrafter
+from blockpilot.decoding.lookup import LookupConfig
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError
 from blockpilot.models.drafter import DFlashDrafter, DraftHead
@@ -121,6 +122,27 @@ def test_replay_gives_the_real_loops_steps_with_an_oracle_drafter(target, stop_i
                 assert list(replayed.acceptance_lengths) == decoded.acceptance_lengths, (block_size, accuracy, len(recorded))
             full_blocks += sum(n == block_size for n in decoded.acceptance_lengths)
     assert full_blocks > 10  # the comparison covered fully accepted blocks
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8])
+def test_replay_with_lookup_gives_the_real_loops_steps(target, block_size):
+    """Lookup steps (no drafter call) interleaved with DFlash steps: the same steps, sizes and
+    sources as the real loop."""
+    prompt = [9, 8, 7, 6, 9, 8, 7, 6, 9]
+    params = SamplingParams(max_new_tokens=48)
+    greedy = SpeculativeDecoder(target).generate(prompt, params, 1)
+    sequence = prompt + greedy.token_ids
+    context = _context(target, sequence, len(prompt), (0,))
+    lookup = LookupConfig(min_ngram=1, max_ngram=3, max_tokens=6, max_tokens_by_ngram=(2, 4, 6))
+    decoded = SpeculativeDecoder(target, OracleDrafter(sequence, 97, 0.6, block_size=8, seed=1)).generate(
+        prompt, params, block_size, lookup=lookup)
+    assert decoded.token_ids == greedy.token_ids
+    replayed = replay_greedy(OracleDrafter(sequence, 97, 0.6, block_size=8, seed=1), sequence, len(prompt), context,
+                             block_size, params.max_new_tokens, (), lookup)
+    assert list(replayed.acceptance_lengths) == decoded.acceptance_lengths
+    assert list(replayed.verify_sizes) == decoded.verify_sizes
+    assert list(replayed.sources) == decoded.step_sources
+    assert "lookup" in replayed.sources
 
 
 def test_replay_of_an_immediate_stop_has_no_step(target):
