@@ -44,3 +44,35 @@ def load_prompts(source: Path, total: int, datasets: list[str] | None = None) ->
 def interleave(lists: list[list[dict]]) -> list[dict]:
     """Round-robin over several prompt lists (first of each, then second of each, ...)."""
     return [p for group in zip_longest(*lists) for p in group if p is not None]
+
+
+def machine_info() -> dict:
+    """The machine a benchmark ran on, read at run time (the CPU changes between machines): CPU
+    model, the vector extensions that decide kernel choice, torch's CPU capability, core count,
+    library versions. Every benchmark JSON records it."""
+    import os
+    import platform
+    import subprocess
+
+    import torch
+
+    fields: dict[str, str] = {}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if v}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    flags = set(fields.get("Flags", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
+    info = {"cpu": fields.get("Model name", platform.processor() or platform.machine()),
+            "cpu_family_model": f"{fields.get('CPU family', '?')}/{fields.get('Model', '?')}",
+            "cpu_flags": [f for f in wanted if f in flags], "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "python": platform.python_version()}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info

@@ -319,8 +319,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
     if args.target is not None or args.drafter is not None or args.threads is not None or args.policies is not None:
         raise InvalidArgumentError("--target, --drafter, --threads and --policies are the server's settings; not allowed with --server")
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                   draft_sampling=args.draft_sampling, block_size=args.block_size if args.block_size is not None else "auto",
-                   policy=args.policy, return_prompt_token_ids=True)
+                   draft_sampling=args.draft_sampling, block_size=args.block_size, policy=args.policy,
+                   return_prompt_token_ids=True, prompt_lookup=args.prompt_lookup == "on")
     if args.raw:
         request["prompt"] = args.prompt
     else:
@@ -353,6 +353,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
         "decode_s": round(timings.decode_s, 4),
         "decode_tokens_per_s": round(timings.decode_tokens_per_s, 2),
         "finish_reason": final.finish_reason,
+        "prompt_lookup": final.prompt_lookup,
+        "accepted_by_source": dict(final.accepted_by_source),
+        "drafter_passes_skipped": final.drafter_passes_skipped,
         "server": args.server,
         "policy_version": final.policy_version,
         "arm": final.arm,

@@ -83,10 +83,13 @@ def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None 
                   max_new_tokens: int = 0, temperature: float = 0.0, seed: int | None = None,
                   stop_token_ids: Sequence[int] = (), draft_sampling: str = "greedy", block_size: int | str = "auto",
                   policy: str = "", session_id: str = "", new_session: bool = False,
-                  return_prompt_token_ids: bool = False) -> verifier_pb2.GenerateRequest:
-    """block_size: "auto" (ask the policy), "off" (autoregressive) or a fixed int."""
+                  return_prompt_token_ids: bool = False, prompt_lookup: bool | None = None) -> verifier_pb2.GenerateRequest:
+    """block_size: "auto" (ask the policy), "off" (block size 1) or a fixed int. prompt_lookup:
+    True / False, or None for the server's default (on unless configured off)."""
+    lookup = {None: verifier_pb2.PROMPT_LOOKUP_UNSPECIFIED, True: verifier_pb2.PROMPT_LOOKUP_ON,
+              False: verifier_pb2.PROMPT_LOOKUP_OFF}[prompt_lookup]
     request = verifier_pb2.GenerateRequest(policy=policy, session_id=session_id, new_session=new_session,
-                                           return_prompt_token_ids=return_prompt_token_ids)
+                                           return_prompt_token_ids=return_prompt_token_ids, prompt_lookup=lookup)
     if prompt is not None:
         request.text = prompt
     elif messages is not None:

@@ -89,6 +89,8 @@ class VerifierServiceConfig(ServiceConfig):
     policy_address: str = opt("127.0.0.1:50053", "policy service HOST:PORT ('' = in-process fixed policy)", _address)
     redis_url: str = opt("redis://127.0.0.1:6379/0", "session store: redis:// URL or 'memory' (in-process, one replica only)", _redis_url)
     default_block_size: int = opt(0, "block size when the policy is unreachable (0 = the drafter's trained size)", _at_least(0))
+    prompt_lookup: bool = opt(True, "verify prompt-lookup drafts (a copy of what followed an earlier occurrence of the "
+                                    "last tokens) instead of a drafter pass when a request leaves prompt_lookup unset")
     default_max_new_tokens: int = opt(128, "max_new_tokens when a request leaves it unset", _at_least(1))
     max_new_tokens_cap: int = opt(4096, "largest max_new_tokens a request may ask for", _at_least(1))
     max_streams: int = opt(16, "concurrent Generate streams; more are refused RESOURCE_EXHAUSTED", _at_least(1))

@@ -99,6 +99,7 @@ class StepEvent:
     token_ids: tuple[int, ...]
     acceptance_length: int | None  # None for the prefill's token
     source: str = ""  # the step's draft source (DRAFT_SOURCES), "" for a one-token step or the prefill
+    drafted: int = 0  # draft tokens the step verified (accepted or not)
 
 
 @dataclass
@@ -355,7 +356,7 @@ class SpeculativeDecoder:
                 finish = "length"
             if finish:
                 result.finish_reason = finish
-            yield StepEvent(tuple(committed), len(committed), source)
+            yield StepEvent(tuple(committed), len(committed), source, block.shape[1] - 1)
             if finish:
                 return
             anchor = committed[-1]

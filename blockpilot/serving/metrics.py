@@ -16,9 +16,10 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 REQUESTS = Counter("blockpilot_requests", "RPCs served, by service and final status code", ["service", "status"])
-DRAFTS = Counter("blockpilot_drafts", "Verify steps that had drafts", ["block_size", "policy_version"])
-DRAFT_TOKENS = Counter("blockpilot_draft_tokens", "Draft tokens proposed", ["block_size", "policy_version"])
-ACCEPTED_TOKENS = Counter("blockpilot_accepted_tokens", "Draft tokens accepted", ["block_size", "policy_version"])
+# source: the draft source, "dflash" (drafter) or "lookup" (prompt lookup).
+DRAFTS = Counter("blockpilot_drafts", "Verify steps that had drafts", ["block_size", "policy_version", "source"])
+DRAFT_TOKENS = Counter("blockpilot_draft_tokens", "Draft tokens proposed", ["block_size", "policy_version", "source"])
+ACCEPTED_TOKENS = Counter("blockpilot_accepted_tokens", "Draft tokens accepted", ["block_size", "policy_version", "source"])
 ACCEPTED_BY_POSITION = Counter("blockpilot_accepted_tokens_by_position",
                                "Accepted draft tokens by position in the block (1 = first draft)", ["position"])
 FALLBACKS = Counter("blockpilot_fallbacks", "Degradations: drafter/policy/session store unavailable", ["reason"])

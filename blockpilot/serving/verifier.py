@@ -28,7 +28,8 @@ from typing import Any, AsyncIterator, Protocol
 
 import torch
 
-from blockpilot.decoding.drafting import Draft, DraftProvider, DraftRequest, DraftResume, DraftSession
+from blockpilot.decoding.drafting import DraftProvider, DraftResume, DraftSession
+from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
 from blockpilot.decoding.speculative import GenerationResult, PrefillInfo, SamplingParams, SpeculativeDecoder
 from blockpilot.errors import (AbortedError, BlockPilotError, DeadlineExceededError, DrafterUnavailableError,
                                FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
@@ -70,6 +71,7 @@ class GenerateSpec:
     session_id: str = ""
     new_session: bool = False
     return_prompt_token_ids: bool = False
+    prompt_lookup: bool | None = None  # None = the verifier config's prompt_lookup
     deadline: float | None = None
 
 
@@ -119,7 +121,7 @@ class SessionState:
 
 class _Recorder:
     """Wraps a DraftProvider: opens its sessions with the turn's resume claim (a drafter cache
-    kept from the session's previous turn) and records what each step drafted (metrics)."""
+    kept from the session's previous turn)."""
 
     def __init__(self, inner: DraftProvider) -> None:
         self.inner = inner
@@ -127,7 +129,6 @@ class _Recorder:
         self.max_block_size = inner.max_block_size
         self.target_layer_ids = inner.target_layer_ids
         self.resume: DraftResume | None = None
-        self.step_drafted = 0  # draft tokens of the step in progress (read and reset by the worker)
         self.sessions: list[Any] = []
 
     def open_session(self, capacity: int) -> DraftSession:
@@ -136,20 +137,7 @@ class _Recorder:
         else:
             session = self.inner.open_session(capacity)
         self.sessions.append(session)
-        recorder = self
-
-        class _Session:
-            context_length = int(getattr(session, "context_length", 0) or 0)
-
-            def propose(self, request: DraftRequest) -> Draft:
-                draft = session.propose(request)
-                recorder.step_drafted = request.num_draft
-                return draft
-
-            def close(self) -> None:
-                session.close()
-
-        return _Session()
+        return session
 
 
 @dataclass
@@ -174,6 +162,7 @@ class _Turn:
     future: asyncio.Future | None = None
     ended: bool = False
     owns_session_lock: bool = False
+    lookup: LookupConfig = LOOKUP_OFF
 
 
 class VerifierCore:
@@ -506,16 +495,12 @@ class VerifierCore:
         return decision
 
     def _work(self, turn: _Turn, stream, put) -> None:
-        recorder = turn.recorder
         error: BaseException | None = None
         try:
             last = time.perf_counter()
             for event in stream:
                 now = time.perf_counter()
-                drafted = 0
-                if recorder is not None:
-                    drafted, recorder.step_drafted = recorder.step_drafted, 0
-                put(("event", event, now - last, drafted))
+                put(("event", event, now - last))
                 last = now
                 if turn.cancel.is_set():
                     break
@@ -523,7 +508,7 @@ class VerifierCore:
             error = err
         finally:
             stream.close()  # frees the draft session at once (cancel path included)
-        put(("error", error, 0.0, 0) if error is not None else ("done", None, 0.0, 0))
+        put(("error", error, 0.0) if error is not None else ("done", None, 0.0))
 
     async def _run(self, turn: _Turn) -> AsyncIterator[verifier_pb2.GenerateResponse]:
         loop = asyncio.get_running_loop()
@@ -544,8 +529,10 @@ class VerifierCore:
         # A session keeps the drafter features of every turn (block size 1 included), so its next
         # drafting turn feeds the drafter without a new prefill.
         collect = turn.feature_layers if turn.session_id else ()
+        lookup_on = turn.spec.prompt_lookup if turn.spec.prompt_lookup is not None else self.config.prompt_lookup
+        turn.lookup = LookupConfig() if lookup_on else LOOKUP_OFF
         stream = decoder.stream(turn.prompt_ids, turn.params, block_size, result, cache=cache, prefix_features=prefix,
-                                collect_features=collect)
+                                collect_features=collect, lookup=turn.lookup)
         turn.future = loop.run_in_executor(self._pool, self._work, turn, stream, put)
 
         text = IncrementalDecoder(self.target.tokenizer) if self.target.tokenizer is not None else None
@@ -553,7 +540,7 @@ class VerifierCore:
         first = True
         last_emit = time.perf_counter()
         while True:
-            kind, payload, step_s, drafted = await queue.get()
+            kind, payload, step_s = await queue.get()
             if kind == "error":
                 raise payload
             if kind == "done":
@@ -573,11 +560,11 @@ class VerifierCore:
                     metrics.INTER_TOKEN.labels(label).observe((now - last_emit) / len(tokens))
                 metrics.STEP_SECONDS.labels("verifier", label).observe(step_s)
                 metrics.ACCEPTANCE_LENGTH.labels(label, version, arm).observe(len(tokens))
-                if drafted:
+                if event.drafted:
                     accepted = min(len(tokens), event.acceptance_length or 0) - 1
-                    metrics.DRAFTS.labels(label, version).inc()
-                    metrics.DRAFT_TOKENS.labels(label, version).inc(drafted)
-                    metrics.ACCEPTED_TOKENS.labels(label, version).inc(max(0, accepted))
+                    metrics.DRAFTS.labels(label, version, event.source).inc()
+                    metrics.DRAFT_TOKENS.labels(label, version, event.source).inc(event.drafted)
+                    metrics.ACCEPTED_TOKENS.labels(label, version, event.source).inc(max(0, accepted))
                     for position in range(1, accepted + 1):
                         metrics.ACCEPTED_BY_POSITION.labels(str(position)).inc()
             last_emit = now
@@ -616,7 +603,9 @@ class VerifierCore:
                                          decode_tokens_per_s=decode_tokens / result.decode_s if result.decode_s > 0 else 0.0,
                                          total_s=time.perf_counter() - turn.started),
             token_ids=result.token_ids, text=self.target.tokenizer.decode(result.token_ids) if self.target.tokenizer else "",
-            target=str(self.target.target_dir), drafter=self.drafter_name(turn.recorder.inner if turn.recorder else None))
+            target=str(self.target.target_dir), drafter=self.drafter_name(turn.recorder.inner if turn.recorder else None),
+            accepted_by_source=result.accepted_by_source, drafter_passes_skipped=result.drafter_passes_skipped,
+            prompt_lookup=turn.lookup.enabled)
         if turn.spec.return_prompt_token_ids:
             final.prompt_token_ids.extend(turn.prompt_ids)
         return final

@@ -19,6 +19,12 @@ class BlockSizeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BLOCK_SIZE_MODE_AUTO: _ClassVar[BlockSizeMode]
     BLOCK_SIZE_MODE_FIXED: _ClassVar[BlockSizeMode]
     BLOCK_SIZE_MODE_OFF: _ClassVar[BlockSizeMode]
+
+class PromptLookup(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROMPT_LOOKUP_UNSPECIFIED: _ClassVar[PromptLookup]
+    PROMPT_LOOKUP_ON: _ClassVar[PromptLookup]
+    PROMPT_LOOKUP_OFF: _ClassVar[PromptLookup]
 DRAFT_SAMPLING_UNSPECIFIED: DraftSampling
 DRAFT_SAMPLING_GREEDY: DraftSampling
 DRAFT_SAMPLING_SAMPLE: DraftSampling
@@ -26,6 +32,9 @@ BLOCK_SIZE_MODE_UNSPECIFIED: BlockSizeMode
 BLOCK_SIZE_MODE_AUTO: BlockSizeMode
 BLOCK_SIZE_MODE_FIXED: BlockSizeMode
 BLOCK_SIZE_MODE_OFF: BlockSizeMode
+PROMPT_LOOKUP_UNSPECIFIED: PromptLookup
+PROMPT_LOOKUP_ON: PromptLookup
+PROMPT_LOOKUP_OFF: PromptLookup
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -62,7 +71,7 @@ class SamplingOptions(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., draft_sampling: _Optional[_Union[DraftSampling, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "messages", "token_ids", "sampling", "block_size_mode", "block_size", "policy", "session_id", "new_session", "return_prompt_token_ids")
+    __slots__ = ("text", "messages", "token_ids", "sampling", "block_size_mode", "block_size", "policy", "session_id", "new_session", "return_prompt_token_ids", "prompt_lookup")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +82,7 @@ class GenerateRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_SESSION_FIELD_NUMBER: _ClassVar[int]
     RETURN_PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     text: str
     messages: ChatMessages
     token_ids: TokenIds
@@ -83,7 +93,8 @@ class GenerateRequest(_message.Message):
     session_id: str
     new_session: bool
     return_prompt_token_ids: bool
-    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., block_size_mode: _Optional[_Union[BlockSizeMode, str]] = ..., block_size: _Optional[int] = ..., policy: _Optional[str] = ..., session_id: _Optional[str] = ..., new_session: _Optional[bool] = ..., return_prompt_token_ids: _Optional[bool] = ...) -> None: ...
+    prompt_lookup: PromptLookup
+    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., block_size_mode: _Optional[_Union[BlockSizeMode, str]] = ..., block_size: _Optional[int] = ..., policy: _Optional[str] = ..., session_id: _Optional[str] = ..., new_session: _Optional[bool] = ..., return_prompt_token_ids: _Optional[bool] = ..., prompt_lookup: _Optional[_Union[PromptLookup, str]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("token_ids", "text", "acceptance_length")
@@ -120,7 +131,14 @@ class Timings(_message.Message):
     def __init__(self, ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "acceptance_lengths", "tau", "block_size", "policy_version", "arm", "decision_id", "fallback_reason", "timings", "token_ids", "prompt_token_ids", "text", "target", "drafter", "experiment")
+    __slots__ = ("finish_reason", "usage", "acceptance_lengths", "tau", "block_size", "policy_version", "arm", "decision_id", "fallback_reason", "timings", "token_ids", "prompt_token_ids", "text", "target", "drafter", "experiment", "accepted_by_source", "drafter_passes_skipped", "prompt_lookup")
+    class AcceptedBySourceEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +155,9 @@ class GenerateFinal(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_BY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_PASSES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     usage: Usage
     acceptance_lengths: _containers.RepeatedScalarFieldContainer[int]
@@ -153,7 +174,10 @@ class GenerateFinal(_message.Message):
     target: str
     drafter: str
     experiment: str
-    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., acceptance_lengths: _Optional[_Iterable[int]] = ..., tau: _Optional[float] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ..., decision_id: _Optional[str] = ..., fallback_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., experiment: _Optional[str] = ...) -> None: ...
+    accepted_by_source: _containers.ScalarMap[str, int]
+    drafter_passes_skipped: int
+    prompt_lookup: bool
+    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., acceptance_lengths: _Optional[_Iterable[int]] = ..., tau: _Optional[float] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ..., decision_id: _Optional[str] = ..., fallback_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., experiment: _Optional[str] = ..., accepted_by_source: _Optional[_Mapping[str, int]] = ..., drafter_passes_skipped: _Optional[int] = ..., prompt_lookup: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("index", "session_id", "delta", "final")

@@ -27,6 +27,8 @@ log = logging.getLogger("services.verifier")
 
 _MODES = {verifier_pb2.BLOCK_SIZE_MODE_UNSPECIFIED: "auto", verifier_pb2.BLOCK_SIZE_MODE_AUTO: "auto",
           verifier_pb2.BLOCK_SIZE_MODE_FIXED: "fixed", verifier_pb2.BLOCK_SIZE_MODE_OFF: "off"}
+_PROMPT_LOOKUP = {verifier_pb2.PROMPT_LOOKUP_UNSPECIFIED: None, verifier_pb2.PROMPT_LOOKUP_ON: True,
+                  verifier_pb2.PROMPT_LOOKUP_OFF: False}
 _DRAFT_SAMPLING = {verifier_pb2.DRAFT_SAMPLING_UNSPECIFIED: "greedy", verifier_pb2.DRAFT_SAMPLING_GREEDY: "greedy",
                    verifier_pb2.DRAFT_SAMPLING_SAMPLE: "sample"}
 
@@ -46,6 +48,8 @@ def parse_request(request: verifier_pb2.GenerateRequest, time_remaining: float |
     sampling = request.sampling
     if request.block_size_mode not in _MODES:
         raise InvalidArgumentError(f"unknown block_size_mode {request.block_size_mode}")
+    if request.prompt_lookup not in _PROMPT_LOOKUP:
+        raise InvalidArgumentError(f"unknown prompt_lookup {request.prompt_lookup}")
     if sampling.draft_sampling not in _DRAFT_SAMPLING:
         raise InvalidArgumentError(f"unknown draft_sampling {sampling.draft_sampling}")
     mode = _MODES[request.block_size_mode]
@@ -57,7 +61,7 @@ def parse_request(request: verifier_pb2.GenerateRequest, time_remaining: float |
         stop_token_ids=tuple(int(t) for t in sampling.stop_token_ids) or None,
         draft_sampling=_DRAFT_SAMPLING[sampling.draft_sampling], mode=mode, block_size=int(request.block_size),
         policy=request.policy, session_id=request.session_id, new_session=request.new_session,
-        return_prompt_token_ids=request.return_prompt_token_ids,
+        return_prompt_token_ids=request.return_prompt_token_ids, prompt_lookup=_PROMPT_LOOKUP[request.prompt_lookup],
         deadline=None if time_remaining is None else time.monotonic() + time_remaining)
 
 
