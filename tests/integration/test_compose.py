@@ -94,7 +94,7 @@ HISTOGRAMS = {
 GAUGES = {"blockpilot_drafter_sessions", "blockpilot_drafter_cached_sessions", "blockpilot_inflight_requests",
           "blockpilot_policy_served"}
 # Labels the contract's metrics carry, plus Prometheus' own (le of histograms, target labels).
-KNOWN_LABELS = {"service", "status", "position", "reason", "block_size", "policy_version", "arm", "experiment", "result",
+KNOWN_LABELS = {"service", "status", "position", "reason", "block_size", "policy_version", "arm", "experiment", "result", "source",
                 "le", "instance", "job"}
 # Metrics that are not the services' own but Prometheus' (scrape health).
 PROMETHEUS_BUILTINS = {"up"}

@@ -11,6 +11,7 @@ import grpc
 import pytest
 import torch
 
+from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.serving.models import load_served_drafter, load_served_target
 from blockpilot.v1 import verifier_pb2 as pb
@@ -58,10 +59,11 @@ def engine(tiny_llama_dir):
     return target.model, drafter
 
 
-def in_process(engine, prompt, max_new_tokens, block_size, **sampling):
+def in_process(engine, prompt, max_new_tokens, block_size, lookup=LookupConfig(), **sampling):
+    """The same request in process; lookup: the verifier's default (prompt lookup on) unless given."""
     target, drafter = engine
     decoder = SpeculativeDecoder(target, drafter if block_size > 1 else None)
-    return decoder.generate(prompt, SamplingParams(max_new_tokens=max_new_tokens, **sampling), block_size)
+    return decoder.generate(prompt, SamplingParams(max_new_tokens=max_new_tokens, **sampling), block_size, lookup=lookup)
 
 
 def request(prompt=PROMPT, max_new_tokens=24, mode=pb.BLOCK_SIZE_MODE_AUTO, block_size=0, sampling=None, **kwargs):
@@ -102,6 +104,14 @@ def test_pipeline_equals_in_process_token_for_token(stack, engine):
         assert list(final.acceptance_lengths) == speculative.acceptance_lengths
         assert final.finish_reason == "length" and final.usage.completion_tokens == 40
     assert final.policy_version == "fixed-v1" and final.arm == "default" and final.decision_id
+    assert final.prompt_lookup and set(final.accepted_by_source) == {"dflash", "lookup"}
+    # Prompt lookup off for one request: DFlash drafts only, the in-process steps without lookup.
+    final, _ = collect(stub, request(max_new_tokens=40, mode=pb.BLOCK_SIZE_MODE_FIXED, block_size=5,
+                                     prompt_lookup=pb.PROMPT_LOOKUP_OFF))
+    plain = in_process(engine, PROMPT, 40, 5, lookup=LOOKUP_OFF)
+    assert list(final.token_ids) == reference.token_ids and list(final.acceptance_lengths) == plain.acceptance_lengths
+    assert not final.prompt_lookup and final.accepted_by_source["lookup"] == 0 and final.drafter_passes_skipped == 0
+    assert final.accepted_by_source["dflash"] == plain.accepted_by_source["dflash"]
     assert stack["verifier"].metric("blockpilot_drafts_total") > 0
     assert stack["verifier"].metric("blockpilot_block_size_chosen_total", block_size="8", policy_version="fixed-v1") >= 1
     assert stack["drafter"].metric("blockpilot_drafter_sessions") == 0
