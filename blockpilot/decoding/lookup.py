@@ -107,15 +107,21 @@ class PromptLookupIndex:
         """The continuation of the most recent earlier occurrence of the longest matching suffix
         n-gram ([] when none matches). max_tokens: cap below the config's (e.g. the room left)."""
         limit = self.config.max_tokens if max_tokens is None else min(max_tokens, self.config.max_tokens)
+        n, end = self.longest_match()
+        if limit < 1 or n == 0:
+            return []
+        return self.tokens[end + 1 : min(end + 1 + min(limit, self.config.cap(n)), len(self.tokens))]
+
+    def longest_match(self) -> tuple[int, int]:
+        """(n, end): the longest suffix n-gram that occurred before and where its latest earlier
+        occurrence ended; (0, -1) when none did."""
         tokens = self.tokens
         length = len(tokens)
-        if limit < 1:
-            return []
         for n in range(min(self.config.max_ngram, length - 1), self.config.min_ngram - 1, -1):
             end = self._latest.get(tuple(tokens[length - n :]))
             if end is not None:
-                return tokens[end + 1 : min(end + 1 + min(limit, self.config.cap(n)), length)]
-        return []
+                return n, end
+        return 0, -1
 
 
 def propose_slow(history: list[int], config: LookupConfig, max_tokens: int | None = None) -> list[int]:
