@@ -38,6 +38,7 @@ from blockpilot.models.target import TargetModel
 
 DRAFT_SAMPLING_MODES = ("greedy", "sample")
 DRAFT_SOURCES = ("dflash", "lookup")
+STEP_PHASES = ("lookup", "draft", "verify", "accept", "bookkeeping")
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,11 @@ class GenerationResult:
     verify_sizes: list[int] = field(default_factory=list)
     # Steps that would have called the drafter (block size > 1) but verified a lookup draft instead.
     drafter_passes_skipped: int = 0
+    # Seconds of the decode steps by phase (STEP_PHASES): the lookup proposal, the drafter pass,
+    # the target's verify pass, the acceptance rule, and the step's bookkeeping (cache length,
+    # stop tokens, features kept, the lookup index). Time the caller spends between steps is not
+    # in any phase.
+    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_PHASES, 0.0))
 
     @property
     def tau(self) -> float:
@@ -283,10 +289,15 @@ class SpeculativeDecoder:
             pending, pending_start = [prompt_features[0, held:]], held
         anchor = first
         generated = 1
+        phase = result.phase_s
+        clock = time.perf_counter
         while True:
+            began = clock()
             room = params.max_new_tokens - generated  # tokens this step may still commit
             start = prompt_len + generated - 1  # position of the anchor
             copied = index.propose(room - 1) if index is not None else []
+            looked = clock()
+            phase["lookup"] += looked - began
             draft, source = None, ""
             if copied:
                 source = "lookup"
@@ -325,8 +336,14 @@ class SpeculativeDecoder:
                     block[0, 1:] = draft.tokens.to(device)
             else:
                 block = torch.tensor([[anchor]], dtype=torch.long, device=device)
+            drafted = clock()
+            phase["draft"] += drafted - looked
             out = self.target(block, cache, num_logits=None, hidden_layer_ids=feature_layers)
+            verified = clock()
+            phase["verify"] += verified - drafted
             verdict = self._verify(block[0, 1:], draft, out.logits[0], params, generator)
+            accepted = clock()
+            phase["accept"] += accepted - verified
             committed = block[0, 1 : 1 + verdict.num_accepted].tolist() + [verdict.next_token]
             # The anchor and the accepted drafts stay in the target cache; the rejected tail is
             # dropped by moving the length back. The new token is the next anchor.
@@ -356,6 +373,7 @@ class SpeculativeDecoder:
                 finish = "length"
             if finish:
                 result.finish_reason = finish
+            phase["bookkeeping"] += clock() - accepted
             yield StepEvent(tuple(committed), len(committed), source, block.shape[1] - 1)
             if finish:
                 return
