@@ -367,7 +367,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
     else:
         print(
             f"[{len(final.token_ids)} tokens, finish={final.finish_reason}, block_size={final.block_size}, "
-            f"drafter={final.drafter}, tau={final.tau:.2f}, ttft={timings.ttft_s * 1000:.0f} ms, "
+            f"drafter={final.drafter}, tau={final.tau:.2f}, accepted lookup={final.accepted_by_source['lookup']} "
+            f"dflash={final.accepted_by_source['dflash']}, ttft={timings.ttft_s * 1000:.0f} ms, "
             f"decode={timings.decode_tokens_per_s:.1f} tokens/s, server={args.server}"
             + (f", policy={final.policy_version} arm={final.arm}" if final.policy_version else "")
             + (f", fallback={final.fallback_reason}" if final.fallback_reason else "") + "]",
