@@ -221,6 +221,7 @@ def test_bad_inputs_get_their_status_while_another_stream_runs(stack, engine):
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT), sampling=pb.SamplingOptions(stop_token_ids=[1000])), C.INVALID_ARGUMENT, "stop token ids [1000]"),
         (request(mode=pb.BLOCK_SIZE_MODE_FIXED, block_size=65), C.INVALID_ARGUMENT, "block size must be <= 64"),
         (request(mode=pb.BLOCK_SIZE_MODE_FIXED, block_size=0), C.INVALID_ARGUMENT, "block size must be >= 1"),
+        (request(prompt_lookup=7), C.INVALID_ARGUMENT, "unknown prompt_lookup 7"),
         (request(policy="no-such-policy"), C.NOT_FOUND, "unknown policy 'no-such-policy'"),
         (request(policy="fixed-99"), C.INVALID_ARGUMENT, "outside the allowed range"),
         (request(session_id="no-such-session"), C.NOT_FOUND, "unknown or expired session 'no-such-session'"),

@@ -83,3 +83,11 @@ def test_direct_construction_is_validated_too():
     with pytest.raises(InvalidArgumentError, match="got -1"):
         DrafterServiceConfig(port=-1)
     assert math.isclose(DrafterServiceConfig(step_delay_s=0.5).step_delay_s, 0.5)
+
+
+def test_prompt_lookup_is_on_by_default_and_switchable():
+    assert load_config(VerifierServiceConfig, [], env={}).prompt_lookup is True
+    assert load_config(VerifierServiceConfig, [], env={"BLOCKPILOT_VERIFIER_PROMPT_LOOKUP": "off"}).prompt_lookup is False
+    assert load_config(VerifierServiceConfig, ["--prompt-lookup", "false"], env={}).prompt_lookup is False
+    with pytest.raises(InvalidArgumentError, match="prompt_lookup"):
+        load_config(VerifierServiceConfig, [], env={"BLOCKPILOT_VERIFIER_PROMPT_LOOKUP": "maybe"})
