@@ -151,6 +151,7 @@ class CostModel:
     verify_s[k]: a target pass over k block tokens (logits of every position and the drafter's
     layers, as the loop asks) plus the greedy check, at `context_tokens` cached tokens.
     draft_s[k]: a drafter pass drafting k - 1 tokens with one new context token (k >= 2).
+    threads: the verifier backend's threads (a graph backend's own; torch's for the torch target).
     Per-step bookkeeping of the loop (a few list operations) is left out."""
 
     def covers(self, max_block_size: int, max_verify_size: int | None = None) -> bool:
@@ -235,7 +236,7 @@ def measure_cost_model(target: VerifierBackend, provider: DraftProvider, max_blo
         session.close()
     # The first round is the warm-up (allocations, caches).
     return CostModel(context_tokens, {k: min(v[1:]) for k, v in verify_times.items()},
-                     {k: min(v[1:]) for k, v in draft_times.items()}, torch.get_num_threads(),
+                     {k: min(v[1:]) for k, v in draft_times.items()}, getattr(target, "threads", torch.get_num_threads()),
                      f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(), backend_name(target))
 
 
