@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cost", type=Path, default=None, help="a policy sweep folder (or cost model JSON) with verify_s")
     parser.add_argument("--curve", nargs="+", default=None, metavar="K:COST", help="a cost curve instead, e.g. 1:1 2:1.1 8:1.5")
     parser.add_argument("--max-records", type=int, default=700)
+    parser.add_argument("--mode", choices=("greedy", "sample"), default="greedy",
+                        help="which responses: greedy, or sampled at temperature 1 (a copied token equal to the "
+                             "sampled one is what sample-and-match accepts, so these give the T=1 acceptance)")
     parser.add_argument("--max-ngram", type=int, default=6)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
         curve = read_cost_model(args.cost).verify_s
     else:
         curve = {int(k): float(v) for k, v in (item.split(":") for item in args.curve)}
-    records = [r for r in map(json.loads, args.data.read_text().splitlines()) if r.get("mode") == "greedy"][: args.max_records]
+    records = [r for r in map(json.loads, args.data.read_text().splitlines()) if r.get("mode") == args.mode][: args.max_records]
     survival, positions = acceptance_by_match(records, args.max_ngram)
     default = LookupConfig()
     rows, best_total, default_total, total = [], 0.0, 0.0, 0
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
         best_total += positions[n] * worths[best]
         default_total += positions[n] * worths[min(chosen, len(worths) - 1)]
         total += positions[n]
-    report = {"machine": machine_info(), "records": len(records), "positions": dict(positions), "cost_curve": curve,
+    report = {"machine": machine_info(), "mode": args.mode, "records": len(records), "positions": dict(positions), "cost_curve": curve,
               "by_match_length": rows, "default_lengths_efficiency": default_total / best_total if best_total else 0.0,
               "no_match_share": positions[0] / (total + positions[0]) if total else 1.0}
     for row in rows:
