@@ -46,7 +46,8 @@ other; the rules themselves cannot check that.
 
 Cost
 ----
-Each rule is vectorized over the block: one pass over the [n + 1, V] rows (argmax, or a float64
+Each rule is vectorized over the block (``sample_and_match_verify`` on the CPU draws row by row up
+to the first rejection instead, see there): one pass over the [n + 1, V] rows (argmax, or a float64
 CDF for the rows that are sampled), no Python loop over positions, and a single host sync
 (``tolist``) when the verdict is built. Input validation is shape checks only; token ids are
 assumed to lie in [0, V) and probability rows to be non-negative with positive mass.
@@ -152,8 +153,31 @@ def sample_and_match_verify(
     n = _check_draft(draft_tokens)
     _check_rows(target_probs, n + 1, "target_probs")
     _check_uniforms(uniforms, n + 1, "uniforms")
-    # Sampling every row, not just rows 0..a, is what makes this vectorized; row i's draw uses
-    # only uniforms[i], so the draws at rows <= a are the same as a sequential loop would make.
+    # Row i's draw uses only row i and uniforms[i], so drawing the rows in order and stopping at
+    # the first mismatch gives the same verdict as drawing them all. On the CPU that is cheaper:
+    # the float64 CDF of every row is the cost (measured, 49,152-token rows, one thread: 1.35 ms for
+    # 8 rows, 6.9 ms for 12, where it outgrows the L2 cache), and at T > 0 most blocks fail early.
+    # Elsewhere one vectorized pass avoids a host sync per row.
+    if target_probs.device.type == "cpu":
+        return _sample_and_match_rows(draft_tokens, target_probs, uniforms)
+    return _sample_and_match_vectorized(draft_tokens, target_probs, uniforms)
+
+
+def _sample_and_match_rows(draft_tokens: torch.Tensor, target_probs: torch.Tensor, uniforms: torch.Tensor) -> Verdict:
+    """Row by row, up to the first rejection (shapes as sample_and_match_verify, checked there)."""
+    drafts = draft_tokens.tolist()
+    for i, draft in enumerate(drafts):
+        token = int(sample_categorical(target_probs[i], uniforms[i]))  # x_i ~ p_i
+        if token != draft:
+            return Verdict(num_accepted=i, next_token=token)
+    n = len(drafts)
+    return Verdict(num_accepted=n, next_token=int(sample_categorical(target_probs[n], uniforms[n])))
+
+
+def _sample_and_match_vectorized(draft_tokens: torch.Tensor, target_probs: torch.Tensor, uniforms: torch.Tensor) -> Verdict:
+    """Every row in one pass (shapes as sample_and_match_verify, checked there)."""
+    n = draft_tokens.shape[0]
+    # Sampling every row, not just rows 0..a, is what makes this vectorized.
     samples = sample_categorical(target_probs, uniforms)  # [n + 1] x_i ~ p_i
     a = _accepted_prefix_length(draft_tokens == samples[:n])  # 0-d
     return _verdict(a, samples.index_select(0, a.view(1)).squeeze(0))

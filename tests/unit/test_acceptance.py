@@ -24,6 +24,8 @@ import torch
 
 from blockpilot.decoding.acceptance import (
     Verdict,
+    _sample_and_match_rows,
+    _sample_and_match_vectorized,
     draw_uniforms,
     greedy_verify,
     probs_from_logits,
@@ -733,3 +735,18 @@ def test_distribution_checks_catch_a_broken_later_row():
     outcomes = _decode_two_tokens(broken_speculative("residual from row 0"), _sampling_drafter, seed=21)
     assert first_token_p_value(outcomes) > P_VALUE_FLOOR
     assert second_token_p_value(outcomes, only_accepted_first_draft=True) < P_VALUE_FLOOR
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sample_and_match_row_by_row_equals_the_vectorized_pass(seed):
+    """The CPU path (rows drawn up to the first rejection) and the one-pass path (used off the
+    CPU) give the same verdict for the same uniforms."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab, n = 6, int(torch.randint(0, 7, (), generator=generator))
+    probs = torch.softmax(3 * torch.randn(n + 1, vocab, generator=generator), dim=-1)
+    for _ in range(50):
+        uniforms = torch.rand(n + 1, generator=generator, dtype=torch.float64)
+        # Drafts that often agree with the most likely token, so long accepted runs occur too.
+        drafts = torch.where(torch.rand(n, generator=generator) < 0.7, probs[:n].argmax(-1),
+                             torch.randint(vocab, (n,), generator=generator))
+        assert _sample_and_match_rows(drafts, probs, uniforms) == _sample_and_match_vectorized(drafts, probs, uniforms)
