@@ -72,7 +72,7 @@ def summarize(rows: list[dict], methods: list[str], temperature: float) -> dict:
             "median_speedup": statistics.median(speedups) if speedups else 0.0,
             "min_speedup": min(speedups) if speedups else 0.0,
             "mean_tau": statistics.fmean(r["tau"] for r in runs if r["steps"]) if any(r["steps"] for r in runs) else 0.0,
-            "decode_tokens_per_s": sum(sum(1 for _ in r["token_ids"]) - 1 for r in runs) / sum(r["decode_s"] for r in runs),
+            "decode_tokens_per_s": sum(len(r["token_ids"]) - 1 for r in runs) / sum(r["decode_s"] for r in runs),
             "accepted_share": {k: v / total_accepted for k, v in accepted.items()} if total_accepted else {},
             "accepted_by_source": dict(accepted),
             "block_sizes": dict(Counter(str(r["block_size"]) for r in runs)),

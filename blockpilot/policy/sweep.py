@@ -168,11 +168,9 @@ class CostModel:
     def step_s(self, verify_size: int) -> float:
         return self.verify_s[verify_size] + (self.draft_s[verify_size] if verify_size > 1 else 0.0)
 
-    def decode_s(self, verify_sizes: Sequence[int], sources: Sequence[str] | None = None) -> float:
-        """Seconds of these steps; with `sources` only "dflash" steps pay a drafter pass (else every
-        step verifying more than one token does)."""
-        if sources is None:
-            return sum(self.step_s(k) for k in verify_sizes)
+    def decode_s(self, verify_sizes: Sequence[int], sources: Sequence[str]) -> float:
+        """Seconds of these steps (per step: tokens verified and draft source); only "dflash"
+        steps pay a drafter pass."""
         return sum(self.verify_s[k] + (self.draft_s[k] if source == "dflash" else 0.0) for k, source in zip(verify_sizes, sources))
 
     def to_json(self) -> dict:
