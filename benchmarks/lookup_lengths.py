@@ -9,9 +9,9 @@ worth, (1 + sum_{j<=L} P(>= j right | n)) / c(L + 1), against the lengths Lookup
 default. The cost curve comes from a policy sweep folder's cost model (measured on the machine that
 ran it) or from --curve.
 
-    .venv/bin/python benchmarks/lookup_lengths.py --data data/drafter/responses.jsonl \\
+    .venv/bin/python benchmarks/lookup_lengths.py --data data/drafter/responses \\
         --cost runs/policy/sweepE-train --out runs/lookup_lengths.json
-    .venv/bin/python benchmarks/lookup_lengths.py --data data/drafter/responses.jsonl --curve 1:1 2:1.18 4:1.18 8:1.43 16:2.01
+    .venv/bin/python benchmarks/lookup_lengths.py --data data/drafter/responses --curve 1:1 2:1.18 4:1.18 8:1.43 16:2.01
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blockpilot.training.data import read_dataset
 from blockpilot.benchmarking import machine_info
 from blockpilot.decoding.lookup import LookupConfig, PromptLookupIndex
 from blockpilot.policy.sweep import read_cost_model
@@ -69,7 +70,7 @@ def step_worth(survival: list[float], length: int, curve: dict[int, float]) -> f
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="`blockpilot drafter data` JSONL (greedy records are used)")
+    parser.add_argument("--data", type=Path, required=True, help="`blockpilot drafter data` folder (or JSONL of the earlier format)")
     parser.add_argument("--cost", type=Path, default=None, help="a policy sweep folder (or cost model JSON) with verify_s")
     parser.add_argument("--curve", nargs="+", default=None, metavar="K:COST", help="a cost curve instead, e.g. 1:1 2:1.1 8:1.5")
     parser.add_argument("--max-records", type=int, default=700)
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         curve = read_cost_model(args.cost).verify_s
     else:
         curve = {int(k): float(v) for k, v in (item.split(":") for item in args.curve)}
-    records = [r for r in map(json.loads, args.data.read_text().splitlines()) if r.get("mode") == args.mode][: args.max_records]
+    records = [r for r in read_dataset(args.data) if r.get("mode") == args.mode][: args.max_records]
     survival, positions = acceptance_by_match(records, args.max_ngram)
     default = LookupConfig()
     rows, best_total, default_total, total = [], 0.0, 0.0, 0

@@ -75,17 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     drafter_sub = drafter.add_subparsers(dest="drafter_command", required=True, parser_class=OneLineParser)
     data = drafter_sub.add_parser("data", help="the target's own responses to training prompts (resumable)")
     data.add_argument("--prompts", type=Path, nargs="+", required=True, help="training *.jsonl files or folders of them (never evaluation sets)")
-    data.add_argument("--out", type=Path, required=True, help="JSONL dataset file (appended to; rerun to resume)")
+    data.add_argument("--out", type=Path, required=True, help="data folder of binary shards (created; rerun to resume or grow)")
     data.add_argument("--target", default=None)
-    data.add_argument("--prompts-per-file", type=positive_int, default=200)
+    data.add_argument("--prompts-per-file", type=positive_int, default=None,
+                      help="prompts taken from each file, a fixed-seed shuffle (default: all; a larger number later grows the same sample)")
     data.add_argument("--sample-fraction", type=float, default=0.5, help="share of prompts also answered at temperature 1")
     data.add_argument("--max-new-tokens", type=positive_int, default=192)
-    data.add_argument("--batch-size", type=positive_int, default=32)
+    data.add_argument("--batch-size", type=positive_int, default=32, help="rows of the refilling batch")
+    data.add_argument("--refill-min", type=positive_int, default=4, help="free rows that trigger a refill from the prompt queue")
+    data.add_argument("--shard-records", type=positive_int, default=256, help="records per shard written")
+    data.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                      help="auto: bf16 where the CPU has native BF16 instructions (AVX512_BF16 / AMX), else fp32")
+    data.add_argument("--max-jobs", type=positive_int, default=None, help="stop after this many responses (default: all)")
+    data.add_argument("--import-jsonl", type=Path, default=None, metavar="JSONL",
+                      help="generate nothing: move the records of a JSONL file of the earlier format into --out")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--threads", type=positive_int, default=None)
 
     train = drafter_sub.add_parser("train", help="train a DFlash drafter on a `drafter data` file (resumable)")
-    train.add_argument("--data", type=Path, required=True, help="JSONL file written by `blockpilot drafter data`")
+    train.add_argument("--data", type=Path, required=True, help="data folder written by `blockpilot drafter data` (or a JSONL file of the earlier format)")
     train.add_argument("--out", type=Path, required=True, help="run folder: drafter/ (DFlash format), state.pt, history.json")
     train.add_argument("--target", default=None)
     train.add_argument("--steps", type=positive_int, default=2000)
@@ -179,22 +187,54 @@ def _drafter(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     logging.getLogger("blockpilot").setLevel(logging.INFO)
     if args.drafter_command == "data":
-        from blockpilot.models.store import resolve_target
-        from blockpilot.models.target import TargetModel
-        from blockpilot.models.tokenizer import ChatTokenizer
-        from blockpilot.training.data import DataConfig, generate_dataset
-
-        target_dir = resolve_target(args.target)
-        cfg = DataConfig(prompts_per_file=args.prompts_per_file, sample_fraction=args.sample_fraction,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-        summary = generate_dataset(TargetModel.from_pretrained(target_dir), ChatTokenizer(target_dir), args.prompts, args.out, cfg)
-        print(json.dumps(summary))
-        return 0
+        return _drafter_data(args)
     if args.drafter_command == "train":
         return _drafter_train(args)
     if args.drafter_command == "eval":
         return _drafter_eval(args)
     raise InvalidArgumentError(f"unknown drafter command {args.drafter_command!r}")
+
+
+def _drafter_data(args: argparse.Namespace) -> int:
+    import signal
+
+    import torch
+
+    from blockpilot.backends.onnx_export import weights_digest
+    from blockpilot.benchmarking import machine_info
+    from blockpilot.models.store import resolve_target
+    from blockpilot.models.target import TargetModel
+    from blockpilot.models.tokenizer import ChatTokenizer
+    from blockpilot.training.data import DataConfig, generate_dataset, import_jsonl, resolve_precision
+
+    target_dir = resolve_target(args.target)
+    target = TargetModel.from_pretrained(target_dir)
+    target_info = {"name": args.target or target_dir.name, "weights_digest": weights_digest(target),
+                   "vocab_size": target.config.vocab_size}
+    if args.import_jsonl is not None:
+        entry = import_jsonl(args.import_jsonl, args.out, target_info,
+                             {"imported_from": args.import_jsonl.name, "code": "left-padded batches (before the refilling batch)",
+                              "precision": "fp32"})
+        print(json.dumps({"imported": entry}))
+        return 0
+    precision = resolve_precision(args.precision)
+    if precision == "bf16":
+        target = TargetModel.from_pretrained(target_dir, dtype=torch.bfloat16)
+    cfg = DataConfig(prompts_per_file=args.prompts_per_file, sample_fraction=args.sample_fraction,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, refill_min=args.refill_min,
+                     shard_records=args.shard_records, precision=precision, seed=args.seed)
+    machine = machine_info()
+    generator_info = {"threads": torch.get_num_threads(), "cpu": machine["cpu"], "cpu_flags": machine["cpu_flags"],
+                      "torch": machine["torch"]}
+    # A background run stopped by SIGTERM still writes its finished responses (the finally in
+    # generate_dataset runs on KeyboardInterrupt).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    why = {"auto": "chosen for this CPU", "fp32": "asked for", "bf16": "asked for"}[args.precision]
+    print(f"drafter data: precision {precision} ({why}), {torch.get_num_threads()} threads, into {args.out}", file=sys.stderr)
+    summary = generate_dataset(target, ChatTokenizer(target_dir), args.prompts, args.out, cfg, target_info=target_info,
+                               generator_info=generator_info, max_jobs=args.max_jobs)
+    print(json.dumps(summary))
+    return 0
 
 
 def _drafter_train(args: argparse.Namespace) -> int:

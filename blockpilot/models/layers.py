@@ -89,11 +89,17 @@ class FastLinear(nn.Linear):
         self.weight_t = self.weight.detach().t().contiguous() if single_row_transposed else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_t is None or torch.is_grad_enabled() and self.weight.requires_grad:
+        if torch.is_grad_enabled() and self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)
+        # Always as a 2-D product: for a [B, 1, C] input (one token of each of B rows) F.linear
+        # takes a batched-matmul path that copies the weight per row (measured: 5.9 ms instead of
+        # ~0.6 ms for the down projection at B = 32).
         rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, x.shape[-1])
-        out = flat @ self.weight_t if rows == 1 else (self.weight @ flat.t()).t()
+        if self.weight_t is None:
+            out = F.linear(flat, self.weight)
+        else:
+            out = flat @ self.weight_t if rows == 1 else (self.weight @ flat.t()).t()
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -1,7 +1,7 @@
 """`blockpilot policy sweep | train | eval` (registered by blockpilot.cli).
 
     blockpilot policy sweep --prompts ../shared/datasets/train --prompts-per-file 150 \
-        --exclude-ids-from data/drafter/responses.jsonl --out runs/policy/sweep-train
+        --exclude-ids-from data/drafter/responses --out runs/policy/sweep-train
     blockpilot policy train --sweep runs/policy/sweep-train --repository policies --name blockpilot
     blockpilot policy eval --policy policies/blockpilot/3 --prompts ../shared/datasets --prompts-per-file 30 \
         --cost-model runs/policy/sweep-train --sweep runs/policy/sweep-eval --out runs/policy/eval
@@ -37,9 +37,9 @@ def _add_sweep_args(parser: argparse.ArgumentParser, *, prompts_required: bool) 
     parser.add_argument("--prompts", type=Path, nargs="+", required=prompts_required, default=None,
                         help="*.jsonl prompt files or folders of them ({id, dataset, turns}); the first turn is used")
     parser.add_argument("--prompts-per-file", type=positive_int, default=200, help="fixed-seed random sample of each file")
-    parser.add_argument("--exclude-ids-from", type=Path, nargs="+", default=None, metavar="JSONL",
-                        help="leave out prompts whose id appears in these JSONL files (e.g. the drafter's training data, "
-                             "data/drafter/responses.jsonl: the drafter accepts more on prompts it was trained on)")
+    parser.add_argument("--exclude-ids-from", type=Path, nargs="+", default=None, metavar="PATH",
+                        help="leave out prompts whose id appears in these JSONL files or drafter data folders (e.g. the drafter training data, "
+                             "data/drafter/responses: the drafter accepts more on prompts it was trained on)")
     parser.add_argument("--limit", type=positive_int, default=None, help="at most this many prompts in all (interleaved across files)")
     parser.add_argument("--mode", choices=("replay", "decode"), default="replay",
                         help="replay: one greedy generation + teacher-forced replay per size, cost-modelled tokens/s (default); "

@@ -447,10 +447,16 @@ class SweepModels:
 
 
 def read_ids(paths: Sequence[Path]) -> set[str]:
-    """The "id" of every line of these JSONL files (prompt files, `drafter data` output, ...)."""
+    """The "id" of every line of these JSONL files (prompt files, ...) and the prompt ids of
+    `drafter data` folders."""
+    from blockpilot.training.shards import ResponseStore
+
     ids: set[str] = set()
     for path in paths:
         path = Path(path)
+        if path.is_dir():
+            ids |= ResponseStore.open_existing(path).prompt_ids()
+            continue
         if not path.is_file():
             raise NotFoundError(f"no file '{path}' to read prompt ids from")
         with path.open() as handle:

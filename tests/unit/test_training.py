@@ -13,7 +13,7 @@ from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.models.drafter import DFlashDrafter, DraftHead
 from blockpilot.errors import InvalidArgumentError
 from blockpilot.models.target import TargetModel
-from blockpilot.training.data import generate_batch, generate_dataset, DataConfig
+from blockpilot.training.data import generate_batch, generate_dataset, read_dataset, DataConfig
 from blockpilot.training.train import (
     IGNORE, FeatureCache, TrainConfig, drafter_loss, pack_blocks, replay_tau, sample_anchors, split_records, train_drafter,
 )
@@ -107,13 +107,14 @@ class _TinyTokenizer:
 def test_data_generation_resumes_and_training_runs_end_to_end(target, tmp_path):
     prompts = tmp_path / "train.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"t/{i}", "dataset": "t", "turns": [f"prompt number {i}"]}) + "\n" for i in range(6)))
-    out = tmp_path / "data.jsonl"
-    cfg = DataConfig(prompts_per_file=6, sample_fraction=0.5, max_new_tokens=16, batch_size=4)
-    first = generate_dataset(target, _TinyTokenizer(), [prompts], out, cfg, progress=False)
-    again = generate_dataset(target, _TinyTokenizer(), [prompts], out, cfg, progress=False)
-    assert first["generated"] == first["jobs"] > 6 and again["generated"] == 0
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == first["jobs"] and {r["mode"] for r in records} == {"greedy", "sample"}
+    out = tmp_path / "data"
+    cfg = DataConfig(prompts_per_file=6, sample_fraction=0.5, max_new_tokens=16, batch_size=4, refill_min=1, shard_records=3)
+    info = {"name": "tiny", "weights_digest": "d1", "vocab_size": target.config.vocab_size}
+    first = generate_dataset(target, _TinyTokenizer(), [prompts], out, cfg, target_info=info, progress=False)
+    again = generate_dataset(target, _TinyTokenizer(), [prompts], out, cfg, target_info=info, progress=False)
+    assert first["written"]["records"] > 6 and first["written"]["shards"] >= 3 and again["written"]["records"] == 0
+    records = read_dataset(out)
+    assert len(records) == first["written"]["records"] and {r["mode"] for r in records} == {"greedy", "sample"}
 
     train_cfg = TrainConfig(num_draft_layers=1, block_size=4, mask_token_id=4, draft_vocab_size=40, anchors_per_sequence=6, sequences_per_step=2,
                             steps=6, eval_every=3, save_every=3, eval_sequences=2, holdout_fraction=0.2)
@@ -197,17 +198,6 @@ def test_eval_report_replay_tau_matches_real_decoding(target, tmp_path):
         merge_reports([shards[0], shards[0]])
     with pytest.raises(InvalidArgumentError, match="differ in backend"):
         merge_reports([shards[0], {**shards[1], "backend": "onnxruntime"}])
-
-
-def test_batches_mix_files_and_modes_from_the_start():
-    from blockpilot.training.data import plan_batches
-
-    jobs = [({"id": f"{f}/{i}"}, [0] * (1 + (i * 7) % 13), mode) for i in range(40) for f in ("a", "b") for mode in ("greedy", "sample")]
-    batches = plan_batches(jobs, batch_size=4, window_batches=2)
-    assert sorted(id(j) for b in batches for j in b) == sorted(id(j) for j in jobs)
-    assert all(len({j[2] for j in b}) == 1 for b in batches)
-    first = [j for b in batches[:4] for j in b]
-    assert {j[2] for j in first} == {"greedy", "sample"} and {j[0]["id"][0] for j in first} == {"a", "b"}
 
 
 def test_read_dataset_ignores_only_a_cut_last_line(tmp_path):
