@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = drafter_sub.add_parser("train", help="train a DFlash drafter on a `drafter data` file (resumable)")
     train.add_argument("--data", type=Path, required=True, help="data folder written by `blockpilot drafter data` (or a JSONL file of the earlier format)")
     train.add_argument("--out", type=Path, required=True, help="run folder: drafter/ (DFlash format), state.pt, history.json")
+    train.add_argument("--data-tokens", type=positive_int, default=None,
+                       help="train on the first records holding this many response tokens (learning curves; default: all)")
     train.add_argument("--target", default=None)
     train.add_argument("--steps", type=positive_int, default=2000)
     train.add_argument("--layers", type=positive_int, default=1, help="draft layers")
@@ -252,7 +254,7 @@ def _drafter_train(args: argparse.Namespace) -> int:
                       anchors_per_sequence=args.anchors, sequences_per_step=args.sequences, eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed)
     holdout_ids = read_id_list(args.holdout_ids) if args.holdout_ids is not None else None
-    summary = train_drafter(target, read_dataset(args.data), args.out, cfg, init_from=args.init_from,
+    summary = train_drafter(target, read_dataset(args.data, args.data_tokens), args.out, cfg, init_from=args.init_from,
                             feature_dir=args.feature_dir, feature_layer_ids=args.feature_layers, holdout_ids=holdout_ids)
     (args.out / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": summary["history"][-1] if summary["history"] else None}))

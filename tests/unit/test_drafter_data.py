@@ -197,3 +197,14 @@ def test_generation_stops_resumes_and_keeps_every_finished_response(target, tmp_
             assert record["response_ids"] == alone
     with pytest.raises(InvalidArgumentError, match="sample_fraction"):
         generate_dataset(target, _Tokenizer(), [prompts], tmp_path / "d", DataConfig(sample_fraction=2.0), target_info=info, progress=False)
+
+
+def test_policy_sweeps_exclude_the_prompt_ids_of_a_data_folder(tmp_path):
+    from blockpilot.policy.sweep import read_ids
+
+    store = ResponseStore(tmp_path / "s")
+    store.bind_target(INFO)
+    store.write_shard([_record(1), _record(1, "sample"), _record(2)], {})
+    other = tmp_path / "p.jsonl"
+    other.write_text(json.dumps({"id": "q/9"}) + "\n")
+    assert read_ids([tmp_path / "s", other]) == {"r/1", "r/2", "q/9"}
