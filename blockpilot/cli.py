@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target-layers", type=int, nargs="+", default=None, help="target layer ids (default: DFlash's rule)")
     train.add_argument("--block-size", type=positive_int, default=8)
     train.add_argument("--gamma", type=float, default=4.0, help="loss decay exp(-(k-1)/gamma)")
+    train.add_argument("--accept-until-fail", type=float, default=0.0, metavar="W",
+                       help="mix weight of the accept-until-fail loss (0 = off, 1 = only it)")
+    train.add_argument("--accept-until-fail-after", type=int, default=0, metavar="STEPS", help="warm-up steps before it applies")
     train.add_argument("--lr", type=float, default=6e-4)
     train.add_argument("--anchors", type=positive_int, default=32, help="anchors per sequence")
     train.add_argument("--sequences", type=positive_int, default=4, help="sequences per optimizer step")
@@ -252,7 +255,8 @@ def _drafter_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(num_draft_layers=args.layers, target_layer_ids=tuple(args.target_layers) if args.target_layers else None,
                       block_size=args.block_size, mask_token_id=mask, gamma=args.gamma, lr=args.lr, steps=args.steps,
                       anchors_per_sequence=args.anchors, sequences_per_step=args.sequences, eval_every=args.eval_every,
-                      save_every=args.save_every, seed=args.seed)
+                      save_every=args.save_every, accept_until_fail=args.accept_until_fail,
+                      accept_until_fail_after=args.accept_until_fail_after, seed=args.seed)
     holdout_ids = read_id_list(args.holdout_ids) if args.holdout_ids is not None else None
     summary = train_drafter(target, read_dataset(args.data, args.data_tokens), args.out, cfg, init_from=args.init_from,
                             feature_dir=args.feature_dir, feature_layer_ids=args.feature_layers, holdout_ids=holdout_ids)

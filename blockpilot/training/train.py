@@ -46,7 +46,10 @@ class TrainConfig:
     anchors_per_sequence: blocks packed into one forward per sequence.
     sequences_per_step: sequences whose losses make one optimizer step.
     holdout_fraction: share of prompt ids kept out of training for evaluation.
-    draft_vocab_size: the K most frequent response tokens form the draft vocabulary (None = all)."""
+    draft_vocab_size: the K most frequent response tokens form the draft vocabulary (None = all).
+    accept_until_fail: weight in [0, 1] of the accept-until-fail loss mixed with the decayed one
+        (0 = off, 1 = truncated only); it applies from step accept_until_fail_after on (a warm-up:
+        an untrained drafter fails at position 1 and the truncated loss would see little else)."""
 
     num_draft_layers: int = 1
     target_layer_ids: tuple[int, ...] | None = None
@@ -65,6 +68,8 @@ class TrainConfig:
     eval_every: int = 200
     eval_sequences: int = 24
     save_every: int = 100
+    accept_until_fail: float = 0.0
+    accept_until_fail_after: int = 0
     seed: int = 0
 
     def validate(self) -> None:
@@ -74,6 +79,8 @@ class TrainConfig:
             raise InvalidArgumentError(f"gamma must be > 0, got {self.gamma}")
         if self.steps < 1 or self.anchors_per_sequence < 1 or self.sequences_per_step < 1:
             raise InvalidArgumentError("steps, anchors_per_sequence and sequences_per_step must be >= 1")
+        if not 0 <= self.accept_until_fail <= 1:
+            raise InvalidArgumentError(f"accept_until_fail must be in [0, 1], got {self.accept_until_fail}")
 
 
 @dataclass
@@ -124,10 +131,26 @@ def sample_anchors(prompt_len: int, seq_len: int, count: int, rng: random.Random
     return sorted(rng.sample(population, min(count, len(population))))
 
 
+def accept_until_fail_mask(hits: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """Block positions the greedy loop would reach: hits, labelled [A, B] bool (position k of
+    anchor a: the drafter's argmax is right / there is a label) -> keep [A, B] bool.
+
+    Position k >= 1 is kept when every position 1..k-1 of its block was right: the loss then
+    covers the accepted prefix and the first wrong position (the one that ends the step), and
+    nothing after it, which verification would never accept anyway (DFlash v2, GRIFFIN)."""
+    reached = torch.ones_like(hits)
+    reached[:, 0] = False
+    if hits.shape[1] > 2:
+        reached[:, 2:] = hits[:, 1:-1].int().cumprod(dim=1).bool()
+    return reached & labelled
+
+
 def drafter_loss(drafter: DFlashDrafter, head: DraftHead, embed: torch.nn.Embedding,
-                 features: torch.Tensor, packed: PackedBlocks) -> tuple[torch.Tensor, dict]:
+                 features: torch.Tensor, packed: PackedBlocks, accept_until_fail: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Weighted CE over the packed blocks of one sequence. features [S, F] (target, frozen).
-    Labels outside the draft vocabulary cannot be proposed and carry no loss."""
+    Labels outside the draft vocabulary cannot be proposed and carry no loss (they still end an
+    accepted prefix). accept_until_fail: weight of the truncated loss (see accept_until_fail_mask)
+    mixed with the decayed loss: (1 - w) * decayed + w * truncated."""
     seq_len = features.shape[0]
     hidden = drafter(
         embed(packed.tokens)[None],
@@ -146,6 +169,15 @@ def drafter_loss(drafter: DFlashDrafter, head: DraftHead, embed: torch.nn.Embedd
     loss = (losses * weights).sum() / weights.sum()
     with torch.no_grad():
         hits = logits.argmax(-1) == labels
+    if accept_until_fail > 0:
+        grid = torch.zeros_like(predicted)
+        grid[predicted] = hits
+        block = drafter.block_size
+        keep = accept_until_fail_mask(grid.view(-1, block), (packed.weights > 0).view(-1, block)).view(-1)[predicted]
+        kept = weights * keep
+        truncated = (losses * kept).sum() / kept.sum().clamp(min=1e-12)
+        loss = (1 - accept_until_fail) * loss + accept_until_fail * truncated
+    with torch.no_grad():
         first = (packed.positions[predicted] - torch.tensor(packed.anchors).repeat_interleave(drafter.block_size)[predicted]) == 1
     return loss, {"predicted": int(predicted.sum()), "first_hits": int(hits[first].sum()), "first_total": int(first.sum()),
                   "hits": int(hits.sum())}
@@ -363,7 +395,8 @@ def train_drafter(
             if not anchors:
                 continue
             packed = pack_blocks(token_ids, anchors, drafter.block_size, drafter.config.mask_token_id, cfg.gamma)
-            loss, stats = drafter_loss(drafter, head, embed, features.get(index, token_ids), packed)
+            truncate = cfg.accept_until_fail if state.step >= cfg.accept_until_fail_after else 0.0
+            loss, stats = drafter_loss(drafter, head, embed, features.get(index, token_ids), packed, truncate)
             (loss / cfg.sequences_per_step).backward()
             totals["loss"] += loss.item() / cfg.sequences_per_step
             for key in ("predicted", "first_hits", "first_total", "hits"):

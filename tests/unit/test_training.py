@@ -211,3 +211,51 @@ def test_read_dataset_ignores_only_a_cut_last_line(tmp_path):
     path.write_text(good[:10] + "\n" + good + "\n")
     with pytest.raises(InvalidArgumentError, match="line 1"):
         read_dataset(path)
+
+
+def test_accept_until_fail_keeps_the_accepted_prefix_and_the_first_miss():
+    from blockpilot.training.train import accept_until_fail_mask
+
+    hits = torch.tensor([[False, True, True, False, True],
+                         [False, False, True, True, True],
+                         [False, True, True, True, True]])
+    labelled = torch.tensor([[False, True, True, True, True],
+                             [False, True, True, True, True],
+                             [False, True, True, True, False]])  # the sequence ends after position 3
+    assert accept_until_fail_mask(hits, labelled).tolist() == [
+        [False, True, True, True, False],
+        [False, True, False, False, False],
+        [False, True, True, True, False]]
+
+
+def test_accept_until_fail_loss_equals_a_slow_per_block_reference(target, drafter):
+    from torch.nn import functional as F
+
+    from blockpilot.training.train import drafter_loss
+
+    token_ids = [random.Random(5).randrange(5, 60) for _ in range(40)]
+    features = FeatureCache(target, drafter.target_layer_ids).get(0, token_ids)
+    packed = pack_blocks(token_ids, [6, 12, 20, 30, 36], drafter.block_size, 4, gamma=2.0)
+    head = DraftHead(target.lm_head.weight.detach(), drafter.draft_vocab)
+    decayed, _ = drafter_loss(drafter, head, target.embed_tokens, features, packed)
+    truncated, _ = drafter_loss(drafter, head, target.embed_tokens, features, packed, accept_until_fail=1.0)
+    mixed, _ = drafter_loss(drafter, head, target.embed_tokens, features, packed, accept_until_fail=0.25)
+    # Slow reference: walk each block, stop after the first wrong argmax.
+    hidden = drafter(target.embed(packed.tokens)[None], features[None], None, packed.positions[None],
+                     torch.arange(len(token_ids))[None], mask=packed.mask[None, None])[0]
+    total, weight_sum = 0.0, 0.0
+    block = drafter.block_size
+    for a in range(len(packed.anchors)):
+        for k in range(1, block):
+            i = a * block + k
+            if packed.weights[i] <= 0:
+                break
+            logits = head.logits(hidden[i : i + 1])
+            label = int(head.index_of[packed.labels[i]])
+            total += float(packed.weights[i] * F.cross_entropy(logits, torch.tensor([label])))
+            weight_sum += float(packed.weights[i])
+            if int(logits.argmax()) != label:
+                break
+    assert truncated.item() == pytest.approx(total / weight_sum, rel=1e-5)
+    assert mixed.item() == pytest.approx(0.75 * decayed.item() + 0.25 * truncated.item(), rel=1e-5)
+    assert weight_sum < float(packed.weights.sum())  # an untrained drafter misses early: positions were dropped
