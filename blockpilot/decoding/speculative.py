@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from blockpilot.decoding import acceptance
-from blockpilot.decoding.drafting import DraftProvider, DraftRequest
+from blockpilot.decoding.drafting import Draft, DraftProvider, DraftRequest, DraftSession
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig, PromptLookupIndex
 from blockpilot.errors import DrafterUnavailableError, InvalidArgumentError, ResourceExhaustedError
 from blockpilot.models.kv_cache import KVCache
@@ -147,6 +147,54 @@ class GenerationResult:
         return produced / self.decode_s if self.decode_s > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """One step's block: tokens = (anchor, *draft) (just the anchor for a one-token step); draft:
+    the DFlash draft (with q when sampled), None for lookup or no draft; source: DRAFT_SOURCES or ""."""
+
+    tokens: tuple[int, ...]
+    draft: Draft | None
+    source: str
+
+
+@dataclass(eq=False)
+class DecodeState:
+    """One request between steps: what the loop needs to plan, verify and commit its next step.
+    Made by SpeculativeDecoder.prefill and changed only by the decoder's phase methods.
+
+    anchor: the last committed token (not yet through the target); generated: tokens committed
+    so far (the first included); cache_length: the tokens the request's target cache must hold
+    after the last commit (the anchor's position). pending / pending_start: target features the
+    drafter has not seen yet and the position of the first. kept: features of committed tokens
+    kept for the caller (collect_features)."""
+
+    params: SamplingParams
+    result: GenerationResult
+    generator: torch.Generator
+    prompt_len: int
+    stop_ids: frozenset[int]
+    feature_layers: tuple[int, ...]
+    collect_features: tuple[int, ...]
+    lookup: LookupConfig
+    prompt_features: torch.Tensor | None
+    anchor: int
+    cache_length: int
+    kept: list[torch.Tensor] | None = None
+    block_size: int = 1
+    generated: int = 1
+    finished: bool = False
+    decode_started: float = 0.0
+    session: DraftSession | None = None
+    pending: list[torch.Tensor] = field(default_factory=list)
+    pending_start: int = 0
+    index: PromptLookupIndex | None = None
+
+    def close_session(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.close()
+
+
 class SpeculativeDecoder:
     """Runs requests against one target and an optional drafter (in-process or remote)."""
 
@@ -193,6 +241,10 @@ class SpeculativeDecoder:
         given) is filled in as decoding goes and is complete when the iterator is exhausted.
         Closing the iterator early (client gone) frees the request's caches at once.
 
+        This is the one-request driver of the loop's phases (prefill, start, open_drafting, then
+        plan_step / target pass / commit_step until finished, then finish); BatchDecoder drives the
+        same phases for many requests with one target pass per step.
+
         cache: a caller-owned target cache (kept for a conversation's next turn); it may already hold
             the first `cache.length` prompt tokens (earlier turns): only the rest is prefilled. Its capacity
             must fit prompt + max_new_tokens + 1. With a drafter, `prefix_features` [cache.length, F]
@@ -206,178 +258,215 @@ class SpeculativeDecoder:
             cache resumed from an earlier turn) is sent context from that position on only.
         If the drafter fails (DrafterUnavailableError) the request continues at block size 1 with
         `result.fallback_reason` set: the target cache is already correct, so the output is unchanged."""
-        self._validate(prompt_ids, params, block_size)
+        if not callable(block_size):
+            self.check_block_size(block_size)
+        if cache is None:
+            self._validate(prompt_ids, params, 1)
+            cache = self.target.new_cache(len(prompt_ids) + params.max_new_tokens + 1)
+        state, info = self.prefill(prompt_ids, params, cache, result, prefix_features=prefix_features,
+                                   collect_features=collect_features, lookup=lookup)
+        try:
+            chosen = block_size(info) if callable(block_size) else block_size
+            yield self.start(state, chosen)
+            if state.finished:
+                return
+            self.open_drafting(state)
+            while not state.finished:
+                plan = self.plan_step(state)
+                began = time.perf_counter()
+                block = torch.tensor([plan.tokens], dtype=torch.long, device=self.target.device)
+                out = self.target(block, cache, num_logits=None, hidden_layer_ids=state.feature_layers)
+                state.result.phase_s["verify"] += time.perf_counter() - began
+                event = self.commit_step(state, plan, out.logits[0], out.hidden[0] if out.hidden is not None else None)
+                cache.truncate(state.cache_length)
+                yield event
+        finally:
+            self.finish(state)
+
+    # ---- the loop's phases (one request each; the caller owns the loop and the target pass) -------
+
+    def prefill(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cache: KVCache, result: GenerationResult | None = None,
+        *, prefix_features: torch.Tensor | None = None, collect_features: Sequence[int] = (),
+        lookup: LookupConfig = LOOKUP_OFF,
+    ) -> tuple["DecodeState", PrefillInfo]:
+        """Validate the request, run the target over the prompt (the part `cache` does not hold
+        yet), sample the first token. Returns the request's state and what a block-size choice
+        reads (PrefillInfo); nothing is yielded yet: call start() with the block size."""
+        self._validate(prompt_ids, params, 1)
         result = result if result is not None else GenerationResult(prompt_token_ids=list(prompt_ids))
         generator = torch.Generator(device="cpu")
         if params.seed is not None:
             generator.manual_seed(params.seed)
         else:
             generator.seed()
-        device = self.target.device
         prompt_len = len(prompt_ids)
         collect_features = tuple(collect_features)
         if collect_features and self.drafter is not None and collect_features != tuple(self.drafter.target_layer_ids):
             raise ValueError(f"collect_features {collect_features} differ from the drafter's layers {self.drafter.target_layer_ids}")
-        feature_layers = self.drafter.target_layer_ids if self.drafter is not None else collect_features
-
-        # ---- prefill: first token, then the block size for the whole request -----------------
+        feature_layers = tuple(self.drafter.target_layer_ids) if self.drafter is not None else collect_features
         started = time.perf_counter()
-        reused = 0
-        if cache is None:
-            cache = self.target.new_cache(prompt_len + params.max_new_tokens + 1)
-        else:
-            reused = cache.length
+        reused = cache.length
+        if reused:
             self._check_reused_cache(cache, prompt_len, params.max_new_tokens, prefix_features, bool(feature_layers))
-        prompt = torch.tensor([list(prompt_ids[reused:])], dtype=torch.long, device=device)
+        elif cache.capacity < prompt_len + params.max_new_tokens + 1:
+            raise ValueError(f"the cache holds {cache.capacity} tokens; the request needs {prompt_len + params.max_new_tokens + 1}")
+        prompt = torch.tensor([list(prompt_ids[reused:])], dtype=torch.long, device=self.target.device)
         out = self.target(prompt, cache, num_logits=1, hidden_layer_ids=feature_layers)
         prompt_features = out.hidden
         if reused and prompt_features is not None:
             prompt_features = torch.cat([prefix_features.to(prompt_features)[None], prompt_features], dim=1)
         last_logits = out.logits[0, -1]
         first = self._sample_one(last_logits, params.temperature, generator)
-        if callable(block_size):
-            last_hidden = out.hidden[0, -1] if out.hidden is not None else None
-            final_hidden = self.target.norm(out.final_state[0, -1]) if out.final_state is not None else None
-            block_size = block_size(PrefillInfo(prompt_len, last_logits, last_hidden, final_hidden))
-            self.check_block_size(block_size)
-        result.block_size = block_size
+        last_hidden = out.hidden[0, -1] if out.hidden is not None else None
+        final_hidden = self.target.norm(out.final_state[0, -1]) if out.final_state is not None else None
         result.token_ids.append(first)
         result.ttft_s = time.perf_counter() - started
-        decode_started = time.perf_counter()
-        stop_ids = set(params.stop_token_ids)
-        # Features of committed tokens, kept for the caller (collect_features).
-        kept: list[torch.Tensor] | None = [prompt_features[0]] if collect_features and prompt_features is not None else None
-        try:
-            yield StepEvent((first,), None)
-            if first in stop_ids or params.max_new_tokens == 1:
-                result.finish_reason = "stop" if first in stop_ids else "length"
-                return
-            session = None
-            if block_size > 1:
-                try:
-                    session = self.drafter.open_session(prompt_len + params.max_new_tokens + 1)
-                except DrafterUnavailableError as err:
-                    result.fallback_reason = err.reason
-            try:
-                index = PromptLookupIndex(lookup, [*prompt_ids, first]) if lookup.enabled else None
-                yield from self._decode_steps(cache, session, prompt_features, first, block_size, params, generator, result,
-                                              kept, collect_features, index)
-            finally:
-                if session is not None:
-                    session.close()
-        finally:
-            result.decode_s = time.perf_counter() - decode_started
-            if kept is not None:
-                result.context_features = torch.cat(kept) if len(kept) > 1 else kept[0]
+        state = DecodeState(
+            params=params, result=result, generator=generator, prompt_len=prompt_len,
+            stop_ids=frozenset(params.stop_token_ids), feature_layers=feature_layers,
+            collect_features=collect_features, lookup=lookup, prompt_features=prompt_features, anchor=first,
+            cache_length=cache.length,
+            kept=[prompt_features[0]] if collect_features and prompt_features is not None else None,
+        )
+        return state, PrefillInfo(prompt_len, last_logits, last_hidden, final_hidden)
 
-    def _decode_steps(self, cache, session, prompt_features, first, block_size, params, generator, result, kept,
-                      collect_features, index: PromptLookupIndex | None):
-        device = self.target.device
-        prompt_len = len(result.prompt_token_ids)
-        feature_layers = self.drafter.target_layer_ids if session is not None else collect_features
-        stop_ids = set(params.stop_token_ids)
-        # Target features the drafter has not seen yet ([N, F] chunks, positions pending_start ..
-        # the anchor's - 1): after the prefill, the prompt from the context the session already
-        # holds (a resumed drafter cache) on; then what each step commits, until a drafter call.
-        pending: list[torch.Tensor] = []
-        pending_start = 0
-        if session is not None:
-            held = int(getattr(session, "context_length", 0) or 0)
-            if not 0 <= held <= prompt_len:
-                raise ValueError(f"the draft session holds {held} context tokens; the prompt has {prompt_len}")
+    def start(self, state: "DecodeState", block_size: int) -> StepEvent:
+        """Fix the request's block size; returns the event of the prefill's first token (the
+        request may already be finished by it: state.finished)."""
+        self.check_block_size(block_size)
+        result = state.result
+        result.block_size = block_size
+        state.block_size = block_size
+        state.decode_started = time.perf_counter()
+        first = state.anchor
+        if first in state.stop_ids or state.params.max_new_tokens == 1:
+            result.finish_reason = "stop" if first in state.stop_ids else "length"
+            state.finished = True
+        return StepEvent((first,), None)
+
+    def open_drafting(self, state: "DecodeState") -> None:
+        """Open the drafter session (block size > 1) and the prompt-lookup index. A drafter that
+        cannot open leaves the request at block size 1 with result.fallback_reason set."""
+        params, result = state.params, state.result
+        if state.block_size > 1:
+            try:
+                state.session = self.drafter.open_session(state.prompt_len + params.max_new_tokens + 1)
+            except DrafterUnavailableError as err:
+                result.fallback_reason = err.reason
+        if state.session is not None:
+            # Target features the drafter has not seen yet: the prompt from the context the
+            # session already holds (a resumed drafter cache) on.
+            held = int(getattr(state.session, "context_length", 0) or 0)
+            if not 0 <= held <= state.prompt_len:
+                raise ValueError(f"the draft session holds {held} context tokens; the prompt has {state.prompt_len}")
             result.draft_context_reused = held
-            pending, pending_start = [prompt_features[0, held:]], held
-        anchor = first
-        generated = 1
-        phase = result.phase_s
-        clock = time.perf_counter
-        while True:
-            began = clock()
-            room = params.max_new_tokens - generated  # tokens this step may still commit
-            start = prompt_len + generated - 1  # position of the anchor
-            copied = index.propose(room - 1) if index is not None else []
-            looked = clock()
-            phase["lookup"] += looked - began
-            draft, source = None, ""
-            if copied:
-                source = "lookup"
-                block = torch.tensor([[anchor, *copied]], dtype=torch.long, device=device)
-                if session is not None and min(block_size, room) > 1:
-                    result.drafter_passes_skipped += 1
-            elif session is not None and min(block_size, room) > 1:
-                verify_size = min(block_size, room)
-                sample = params.temperature > 0 and params.draft_sampling == "sample"
-                context = pending[0] if len(pending) == 1 else torch.cat(pending)
-                try:
-                    draft = session.propose(
-                        DraftRequest(
-                            anchor=anchor,
-                            start=start,
-                            num_draft=verify_size - 1,
-                            context=context,
-                            context_start=pending_start,
-                            temperature=params.temperature,
-                            sample=sample,
-                            uniforms=acceptance.draw_uniforms(generator, verify_size - 1) if sample else None,
-                        )
+            state.pending, state.pending_start = [state.prompt_features[0, held:]], held
+        else:
+            state.feature_layers = state.collect_features
+        state.prompt_features = None
+        if state.lookup.enabled:
+            state.index = PromptLookupIndex(state.lookup, [*result.prompt_token_ids, state.anchor])
+
+    def plan_step(self, state: "DecodeState") -> "StepPlan":
+        """The next block to verify: the anchor and a lookup or DFlash draft (or the anchor alone)."""
+        phase = state.result.phase_s
+        began = time.perf_counter()
+        room = state.params.max_new_tokens - state.generated  # tokens this step may still commit
+        copied = state.index.propose(room - 1) if state.index is not None else []
+        looked = time.perf_counter()
+        phase["lookup"] += looked - began
+        verify_size = min(state.block_size, room)
+        plan = StepPlan(tokens=(state.anchor,), draft=None, source="")
+        if copied:
+            plan = StepPlan(tokens=(state.anchor, *copied), draft=None, source="lookup")
+            if state.session is not None and verify_size > 1:
+                state.result.drafter_passes_skipped += 1
+        elif state.session is not None and verify_size > 1:
+            params = state.params
+            sample = params.temperature > 0 and params.draft_sampling == "sample"
+            context = state.pending[0] if len(state.pending) == 1 else torch.cat(state.pending)
+            start = state.prompt_len + state.generated - 1  # position of the anchor
+            try:
+                draft = state.session.propose(
+                    DraftRequest(
+                        anchor=state.anchor,
+                        start=start,
+                        num_draft=verify_size - 1,
+                        context=context,
+                        context_start=state.pending_start,
+                        temperature=params.temperature,
+                        sample=sample,
+                        uniforms=acceptance.draw_uniforms(state.generator, verify_size - 1) if sample else None,
                     )
-                except DrafterUnavailableError as err:
-                    # Drafting stops; the target cache holds exactly the committed tokens, so the
-                    # rest of the request runs without DFlash drafts (lookup drafts go on) with the
-                    # same output. (The session is closed by stream()'s cleanup.)
-                    result.fallback_reason = err.reason
-                    session, feature_layers, pending = None, collect_features, []
-                    block = torch.tensor([[anchor]], dtype=torch.long, device=device)
-                else:
-                    source = "dflash"
-                    pending, pending_start = [], start
-                    block = torch.empty((1, verify_size), dtype=torch.long, device=device)
-                    block[0, 0] = anchor
-                    block[0, 1:] = draft.tokens.to(device)
+                )
+            except DrafterUnavailableError as err:
+                # Drafting stops; the target cache holds exactly the committed tokens, so the rest
+                # of the request runs without DFlash drafts (lookup drafts go on) with the same
+                # output. (The session is closed by finish().)
+                state.result.fallback_reason = err.reason
+                state.close_session()
+                state.feature_layers, state.pending = state.collect_features, []
             else:
-                block = torch.tensor([[anchor]], dtype=torch.long, device=device)
-            drafted = clock()
-            phase["draft"] += drafted - looked
-            out = self.target(block, cache, num_logits=None, hidden_layer_ids=feature_layers)
-            verified = clock()
-            phase["verify"] += verified - drafted
-            verdict = self._verify(block[0, 1:], draft, out.logits[0], params, generator)
-            accepted = clock()
-            phase["accept"] += accepted - verified
-            committed = block[0, 1 : 1 + verdict.num_accepted].tolist() + [verdict.next_token]
-            # The anchor and the accepted drafts stay in the target cache; the rejected tail is
-            # dropped by moving the length back. The new token is the next anchor.
-            cache.truncate(start + 1 + verdict.num_accepted)
-            if session is not None:
-                pending.append(out.hidden[0, : 1 + verdict.num_accepted])
-            finish = ""
-            for i, token in enumerate(committed):
-                if token in stop_ids:
-                    committed = committed[: i + 1]
-                    finish = "stop"
-                    break
-            if kept is not None and out.hidden is not None:
-                # Features of the anchor and the committed tokens but the last (the next anchor).
-                kept.append(out.hidden[0, : len(committed)])
-            if index is not None:
-                index.extend(committed)
-            generated += len(committed)
-            result.token_ids.extend(committed)
-            result.acceptance_lengths.append(len(committed))
-            result.step_sources.append(source)
-            result.verify_sizes.append(block.shape[1])
-            if source:
-                # A stop token among the accepted drafts cuts the step there: all it commits are drafts.
-                result.accepted_by_source[source] += min(verdict.num_accepted, len(committed))
-            if not finish and generated >= params.max_new_tokens:
-                finish = "length"
-            if finish:
-                result.finish_reason = finish
-            phase["bookkeeping"] += clock() - accepted
-            yield StepEvent(tuple(committed), len(committed), source, block.shape[1] - 1)
-            if finish:
-                return
-            anchor = committed[-1]
+                state.pending, state.pending_start = [], start
+                plan = StepPlan(tokens=(state.anchor, *draft.tokens.tolist()), draft=draft, source="dflash")
+        phase["draft"] += time.perf_counter() - looked
+        return plan
+
+    def commit_step(self, state: "DecodeState", plan: "StepPlan", logits: torch.Tensor, hidden: torch.Tensor | None) -> StepEvent:
+        """Accept or reject the plan's draft from the target's pass over its block and commit.
+
+        logits [n + 1, V]: the target's logits at the block's n + 1 positions; hidden [n + 1, F] or
+        None: the feature layers' outputs there. Afterwards the caller sets the request's cache to
+        state.cache_length (the anchor and the accepted drafts stay; the rejected tail goes)."""
+        result, phase = state.result, state.result.phase_s
+        began = time.perf_counter()
+        draft_tokens = torch.tensor(plan.tokens[1:], dtype=torch.long, device=logits.device)
+        verdict = self._verify(draft_tokens, plan.draft, logits, state.params, state.generator)
+        accepted = time.perf_counter()
+        phase["accept"] += accepted - began
+        committed = list(plan.tokens[1 : 1 + verdict.num_accepted]) + [verdict.next_token]
+        start = state.prompt_len + state.generated - 1  # position of the anchor
+        state.cache_length = start + 1 + verdict.num_accepted
+        if state.session is not None and hidden is not None:
+            state.pending.append(hidden[: 1 + verdict.num_accepted])
+        finish = ""
+        for i, token in enumerate(committed):
+            if token in state.stop_ids:
+                committed = committed[: i + 1]
+                finish = "stop"
+                break
+        if state.kept is not None and hidden is not None:
+            # Features of the anchor and the committed tokens but the last (the next anchor).
+            state.kept.append(hidden[: len(committed)])
+        if state.index is not None:
+            state.index.extend(committed)
+        state.generated += len(committed)
+        result.token_ids.extend(committed)
+        result.acceptance_lengths.append(len(committed))
+        result.step_sources.append(plan.source)
+        result.verify_sizes.append(len(plan.tokens))
+        if plan.source:
+            # A stop token among the accepted drafts cuts the step there: all it commits are drafts.
+            result.accepted_by_source[plan.source] += min(verdict.num_accepted, len(committed))
+        if not finish and state.generated >= state.params.max_new_tokens:
+            finish = "length"
+        if finish:
+            result.finish_reason = finish
+            state.finished = True
+        state.anchor = committed[-1]
+        phase["bookkeeping"] += time.perf_counter() - accepted
+        return StepEvent(tuple(committed), len(committed), plan.source, len(plan.tokens) - 1)
+
+    @staticmethod
+    def finish(state: "DecodeState") -> None:
+        """Close the request's draft session and complete its result (also after an early close)."""
+        state.close_session()
+        result = state.result
+        result.decode_s = time.perf_counter() - state.decode_started if state.decode_started else 0.0
+        if state.kept is not None:
+            result.context_features = torch.cat(state.kept) if len(state.kept) > 1 else state.kept[0]
+            state.kept = None
 
     @staticmethod
     def _check_reused_cache(cache: KVCache, prompt_len: int, max_new_tokens: int, prefix_features, needs_features: bool) -> None:

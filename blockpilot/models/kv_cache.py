@@ -59,3 +59,76 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
+
+
+class BatchKVCache(KVCache):
+    """One preallocated cache for several sequences (rows), each with its own explicit length.
+
+    Row r's valid entries are slots [0, lengths[r]). A forward over a ragged batch writes row r's
+    new entries at [lengths[r], lengths[r] + T) and advances every row by T (rows whose block is
+    shorter than T write padding there, which the next step overwrites); rolling a row back is
+    `set_length(r, committed)`. Why one pool and not a cache per sequence: a batched forward reads
+    every row's keys as one [B, K, S, D] tensor, which separate caches would have to gather (a copy
+    of every row's whole cache) at every step.
+
+    Rows [0, rows_in_use) take part in a forward; `move_row` compacts the pool when a sequence
+    leaves, so the rows in use stay a prefix (a view, never a gather).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, *, batch_size: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        super().__init__(num_layers, num_kv_heads, head_dim, capacity, batch_size=batch_size, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.rows_in_use = 0
+
+    @property
+    def max_rows(self) -> int:
+        return self.keys.shape[1]
+
+    def reserve_rows(self, num_new: int) -> torch.Tensor:
+        """Check that every row in use has room for `num_new` more entries; returns their first
+        slots [rows_in_use] (each row's length)."""
+        starts = self.lengths[: self.rows_in_use]
+        fullest = int(starts.max()) if self.rows_in_use else 0
+        if fullest + num_new > self.capacity:
+            raise ResourceExhaustedError(
+                f"KV cache full: a row of length {fullest} + {num_new} new entries exceeds the capacity of {self.capacity}"
+            )
+        return starts.clone()
+
+    def write_rows(self, layer: int, starts: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a ragged step's entries: keys/values [B, K, T, D] of rows 0..B-1 at slots
+        starts[b] .. starts[b] + T - 1. Returns the rows' keys/values [B, K, S, D] up to the
+        furthest slot written (S = max(starts) + T)."""
+        batch, _, steps, _ = keys.shape
+        slots = starts[:, None] + torch.arange(steps)  # [B, T]
+        rows = torch.arange(batch)[:, None].expand(batch, steps)
+        # Advanced indices on dims 0 and 2 of [B, K, S, D] select [B, T, K, D].
+        self.keys[layer, :batch][rows, :, slots] = keys.transpose(1, 2)
+        self.values[layer, :batch][rows, :, slots] = values.transpose(1, 2)
+        end = int(starts.max()) + steps
+        return self.keys[layer, :batch, :, :end], self.values[layer, :batch, :, :end]
+
+    def set_length(self, row: int, length: int) -> None:
+        """Roll row `row` back (or forward, after a write) to `length` valid entries."""
+        if not 0 <= length <= self.capacity:
+            raise ValueError(f"row length {length} is outside [0, {self.capacity}]")
+        self.lengths[row] = length
+
+    def row(self, row: int) -> KVCache:
+        """Row `row` as a one-sequence KVCache over the same memory (for a prefill). Its length
+        starts at the row's; copy it back with set_length(row, view.length) after the forward."""
+        view = KVCache.__new__(KVCache)
+        view.keys, view.values = self.keys[:, row : row + 1], self.values[:, row : row + 1]
+        view.capacity = self.capacity
+        view.length = int(self.lengths[row])
+        return view
+
+    def move_row(self, source: int, destination: int) -> None:
+        """Copy row `source`'s valid entries into row `destination` (compaction)."""
+        if source == destination:
+            return
+        end = int(self.lengths[source])
+        self.keys[:, destination, :, :end] = self.keys[:, source, :, :end]
+        self.values[:, destination, :, :end] = self.values[:, source, :, :end]
+        self.lengths[destination] = end

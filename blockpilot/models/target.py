@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from blockpilot.errors import ModelFormatError
 from blockpilot.models.config import TargetConfig
-from blockpilot.models.kv_cache import KVCache
+from blockpilot.models.kv_cache import BatchKVCache, KVCache
 from blockpilot.models.layers import FastLinear, RMSNorm, Rotary, SwiGLU, apply_rotary, attend
 
 
@@ -64,7 +64,10 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        keys, values = cache.write(layer, start, k, v)
+        if isinstance(start, torch.Tensor):  # a ragged batch: each row writes at its own length
+            keys, values = cache.write_rows(layer, start, k, v)
+        else:
+            keys, values = cache.write(layer, start, k, v)
         return self.o(attend(q, keys, values, mask, self.num_heads // self.num_kv_heads))
 
 
@@ -100,6 +103,12 @@ class TargetModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    def new_batch_cache(self, capacity: int, max_rows: int) -> BatchKVCache:
+        """A pool of `max_rows` sequences of up to `capacity` tokens each, with per-row lengths."""
+        cfg = self.config
+        return BatchKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity, batch_size=max_rows,
+                            dtype=self.dtype, device=self.device)
 
     def new_cache(self, capacity: int, batch_size: int = 1) -> KVCache:
         cfg = self.config
@@ -139,8 +148,12 @@ class TargetModel(nn.Module):
             in transformers' numbering).
         key_valid [B, capacity] bool: False marks cache slots a row must not attend to (left padding
             in batched generation). Without it every slot before the query's own is visible.
+        A BatchKVCache makes the batch ragged: row b (of rows 0..B-1 = the cache's rows in use) writes
+        at its own length, sees only its own slots, and every row's length advances by T.
         """
         batch, steps = tokens.shape
+        if isinstance(cache, BatchKVCache):
+            return self._forward_rows(tokens, cache, positions, num_logits, hidden_layer_ids)
         start = cache.reserve(steps)
         if positions is None:
             positions = torch.arange(start, start + steps, device=tokens.device)
@@ -161,6 +174,35 @@ class TargetModel(nn.Module):
                 captured[index] = x
         cache.length = start + steps
 
+        if num_logits is None:
+            logits = self.logits(x)
+        elif num_logits > 0:
+            logits = self.logits(x[:, -num_logits:])
+        else:
+            logits = None
+        hidden = torch.cat([captured[i] for i in hidden_layer_ids], dim=-1) if captured else None
+        return ForwardOutput(logits=logits, hidden=hidden, final_state=x)
+
+    def _forward_rows(self, tokens, cache: BatchKVCache, positions, num_logits, hidden_layer_ids) -> ForwardOutput:
+        batch, steps = tokens.shape
+        if batch != cache.rows_in_use:
+            raise ValueError(f"a ragged forward takes one row per cache row in use ({cache.rows_in_use}), got {batch}")
+        starts = cache.reserve_rows(steps)  # [B]
+        query_slot = starts[:, None] + torch.arange(steps)  # [B, T]
+        if positions is None:
+            positions = query_slot
+        cos, sin = self.rotary(positions.to(tokens.device))
+        key_slot = torch.arange(int(starts.max()) + steps)
+        # Row b's query t sees its own slots up to its own: [B, 1, T, S].
+        mask = (key_slot[None, None, :] <= query_slot[:, :, None])[:, None].to(tokens.device)
+        wanted = set(hidden_layer_ids)
+        captured: dict[int, torch.Tensor] = {}
+        x = self.embed_tokens(tokens)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, index, starts, mask)
+            if index in wanted:
+                captured[index] = x
+        cache.lengths[:batch] = starts + steps
         if num_logits is None:
             logits = self.logits(x)
         elif num_logits > 0:
