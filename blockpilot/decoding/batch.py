@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
-from blockpilot.decoding.speculative import DecodeState, GenerationResult, SamplingParams, SpeculativeDecoder, StepEvent
+from blockpilot.decoding.speculative import BlockSizeHook, DecodeState, GenerationResult, SamplingParams, SpeculativeDecoder, StepEvent
 from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
 
 
@@ -72,11 +72,12 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def admit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, block_size: int, *,
+        self, prompt_ids: Sequence[int], params: SamplingParams, block_size: int | BlockSizeHook, *,
         lookup: LookupConfig = LOOKUP_OFF, result: GenerationResult | None = None,
     ) -> tuple[BatchSession, StepEvent]:
         """Prefill a new request into a free row; returns it and its first token's event. A
-        request finished by its first token is not kept in the batch."""
+        request finished by its first token is not kept in the batch. block_size: a size, or a
+        choice made from the prefill (PrefillInfo -> size, e.g. the policy's)."""
         if self.active >= self.pool.max_rows:
             raise ResourceExhaustedError(f"the batch is full ({self.pool.max_rows} sessions)")
         need = len(prompt_ids) + params.max_new_tokens + 1 + self.max_block_size
@@ -85,18 +86,20 @@ class BatchDecoder:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) + block padding "
                 f"({self.max_block_size}) exceed the batch's {self.pool.capacity} tokens per session"
             )
-        self.decoder.check_block_size(block_size)
-        widest = max(block_size, lookup.max_tokens + 1 if lookup.enabled else 1)
-        if widest > self.max_block_size:
+        if lookup.enabled and lookup.max_tokens + 1 > self.max_block_size:
             raise InvalidArgumentError(
-                f"block size {block_size} / lookup proposals of up to {lookup.max_tokens} tokens exceed the batch's "
-                f"widest block of {self.max_block_size}"
+                f"lookup proposals of up to {lookup.max_tokens} tokens exceed the batch's widest block of {self.max_block_size}"
             )
+        if not callable(block_size):
+            self._check_width(block_size)
         row = self.active
         self.pool.set_length(row, 0)
         view = self.pool.row(row)
-        state, _ = self.decoder.prefill(prompt_ids, params, view, result, lookup=lookup)
+        state, info = self.decoder.prefill(prompt_ids, params, view, result, lookup=lookup)
         self.pool.set_length(row, view.length)
+        if callable(block_size):
+            block_size = block_size(info)
+            self._check_width(block_size)
         event = self.decoder.start(state, block_size)
         session = BatchSession(state, row)
         if state.finished:
@@ -106,6 +109,11 @@ class BatchDecoder:
         self.sessions.append(session)
         self.pool.rows_in_use = self.active
         return session, event
+
+    def _check_width(self, block_size: int) -> None:
+        self.decoder.check_block_size(block_size)
+        if block_size > self.max_block_size:
+            raise InvalidArgumentError(f"block size {block_size} exceeds the batch's widest block of {self.max_block_size}")
 
     @torch.inference_mode()
     def step(self) -> list[tuple[BatchSession, StepEvent]]:
@@ -152,7 +160,7 @@ class BatchDecoder:
             self.sessions[row] = last
         self.pool.rows_in_use = self.active
 
-    def run(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int]], *,
+    def run(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int | BlockSizeHook]], *,
             lookup: LookupConfig = LOOKUP_OFF) -> list[GenerationResult]:
         """Decode every request to the end, admitting the next as soon as a row is free."""
         results = [GenerationResult(prompt_token_ids=list(ids)) for ids, _, _ in requests]

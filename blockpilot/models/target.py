@@ -149,30 +149,37 @@ class TargetModel(nn.Module):
         key_valid [B, capacity] bool: False marks cache slots a row must not attend to (left padding
             in batched generation). Without it every slot before the query's own is visible.
         A BatchKVCache makes the batch ragged: row b (of rows 0..B-1 = the cache's rows in use) writes
-        at its own length, sees only its own slots, and every row's length advances by T.
+        at its own length, sees only its own slots, and every row's length advances by T; every
+        layer runs (num_logits=0 only skips the output projection: the caller projects the rows it
+        needs from final_state).
         """
         batch, steps = tokens.shape
-        if isinstance(cache, BatchKVCache):
-            return self._forward_rows(tokens, cache, positions, num_logits, hidden_layer_ids)
-        start = cache.reserve(steps)
-        if positions is None:
-            positions = torch.arange(start, start + steps, device=tokens.device)
-        if positions.dim() == 1:
-            positions = positions.expand(batch, steps)
+        ragged = isinstance(cache, BatchKVCache)
+        if ragged:
+            start, positions, mask = self._ragged_inputs(tokens, cache, positions)
+        else:
+            start = cache.reserve(steps)
+            if positions is None:
+                positions = torch.arange(start, start + steps, device=tokens.device)
+            if positions.dim() == 1:
+                positions = positions.expand(batch, steps)
+            mask = self._mask(start, steps, key_valid, tokens.device)
         cos, sin = self.rotary(positions)
-        mask = self._mask(start, steps, key_valid, tokens.device)
 
         wanted = set(hidden_layer_ids)
         captured: dict[int, torch.Tensor] = {}
         x = self.embed_tokens(tokens)
         # Without logits, layers past the last requested one cannot change the result (feature
         # extraction for drafter training stops there; the cache then holds only those layers).
-        last_layer = max(hidden_layer_ids) if num_logits == 0 and hidden_layer_ids else len(self.layers) - 1
+        last_layer = max(hidden_layer_ids) if num_logits == 0 and hidden_layer_ids and not ragged else len(self.layers) - 1
         for index, layer in enumerate(self.layers[: last_layer + 1]):
             x = layer(x, cos, sin, cache, index, start, mask)
             if index in wanted:
                 captured[index] = x
-        cache.length = start + steps
+        if ragged:
+            cache.lengths[:batch] = start + steps
+        else:
+            cache.length = start + steps
 
         if num_logits is None:
             logits = self.logits(x)
@@ -183,34 +190,19 @@ class TargetModel(nn.Module):
         hidden = torch.cat([captured[i] for i in hidden_layer_ids], dim=-1) if captured else None
         return ForwardOutput(logits=logits, hidden=hidden, final_state=x)
 
-    def _forward_rows(self, tokens, cache: BatchKVCache, positions, num_logits, hidden_layer_ids) -> ForwardOutput:
+    @staticmethod
+    def _ragged_inputs(tokens, cache: BatchKVCache, positions):
+        """(starts [B], positions [B, T], mask [B, 1, T, S]) of a ragged step: row b's query t sits
+        at slot starts[b] + t and sees its own slots up to that one."""
         batch, steps = tokens.shape
         if batch != cache.rows_in_use:
             raise ValueError(f"a ragged forward takes one row per cache row in use ({cache.rows_in_use}), got {batch}")
-        starts = cache.reserve_rows(steps)  # [B]
+        starts = cache.reserve_rows(steps)
         query_slot = starts[:, None] + torch.arange(steps)  # [B, T]
-        if positions is None:
-            positions = query_slot
-        cos, sin = self.rotary(positions.to(tokens.device))
         key_slot = torch.arange(int(starts.max()) + steps)
-        # Row b's query t sees its own slots up to its own: [B, 1, T, S].
         mask = (key_slot[None, None, :] <= query_slot[:, :, None])[:, None].to(tokens.device)
-        wanted = set(hidden_layer_ids)
-        captured: dict[int, torch.Tensor] = {}
-        x = self.embed_tokens(tokens)
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, index, starts, mask)
-            if index in wanted:
-                captured[index] = x
-        cache.lengths[:batch] = starts + steps
-        if num_logits is None:
-            logits = self.logits(x)
-        elif num_logits > 0:
-            logits = self.logits(x[:, -num_logits:])
-        else:
-            logits = None
-        hidden = torch.cat([captured[i] for i in hidden_layer_ids], dim=-1) if captured else None
-        return ForwardOutput(logits=logits, hidden=hidden, final_state=x)
+        positions = query_slot if positions is None else positions
+        return starts, positions.to(tokens.device), mask
 
     @staticmethod
     def _mask(start: int, steps: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
