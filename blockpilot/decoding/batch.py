@@ -5,11 +5,11 @@ commit_step. BatchDecoder drives the same phases for up to `max_sessions` reques
 difference is the target pass. Each step it
   1. plans every active session's block (its own block size, its own draft source: prompt lookup,
      its own DFlash drafter session, or the anchor alone),
-  2. runs ONE target forward over all blocks, padded to the longest ([B, T_max]), each row against
-     its own part of one preallocated cache pool (BatchKVCache: row r writes at its own length and
-     sees only its own slots),
-  3. projects logits for each row's real positions only (padding never reaches the output
-     projection), then accepts, commits and rolls back per session (rollback = that row's length).
+  2. runs ONE target forward over all blocks, their tokens packed ([1, N], N = the sum of the
+     block sizes: no padding in the matmuls), each row against its own part of one preallocated
+     cache pool (BatchKVCache: row r writes at its own length and sees only its own slots),
+  3. projects the logits, then accepts, commits and rolls back per session (rollback = that row's
+     length).
 
 A session is admitted between steps (its prefill runs alone, into a free pool row) and leaves as
 soon as it finishes or is released; the last row moves into the freed one so the rows in use stay
@@ -130,15 +130,15 @@ class BatchDecoder:
         # Every session of one decoder reads the same feature layers (the drafter's), or none.
         layers = max((s.state.feature_layers for s in self.sessions), key=len)
         began = time.perf_counter()
-        out = self.target(tokens.to(self.target.device), self.pool, num_logits=0, hidden_layer_ids=layers)
-        finals = torch.cat([out.final_state[row, :n] for row, n in enumerate(widths)])
-        logits = self.target.logits(finals).split(widths)
+        out = self.target(tokens.to(self.target.device), self.pool, num_logits=0, hidden_layer_ids=layers, row_widths=widths)
+        logits = self.target.logits(out.final_state[0]).split(widths)
+        hiddens = out.hidden[0].split(widths) if out.hidden is not None else [None] * len(widths)
         passed = time.perf_counter() - began
         events = []
         for row, (session, plan) in enumerate(zip(self.sessions, plans)):
             state = session.state
             state.result.phase_s["verify"] += passed
-            hidden = out.hidden[row, : widths[row]] if out.hidden is not None and state.feature_layers else None
+            hidden = hiddens[row] if state.feature_layers else None
             event = decoder.commit_step(state, plan, logits[row], hidden)
             self.pool.set_length(row, state.cache_length)
             events.append((session, event))

@@ -65,9 +65,8 @@ class BatchKVCache(KVCache):
     """One preallocated cache for several sequences (rows), each with its own explicit length.
 
     Row r's valid entries are slots [0, lengths[r]). A forward over a ragged batch writes row r's
-    new entries at [lengths[r], lengths[r] + T) and advances every row by T (rows whose block is
-    shorter than T write padding there, which the next step overwrites); rolling a row back is
-    `set_length(r, committed)`. Why one pool and not a cache per sequence: a batched forward reads
+    n_r new entries at [lengths[r], lengths[r] + n_r) and advances the row by n_r; rolling a row
+    back is `set_length(r, committed)`. Why one pool and not a cache per sequence: a batched forward reads
     every row's keys as one [B, K, S, D] tensor, which separate caches would have to gather (a copy
     of every row's whole cache) at every step.
 
@@ -81,32 +80,38 @@ class BatchKVCache(KVCache):
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
         self.rows_in_use = 0
 
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        # zeros, not empty: a row's attention spans the slots up to the batch's furthest one, and
+        # masked slots still meet the values in probs @ V, where 0 * NaN (never-written memory)
+        # would be NaN. Slots once written hold finite values.
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
     @property
     def max_rows(self) -> int:
         return self.keys.shape[1]
 
-    def reserve_rows(self, num_new: int) -> torch.Tensor:
-        """Check that every row in use has room for `num_new` more entries; returns their first
+    def reserve_rows(self, num_new: torch.Tensor) -> torch.Tensor:
+        """Check that each row in use has room for num_new[r] more entries; returns their first
         slots [rows_in_use] (each row's length)."""
-        starts = self.lengths[: self.rows_in_use]
-        fullest = int(starts.max()) if self.rows_in_use else 0
-        if fullest + num_new > self.capacity:
+        starts = self.lengths[: self.rows_in_use].clone()
+        over = (starts + num_new > self.capacity).nonzero().flatten().tolist()
+        if over:
+            row = over[0]
             raise ResourceExhaustedError(
-                f"KV cache full: a row of length {fullest} + {num_new} new entries exceeds the capacity of {self.capacity}"
+                f"KV cache full: a row of length {int(starts[row])} + {int(num_new[row])} new entries exceeds the "
+                f"capacity of {self.capacity}"
             )
-        return starts.clone()
+        return starts
 
-    def write_rows(self, layer: int, starts: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a ragged step's entries: keys/values [B, K, T, D] of rows 0..B-1 at slots
-        starts[b] .. starts[b] + T - 1. Returns the rows' keys/values [B, K, S, D] up to the
-        furthest slot written (S = max(starts) + T)."""
-        batch, _, steps, _ = keys.shape
-        slots = starts[:, None] + torch.arange(steps)  # [B, T]
-        rows = torch.arange(batch)[:, None].expand(batch, steps)
-        # Advanced indices on dims 0 and 2 of [B, K, S, D] select [B, T, K, D].
-        self.keys[layer, :batch][rows, :, slots] = keys.transpose(1, 2)
-        self.values[layer, :batch][rows, :, slots] = values.transpose(1, 2)
-        end = int(starts.max()) + steps
+    def write_rows(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a ragged step's entries of one layer: token i (keys/values [N, K, D]) of row
+        rows[i] at slot slots[i]. Returns rows 0..B-1's keys/values [B, K, end, D] (B = rows in
+        use, end = one past the furthest slot written)."""
+        # Advanced indices on dims 0 and 2 of [B, K, S, D] select [N, K, D].
+        self.keys[layer][rows, :, slots] = keys
+        self.values[layer][rows, :, slots] = values
+        batch = self.rows_in_use
         return self.keys[layer, :batch, :, :end], self.values[layer, :batch, :, :end]
 
     def set_length(self, row: int, length: int) -> None:

@@ -41,6 +41,20 @@ class ForwardOutput:
     final_state: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class RaggedStep:
+    """Where the N packed tokens of a ragged step go: token i belongs to row rows[i], is that
+    row's cols[i]-th new token and is written at cache slot slots[i]; width = the widest row's
+    token count; end = one past the furthest slot written."""
+
+    batch: int
+    width: int
+    rows: torch.Tensor
+    cols: torch.Tensor
+    slots: torch.Tensor
+    end: int
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TargetConfig) -> None:
         super().__init__()
@@ -64,11 +78,23 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if isinstance(start, torch.Tensor):  # a ragged batch: each row writes at its own length
-            keys, values = cache.write_rows(layer, start, k, v)
-        else:
-            keys, values = cache.write(layer, start, k, v)
-        return self.o(attend(q, keys, values, mask, self.num_heads // self.num_kv_heads))
+        groups = self.num_heads // self.num_kv_heads
+        if isinstance(start, RaggedStep):
+            return self.o(self._attend_ragged(q, k, v, cache, layer, start, mask, groups))
+        keys, values = cache.write(layer, start, k, v)
+        return self.o(attend(q, keys, values, mask, groups))
+
+    @staticmethod
+    def _attend_ragged(q, k, v, cache: BatchKVCache, layer: int, step: "RaggedStep", mask, groups: int) -> torch.Tensor:
+        # q [1, H, N, D], k/v [1, K, N, D]: the packed tokens of all rows. Each token's K/V goes to
+        # its row's slot; attention runs on queries padded to [B, H, T, D] (the matmuls are per row
+        # anyway) and the real ones are picked back out: [1, N, H * D].
+        keys, values = cache.write_rows(layer, step.rows, step.slots, k[0].transpose(0, 1), v[0].transpose(0, 1), step.end)
+        heads, dim = q.shape[1], q.shape[3]
+        padded = q.new_zeros(step.batch, step.width, heads, dim)
+        padded[step.rows, step.cols] = q[0].transpose(0, 1)
+        out = attend(padded.transpose(1, 2), keys, values, mask, groups)  # [B, T, H * D]
+        return out[step.rows, step.cols][None]
 
 
 class DecoderLayer(nn.Module):
@@ -138,6 +164,7 @@ class TargetModel(nn.Module):
         num_logits: int | None = None,
         hidden_layer_ids: Sequence[int] = (),
         key_valid: torch.Tensor | None = None,
+        row_widths: Sequence[int] | None = None,
     ) -> ForwardOutput:
         """Run T new tokens through the model, appending their K/V at the cache's end.
 
@@ -148,15 +175,16 @@ class TargetModel(nn.Module):
             in transformers' numbering).
         key_valid [B, capacity] bool: False marks cache slots a row must not attend to (left padding
             in batched generation). Without it every slot before the query's own is visible.
-        A BatchKVCache makes the batch ragged: row b (of rows 0..B-1 = the cache's rows in use) writes
-        at its own length, sees only its own slots, and every row's length advances by T; every
-        layer runs (num_logits=0 only skips the output projection: the caller projects the rows it
-        needs from final_state).
+        A BatchKVCache makes the batch ragged: row b (of rows 0..B-1 = the cache's rows in use) has
+        row_widths[b] real tokens (tokens[b, :row_widths[b]]; default: all T), written at the row's
+        own length, seeing only its own slots; the row's length advances by its width. The real
+        tokens run packed ([1, N, C], N = sum of the widths: padding costs nothing in the matmuls),
+        so logits, hidden and final_state are [1, N, ...] in row order; every layer runs.
         """
         batch, steps = tokens.shape
         ragged = isinstance(cache, BatchKVCache)
         if ragged:
-            start, positions, mask = self._ragged_inputs(tokens, cache, positions)
+            start, positions, mask, tokens = self._ragged_inputs(tokens, cache, positions, row_widths)
         else:
             start = cache.reserve(steps)
             if positions is None:
@@ -177,7 +205,7 @@ class TargetModel(nn.Module):
             if index in wanted:
                 captured[index] = x
         if ragged:
-            cache.lengths[:batch] = start + steps
+            cache.lengths.index_add_(0, start.rows, torch.ones_like(start.rows))
         else:
             cache.length = start + steps
 
@@ -191,18 +219,25 @@ class TargetModel(nn.Module):
         return ForwardOutput(logits=logits, hidden=hidden, final_state=x)
 
     @staticmethod
-    def _ragged_inputs(tokens, cache: BatchKVCache, positions):
-        """(starts [B], positions [B, T], mask [B, 1, T, S]) of a ragged step: row b's query t sits
-        at slot starts[b] + t and sees its own slots up to that one."""
+    def _ragged_inputs(tokens, cache: BatchKVCache, positions, row_widths):
+        """(RaggedStep, positions [1, N], mask [B, 1, T, S], packed tokens [1, N]) of a ragged step:
+        row b's t-th token sits at slot lengths[b] + t and sees its row's slots up to that one."""
         batch, steps = tokens.shape
         if batch != cache.rows_in_use:
             raise ValueError(f"a ragged forward takes one row per cache row in use ({cache.rows_in_use}), got {batch}")
-        starts = cache.reserve_rows(steps)
-        query_slot = starts[:, None] + torch.arange(steps)  # [B, T]
-        key_slot = torch.arange(int(starts.max()) + steps)
-        mask = (key_slot[None, None, :] <= query_slot[:, :, None])[:, None].to(tokens.device)
-        positions = query_slot if positions is None else positions
-        return starts, positions.to(tokens.device), mask
+        widths = torch.tensor(list(row_widths) if row_widths is not None else [steps] * batch, dtype=torch.long)
+        if widths.shape[0] != batch or int(widths.min()) < 1 or int(widths.max()) > steps:
+            raise ValueError(f"row_widths must give 1..{steps} tokens for each of the {batch} rows, got {widths.tolist()}")
+        starts = cache.reserve_rows(widths)  # [B]
+        rows = torch.repeat_interleave(torch.arange(batch), widths)  # [N]
+        cols = torch.arange(rows.shape[0]) - torch.repeat_interleave(torch.cumsum(widths, 0) - widths, widths)
+        slots = starts[rows] + cols
+        query_slot = starts[:, None] + torch.arange(steps)  # [B, T] (padded queries are discarded)
+        end = int((starts + widths).max())
+        mask = (torch.arange(end)[None, None, :] <= query_slot[:, :, None])[:, None].to(tokens.device)
+        packed_positions = slots[None] if positions is None else positions[rows, cols][None]
+        step = RaggedStep(batch, steps, rows, cols, slots, end)
+        return step, packed_positions.to(tokens.device), mask, tokens[rows, cols][None]
 
     @staticmethod
     def _mask(start: int, steps: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:

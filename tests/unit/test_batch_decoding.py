@@ -47,13 +47,13 @@ def test_batch_cache_rows_have_their_own_lengths():
     cache.rows_in_use = 2
     cache.set_length(0, 3)
     cache.set_length(1, 1)
-    starts = cache.reserve_rows(2)
+    starts = cache.reserve_rows(torch.tensor([2, 1]))
     assert starts.tolist() == [3, 1]
-    keys = torch.arange(2 * 1 * 2 * 2, dtype=torch.float32).view(2, 1, 2, 2)
-    got_k, _ = cache.write_rows(0, starts, keys, -keys)
-    assert got_k.shape == (2, 1, 5, 2)  # up to the furthest slot written
-    assert torch.equal(cache.keys[0, 0, 0, 3:5], keys[0, 0])
-    assert torch.equal(cache.values[0, 1, 0, 1:3], -keys[1, 0])
+    keys = torch.arange(3 * 1 * 2, dtype=torch.float32).view(3, 1, 2)  # [N, K, D]: 2 tokens of row 0, 1 of row 1
+    got_k, _ = cache.write_rows(0, torch.tensor([0, 0, 1]), torch.tensor([3, 4, 1]), keys, -keys, end=5)
+    assert got_k.shape == (2, 1, 5, 2)  # rows in use, up to the furthest slot written
+    assert torch.equal(cache.keys[0, 0, 0, 3:5], keys[:2, 0])
+    assert torch.equal(cache.values[0, 1, 0, 1], -keys[2, 0])
     cache.set_length(0, 5)
     cache.move_row(0, 2)
     assert int(cache.lengths[2]) == 5 and torch.equal(cache.keys[:, 2, :, :5], cache.keys[:, 0, :, :5])
@@ -61,7 +61,8 @@ def test_batch_cache_rows_have_their_own_lengths():
     assert view.length == 1 and view.keys.data_ptr() == cache.keys[:, 1:2].data_ptr()
     cache.set_length(0, 7)
     with pytest.raises(ResourceExhaustedError, match="length 7 \\+ 2"):
-        cache.reserve_rows(2)
+        cache.reserve_rows(torch.tensor([2, 1]))
+    cache.reserve_rows(torch.tensor([1, 2]))  # each row's own room counts
 
 
 def test_ragged_forward_matches_each_row_alone(target):
@@ -78,10 +79,14 @@ def test_ragged_forward_matches_each_row_alone(target):
         target(prompt[None], cache, num_logits=1)
         alone.append(target(blocks[row : row + 1], cache).logits[0])
     pool.rows_in_use = 3
-    out = target(blocks, pool)
-    assert pool.lengths[:3].tolist() == [9, 5, 16]
-    for row in range(3):
-        torch.testing.assert_close(out.logits[row], alone[row], rtol=1e-4, atol=1e-4)
+    widths = [4, 1, 3]  # ragged: rows 1 and 2 pass fewer tokens than the padded width
+    out = target(blocks, pool, row_widths=widths)
+    assert out.logits.shape[:2] == (1, sum(widths))
+    assert pool.lengths[:3].tolist() == [9, 2, 15]
+    for row, logits in enumerate(out.logits[0].split(widths)):
+        torch.testing.assert_close(logits, alone[row][: widths[row]], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="row_widths must give 1..4 tokens"):
+        target(blocks, pool, row_widths=[4, 0, 3])
 
 
 @pytest.mark.parametrize("max_sessions", [1, 3, 16])
