@@ -63,10 +63,11 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, heads, T, D]; rotate-half convention of transformers' Llama/Qwen3.
+    # x [B, heads, T, D]; rotate-half convention of transformers' Llama/Qwen3. cos/sin are computed
+    # in fp32 and used in the activations' dtype (as transformers does): a bf16 model stays bf16.
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class FastLinear(nn.Linear):

@@ -100,3 +100,24 @@ def test_batched_left_padded_rows_match_single_rows(pair):
         for row, prompt in enumerate(prompts):
             alone = ours(prompt[None], ours.new_cache(32), num_logits=1).logits[0, 0]
             assert (batched[row] - alone).abs().max().item() <= TOLERANCE
+
+
+def test_bf16_weights_run_in_bf16_and_track_transformers(tiny_llama_dir):
+    """bf16 weights (training-data generation on CPUs with native BF16) keep the activations and
+    the cache in bf16 (rotary tables are fp32 and cast, as transformers does) and stay close to
+    transformers' own bf16 model: rounding differs, so the bound is loose, but a wrong dtype mix
+    (fp32 queries against a bf16 cache) fails outright."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    ours = TargetModel.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    tokens = torch.randint(3, hf.config.vocab_size, (1, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(tokens).logits.float()
+        cache = ours.new_cache(32)
+        out = ours(tokens[:, :15], cache)
+        step = ours(tokens[:, 15:], cache)
+    assert cache.keys.dtype == torch.bfloat16 and out.logits.dtype == torch.bfloat16
+    got = torch.cat([out.logits, step.logits], dim=1).float()
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= 0.05 * scale
