@@ -11,9 +11,11 @@ difference is the target pass. Each step it
   3. projects the logits, then accepts, commits and rolls back per session (rollback = that row's
      length).
 
-A session is admitted between steps (its prefill runs alone, into a free pool row) and leaves as
-soon as it finishes or is released; the last row moves into the freed one so the rows in use stay
-a prefix of the pool (a view per step, never a gather).
+A session is admitted between steps (its prefill runs alone, on its own cache, which then is
+copied into a free pool row: the caller may prefill in chunks and choose the block size in
+between) and leaves as soon as it finishes or is released; the last row moves into the freed one
+so the rows in use stay a prefix of the pool (a view per step, never a gather). Backends without
+ragged batches run the same loop with one target pass per session.
 
 Terms as in speculative.py. Lossless: each row's math is that row's alone; the batched GEMMs may
 still round differently from a batch of one (fp32 blocking), which changes an output only at a near
@@ -23,22 +25,28 @@ tie of the target's top two logits (benchmarks/batch_decode.py measures how ofte
 from __future__ import annotations
 
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
-from blockpilot.decoding.speculative import BlockSizeHook, DecodeState, GenerationResult, SamplingParams, SpeculativeDecoder, StepEvent
+from blockpilot.decoding.speculative import (BlockSizeHook, DecodeState, GenerationResult, SamplingParams, SpeculativeDecoder,
+                                             StepEvent, StepPlan)
 from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
+from blockpilot.models.kv_cache import KVCache
 
 
 @dataclass(eq=False)
 class BatchSession:
-    """A request in the batch: its decode state and the pool row its target cache is."""
+    """A request in the batch: its decode state, its own target cache and, in a ragged batch, the
+    pool row that cache lives in while the session is in the batch (the own cache is then stale
+    until release(keep_cache=True) copies the row back)."""
 
     state: DecodeState
-    row: int
+    cache: KVCache
+    row: int = -1
 
     @property
     def result(self) -> GenerationResult:
@@ -49,115 +57,198 @@ class BatchSession:
         return self.state.finished
 
 
-class BatchDecoder:
-    """Runs up to `max_sessions` requests against one target (torch backend) and optional drafter.
+StepOutcome = tuple[BatchSession, "StepEvent | BaseException"]
 
-    capacity: tokens per pool row; a request needs prompt + max_new_tokens + 1 plus room for the
-    padding of the widest block in the batch. max_block_size: the widest block any session may
-    verify (its block size, or a lookup proposal + its anchor); admission checks both.
+
+class BatchDecoder:
+    """Runs up to `max_sessions` requests against one target and their draft sources.
+
+    A target that supports ragged batches (the torch engine: `supports_ragged_batch`) runs one
+    packed pass per step over all sessions, each in a row of one BatchKVCache pool; any other
+    backend (ONNX Runtime, TensorRT: batch-1 graphs) runs one pass per session per step, each on
+    the session's own cache, in the same loop.
+
+    capacity: tokens per pool row at first; max_capacity: how far the pool may grow for a long
+    request (default: capacity). A request needs prompt + max_new_tokens + 1 + max_block_size.
+    max_block_size: the widest block any session may verify (its block size, or a lookup proposal
+    plus its anchor). planner: an executor that plans the sessions' steps in parallel (a remote
+    drafter's round trips overlap); None plans them one after another.
     """
 
-    def __init__(self, decoder: SpeculativeDecoder, *, max_sessions: int, capacity: int, max_block_size: int = 16) -> None:
+    def __init__(self, decoder: SpeculativeDecoder, *, max_sessions: int, capacity: int, max_block_size: int = 16,
+                 max_capacity: int | None = None, planner: Executor | None = None) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.decoder = decoder
         self.target = decoder.target
+        self.max_sessions = max_sessions
         self.max_block_size = max_block_size
-        self.pool = self.target.new_batch_cache(capacity, max_sessions)
-        self.sessions: list[BatchSession] = []  # sessions[i].row == i
+        self.max_capacity = max(capacity, max_capacity or capacity)
+        self.planner = planner
+        self.ragged = bool(getattr(self.target, "supports_ragged_batch", False))
+        self.pool = self.target.new_batch_cache(capacity, max_sessions) if self.ragged else None
+        self.capacity = capacity
+        self.sessions: list[BatchSession] = []  # ragged: sessions[i].row == i
 
     @property
     def active(self) -> int:
         return len(self.sessions)
+
+    def needed_capacity(self, prompt_len: int, params: SamplingParams) -> int:
+        return prompt_len + params.max_new_tokens + 1 + self.max_block_size
+
+    def check_admission(self, prompt_len: int, params: SamplingParams, lookup: LookupConfig = LOOKUP_OFF) -> None:
+        """Raises ResourceExhaustedError / InvalidArgumentError when a request cannot join."""
+        if self.active >= self.max_sessions:
+            raise ResourceExhaustedError(f"the batch is full ({self.max_sessions} sessions)")
+        need = self.needed_capacity(prompt_len, params)
+        if need > self.max_capacity:
+            raise ResourceExhaustedError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) + block padding "
+                f"({self.max_block_size}) exceed the batch's {self.max_capacity} tokens per session"
+            )
+        if lookup.enabled and lookup.max_tokens + 1 > self.max_block_size:
+            raise InvalidArgumentError(
+                f"lookup proposals of up to {lookup.max_tokens} tokens exceed the batch's widest block of {self.max_block_size}"
+            )
 
     @torch.inference_mode()
     def admit(
         self, prompt_ids: Sequence[int], params: SamplingParams, block_size: int | BlockSizeHook, *,
         lookup: LookupConfig = LOOKUP_OFF, result: GenerationResult | None = None,
     ) -> tuple[BatchSession, StepEvent]:
-        """Prefill a new request into a free row; returns it and its first token's event. A
-        request finished by its first token is not kept in the batch. block_size: a size, or a
-        choice made from the prefill (PrefillInfo -> size, e.g. the policy's)."""
-        if self.active >= self.pool.max_rows:
-            raise ResourceExhaustedError(f"the batch is full ({self.pool.max_rows} sessions)")
-        need = len(prompt_ids) + params.max_new_tokens + 1 + self.max_block_size
-        if need > self.pool.capacity:
-            raise ResourceExhaustedError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) + block padding "
-                f"({self.max_block_size}) exceed the batch's {self.pool.capacity} tokens per session"
-            )
-        if lookup.enabled and lookup.max_tokens + 1 > self.max_block_size:
-            raise InvalidArgumentError(
-                f"lookup proposals of up to {lookup.max_tokens} tokens exceed the batch's widest block of {self.max_block_size}"
-            )
+        """Prefill a new request on its own cache and join it to the batch; returns it and its
+        first token's event. A request finished by its first token does not join. block_size: a
+        size, or a choice made from the prefill (PrefillInfo -> size, e.g. the policy's)."""
+        self.check_admission(len(prompt_ids), params, lookup)
         if not callable(block_size):
-            self._check_width(block_size)
-        row = self.active
-        self.pool.set_length(row, 0)
-        view = self.pool.row(row)
-        state, info = self.decoder.prefill(prompt_ids, params, view, result, lookup=lookup)
-        self.pool.set_length(row, view.length)
+            self.check_width(block_size)
+        cache = self.target.new_cache(self.needed_capacity(len(prompt_ids), params))
+        state, info = self.decoder.prefill(prompt_ids, params, cache, result, lookup=lookup)
         if callable(block_size):
             block_size = block_size(info)
-            self._check_width(block_size)
+            self.check_width(block_size, state)
         event = self.decoder.start(state, block_size)
-        session = BatchSession(state, row)
         if state.finished:
             self.decoder.finish(state)
-            return session, event
+            return BatchSession(state, cache), event
         self.decoder.open_drafting(state)
-        self.sessions.append(session)
-        self.pool.rows_in_use = self.active
-        return session, event
+        return self.join(state, cache), event
 
-    def _check_width(self, block_size: int) -> None:
-        self.decoder.check_block_size(block_size)
+    def check_width(self, block_size: int, state: DecodeState | None = None) -> None:
+        self.decoder.check_block_size(block_size, state.drafter if state is not None else "decoder")
         if block_size > self.max_block_size:
             raise InvalidArgumentError(f"block size {block_size} exceeds the batch's widest block of {self.max_block_size}")
 
+    def join(self, state: DecodeState, cache: KVCache) -> BatchSession:
+        """Add a request that was prefilled and started on its own cache (prefill, start,
+        open_drafting) to the batch; a ragged batch copies the cache into a free pool row
+        (growing the pool's rows when the request needs more room)."""
+        if self.active >= self.max_sessions:
+            raise ResourceExhaustedError(f"the batch is full ({self.max_sessions} sessions)")
+        session = BatchSession(state, cache)
+        if self.ragged:
+            need = self.needed_capacity(state.prompt_len, state.params)
+            if need > self.pool.capacity:
+                if need > self.max_capacity:
+                    raise ResourceExhaustedError(f"the request needs {need} tokens per session; the batch allows {self.max_capacity}")
+                self.pool = self.pool.grown(min(self.max_capacity, max(need, 2 * self.pool.capacity)))
+            session.row = self.active
+            self.pool.load_row(session.row, cache)
+        self.sessions.append(session)
+        if self.ragged:
+            self.pool.rows_in_use = self.active
+        return session
+
     @torch.inference_mode()
-    def step(self) -> list[tuple[BatchSession, StepEvent]]:
-        """One step of every active session (one target pass); finished sessions leave the batch."""
+    def step(self) -> list[StepOutcome]:
+        """One step of every active session (one target pass when ragged). Returns each
+        session's event, or the error that ended it (a failure of one session's draft source
+        beyond the drafter fallback); finished and failed sessions leave the batch."""
         if not self.sessions:
             return []
+        outcomes: list[StepOutcome] = []
+        planned: list[tuple[BatchSession, StepPlan]] = []
+        for session, plan in zip(list(self.sessions), self._plan()):
+            if isinstance(plan, BaseException):
+                outcomes.append((session, plan))
+                self.release(session)
+            else:
+                planned.append((session, plan))
+        if planned:
+            outcomes += self._verify_ragged(planned) if self.ragged else self._verify_each(planned)
+        for session in [s for s in self.sessions if s.finished]:
+            self.release(session)
+        return outcomes
+
+    def _plan(self) -> list["StepPlan | BaseException"]:
+        def plan(session: BatchSession):
+            try:
+                return self.decoder.plan_step(session.state)
+            except Exception as err:  # noqa: BLE001 - this session's failure, not the batch's
+                return err
+
+        if self.planner is None or self.active == 1:
+            return [plan(s) for s in self.sessions]
+        return list(self.planner.map(plan, self.sessions))
+
+    def _verify_ragged(self, planned: list[tuple[BatchSession, StepPlan]]) -> list[StepOutcome]:
+        # Failed sessions have left, so the planned ones are exactly the rows in use, in row order.
         decoder = self.decoder
-        plans = [decoder.plan_step(s.state) for s in self.sessions]
-        widths = [len(plan.tokens) for plan in plans]
-        width = max(widths)
-        tokens = torch.zeros((len(plans), width), dtype=torch.long)
-        for row, plan in enumerate(plans):
+        widths = [len(plan.tokens) for _, plan in planned]
+        tokens = torch.zeros((len(planned), max(widths)), dtype=torch.long)
+        for row, (_, plan) in enumerate(planned):
             tokens[row, : len(plan.tokens)] = torch.tensor(plan.tokens)
-        # Every session of one decoder reads the same feature layers (the drafter's), or none.
-        layers = max((s.state.feature_layers for s in self.sessions), key=len)
+        # Every session of one batch reads the same feature layers (the drafter's), or none.
+        layers = max((s.state.feature_layers for s, _ in planned), key=len)
         began = time.perf_counter()
         out = self.target(tokens.to(self.target.device), self.pool, num_logits=0, hidden_layer_ids=layers, row_widths=widths)
         logits = self.target.logits(out.final_state[0]).split(widths)
         hiddens = out.hidden[0].split(widths) if out.hidden is not None else [None] * len(widths)
         passed = time.perf_counter() - began
-        events = []
-        for row, (session, plan) in enumerate(zip(self.sessions, plans)):
+        outcomes: list[StepOutcome] = []
+        for (session, plan), row_logits, hidden in zip(planned, logits, hiddens):
             state = session.state
             state.result.phase_s["verify"] += passed
-            hidden = hiddens[row] if state.feature_layers else None
-            event = decoder.commit_step(state, plan, logits[row], hidden)
-            self.pool.set_length(row, state.cache_length)
-            events.append((session, event))
-        for session in [s for s in self.sessions if s.finished]:
-            self.release(session)
-        return events
+            event = decoder.commit_step(state, plan, row_logits, hidden if state.feature_layers else None)
+            self.pool.set_length(session.row, state.cache_length)
+            outcomes.append((session, event))
+        return outcomes
 
-    def release(self, session: BatchSession) -> None:
+    def _verify_each(self, planned: list[tuple[BatchSession, StepPlan]]) -> list[StepOutcome]:
+        outcomes: list[StepOutcome] = []
+        for session, plan in planned:
+            state = session.state
+            began = time.perf_counter()
+            block = torch.tensor([plan.tokens], dtype=torch.long, device=self.target.device)
+            out = self.target(block, session.cache, num_logits=None, hidden_layer_ids=state.feature_layers)
+            state.result.phase_s["verify"] += time.perf_counter() - began
+            hidden = out.hidden[0] if out.hidden is not None else None
+            outcomes.append((session, self.decoder.commit_step(state, plan, out.logits[0], hidden)))
+            session.cache.truncate(state.cache_length)
+        return outcomes
+
+    def release(self, session: BatchSession, *, keep_cache: bool = False) -> None:
         """Take a session out of the batch now (finished, cancelled or expired): its draft session
-        closes, its row is reused at once (the last row moves into it)."""
+        closes, its row is reused at once (the last row moves into it). keep_cache: first copy
+        its row into the session's own cache (a conversation's next turn reuses it)."""
         if session not in self.sessions:
             return
         self.decoder.finish(session.state)
+        self.sessions.remove(session)
+        if not self.ragged:
+            return
         row = session.row
-        last = self.sessions.pop()
-        if last is not session:
+        if keep_cache:
+            self.pool.store_row(row, session.cache)
+        last_row = len(self.sessions)
+        if row != last_row:
+            last = self.sessions[-1]
             self.pool.move_row(last.row, row)
             last.row = row
-            self.sessions[row] = last
+            self.sessions.remove(last)
+            self.sessions.insert(row, last)
+        session.row = -1
         self.pool.rows_in_use = self.active
 
     def run(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int | BlockSizeHook]], *,
@@ -166,9 +257,11 @@ class BatchDecoder:
         results = [GenerationResult(prompt_token_ids=list(ids)) for ids, _, _ in requests]
         waiting = list(range(len(requests)))
         while waiting or self.sessions:
-            while waiting and self.active < self.pool.max_rows:
+            while waiting and self.active < self.max_sessions:
                 index = waiting.pop(0)
                 ids, params, block_size = requests[index]
                 self.admit(ids, params, block_size, lookup=lookup, result=results[index])
-            self.step()
+            for _, outcome in self.step():
+                if isinstance(outcome, BaseException):
+                    raise outcome
         return results

@@ -166,7 +166,8 @@ class DecodeState:
     so far (the first included); cache_length: the tokens the request's target cache must hold
     after the last commit (the anchor's position). pending / pending_start: target features the
     drafter has not seen yet and the position of the first. kept: features of committed tokens
-    kept for the caller (collect_features)."""
+    kept for the caller (collect_features). drafter: this request's draft provider (None: no
+    DFlash drafts); the decoder's own unless prefill was given another."""
 
     params: SamplingParams
     result: GenerationResult
@@ -178,6 +179,7 @@ class DecodeState:
     lookup: LookupConfig
     prompt_features: torch.Tensor | None
     anchor: int
+    drafter: DraftProvider | None
     cache_length: int
     kept: list[torch.Tensor] | None = None
     block_size: int = 1
@@ -207,13 +209,15 @@ class SpeculativeDecoder:
     def max_block_size(self) -> int:
         return 1 if self.drafter is None else self.drafter.max_block_size
 
-    def check_block_size(self, block_size: int) -> None:
+    def check_block_size(self, block_size: int, drafter: DraftProvider | None | str = "decoder") -> None:
+        """A block size `drafter` ("decoder" = the decoder's own) can draft; raises InvalidArgumentError."""
+        drafter = self.drafter if isinstance(drafter, str) else drafter
         if block_size < 1:
             raise InvalidArgumentError(f"block size must be >= 1, got {block_size}")
-        if block_size > 1 and self.drafter is None:
+        if block_size > 1 and drafter is None:
             raise InvalidArgumentError(f"block size {block_size} needs a drafter; none is loaded")
-        if block_size > self.max_block_size:
-            raise InvalidArgumentError(f"block size must be <= {self.max_block_size}, got {block_size}")
+        if block_size > 1 and block_size > drafter.max_block_size:
+            raise InvalidArgumentError(f"block size must be <= {drafter.max_block_size}, got {block_size}")
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, block_size: int | BlockSizeHook = 1,
@@ -288,11 +292,13 @@ class SpeculativeDecoder:
     def prefill(
         self, prompt_ids: Sequence[int], params: SamplingParams, cache: KVCache, result: GenerationResult | None = None,
         *, prefix_features: torch.Tensor | None = None, collect_features: Sequence[int] = (),
-        lookup: LookupConfig = LOOKUP_OFF,
+        lookup: LookupConfig = LOOKUP_OFF, drafter: DraftProvider | None | str = "decoder",
     ) -> tuple["DecodeState", PrefillInfo]:
         """Validate the request, run the target over the prompt (the part `cache` does not hold
         yet), sample the first token. Returns the request's state and what a block-size choice
-        reads (PrefillInfo); nothing is yielded yet: call start() with the block size."""
+        reads (PrefillInfo); nothing is yielded yet: call start() with the block size.
+        drafter: this request's draft provider ("decoder" = the decoder's own; None = none): a
+        batch of requests shares one decoder, each with its own draft source."""
         self._validate(prompt_ids, params, 1)
         result = result if result is not None else GenerationResult(prompt_token_ids=list(prompt_ids))
         generator = torch.Generator(device="cpu")
@@ -302,9 +308,10 @@ class SpeculativeDecoder:
             generator.seed()
         prompt_len = len(prompt_ids)
         collect_features = tuple(collect_features)
-        if collect_features and self.drafter is not None and collect_features != tuple(self.drafter.target_layer_ids):
-            raise ValueError(f"collect_features {collect_features} differ from the drafter's layers {self.drafter.target_layer_ids}")
-        feature_layers = tuple(self.drafter.target_layer_ids) if self.drafter is not None else collect_features
+        drafter = self.drafter if isinstance(drafter, str) else drafter
+        if collect_features and drafter is not None and collect_features != tuple(drafter.target_layer_ids):
+            raise ValueError(f"collect_features {collect_features} differ from the drafter's layers {drafter.target_layer_ids}")
+        feature_layers = tuple(drafter.target_layer_ids) if drafter is not None else collect_features
         started = time.perf_counter()
         reused = cache.length
         if reused:
@@ -326,7 +333,7 @@ class SpeculativeDecoder:
             params=params, result=result, generator=generator, prompt_len=prompt_len,
             stop_ids=frozenset(params.stop_token_ids), feature_layers=feature_layers,
             collect_features=collect_features, lookup=lookup, prompt_features=prompt_features, anchor=first,
-            cache_length=cache.length,
+            drafter=drafter, cache_length=cache.length,
             kept=[prompt_features[0]] if collect_features and prompt_features is not None else None,
         )
         return state, PrefillInfo(prompt_len, last_logits, last_hidden, final_hidden)
@@ -334,7 +341,7 @@ class SpeculativeDecoder:
     def start(self, state: "DecodeState", block_size: int) -> StepEvent:
         """Fix the request's block size; returns the event of the prefill's first token (the
         request may already be finished by it: state.finished)."""
-        self.check_block_size(block_size)
+        self.check_block_size(block_size, state.drafter)
         result = state.result
         result.block_size = block_size
         state.block_size = block_size
@@ -351,7 +358,7 @@ class SpeculativeDecoder:
         params, result = state.params, state.result
         if state.block_size > 1:
             try:
-                state.session = self.drafter.open_session(state.prompt_len + params.max_new_tokens + 1)
+                state.session = state.drafter.open_session(state.prompt_len + params.max_new_tokens + 1)
             except DrafterUnavailableError as err:
                 result.fallback_reason = err.reason
         if state.session is not None:

@@ -137,3 +137,33 @@ class BatchKVCache(KVCache):
         self.keys[:, destination, :, :end] = self.keys[:, source, :, :end]
         self.values[:, destination, :, :end] = self.values[:, source, :, :end]
         self.lengths[destination] = end
+
+    def load_row(self, row: int, cache: KVCache) -> None:
+        """Row `row` := the valid entries of a one-sequence cache (a request prefilled on its own
+        joins the batch)."""
+        end = cache.length
+        if end > self.capacity:
+            raise ResourceExhaustedError(f"a sequence of {end} cached tokens exceeds the batch rows' capacity of {self.capacity}")
+        self.keys[:, row, :, :end] = cache.keys[:, 0, :, :end]
+        self.values[:, row, :, :end] = cache.values[:, 0, :, :end]
+        self.lengths[row] = end
+
+    def store_row(self, row: int, cache: KVCache) -> None:
+        """A one-sequence cache := row `row`'s valid entries (kept for a conversation's next turn)."""
+        end = int(self.lengths[row])
+        if end > cache.capacity:
+            raise ValueError(f"row {row} holds {end} entries; the cache has room for {cache.capacity}")
+        cache.keys[:, 0, :, :end] = self.keys[:, row, :, :end]
+        cache.values[:, 0, :, :end] = self.values[:, row, :, :end]
+        cache.length = end
+
+    def grown(self, capacity: int) -> "BatchKVCache":
+        """A pool of the same rows with `capacity` slots each, holding this one's valid entries."""
+        layers, rows, heads, old, dim = self.keys.shape
+        pool = BatchKVCache(layers, heads, dim, capacity, batch_size=rows, dtype=self.keys.dtype, device=self.keys.device)
+        keep = min(old, capacity)
+        pool.keys[:, :, :, :keep] = self.keys[:, :, :, :keep]
+        pool.values[:, :, :, :keep] = self.values[:, :, :, :keep]
+        pool.lengths = self.lengths.clamp(max=capacity)
+        pool.rows_in_use = self.rows_in_use
+        return pool

@@ -111,6 +111,9 @@ class DecoderLayer(nn.Module):
 
 
 class TargetModel(nn.Module):
+    # forward() takes a BatchKVCache with row_widths: many sequences' blocks in one pass.
+    supports_ragged_batch = True
+
     def __init__(self, cfg: TargetConfig) -> None:
         super().__init__()
         self.config = cfg
