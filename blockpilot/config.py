@@ -93,14 +93,19 @@ class VerifierServiceConfig(ServiceConfig):
                                     "last tokens) instead of a drafter pass when a request leaves prompt_lookup unset")
     default_max_new_tokens: int = opt(128, "max_new_tokens when a request leaves it unset", _at_least(1))
     max_new_tokens_cap: int = opt(4096, "largest max_new_tokens a request may ask for", _at_least(1))
-    max_streams: int = opt(16, "concurrent Generate streams; more are refused RESOURCE_EXHAUSTED", _at_least(1))
+    max_streams: int = opt(16, "concurrent Generate streams (all decoded in one batch); more are refused RESOURCE_EXHAUSTED", _at_least(1))
+    max_prompt_tokens: int = opt(0, "longest prompt a request may send, in tokens (0 = the target's context)", _at_least(0))
+    prefill_chunk_tokens: int = opt(512, "prompt tokens prefilled per scheduler iteration: a long prompt delays the other "
+                                         "streams' steps by one chunk at a time", _at_least(1))
+    batch_row_tokens: int = opt(1024, "tokens per stream the batch's KV pool holds at first (it grows for longer "
+                                      "requests, up to the context)", _at_least(16))
     max_sessions: int = opt(64, "sessions whose target KV cache is kept for follow-up turns (LRU)", _at_least(0))
     session_ttl_s: float = opt(1800.0, "idle time after which a session expires (local cache and Redis keys)", _at_least(1))
     drafter_timeout_s: float = opt(10.0, "longest wait for one draft step or for opening a draft stream", _at_least(0.01))
     policy_timeout_s: float = opt(2.0, "longest wait for a policy decision", _at_least(0.01))
     redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (the store fails open after it)", _at_least(0.01))
     grace_s: float = opt(10.0, "on SIGTERM: time in-flight streams get to finish", _at_least(0))
-    threads: int = opt(1, "torch CPU threads per decoding loop", _at_least(1))
+    threads: int = opt(1, "torch CPU threads of the decode loop", _at_least(1))
     # The names of blockpilot.backends.BACKENDS (spelled out: this module does not import the backends).
     backend: str = opt("onnxruntime", "verifier backend: 'onnxruntime' (default; the engine's exported graph, exported once "
                                       "into $BLOCKPILOT_CACHE/onnx; CPU, or CUDA with the gpu extra), 'torch' (the engine "

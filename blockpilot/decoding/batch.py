@@ -42,11 +42,13 @@ from blockpilot.models.kv_cache import KVCache
 class BatchSession:
     """A request in the batch: its decode state, its own target cache and, in a ragged batch, the
     pool row that cache lives in while the session is in the batch (the own cache is then stale
-    until release(keep_cache=True) copies the row back)."""
+    until it leaves with keep_cache, which copies the row back). owner: the caller's handle."""
 
     state: DecodeState
     cache: KVCache
     row: int = -1
+    keep_cache: bool = False
+    owner: object | None = None
 
     @property
     def result(self) -> GenerationResult:
@@ -140,13 +142,14 @@ class BatchDecoder:
         if block_size > self.max_block_size:
             raise InvalidArgumentError(f"block size {block_size} exceeds the batch's widest block of {self.max_block_size}")
 
-    def join(self, state: DecodeState, cache: KVCache) -> BatchSession:
+    def join(self, state: DecodeState, cache: KVCache, *, keep_cache: bool = False, owner: object | None = None) -> BatchSession:
         """Add a request that was prefilled and started on its own cache (prefill, start,
         open_drafting) to the batch; a ragged batch copies the cache into a free pool row
-        (growing the pool's rows when the request needs more room)."""
+        (growing the pool's rows when the request needs more room). keep_cache: when the session
+        leaves (finished or released), its row is copied back into `cache`."""
         if self.active >= self.max_sessions:
             raise ResourceExhaustedError(f"the batch is full ({self.max_sessions} sessions)")
-        session = BatchSession(state, cache)
+        session = BatchSession(state, cache, keep_cache=keep_cache, owner=owner)
         if self.ragged:
             need = self.needed_capacity(state.prompt_len, state.params)
             if need > self.pool.capacity:
@@ -230,8 +233,9 @@ class BatchDecoder:
 
     def release(self, session: BatchSession, *, keep_cache: bool = False) -> None:
         """Take a session out of the batch now (finished, cancelled or expired): its draft session
-        closes, its row is reused at once (the last row moves into it). keep_cache: first copy
-        its row into the session's own cache (a conversation's next turn reuses it)."""
+        closes, its row is reused at once (the last row moves into it). keep_cache (or the
+        session's own flag): first copy its row into the session's own cache (a conversation's
+        next turn reuses it)."""
         if session not in self.sessions:
             return
         self.decoder.finish(session.state)
@@ -239,7 +243,7 @@ class BatchDecoder:
         if not self.ragged:
             return
         row = session.row
-        if keep_cache:
+        if keep_cache or session.keep_cache:
             self.pool.store_row(row, session.cache)
         last_row = len(self.sessions)
         if row != last_row:

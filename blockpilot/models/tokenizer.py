@@ -73,23 +73,28 @@ class ChatTokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas for streaming.
+    """Turns a growing list of token ids into text deltas for streaming, at a cost per push that
+    does not grow with the output.
 
-    Decoding token by token would split multi-byte characters; re-decoding the whole list and
-    emitting the new suffix is simple and, at the lengths generated here, cheap. A trailing U+FFFD
-    (an incomplete UTF-8 sequence) is held back until the next token completes it.
+    Decoding token by token would split multi-byte characters and lose the spaces a tokenizer
+    attaches to word starts; decoding only a window of the latest tokens, with the tokens before
+    them as context, does neither (as in TGI / vLLM): the delta is decode(context + new) minus
+    decode(context). A trailing U+FFFD (an incomplete UTF-8 sequence) is held back until the next
+    token completes it.
     """
 
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []
-        self.emitted = 0
+        self.context_start = 0  # first token of the context window
+        self.emitted_upto = 0  # tokens whose text has been emitted (the context ends here)
 
     def push(self, token_ids: Sequence[int]) -> str:
         self.token_ids.extend(token_ids)
-        text = self.tokenizer.decode(self.token_ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[self.emitted :]
-        self.emitted = len(text)
+        context = self.tokenizer.decode(self.token_ids[self.context_start : self.emitted_upto])
+        text = self.tokenizer.decode(self.token_ids[self.context_start :])
+        if text.endswith("\ufffd") or len(text) <= len(context):
+            return ""  # an incomplete character, or no text yet: wait for the next token
+        delta = text[len(context):]
+        self.context_start, self.emitted_upto = self.emitted_upto, len(self.token_ids)
         return delta

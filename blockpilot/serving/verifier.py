@@ -1,14 +1,16 @@
 """The verifier's request handling, independent of gRPC: validate, tokenize, pick the block size
-(policy), run the speculative loop in a worker thread, stream committed tokens, keep per-session
+(policy), hand the request to the decode scheduler, stream committed tokens, keep per-session
 target caches for follow-up turns, record session metadata, report the outcome.
 
 services/verifier/ parses the wire request into a GenerateSpec and turns the messages this yields
 into the stream; everything else lives here.
 
-Threads: the loop (SpeculativeDecoder.stream) is synchronous torch code. Each request runs it in a
-worker thread that hands every step's event to the asyncio loop (call_soon_threadsafe into an
-asyncio.Queue). Cancelling the request sets a flag the worker checks after every step; it then
-closes the stream, which closes the draft session (the drafter frees its cache) - within one step.
+Threads: one DecodeScheduler thread runs every request's prefill and steps (one batched target
+pass per iteration on the torch engine); it hands each request's messages to the asyncio loop
+(call_soon_threadsafe into the request's asyncio.Queue). The policy decision is awaited here, on
+the event loop, between the request's prefill and its first step, while the batch goes on.
+Tokenizing runs in a worker thread. Cancelling a request (client gone, deadline) takes it out of
+the batch at the scheduler's next iteration, freeing its row and its draft session.
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ import asyncio
 import hashlib
 import logging
 import math
-import threading
 import time
 import uuid
 from array import array
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
@@ -30,7 +30,7 @@ import torch
 
 from blockpilot.decoding.drafting import DraftProvider, DraftResume, DraftSession
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
-from blockpilot.decoding.speculative import GenerationResult, PrefillInfo, SamplingParams, SpeculativeDecoder
+from blockpilot.decoding.speculative import GenerationResult, PrefillInfo, SamplingParams
 from blockpilot.errors import (AbortedError, BlockPilotError, DeadlineExceededError, DrafterUnavailableError,
                                FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
                                UnavailableError)
@@ -40,6 +40,7 @@ from blockpilot.policy.features import policy_features
 from blockpilot.serving import metrics
 from blockpilot.serving.models import ServedTarget
 from blockpilot.serving.policy import Decision, Outcome, Policy, PolicyFeatures
+from blockpilot.serving.scheduler import DecodeScheduler, ScheduledRequest
 from blockpilot.serving.session_store import new_session_id
 from blockpilot.v1 import verifier_pb2
 
@@ -158,8 +159,8 @@ class _Turn:
     cached_tokens: int = 0
     cache: KVCache | None = None
     result: GenerationResult | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    future: asyncio.Future | None = None
+    request: ScheduledRequest | None = None  # once handed to the scheduler
+    done: asyncio.Future | None = None  # resolved when the scheduler has let go of the request
     ended: bool = False
     owns_session_lock: bool = False
     lookup: LookupConfig = LOOKUP_OFF
@@ -176,7 +177,13 @@ class VerifierCore:
         self.replica_id = replica_id
         self.vocab_size = target.model.config.vocab_size
         self.max_context = target.model.config.max_position_embeddings
-        self._pool = ThreadPoolExecutor(max_workers=config.max_streams, thread_name_prefix="decode")
+        # Rows hold prompt + max_new_tokens + 1 + the widest block; they start at batch_row_tokens and
+        # grow (once per pool) for a longer request, up to the context.
+        self.scheduler = DecodeScheduler(
+            target.model, max_sessions=config.max_streams, capacity=config.batch_row_tokens,
+            max_capacity=self.max_context + 1 + BLOCK_SIZE_LIMIT, max_block_size=BLOCK_SIZE_LIMIT,
+            prefill_chunk_tokens=config.prefill_chunk_tokens, planners=config.max_streams if drafter is not None else 0,
+            threads=config.threads)
         self._streams = 0
         self._sessions: OrderedDict[str, SessionState] = OrderedDict()
         self._active_sessions: set[str] = set()
@@ -212,7 +219,8 @@ class VerifierCore:
             async for message in self._run(turn):
                 yield message
         finally:
-            turn.cancel.set()
+            if turn.request is not None and not turn.request.ended:
+                self.scheduler.cancel(turn.request)
             if not turn.ended:
                 task = asyncio.ensure_future(self._finish(turn, cancelled=True))
                 self._background.add(task)
@@ -224,7 +232,7 @@ class VerifierCore:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.scheduler.close()
 
     # ---- preparation --------------------------------------------------------------------
 
@@ -286,7 +294,11 @@ class VerifierCore:
             raise InvalidArgumentError(f"unknown block size mode {spec.mode!r}")
         if spec.session_id and spec.new_session:
             raise InvalidArgumentError("give either session_id (continue) or new_session (open), not both")
-        prompt_ids = self._prompt_ids(spec)
+        # Off the event loop: a long prompt takes a while to tokenize, and other streams go on.
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, spec)
+        cap = self.config.max_prompt_tokens or self.max_context
+        if len(prompt_ids) > cap:
+            raise ResourceExhaustedError(f"the prompt has {len(prompt_ids)} tokens; this verifier accepts at most {cap}")
         params = self._params(spec, len(prompt_ids))
         fixed = spec.block_size if spec.mode == "fixed" else (1 if spec.mode == "off" else None)
         if fixed is not None and fixed < 1:
@@ -420,37 +432,33 @@ class VerifierCore:
 
     # ---- running ------------------------------------------------------------------------
 
-    def _hook(self, turn: _Turn, loop: asyncio.AbstractEventLoop):
+    async def _decide(self, turn: _Turn, info: PrefillInfo) -> int:
+        """The block size of an AUTO turn with a drafter, from its prefill: the policy's answer,
+        or the default size (a counted fallback) when the policy fails or answers out of range."""
         recorder = turn.recorder
         default = self.config.default_block_size or recorder.block_size
         default = max(1, min(default, recorder.max_block_size))
-
-        def decide(info: PrefillInfo) -> int:
-            # The policy calls get the client's remaining time, bounded by the policy timeout.
-            timeout = self.config.policy_timeout_s
-            if turn.spec.deadline is not None:
-                remaining = turn.spec.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DeadlineExceededError("the request's deadline expired before the block size was chosen")
-                timeout = min(timeout, remaining)
-            future = asyncio.run_coroutine_threadsafe(self._choose(turn, info, default, timeout), loop)
-            try:
-                decision = future.result(timeout=timeout + 0.5)
-            except (NotFoundError, InvalidArgumentError):
-                raise
-            except Exception as err:  # noqa: BLE001 - any policy failure falls back to the default
-                future.cancel()
-                self._count_fallback(turn, "policy_unavailable", f"policy decision failed ({err!r}); block size {default}")
-                decision = Decision(default, "", "", "")
-            size = decision.block_size
-            if not 1 <= size <= recorder.max_block_size:
-                log.error("policy answered block size %d outside 1..%d; using %d", size, recorder.max_block_size, default)
-                size = default
-            turn.decision = decision
-            turn.block_size = size
-            return size
-
-        return decide
+        # The policy calls get the client's remaining time, bounded by the policy timeout.
+        timeout = self.config.policy_timeout_s
+        if turn.spec.deadline is not None:
+            remaining = turn.spec.deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError("the request's deadline expired before the block size was chosen")
+            timeout = min(timeout, remaining)
+        try:
+            decision = await asyncio.wait_for(self._choose(turn, info, default, timeout), timeout + 0.5)
+        except (NotFoundError, InvalidArgumentError):
+            raise
+        except Exception as err:  # noqa: BLE001 - any policy failure falls back to the default
+            self._count_fallback(turn, "policy_unavailable", f"policy decision failed ({err!r}); block size {default}")
+            decision = Decision(default, "", "", "")
+        size = decision.block_size
+        if not 1 <= size <= recorder.max_block_size:
+            log.error("policy answered block size %d outside 1..%d; using %d", size, recorder.max_block_size, default)
+            size = default
+        turn.decision = decision
+        turn.block_size = size
+        return size
 
     async def _choose(self, turn: _Turn, info: PrefillInfo, default: int, timeout: float) -> Decision:
         """Ask the policy: which features it reads (DescribePolicy, cached), then the decision for
@@ -494,36 +502,24 @@ class VerifierCore:
             metrics.FALLBACKS.labels(reason).inc()
         return decision
 
-    def _work(self, turn: _Turn, stream, put) -> None:
-        error: BaseException | None = None
-        try:
-            last = time.perf_counter()
-            for event in stream:
-                now = time.perf_counter()
-                put(("event", event, now - last))
-                last = now
-                if turn.cancel.is_set():
-                    break
-        except BaseException as err:  # noqa: BLE001 - handed to the asyncio side
-            error = err
-        finally:
-            stream.close()  # frees the draft session at once (cancel path included)
-        put(("error", error, 0.0) if error is not None else ("done", None, 0.0))
-
     async def _run(self, turn: _Turn) -> AsyncIterator[verifier_pb2.GenerateResponse]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        turn.done = loop.create_future()
 
-        def put(item) -> None:
+        def deliver(item) -> None:  # on the event loop
+            queue.put_nowait(item)
+            if item[0] in ("done", "error") and not turn.done.done():
+                turn.done.set_result(None)
+
+        def notify(kind: str, payload, since: float) -> None:  # on the scheduler thread
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(deliver, (kind, payload, since))
             except RuntimeError:  # the loop is gone (shutdown)
                 pass
 
         cache, prefix = self._reuse(turn)
         turn.cache = cache
-        decoder = SpeculativeDecoder(self.target.model, turn.recorder, max_context=self.max_context)
-        block_size = self._hook(turn, loop) if (turn.recorder is not None and turn.spec.mode == "auto") else turn.block_size
         result = GenerationResult(prompt_token_ids=list(turn.prompt_ids))
         turn.result = result
         # A session keeps the drafter features of every turn (block size 1 included), so its next
@@ -531,9 +527,11 @@ class VerifierCore:
         collect = turn.feature_layers if turn.session_id else ()
         lookup_on = turn.spec.prompt_lookup if turn.spec.prompt_lookup is not None else self.config.prompt_lookup
         turn.lookup = LookupConfig() if lookup_on else LOOKUP_OFF
-        stream = decoder.stream(turn.prompt_ids, turn.params, block_size, result, cache=cache, prefix_features=prefix,
-                                collect_features=collect, lookup=turn.lookup)
-        turn.future = loop.run_in_executor(self._pool, self._work, turn, stream, put)
+        request = ScheduledRequest(
+            list(turn.prompt_ids), turn.params, cache, result, notify, drafter=turn.recorder, prefix_features=prefix,
+            collect_features=collect, lookup=turn.lookup, keep_cache=bool(turn.session_id))
+        self.scheduler.submit(request)
+        turn.request = request
 
         text = IncrementalDecoder(self.target.tokenizer) if self.target.tokenizer is not None else None
         index = 0
@@ -545,6 +543,10 @@ class VerifierCore:
                 raise payload
             if kind == "done":
                 break
+            if kind == "prefilled":
+                auto = turn.recorder is not None and turn.spec.mode == "auto"
+                self.scheduler.decide(turn.request, await self._decide(turn, payload) if auto else turn.block_size)
+                continue
             event = payload
             now = time.perf_counter()
             tokens = list(event.token_ids)
@@ -573,7 +575,6 @@ class VerifierCore:
                                             acceptance_length=event.acceptance_length or 0)
             yield verifier_pb2.GenerateResponse(index=index, session_id=turn.session_id, delta=delta)
             index += 1
-        await turn.future
         resume = turn.recorder.resume if turn.recorder is not None else None
         if resume is not None and resume.resume_length and turn.recorder.sessions:
             held = turn.recorder.sessions[0].context_length
@@ -617,11 +618,9 @@ class VerifierCore:
             return
         turn.ended = True
         try:
-            if turn.future is not None:
-                try:
-                    await asyncio.shield(turn.future)
-                except BaseException:  # noqa: BLE001 - the worker's error was already raised to the client
-                    pass
+            if turn.request is not None:
+                # The scheduler has freed the request (or copied its row into turn.cache) once it said so.
+                await asyncio.shield(turn.done)
             result = turn.result
             if turn.session_id and result is not None and turn.cache is not None:
                 tokens = list(turn.prompt_ids) + list(result.token_ids)
