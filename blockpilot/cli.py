@@ -25,7 +25,7 @@ from blockpilot.errors import BlockPilotError, InvalidArgumentError
 
 # Command groups kept beside their code: each module's add_parsers(sub) adds its subcommands and
 # sets `handler` (args -> exit status) on them with set_defaults.
-COMMAND_GROUPS = ("blockpilot.backends.cli", "blockpilot.policy.cli", "blockpilot.policy.ab_cli")
+COMMAND_GROUPS = ("blockpilot.backends.cli", "blockpilot.policy.cli", "blockpilot.policy.ab_cli", "blockpilot.bench_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: a seeded 5%% of the ids")
     train.add_argument("--feature-dir", type=Path, default=None, help="persistent store of target features shared by runs (default: in memory only)")
     train.add_argument("--feature-layers", type=int, nargs="+", default=None, help="target layers to store (a superset of --target-layers; lets runs share a store)")
+    train.add_argument("--feature-precision", choices=("auto", "fp32", "bf16"), default="fp32",
+                       help="precision of the target pass that computes the features: bf16 is ~2.5x faster where the "
+                            "CPU has native BF16 (auto picks it there) and rounds them by ~4e-3 (default fp32)")
+    train.add_argument("--draft-vocab-size", type=positive_int, default=8192,
+                       help="the most frequent response tokens that form the draft vocabulary (from scratch only)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=positive_int, default=None)
 
@@ -243,23 +248,27 @@ def _drafter_data(args: argparse.Namespace) -> int:
 
 
 def _drafter_train(args: argparse.Namespace) -> int:
+    import torch
+
     from blockpilot.models.store import resolve_target
     from blockpilot.models.target import TargetModel
     from blockpilot.models.tokenizer import ChatTokenizer
-    from blockpilot.training.data import read_dataset
+    from blockpilot.training.data import read_dataset, resolve_precision
     from blockpilot.training.train import TrainConfig, train_drafter
 
     target_dir = resolve_target(args.target)
     target = TargetModel.from_pretrained(target_dir)
+    feature_target = TargetModel.from_pretrained(target_dir, dtype=torch.bfloat16) if resolve_precision(args.feature_precision) == "bf16" else None
     mask = args.mask_token_id if args.mask_token_id is not None else default_mask_token(ChatTokenizer(target_dir))
     cfg = TrainConfig(num_draft_layers=args.layers, target_layer_ids=tuple(args.target_layers) if args.target_layers else None,
                       block_size=args.block_size, mask_token_id=mask, gamma=args.gamma, lr=args.lr, steps=args.steps,
                       anchors_per_sequence=args.anchors, sequences_per_step=args.sequences, eval_every=args.eval_every,
                       save_every=args.save_every, accept_until_fail=args.accept_until_fail,
-                      accept_until_fail_after=args.accept_until_fail_after, seed=args.seed)
+                      accept_until_fail_after=args.accept_until_fail_after, draft_vocab_size=args.draft_vocab_size, seed=args.seed)
     holdout_ids = read_id_list(args.holdout_ids) if args.holdout_ids is not None else None
     summary = train_drafter(target, read_dataset(args.data, args.data_tokens), args.out, cfg, init_from=args.init_from,
-                            feature_dir=args.feature_dir, feature_layer_ids=args.feature_layers, holdout_ids=holdout_ids)
+                            feature_dir=args.feature_dir, feature_layer_ids=args.feature_layers, holdout_ids=holdout_ids,
+                            feature_target=feature_target)
     (args.out / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": summary["history"][-1] if summary["history"] else None}))
     return 0

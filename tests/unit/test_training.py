@@ -259,3 +259,21 @@ def test_accept_until_fail_loss_equals_a_slow_per_block_reference(target, drafte
     assert truncated.item() == pytest.approx(total / weight_sum, rel=1e-5)
     assert mixed.item() == pytest.approx(0.75 * decayed.item() + 0.25 * truncated.item(), rel=1e-5)
     assert weight_sum < float(packed.weights.sum())  # an untrained drafter misses early: positions were dropped
+
+
+def test_feature_store_on_disk_and_bf16_features(target, drafter, tiny_llama_dir, tmp_path):
+    """A feature directory is read back (float16 on disk, not held in memory) and a bf16 compute
+    target writes a store of its own, close to the fp32 features."""
+    token_ids = [5, 6, 7, 8, 9, 10, 11]
+    layers = drafter.target_layer_ids
+    exact = FeatureCache(target, layers).get(0, token_ids)
+    store = FeatureCache(target, layers, tmp_path)
+    first = store.get(0, token_ids)
+    assert not store._store and len(list(store.directory.glob("*.pt"))) == 1
+    torch.testing.assert_close(store.get(0, token_ids), first)
+    torch.testing.assert_close(first, exact, rtol=2e-3, atol=2e-3)  # float16 storage
+    bf16 = FeatureCache(target, layers, tmp_path, compute_target=TargetModel.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16))
+    assert bf16.directory != store.directory and bf16.directory.name.endswith("-bf16")
+    rounded = bf16.get(0, token_ids)
+    assert rounded.dtype == torch.float32
+    assert (rounded - exact).abs().max() <= 0.05 * exact.abs().max()
