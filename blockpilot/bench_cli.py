@@ -10,8 +10,9 @@ Prompts are the first turns of a JSONL file, or round-robin over a folder's file
 reports TTFT and inter-token latency (p50 / p99), aggregate tokens/s (completion tokens of all
 requests over the level's wall time), goodput (requests finished per second), τ and the block
 sizes the policy chose, and whether each prompt's tokens equal those of the first level (greedy
-outputs must not depend on the load). --compare-off repeats every level with block size 1
-(speculation off), interleaved level by level, for the speed-up at each concurrency.
+outputs must not depend on the load). --compare-off repeats every level as plain decoding (block
+size 1, prompt lookup off: no speculation at all), interleaved level by level, for the speed-up of
+speculation at each concurrency.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def add_parsers(sub) -> None:
                        default=64)
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--block-size", type=_block_size, default="auto", help="auto (the policy; default), off or a size")
-    bench.add_argument("--compare-off", action="store_true", help="also run every level at block size 1 (interleaved)")
+    bench.add_argument("--compare-off", action="store_true",
+                       help="also run every level as plain decoding (block size 1, prompt lookup off), interleaved")
     bench.add_argument("--time-limit-s", type=float, default=600.0, help="per level: no new request after this long")
     bench.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each request")
     bench.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
@@ -69,12 +71,16 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+PLAIN = "plain"  # the --compare-off baseline: block size 1 and prompt lookup off
+
+
 def _one(client, prompt: dict, args, block_size) -> dict:
     began = time.perf_counter()
     ttft, gaps, tokens, final = None, [], [], None
     last = began
     for event in client.stream(messages=[{"role": "user", "content": prompt["text"]}], max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, block_size=block_size, timeout=args.timeout_s):
+                               temperature=args.temperature, block_size="off" if block_size == PLAIN else block_size,
+                               prompt_lookup=False if block_size == PLAIN else None, timeout=args.timeout_s):
         now = time.perf_counter()
         if event.final is not None:
             final = event.final
@@ -146,7 +152,7 @@ def _bench(args) -> int:
     prompts = load_prompts(args.prompts, max(count_for(c) for c in levels))
     if not prompts:
         raise InvalidArgumentError(f"no prompts in '{args.prompts}'")
-    modes = [args.block_size] + (["off"] if args.compare_off and args.block_size != "off" else [])
+    modes = [args.block_size] + ([PLAIN] if args.compare_off else [])
     report = {"server": args.server, "prompts": str(args.prompts), "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "machine": machine_info(), "levels": []}
     reference: dict[str, dict[str, list[int]]] = {}
@@ -174,10 +180,10 @@ def _bench(args) -> int:
     for level in report["levels"]:
         level["x_one_stream"] = level["tokens_per_s"] / base[level["block_size"]] if base[level["block_size"]] else 0.0
     if len(modes) == 2:
-        off = {l["concurrency"]: l["tokens_per_s"] for l in report["levels"] if l["block_size"] == "off"}
+        plain = {l["concurrency"]: l["tokens_per_s"] for l in report["levels"] if l["block_size"] == PLAIN}
         for level in report["levels"]:
-            if level["block_size"] != "off" and off.get(level["concurrency"]):
-                level["x_block_size_1"] = level["tokens_per_s"] / off[level["concurrency"]]
+            if level["block_size"] != PLAIN and plain.get(level["concurrency"]):
+                level["x_plain"] = level["tokens_per_s"] / plain[level["concurrency"]]
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

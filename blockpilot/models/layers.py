@@ -7,6 +7,7 @@ D head dim, C hidden size.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
@@ -70,14 +71,71 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-class FastLinear(nn.Linear):
-    """nn.Linear that picks the faster matmul layout for the number of rows.
+class MatmulLayouts:
+    """Picks, per weight shape and row count, the fastest of three equal products, by measuring.
 
-    Decoding is bound by reading the weights, and on this class of CPU (MKL, AVX2) the layout
-    decides how fast they stream: one row (a decode step) runs best as x @ W^T with W^T stored
-    contiguous, several rows (a verify block) as W @ x^T with W stored as is; nn.Linear's own
-    choice is up to 2.5x slower for both (measured in benchmarks/engine.py). So an inference
-    copy keeps both layouts (`prepare_for_inference`), trading memory for bandwidth.
+    Decoding is bound by streaming the weights, and how fast they stream depends on the layout and
+    on the CPU and BLAS underneath: x @ W^T with W^T stored contiguous ("x_wt"), W @ x^T with W as
+    stored ("w_xt"), or F.linear. Measured 2-3x apart, and the winner changes with the row count
+    (1 for a decode step, 2-16 for a verify block, more for a batch) and with the machine: on an
+    AVX2 EPYC "w_xt" won for every multi-row product, on an AVX-512/AMX Xeon it was 3x slower
+    than the others at 2-8 rows. So nothing is assumed: the first product of each (in, out,
+    dtype, row bucket) times each layout on the real input (best of `reps`) and keeps the
+    fastest for the life of the process, so the same rows always meet the same rounding. Row
+    buckets: 1, 2, 3-4, 5-8, ... (powers of two). On a GPU, F.linear always.
+    """
+
+    LAYOUTS = ("x_wt", "w_xt", "linear")
+
+    def __init__(self, reps: int = 3) -> None:
+        self.reps = reps
+        self.choices: dict[tuple, str] = {}
+        self.timings_ms: dict[tuple, dict[str, float]] = {}
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return 1 if rows <= 1 else 1 << (rows - 1).bit_length()
+
+    @staticmethod
+    def apply(layout: str, module: "FastLinear", flat: torch.Tensor) -> torch.Tensor:
+        if layout == "x_wt":
+            return flat @ module.weight_t
+        if layout == "w_xt":
+            return (module.weight @ flat.t()).t()
+        return F.linear(flat, module.weight)
+
+    def product(self, module: "FastLinear", flat: torch.Tensor) -> torch.Tensor:
+        """flat [rows, in] @ W^T -> [rows, out] in the layout chosen for this shape and bucket."""
+        if flat.is_cuda or module.weight_t is None:
+            return F.linear(flat, module.weight)
+        key = (module.in_features, module.out_features, str(flat.dtype), self.bucket(flat.shape[0]))
+        layout = self.choices.get(key)
+        if layout is None:
+            layout = self._measure(key, module, flat)
+        return self.apply(layout, module, flat)
+
+    def _measure(self, key: tuple, module: "FastLinear", flat: torch.Tensor) -> str:
+        timings = {}
+        for layout in self.LAYOUTS:
+            self.apply(layout, module, flat)  # warm-up
+            best = math.inf
+            for _ in range(self.reps):
+                began = time.perf_counter()
+                self.apply(layout, module, flat)
+                best = min(best, time.perf_counter() - began)
+            timings[layout] = round(best * 1e3, 4)
+        layout = min(timings, key=timings.get)
+        self.timings_ms[key] = timings
+        self.choices[key] = layout
+        return layout
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose inference product takes the layout a MatmulLayouts measured fastest.
+
+    An inference copy (`prepare_for_inference`) keeps W^T beside W (memory for bandwidth) and
+    shares one MatmulLayouts with the model's other linears; training, and a module never
+    prepared, use F.linear.
     """
 
     weight_t: torch.Tensor | None
@@ -85,9 +143,11 @@ class FastLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.weight_t = None
+        self.layouts: MatmulLayouts | None = None
 
-    def prepare_for_inference(self, single_row_transposed: bool = True) -> None:
-        self.weight_t = self.weight.detach().t().contiguous() if single_row_transposed else None
+    def prepare_for_inference(self, layouts: MatmulLayouts) -> None:
+        self.weight_t = self.weight.detach().t().contiguous()
+        self.layouts = layouts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.weight.requires_grad:
@@ -97,10 +157,7 @@ class FastLinear(nn.Linear):
         # ~0.6 ms for the down projection at B = 32).
         rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, x.shape[-1])
-        if self.weight_t is None:
-            out = F.linear(flat, self.weight)
-        else:
-            out = flat @ self.weight_t if rows == 1 else (self.weight @ flat.t()).t()
+        out = self.layouts.product(self, flat) if self.layouts is not None else F.linear(flat, self.weight)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from blockpilot.errors import ModelFormatError
 from blockpilot.models.config import TargetConfig
 from blockpilot.models.kv_cache import BatchKVCache, KVCache
-from blockpilot.models.layers import FastLinear, RMSNorm, Rotary, SwiGLU, apply_rotary, attend
+from blockpilot.models.layers import FastLinear, MatmulLayouts, RMSNorm, Rotary, SwiGLU, apply_rotary, attend
 
 
 @dataclass
@@ -271,11 +271,13 @@ class TargetModel(nn.Module):
         return model
 
     def prepare_for_inference(self) -> None:
-        """Keep a transposed copy of the weights for one-row (decode) matmuls; see FastLinear."""
+        """Keep a transposed copy of every linear's weight and let one MatmulLayouts pick each
+        product's layout by measurement on this machine (see FastLinear); `matmul_layouts.choices`
+        says what it picked."""
+        self.matmul_layouts = MatmulLayouts()
         for module in self.modules():
             if isinstance(module, FastLinear):
-                # down_proj's one-row product is faster in the stored layout (measured).
-                module.prepare_for_inference(single_row_transposed=module.in_features <= module.out_features)
+                module.prepare_for_inference(self.matmul_layouts)
 
 
 def load_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
