@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from blockpilot.decoding.load_cap import DraftRecord, PassCostModel, draft_pays
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
-from blockpilot.decoding.speculative import (BlockSizeHook, DecodeState, GenerationResult, SamplingParams, SpeculativeDecoder,
-                                             StepEvent, StepPlan)
+from blockpilot.decoding.speculative import (DRAFT_SOURCES, BlockSizeHook, DecodeState, GenerationResult, SamplingParams,
+                                             SpeculativeDecoder, StepEvent, StepPlan)
 from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
 from blockpilot.models.kv_cache import KVCache
 
@@ -49,6 +50,10 @@ class BatchSession:
     row: int = -1
     keep_cache: bool = False
     owner: object | None = None
+    load_cap: bool = True  # the load-aware cap may leave drafts out (False: the block size as given)
+    # Load-aware cap: this session's drafted steps by draft source (see load_cap.py).
+    drafts: dict[str, DraftRecord] = field(default_factory=lambda: {s: DraftRecord() for s in DRAFT_SOURCES})
+    pending_draft_s: float = 0.0  # drafter seconds of the step being verified
 
     @property
     def result(self) -> GenerationResult:
@@ -74,11 +79,20 @@ class BatchDecoder:
     request (default: capacity). A request needs prompt + max_new_tokens + 1 + max_block_size.
     max_block_size: the widest block any session may verify (its block size, or a lookup proposal
     plus its anchor). planner: an executor that plans the sessions' steps in parallel (a remote
-    drafter's round trips overlap); None plans them one after another.
+    drafter's round trips overlap); None plans them one after another. passes: on a batch-1
+    backend, an executor that runs the sessions' target passes in parallel (each on its own cache;
+    ONNX Runtime releases the GIL, so passes on different cores overlap); None runs them in turn.
+    load_aware: in a ragged batch, a session drafts from a source only while its drafts pay for
+    their cost in the current batch (load_cap.py: measured pass costs, the session's own
+    acceptance); a capped step verifies the anchor alone (same output) and is counted in
+    result.capped_steps.
     """
 
+    PROBE_EVERY = 16  # a capped source is tried again after this many capped steps in a row
+
     def __init__(self, decoder: SpeculativeDecoder, *, max_sessions: int, capacity: int, max_block_size: int = 16,
-                 max_capacity: int | None = None, planner: Executor | None = None) -> None:
+                 max_capacity: int | None = None, planner: Executor | None = None, passes: Executor | None = None,
+                 load_aware: bool = False) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.decoder = decoder
@@ -87,6 +101,9 @@ class BatchDecoder:
         self.max_block_size = max_block_size
         self.max_capacity = max(capacity, max_capacity or capacity)
         self.planner = planner
+        self.passes = passes
+        self.costs = PassCostModel() if load_aware else None
+        self._last_step = (0.0, 0)  # (committed, verified tokens) of the last ragged step
         self.ragged = bool(getattr(self.target, "supports_ragged_batch", False))
         self.pool = self.target.new_batch_cache(capacity, max_sessions) if self.ragged else None
         self.capacity = capacity
@@ -142,14 +159,16 @@ class BatchDecoder:
         if block_size > self.max_block_size:
             raise InvalidArgumentError(f"block size {block_size} exceeds the batch's widest block of {self.max_block_size}")
 
-    def join(self, state: DecodeState, cache: KVCache, *, keep_cache: bool = False, owner: object | None = None) -> BatchSession:
+    def join(self, state: DecodeState, cache: KVCache, *, keep_cache: bool = False, owner: object | None = None,
+             load_cap: bool = True) -> BatchSession:
         """Add a request that was prefilled and started on its own cache (prefill, start,
         open_drafting) to the batch; a ragged batch copies the cache into a free pool row
         (growing the pool's rows when the request needs more room). keep_cache: when the session
-        leaves (finished or released), its row is copied back into `cache`."""
+        leaves (finished or released), its row is copied back into `cache`. load_cap: whether the
+        load-aware cap applies to it (a block size the client fixed is honoured as given)."""
         if self.active >= self.max_sessions:
             raise ResourceExhaustedError(f"the batch is full ({self.max_sessions} sessions)")
-        session = BatchSession(state, cache, keep_cache=keep_cache, owner=owner)
+        session = BatchSession(state, cache, keep_cache=keep_cache, owner=owner, load_cap=load_cap)
         if self.ragged:
             need = self.needed_capacity(state.prompt_len, state.params)
             if need > self.pool.capacity:
@@ -184,10 +203,39 @@ class BatchDecoder:
             self.release(session)
         return outcomes
 
+    def _allowed_sources(self, session: BatchSession, cost) -> frozenset[str] | None:
+        """The draft sources that pay for this session now (None: all; see load_cap.py)."""
+        if self.costs is None or not self.ragged or cost is None or not session.load_cap:
+            return None
+        params = session.state.params
+        if params.temperature > 0 and params.seed is not None:
+            # Which uniforms a sampled step draws depends on its draft: a seeded request keeps
+            # its drafts so the same seed gives the same tokens under any load.
+            return None
+        committed, tokens = self._last_step
+        allowed = set()
+        for source, record in session.drafts.items():
+            if draft_pays(record, cost, committed, tokens) or record.capped_in_a_row >= self.PROBE_EVERY:
+                record.capped_in_a_row = 0
+                allowed.add(source)
+            else:
+                record.capped_in_a_row += 1
+        return frozenset(allowed)
+
     def _plan(self) -> list["StepPlan | BaseException"]:
+        cost = self.costs.fit() if self.costs is not None else None
+
         def plan(session: BatchSession):
             try:
-                return self.decoder.plan_step(session.state)
+                sources = self._allowed_sources(session, cost)
+                state = session.state
+                before = state.result.phase_s["draft"]
+                planned = self.decoder.plan_step(state, sources)
+                if sources is not None and len(sources) < len(DRAFT_SOURCES) and not planned.source:
+                    state.result.capped_steps += 1
+                if planned.source:
+                    session.pending_draft_s = state.result.phase_s["draft"] - before
+                return planned
             except Exception as err:  # noqa: BLE001 - this session's failure, not the batch's
                 return err
 
@@ -216,20 +264,30 @@ class BatchDecoder:
             event = decoder.commit_step(state, plan, row_logits, hidden if state.feature_layers else None)
             self.pool.set_length(session.row, state.cache_length)
             outcomes.append((session, event))
+            if plan.source:
+                session.drafts[plan.source].add(event.drafted, len(event.token_ids), session.pending_draft_s)
+        if self.costs is not None:
+            self.costs.observe(sum(widths), passed)
+            self._last_step = (float(sum(len(e.token_ids) for _, e in outcomes)), sum(widths))
         return outcomes
 
     def _verify_each(self, planned: list[tuple[BatchSession, StepPlan]]) -> list[StepOutcome]:
-        outcomes: list[StepOutcome] = []
-        for session, plan in planned:
+        @torch.inference_mode()
+        def verify(item: tuple[BatchSession, StepPlan]) -> StepOutcome:
+            session, plan = item
             state = session.state
             began = time.perf_counter()
             block = torch.tensor([plan.tokens], dtype=torch.long, device=self.target.device)
             out = self.target(block, session.cache, num_logits=None, hidden_layer_ids=state.feature_layers)
             state.result.phase_s["verify"] += time.perf_counter() - began
             hidden = out.hidden[0] if out.hidden is not None else None
-            outcomes.append((session, self.decoder.commit_step(state, plan, out.logits[0], hidden)))
+            event = self.decoder.commit_step(state, plan, out.logits[0], hidden)
             session.cache.truncate(state.cache_length)
-        return outcomes
+            return session, event
+
+        if self.passes is None or len(planned) == 1:
+            return [verify(item) for item in planned]
+        return list(self.passes.map(verify, planned))
 
     def release(self, session: BatchSession, *, keep_cache: bool = False) -> None:
         """Take a session out of the batch now (finished, cancelled or expired): its draft session

@@ -129,6 +129,8 @@ class GenerationResult:
     verify_sizes: list[int] = field(default_factory=list)
     # Steps that would have called the drafter (block size > 1) but verified a lookup draft instead.
     drafter_passes_skipped: int = 0
+    # Steps a batch's load-aware cap ran without a draft (its drafts did not pay in that batch).
+    capped_steps: int = 0
     # Seconds of the decode steps by phase (STEP_PHASES): the lookup proposal, the drafter pass,
     # the target's verify pass, the acceptance rule, and the step's bookkeeping (cache length,
     # stop tokens, features kept, the lookup index). Time the caller spends between steps is not
@@ -375,12 +377,15 @@ class SpeculativeDecoder:
         if state.lookup.enabled:
             state.index = PromptLookupIndex(state.lookup, [*result.prompt_token_ids, state.anchor])
 
-    def plan_step(self, state: "DecodeState") -> "StepPlan":
-        """The next block to verify: the anchor and a lookup or DFlash draft (or the anchor alone)."""
+    def plan_step(self, state: "DecodeState", sources: frozenset[str] | None = None) -> "StepPlan":
+        """The next block to verify: the anchor and a lookup or DFlash draft (or the anchor alone).
+        sources: the draft sources allowed this step (None = DRAFT_SOURCES; e.g. a batch's
+        load-aware cap leaves out those that do not pay now)."""
         phase = state.result.phase_s
         began = time.perf_counter()
         room = state.params.max_new_tokens - state.generated  # tokens this step may still commit
-        copied = state.index.propose(room - 1) if state.index is not None else []
+        lookup_on = state.index is not None and (sources is None or "lookup" in sources)
+        copied = state.index.propose(room - 1) if lookup_on else []
         looked = time.perf_counter()
         phase["lookup"] += looked - began
         verify_size = min(state.block_size, room)
@@ -389,7 +394,7 @@ class SpeculativeDecoder:
             plan = StepPlan(tokens=(state.anchor, *copied), draft=None, source="lookup")
             if state.session is not None and verify_size > 1:
                 state.result.drafter_passes_skipped += 1
-        elif state.session is not None and verify_size > 1:
+        elif state.session is not None and verify_size > 1 and (sources is None or "dflash" in sources):
             params = state.params
             sample = params.temperature > 0 and params.draft_sampling == "sample"
             context = state.pending[0] if len(state.pending) == 1 else torch.cat(state.pending)

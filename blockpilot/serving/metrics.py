@@ -35,6 +35,10 @@ ACCEPTANCE_LENGTH = Histogram("blockpilot_acceptance_length", "Tokens committed 
 BLOCK_SIZE_CHOSEN = Counter("blockpilot_block_size_chosen", "Block size used per request",
                             ["block_size", "policy_version", "arm"])
 GENERATED_TOKENS = Counter("blockpilot_generated_tokens", "Tokens generated (streamed to clients)")
+BATCH_SESSIONS = Gauge("blockpilot_batch_sessions", "Sessions in the verifier's decode batch (set every scheduler iteration)")
+BATCH_TOKENS = Histogram("blockpilot_batch_tokens", "Tokens verified per batched target pass",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+CAPPED_STEPS = Counter("blockpilot_capped_steps", "Steps the load-aware cap ran without a draft (drafts did not pay in the batch)")
 DRAFTER_SESSIONS = Gauge("blockpilot_drafter_sessions", "Active draft sessions (open Draft streams)")
 DRAFTER_CACHED_SESSIONS = Gauge("blockpilot_drafter_cached_sessions",
                                 "Draft caches kept after their session's stream ended, for the next turn")

@@ -36,7 +36,7 @@ import torch
 from blockpilot.decoding.batch import BatchDecoder, BatchSession
 from blockpilot.decoding.drafting import DraftProvider
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
-from blockpilot.decoding.speculative import DecodeState, GenerationResult, SamplingParams, SpeculativeDecoder
+from blockpilot.decoding.speculative import DecodeState, GenerationResult, SamplingParams, SpeculativeDecoder, StepEvent
 from blockpilot.errors import AbortedError
 from blockpilot.models.kv_cache import KVCache
 
@@ -65,6 +65,7 @@ class ScheduledRequest:
     collect_features: tuple[int, ...] = ()
     lookup: LookupConfig = LOOKUP_OFF
     keep_cache: bool = False
+    load_cap: bool = True  # the batch's load-aware draft cap applies (False: the block size as given)
     # ---- the scheduler's ----
     block_size: int | None = None  # set by decide()
     cancelled: bool = False
@@ -74,6 +75,7 @@ class ScheduledRequest:
     prefill_started: float = 0.0
     last_message: float = field(default_factory=time.perf_counter)
     ended: bool = False
+    batch_sessions: int = 0  # sessions in the batch when the prefill finished (the load the policy saw)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -94,18 +96,28 @@ class DecodeScheduler:
     verifier's stream limit); capacity / max_capacity: tokens per pool row at first / at most;
     max_block_size: the widest block a session may verify; prefill_chunk_tokens: prompt tokens
     per prefill chunk; planners: threads that plan the sessions' steps in parallel (remote draft
-    calls overlap; 0 = plan one after another)."""
+    calls overlap; 0 = plan one after another); parallel_passes: on a batch-1 backend, target
+    passes of different sessions run at once (about cores / threads per pass; 1 = in turn);
+    load_aware: BatchDecoder's load-aware draft cap. on_iteration(batch sessions, tokens
+    verified): called after each step (metrics)."""
 
     def __init__(self, target, *, max_sessions: int, capacity: int, max_capacity: int, max_block_size: int,
-                 prefill_chunk_tokens: int = 512, planners: int = 0, threads: int | None = None) -> None:
+                 prefill_chunk_tokens: int = 512, planners: int = 0, parallel_passes: int = 1,
+                 load_aware: bool = False, on_iteration: Callable[[int, int], None] | None = None,
+                 threads: int | None = None) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
         self.target = target
         self.decoder = SpeculativeDecoder(target, None, max_context=target.config.max_position_embeddings)
         self._planner = ThreadPoolExecutor(max_workers=planners, thread_name_prefix="plan") if planners > 0 else None
+        ragged = bool(getattr(target, "supports_ragged_batch", False))
+        self._passes = (ThreadPoolExecutor(max_workers=parallel_passes, thread_name_prefix="pass")
+                        if parallel_passes > 1 and not ragged else None)
         self.batch = BatchDecoder(self.decoder, max_sessions=max_sessions, capacity=capacity, max_capacity=max_capacity,
-                                  max_block_size=max_block_size, planner=self._planner)
+                                  max_block_size=max_block_size, planner=self._planner, passes=self._passes,
+                                  load_aware=load_aware)
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.on_iteration = on_iteration
         self.threads = threads
         self._cond = threading.Condition()
         self._incoming: deque[ScheduledRequest] = deque()
@@ -148,8 +160,9 @@ class DecodeScheduler:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=30)
-        if self._planner is not None:
-            self._planner.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._planner, self._passes):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- the scheduler thread ------------------------------------------------------------------
 
@@ -198,7 +211,11 @@ class DecodeScheduler:
                 self._prefilling.popleft()
                 self._fail(request, err)
         if self.batch.active:
-            for session, outcome in self.batch.step():
+            sessions = self.batch.active
+            outcomes = self.batch.step()
+            if self.on_iteration is not None:
+                self.on_iteration(sessions, sum(o.drafted + 1 for _, o in outcomes if isinstance(o, StepEvent)))
+            for session, outcome in outcomes:
                 request = session.owner
                 if isinstance(outcome, BaseException):
                     self._fail(request, outcome)
@@ -232,6 +249,7 @@ class DecodeScheduler:
                                            drafter=request.drafter)
         request.result.ttft_s = time.perf_counter() - request.prefill_started
         request.state = state
+        request.batch_sessions = self.batch.active
         request.send("prefilled", info)
         return True
 
@@ -249,7 +267,8 @@ class DecodeScheduler:
             return
         self.decoder.open_drafting(state)
         try:
-            request.session = self.batch.join(state, request.cache, keep_cache=request.keep_cache, owner=request)
+            request.session = self.batch.join(state, request.cache, keep_cache=request.keep_cache, owner=request,
+                                              load_cap=request.load_cap)
         except Exception as err:  # noqa: BLE001 - no room for a request this long
             self._fail(request, err)
 

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import time
 import uuid
 from array import array
@@ -99,6 +100,11 @@ class LocalDrafterSource:
 
     def known_target_layer_ids(self) -> tuple[int, ...] | None:
         return tuple(self.drafter.target_layer_ids) if self.drafter is not None else None
+
+
+def _batch_metrics(sessions: int, tokens: int) -> None:
+    metrics.BATCH_SESSIONS.set(sessions)
+    metrics.BATCH_TOKENS.observe(tokens)
 
 
 def token_digest(token_ids) -> str:
@@ -183,7 +189,8 @@ class VerifierCore:
             target.model, max_sessions=config.max_streams, capacity=config.batch_row_tokens,
             max_capacity=self.max_context + 1 + BLOCK_SIZE_LIMIT, max_block_size=BLOCK_SIZE_LIMIT,
             prefill_chunk_tokens=config.prefill_chunk_tokens, planners=config.max_streams if drafter is not None else 0,
-            threads=config.threads)
+            parallel_passes=max(1, len(os.sched_getaffinity(0)) // config.threads), load_aware=config.load_aware_drafts,
+            on_iteration=_batch_metrics, threads=config.threads)
         self._streams = 0
         self._sessions: OrderedDict[str, SessionState] = OrderedDict()
         self._active_sessions: set[str] = set()
@@ -529,7 +536,8 @@ class VerifierCore:
         turn.lookup = LookupConfig() if lookup_on else LOOKUP_OFF
         request = ScheduledRequest(
             list(turn.prompt_ids), turn.params, cache, result, notify, drafter=turn.recorder, prefix_features=prefix,
-            collect_features=collect, lookup=turn.lookup, keep_cache=bool(turn.session_id))
+            collect_features=collect, lookup=turn.lookup, keep_cache=bool(turn.session_id),
+            load_cap=turn.spec.mode == "auto")  # FIXED and OFF sizes are honoured as given
         self.scheduler.submit(request)
         turn.request = request
 
@@ -584,6 +592,7 @@ class VerifierCore:
                                      "context tokens of its kept cache; sent the context again")
         if result.fallback_reason:
             self._count_fallback(turn, result.fallback_reason, "the drafter failed mid-request; continued at block size 1")
+        metrics.CAPPED_STEPS.inc(result.capped_steps)
         await self._finish(turn, cancelled=False)
         yield verifier_pb2.GenerateResponse(index=index, session_id=turn.session_id, final=self._final(turn))
 
@@ -606,7 +615,8 @@ class VerifierCore:
             token_ids=result.token_ids, text=self.target.tokenizer.decode(result.token_ids) if self.target.tokenizer else "",
             target=str(self.target.target_dir), drafter=self.drafter_name(turn.recorder.inner if turn.recorder else None),
             accepted_by_source=result.accepted_by_source, drafter_passes_skipped=result.drafter_passes_skipped,
-            prompt_lookup=turn.lookup.enabled)
+            prompt_lookup=turn.lookup.enabled, batch_sessions=turn.request.batch_sessions if turn.request else 0,
+            capped_steps=result.capped_steps)
         if turn.spec.return_prompt_token_ids:
             final.prompt_token_ids.extend(turn.prompt_ids)
         return final

@@ -69,6 +69,11 @@ def test_generate_through_the_stack_prints_the_in_process_json(tmp_path):
         args = ["--json", "--max-new-tokens", "24", "--block-size", "8", "Name three primary colors."]
         remote = cli("generate", "--server", verifier, *args, env=run_env)
         local = cli("generate", *args, env=run_env)
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"id": f"p{i}", "turns": [text]}) + "\n"
+                                   for i, text in enumerate(["Name three colors.", "Count to five."])))
+        bench = cli("bench", str(prompts), "--server", verifier, "--concurrency", "1,2", "--requests", "2",
+                    "--max-new-tokens", "8", "--compare-off", "--out", str(tmp_path / "bench.json"), env=run_env)
     finally:
         cli("down", env=run_env)
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
@@ -76,3 +81,10 @@ def test_generate_through_the_stack_prints_the_in_process_json(tmp_path):
     for key in ("prompt_token_ids", "token_ids", "text", "block_size", "acceptance_lengths", "finish_reason", "drafter"):
         assert remote_report[key] == local_report[key], key
     assert local_report["backend"] == "onnxruntime"
+    # The load generator: every level answered, outputs the same at every concurrency.
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [(l["concurrency"], l["block_size"]) for l in report["levels"]] == [(1, "auto"), (1, "plain"), (2, "auto"), (2, "plain")]
+    assert all(l["requests"] == 2 and not l["errors"] and 0 < l["tokens"] <= 16 for l in report["levels"])
+    assert [l["identical_to_first_run"] for l in report["levels"][2:]] == ["2/2", "2/2"]
+    assert report["machine"]["cpu"] and "x_plain" in report["levels"][0]

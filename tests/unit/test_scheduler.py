@@ -102,7 +102,7 @@ def test_requests_arriving_together_get_their_alone_outputs(target, drafter, rag
     requests = work(target.config.vocab_size, 12)
     alone = [decoder.generate(p, params, b, lookup=LOOKUP).token_ids for p, params, b in requests]
     scheduler = DecodeScheduler(engine, max_sessions=12, capacity=32, max_capacity=256, max_block_size=8,
-                                prefill_chunk_tokens=7, planners=3)
+                                prefill_chunk_tokens=7, planners=3, parallel_passes=2)
     try:
         assert scheduler.batch.ragged is ragged
         clients = [Client(scheduler, p, params, b, drafter=drafter, lookup=LOOKUP) for p, params, b in requests]
