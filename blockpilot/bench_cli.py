@@ -47,6 +47,8 @@ def _block_size(text: str) -> int | str:
 def add_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="load-test a running verifier over gRPC: latency and throughput by concurrency")
     bench.add_argument("prompts", type=Path, metavar="PROMPTS", help="a prompt JSONL file or a folder of them")
+    bench.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                       help="with a folder: these <NAME>.jsonl files, round-robin in this order (default: all, sorted)")
     bench.add_argument("--server", default="127.0.0.1:50051", help="the verifier's HOST:PORT (default 127.0.0.1:50051)")
     bench.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8, 16, 32], help="levels, e.g. 1,4,16 (default 1,2,4,8,16,32)")
     bench.add_argument("--requests", type=lambda t: checked_number(t, int, "a count", lambda v: v >= 1, "a count >= 1"),
@@ -149,11 +151,12 @@ def _bench(args) -> int:
 
     levels = args.concurrency
     count_for = (lambda c: args.requests) if args.requests else (lambda c: max(16, 2 * c))
-    prompts = load_prompts(args.prompts, max(count_for(c) for c in levels))
+    prompts = load_prompts(args.prompts, max(count_for(c) for c in levels), args.datasets)
     if not prompts:
         raise InvalidArgumentError(f"no prompts in '{args.prompts}'")
     modes = [args.block_size] + ([PLAIN] if args.compare_off else [])
-    report = {"server": args.server, "prompts": str(args.prompts), "max_new_tokens": args.max_new_tokens,
+    report = {"server": args.server, "prompts": str(args.prompts), "datasets": args.datasets,
+              "prompt_ids": [p["id"] for p in prompts], "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "machine": machine_info(), "levels": []}
     reference: dict[str, dict[str, list[int]]] = {}
     for concurrency in levels:
