@@ -89,6 +89,7 @@ class BatchDecoder:
     """
 
     PROBE_EVERY = 16  # a capped source is tried again after this many capped steps in a row
+    OWN_EVIDENCE = 3  # drafted steps of its own before a session is judged by them (before: the batch's)
 
     def __init__(self, decoder: SpeculativeDecoder, *, max_sessions: int, capacity: int, max_block_size: int = 16,
                  max_capacity: int | None = None, planner: Executor | None = None, passes: Executor | None = None,
@@ -104,6 +105,7 @@ class BatchDecoder:
         self.passes = passes
         self.costs = PassCostModel() if load_aware else None
         self._last_step = (0.0, 0)  # (committed, verified tokens) of the last ragged step
+        self.pooled = {source: DraftRecord() for source in DRAFT_SOURCES}  # every session's drafted steps
         self.ragged = bool(getattr(self.target, "supports_ragged_batch", False))
         self.pool = self.target.new_batch_cache(capacity, max_sessions) if self.ragged else None
         self.capacity = capacity
@@ -215,7 +217,9 @@ class BatchDecoder:
         committed, tokens = self._last_step
         allowed = set()
         for source, record in session.drafts.items():
-            if draft_pays(record, cost, committed, tokens) or record.capped_in_a_row >= self.PROBE_EVERY:
+            # A new session is judged by what drafts from this source have done in the batch so far.
+            evidence = record if record.steps >= self.OWN_EVIDENCE else self.pooled[source]
+            if draft_pays(evidence, cost, committed, tokens) or record.capped_in_a_row >= self.PROBE_EVERY:
                 record.capped_in_a_row = 0
                 allowed.add(source)
             else:
@@ -265,7 +269,8 @@ class BatchDecoder:
             self.pool.set_length(session.row, state.cache_length)
             outcomes.append((session, event))
             if plan.source:
-                session.drafts[plan.source].add(event.drafted, len(event.token_ids), session.pending_draft_s)
+                for record in (session.drafts[plan.source], self.pooled[plan.source]):
+                    record.add(event.drafted, len(event.token_ids), session.pending_draft_s)
         if self.costs is not None:
             self.costs.observe(sum(widths), passed)
             self._last_step = (float(sum(len(e.token_ids) for _, e in outcomes)), sum(widths))

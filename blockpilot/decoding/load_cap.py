@@ -9,13 +9,15 @@ compute-bound and every drafted token costs as much as a committed one. Terms:
 - batch rate R = (sum of committed over the batch) / pass_seconds(N): tokens per second now;
 - a session's draft of d tokens adds per_token * d seconds (plus draft_seconds, its drafter pass,
   which shares the machine) and commits (tau - 1) more tokens on average, tau being the session's
-  own mean acceptance length over its drafted steps.
+  own mean acceptance length over its drafted steps (until it has a few, that of every session's
+drafts from the same source in the batch).
 The draft pays iff its marginal rate beats the batch's:
     (tau - 1) / (per_token * d + draft_seconds) > R.
 Otherwise the session verifies its anchor alone this step (block size 1, no lookup copy): the
-output is unchanged (lossless either way), only the speed differs. A session without drafted steps
-yet is given the benefit of the doubt, so evidence builds up; a capped one is probed again every
-`probe_every` steps so a session whose text turns repetitive can win its drafts back.
+output is unchanged (lossless either way), only the speed differs. Without any evidence (the batch's
+first drafts from a source) a draft is given the benefit of the doubt, so evidence builds up; a
+capped source is probed again every few steps (BatchDecoder.PROBE_EVERY) so a session whose text
+turns repetitive can win its drafts back.
 
 Seeded sampling (temperature > 0 with a seed) is never capped: the uniforms a sampled step draws
 depend on its draft, so capping by load would make the same seed give other (equally valid)
