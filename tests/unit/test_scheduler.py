@@ -176,6 +176,8 @@ def test_cancel_frees_the_row_and_the_draft_session_while_others_go_on(target, d
         scheduler.cancel(long.request)
         assert long.wait(10).kinds[-1] == "done" and len(long.tokens) < 200
         assert short.wait().tokens == decoder.generate([9, 8, 7, 6], short_params, 3).token_ids
+        # The load the second request's block size was chosen under: the first was decoding.
+        assert long.request.batch_sessions == 0 and short.request.batch_sessions == 1
         assert scheduler.batch.active == 0 and scheduler.batch.pool.rows_in_use == 0
         assert len(opened) == 2 and set(map(id, closed)) == set(map(id, opened))
     finally:
