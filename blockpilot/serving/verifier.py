@@ -23,7 +23,6 @@ import os
 import time
 import uuid
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
@@ -42,6 +41,7 @@ from blockpilot.serving import metrics
 from blockpilot.serving.models import ServedTarget
 from blockpilot.serving.policy import Decision, Outcome, Policy, PolicyFeatures
 from blockpilot.serving.scheduler import DecodeScheduler, ScheduledRequest
+from blockpilot.serving.session_cache import KeptSession, SessionCaches
 from blockpilot.serving.session_store import new_session_id
 from blockpilot.v1 import verifier_pb2
 
@@ -114,18 +114,6 @@ def token_digest(token_ids) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-@dataclass
-class SessionState:
-    """A conversation's target cache on this replica: `tokens` are the ids whose K/V sit at cache
-    positions 0.. (only the first min(cache.length, len(tokens)) are valid); `features` the
-    drafter context features of the first features.shape[0] of them (None: not known)."""
-
-    cache: KVCache
-    tokens: list[int]
-    features: torch.Tensor | None
-    last_used: float = field(default_factory=time.monotonic)
-
-
 class _Recorder:
     """Wraps a DraftProvider: opens its sessions with the turn's resume claim (a drafter cache
     kept from the session's previous turn)."""
@@ -154,7 +142,7 @@ class _Turn:
     params: SamplingParams
     session_id: str
     fence: int | None
-    local: SessionState | None
+    local: KeptSession | None
     started: float
     reasons: list[str] = field(default_factory=list)
     recorder: _Recorder | None = None
@@ -192,7 +180,7 @@ class VerifierCore:
             parallel_passes=max(1, len(os.sched_getaffinity(0)) // config.threads), load_aware=config.load_aware_drafts,
             on_iteration=_batch_metrics, threads=config.threads)
         self._streams = 0
-        self._sessions: OrderedDict[str, SessionState] = OrderedDict()
+        self._sessions = SessionCaches(config.max_sessions, config.session_ttl_s)
         self._active_sessions: set[str] = set()
         self._background: set[asyncio.Task] = set()
 
@@ -376,7 +364,7 @@ class VerifierCore:
         sid = spec.session_id
         if sid in self._active_sessions:
             raise AbortedError(f"session '{sid}' is already in use by another stream")
-        local = self._local_session(sid)
+        local = self._sessions.get(sid)
         store_down = False
         try:
             record = await self.store.get(sid)
@@ -402,40 +390,13 @@ class VerifierCore:
             return max(1.0, spec.deadline - time.monotonic())
         return min(600.0, self.config.session_ttl_s)
 
-    def _local_session(self, sid: str) -> SessionState | None:
-        state = self._sessions.get(sid)
-        if state is not None and time.monotonic() - state.last_used > self.config.session_ttl_s:
-            del self._sessions[sid]
-            state = None
-        if state is not None:
-            self._sessions.move_to_end(sid)
-        return state
-
     def _reuse(self, turn: _Turn) -> tuple[KVCache, torch.Tensor | None]:
-        """The target cache for this request: the session's, truncated to the longest prefix it
-        shares with the new prompt (grown if too small), or a new one."""
+        """The target cache for this request: the session's, cut to the prefix it shares with the
+        new prompt, or a new one."""
         need = len(turn.prompt_ids) + turn.params.max_new_tokens + 1
-        local = turn.local
-        if local is not None:
-            valid = min(local.cache.length, len(local.tokens))
-            limit = min(valid, len(turn.prompt_ids) - 1)
-            common = 0
-            while common < limit and local.tokens[common] == turn.prompt_ids[common]:
-                common += 1
-            if turn.feature_layers:
-                common = min(common, local.features.shape[0] if local.features is not None else 0)
-            if common > 0:
-                cache = local.cache
-                if cache.capacity < need:
-                    grown = self.target.model.new_cache(need)
-                    grown.keys[:, :, :, :common] = cache.keys[:, :, :, :common]
-                    grown.values[:, :, :, :common] = cache.values[:, :, :, :common]
-                    cache = grown
-                cache.length = common
-                turn.cached_tokens = common
-                features = local.features[:common] if turn.feature_layers else None
-                return cache, features
-        return self.target.model.new_cache(need), None
+        reuse = SessionCaches.reuse(turn.local, turn.prompt_ids, need, bool(turn.feature_layers), self.target.model.new_cache)
+        turn.cached_tokens = reuse.cached_tokens
+        return reuse.cache, reuse.features
 
     # ---- running ------------------------------------------------------------------------
 
@@ -634,12 +595,7 @@ class VerifierCore:
             result = turn.result
             if turn.session_id and result is not None and turn.cache is not None:
                 tokens = list(turn.prompt_ids) + list(result.token_ids)
-                self._sessions[turn.session_id] = SessionState(turn.cache, tokens, result.context_features)
-                self._sessions.move_to_end(turn.session_id)
-                while len(self._sessions) > self.config.max_sessions:
-                    self._sessions.popitem(last=False)
-                if self.config.max_sessions == 0:
-                    self._sessions.pop(turn.session_id, None)
+                self._sessions.keep(turn.session_id, turn.cache, tokens, result.context_features)
                 fields = self._session_fields(turn, tokens)
                 if turn.fence is not None:
                     try:
@@ -662,13 +618,13 @@ class VerifierCore:
 
     def _session_fields(self, turn: _Turn, tokens: list[int]) -> dict[str, Any]:
         decision = turn.decision
-        local = self._sessions.get(turn.session_id)
+        local = self._sessions.get(turn.session_id)  # None when max_sessions is 0
         fields = {
             "state": "idle", "lease_until": 0, "turns": int(turn.fence or 0),
             "committed_tokens": len(tokens), "block_size": turn.block_size,
             "policy_version": decision.policy_version if decision else "", "arm": decision.arm if decision else "",
             "decision_id": decision.decision_id if decision else "", "experiment": decision.experiment if decision else "",
-            "verifier_replica": self.replica_id, "verifier_cache_len": min(local.cache.length, len(tokens)) if local else 0,
+            "verifier_replica": self.replica_id, "verifier_cache_len": local.valid if local else 0,
             "fallback_reason": ",".join(turn.reasons),
         }
         # Where this turn's draft cache lives (the drafter keeps it for the next turn): replica,

@@ -36,7 +36,10 @@ def stack(tiny_llama_dir, tmp_path_factory):
                       step_delay_s=0.01).start()
     verifier = Service("verifier", folder, target=tiny_llama_dir, drafter_address=f"127.0.0.1:{drafter.port}",
                        policy_address=f"127.0.0.1:{policy.port}", redis_url=redis.url, max_new_tokens_cap=1000,
-                       drafter_timeout_s=5, redis_timeout_s=0.3).start()
+                       drafter_timeout_s=5, redis_timeout_s=0.3,
+                       # The tests compare step structures with in-process runs; the load-aware cap
+                       # (timing-driven, tested in test_load_cap.py) would change them, not the tokens.
+                       load_aware_drafts=False).start()
     services = {"redis": redis, "policy": policy, "drafter": drafter, "verifier": verifier}
     try:
         for service in (policy, drafter, verifier):
