@@ -26,7 +26,7 @@ class KeptSession:
     cache: KVCache
     tokens: list[int]
     features: torch.Tensor | None
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=lambda: time.monotonic())  # when its last turn ended
 
     @property
     def valid(self) -> int:
