@@ -73,7 +73,8 @@ def test_generate_through_the_stack_prints_the_in_process_json(tmp_path):
         prompts.write_text("".join(json.dumps({"id": f"p{i}", "turns": [text]}) + "\n"
                                    for i, text in enumerate(["Name three colors.", "Count to five."])))
         bench = cli("bench", str(prompts), "--server", verifier, "--concurrency", "1,2", "--requests", "2",
-                    "--max-new-tokens", "8", "--compare-off", "--out", str(tmp_path / "bench.json"), env=run_env)
+                    "--max-new-tokens", "8", "--compare-off", "--out", str(tmp_path / "bench.json"),
+                    "--plot", str(tmp_path / "bench.png"), env=run_env)
     finally:
         cli("down", env=run_env)
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
@@ -88,3 +89,4 @@ def test_generate_through_the_stack_prints_the_in_process_json(tmp_path):
     assert all(l["requests"] == 2 and not l["errors"] and 0 < l["tokens"] <= 16 for l in report["levels"])
     assert [l["identical_to_first_run"] for l in report["levels"][2:]] == ["2/2", "2/2"]
     assert report["machine"]["cpu"] and "x_plain" in report["levels"][0]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
