@@ -67,6 +67,12 @@ class BatchSession:
 StepOutcome = tuple[BatchSession, "StepEvent | BaseException"]
 
 
+def supports_ragged_batch(target) -> bool:
+    """Whether `target` runs many sequences' blocks in one pass (TargetModel.forward with a
+    BatchKVCache); batch-1 graph backends do not."""
+    return bool(getattr(target, "supports_ragged_batch", False))
+
+
 class BatchDecoder:
     """Runs up to `max_sessions` requests against one target and their draft sources.
 
@@ -106,9 +112,8 @@ class BatchDecoder:
         self.costs = PassCostModel() if load_aware else None
         self._last_step = (0.0, 0)  # (committed, verified tokens) of the last ragged step
         self.pooled = {source: DraftRecord() for source in DRAFT_SOURCES}  # every session's drafted steps
-        self.ragged = bool(getattr(self.target, "supports_ragged_batch", False))
+        self.ragged = supports_ragged_batch(self.target)
         self.pool = self.target.new_batch_cache(capacity, max_sessions) if self.ragged else None
-        self.capacity = capacity
         self.sessions: list[BatchSession] = []  # ragged: sessions[i].row == i
 
     @property

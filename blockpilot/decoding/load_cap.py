@@ -94,7 +94,8 @@ def draft_pays(record: DraftRecord, cost: tuple[float, float] | None, batch_comm
     if cost is None or record.steps == 0 or batch_tokens == 0:
         return True
     fixed, per_token = cost
-    batch_rate = batch_committed / (fixed + per_token * batch_tokens) if fixed + per_token * batch_tokens > 0 else 0.0
+    pass_seconds = fixed + per_token * batch_tokens
+    batch_rate = batch_committed / pass_seconds if pass_seconds > 0 else 0.0
     marginal_cost = per_token * record.mean_draft + record.mean_draft_seconds
     if marginal_cost <= 0:
         return True

@@ -93,6 +93,11 @@ class PrefillInfo:
 BlockSizeHook = Callable[[PrefillInfo], int]
 
 
+def feature_layers_of(drafter: DraftProvider | None, collect_features: Sequence[int]) -> tuple[int, ...]:
+    """The target layers a request's passes return: its drafter's, else those it collects."""
+    return tuple(drafter.target_layer_ids) if drafter is not None else tuple(collect_features)
+
+
 @dataclass(frozen=True)
 class StepEvent:
     """Tokens committed by one step (the first event carries the prefill's first token)."""
@@ -313,7 +318,7 @@ class SpeculativeDecoder:
         drafter = self.drafter if isinstance(drafter, str) else drafter
         if collect_features and drafter is not None and collect_features != tuple(drafter.target_layer_ids):
             raise ValueError(f"collect_features {collect_features} differ from the drafter's layers {drafter.target_layer_ids}")
-        feature_layers = tuple(drafter.target_layer_ids) if drafter is not None else collect_features
+        feature_layers = feature_layers_of(drafter, collect_features)
         started = time.perf_counter()
         reused = cache.length
         if reused:

@@ -33,10 +33,11 @@ from typing import Callable
 
 import torch
 
-from blockpilot.decoding.batch import BatchDecoder, BatchSession
+from blockpilot.decoding.batch import BatchDecoder, BatchSession, supports_ragged_batch
 from blockpilot.decoding.drafting import DraftProvider
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
-from blockpilot.decoding.speculative import DecodeState, GenerationResult, SamplingParams, SpeculativeDecoder, StepEvent
+from blockpilot.decoding.speculative import (DecodeState, GenerationResult, SamplingParams, SpeculativeDecoder, StepEvent,
+                                             feature_layers_of)
 from blockpilot.errors import AbortedError
 from blockpilot.models.kv_cache import KVCache
 
@@ -77,10 +78,6 @@ class ScheduledRequest:
     ended: bool = False
     batch_sessions: int = 0  # sessions in the batch when the prefill finished (the load the policy saw)
 
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        return tuple(self.drafter.target_layer_ids) if self.drafter is not None else self.collect_features
-
     def send(self, kind: str, payload: object = None) -> None:
         now = time.perf_counter()
         since, self.last_message = now - self.last_message, now
@@ -110,9 +107,8 @@ class DecodeScheduler:
         self.target = target
         self.decoder = SpeculativeDecoder(target, None, max_context=target.config.max_position_embeddings)
         self._planner = ThreadPoolExecutor(max_workers=planners, thread_name_prefix="plan") if planners > 0 else None
-        ragged = bool(getattr(target, "supports_ragged_batch", False))
         self._passes = (ThreadPoolExecutor(max_workers=parallel_passes, thread_name_prefix="pass")
-                        if parallel_passes > 1 and not ragged else None)
+                        if parallel_passes > 1 and not supports_ragged_batch(target) else None)
         self.batch = BatchDecoder(self.decoder, max_sessions=max_sessions, capacity=capacity, max_capacity=max_capacity,
                                   max_block_size=max_block_size, planner=self._planner, passes=self._passes,
                                   load_aware=load_aware)
@@ -125,7 +121,6 @@ class DecodeScheduler:
         self._parked: list[ScheduledRequest] = []  # prefilled, waiting for decide()
         self._requests: set[ScheduledRequest] = set()
         self._stop = False
-        self.iterations = 0
         self._thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
         self._thread.start()
 
@@ -149,11 +144,6 @@ class DecodeScheduler:
         with self._cond:
             request.cancelled = True
             self._cond.notify()
-
-    @property
-    def load(self) -> int:
-        """Sessions decoding in the batch now."""
-        return self.batch.active
 
     def close(self) -> None:
         with self._cond:
@@ -195,7 +185,6 @@ class DecodeScheduler:
             self._fail(request, AbortedError("the verifier shut down before the request finished"))
 
     def _iteration(self) -> None:
-        self.iterations += 1
         for request in [r for r in self._requests if r.cancelled]:
             self._end(request)
         for request in [r for r in self._parked if r.block_size is not None]:
@@ -230,7 +219,7 @@ class DecodeScheduler:
         cache, prompt = request.cache, request.prompt_ids
         if not request.prefill_started:
             request.prefill_started = time.perf_counter()
-        layers = request.feature_layers
+        layers = feature_layers_of(request.drafter, request.collect_features)
         if len(prompt) - cache.length > self.prefill_chunk_tokens:
             start = cache.length
             chunk = torch.tensor([prompt[start : start + self.prefill_chunk_tokens]], dtype=torch.long, device=self.target.device)

@@ -6,26 +6,12 @@ import pytest
 import torch
 
 from blockpilot.decoding.batch import BatchDecoder
-from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.decoding.lookup import LookupConfig
-from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
+from blockpilot.decoding.speculative import SamplingParams
 from blockpilot.errors import ResourceExhaustedError
-from blockpilot.models.drafter import DFlashDrafter
 from blockpilot.models.kv_cache import BatchKVCache
-from blockpilot.models.target import TargetModel
 
 LOOKUP = LookupConfig(min_ngram=2, max_ngram=4, max_tokens=6, max_tokens_by_ngram=())
-
-
-@pytest.fixture(scope="module")
-def target(tiny_llama_dir):
-    return TargetModel.from_pretrained(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def decoder(target):
-    drafter = LocalDrafter(DFlashDrafter.random(target.config, num_hidden_layers=1, block_size=6, seed=1), target)
-    return SpeculativeDecoder(target, drafter)
 
 
 def requests(vocab: int, count: int, *, temperature: float = 0.0):
@@ -65,7 +51,8 @@ def test_batch_cache_rows_have_their_own_lengths():
     cache.reserve_rows(torch.tensor([1, 2]))  # each row's own room counts
 
 
-def test_ragged_forward_matches_each_row_alone(target):
+def test_ragged_forward_matches_each_row_alone(tiny_target):
+    target = tiny_target
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, target.config.vocab_size, (n,), generator=generator) for n in (5, 1, 12)]
     blocks = torch.randint(0, target.config.vocab_size, (3, 4), generator=generator)
@@ -90,7 +77,8 @@ def test_ragged_forward_matches_each_row_alone(target):
 
 
 @pytest.mark.parametrize("max_sessions", [1, 3, 16])
-def test_greedy_batch_equals_one_at_a_time(decoder, max_sessions):
+def test_greedy_batch_equals_one_at_a_time(tiny_decoder, max_sessions):
+    decoder = tiny_decoder
     work = requests(decoder.target.config.vocab_size, 16)
     alone = [decoder.generate(ids, params, block, lookup=LOOKUP).token_ids for ids, params, block in work]
     batch = BatchDecoder(decoder, max_sessions=max_sessions, capacity=128, max_block_size=8)
@@ -102,14 +90,16 @@ def test_greedy_batch_equals_one_at_a_time(decoder, max_sessions):
     assert {"lookup", "dflash", ""} <= sources  # every kind of step ran inside the batch
 
 
-def test_sampled_batch_equals_one_at_a_time_with_the_same_seeds(decoder):
+def test_sampled_batch_equals_one_at_a_time_with_the_same_seeds(tiny_decoder):
+    decoder = tiny_decoder
     work = requests(decoder.target.config.vocab_size, 10, temperature=1.0)
     alone = [decoder.generate(ids, params, block, lookup=LOOKUP).token_ids for ids, params, block in work]
     results = BatchDecoder(decoder, max_sessions=4, capacity=128, max_block_size=8).run(work, lookup=LOOKUP)
     assert [r.token_ids for r in results] == alone
 
 
-def test_arrivals_and_a_release_mid_batch_leave_the_others_unchanged(decoder):
+def test_arrivals_and_a_release_mid_batch_leave_the_others_unchanged(tiny_decoder):
+    decoder = tiny_decoder
     work = requests(decoder.target.config.vocab_size, 6)
     alone = [decoder.generate(ids, params, block).token_ids for ids, params, block in work]
     batch = BatchDecoder(decoder, max_sessions=8, capacity=128, max_block_size=8)
@@ -130,7 +120,8 @@ def test_arrivals_and_a_release_mid_batch_leave_the_others_unchanged(decoder):
     assert cancelled.result.token_ids == alone[1][: len(cancelled.result.token_ids)]
 
 
-def test_admission_beyond_the_pool_is_refused(decoder):
+def test_admission_beyond_the_pool_is_refused(tiny_decoder):
+    decoder = tiny_decoder
     batch = BatchDecoder(decoder, max_sessions=1, capacity=40, max_block_size=8)
     with pytest.raises(ResourceExhaustedError, match="exceed the batch's 40 tokens"):
         batch.admit([1] * 20, SamplingParams(max_new_tokens=20), 2)

@@ -7,12 +7,9 @@ import pytest
 import torch
 
 from blockpilot.decoding.batch import BatchDecoder
-from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.decoding.load_cap import DraftRecord, PassCostModel, draft_pays
 from blockpilot.decoding.lookup import LookupConfig
-from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
-from blockpilot.models.drafter import DFlashDrafter
-from blockpilot.models.target import TargetModel
+from blockpilot.decoding.speculative import SamplingParams
 
 LOOKUP = LookupConfig(min_ngram=2, max_ngram=4, max_tokens=6, max_tokens_by_ngram=())
 
@@ -45,14 +42,8 @@ def test_a_draft_pays_alone_but_not_in_a_compute_bound_batch():
     assert not draft_pays(slow, (0.04, 0.004), 1.0, 1)
 
 
-@pytest.fixture(scope="module")
-def decoder(tiny_llama_dir):
-    target = TargetModel.from_pretrained(tiny_llama_dir)
-    drafter = LocalDrafter(DFlashDrafter.random(target.config, num_hidden_layers=1, block_size=6, seed=1), target)
-    return SpeculativeDecoder(target, drafter)
-
-
-def test_a_load_aware_batch_caps_drafts_and_keeps_the_outputs(decoder):
+def test_a_load_aware_batch_caps_drafts_and_keeps_the_outputs(tiny_decoder):
+    decoder = tiny_decoder
     vocab = decoder.target.config.vocab_size
     generator = torch.Generator().manual_seed(5)
     work = []

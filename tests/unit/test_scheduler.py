@@ -10,25 +10,13 @@ import threading
 import pytest
 import torch
 
-from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
 from blockpilot.decoding.speculative import GenerationResult, SamplingParams, SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
-from blockpilot.models.drafter import DFlashDrafter
 from blockpilot.models.target import TargetModel
 from blockpilot.serving.scheduler import DecodeScheduler, ScheduledRequest
 
 LOOKUP = LookupConfig(min_ngram=2, max_ngram=4, max_tokens=6, max_tokens_by_ngram=())
-
-
-@pytest.fixture(scope="module")
-def target(tiny_llama_dir):
-    return TargetModel.from_pretrained(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def drafter(target):
-    return LocalDrafter(DFlashDrafter.random(target.config, num_hidden_layers=1, block_size=6, seed=1), target)
 
 
 class Batch1Target:
@@ -96,7 +84,8 @@ def work(vocab: int, count: int):
 
 
 @pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "batch-1 backend"])
-def test_requests_arriving_together_get_their_alone_outputs(target, drafter, ragged):
+def test_requests_arriving_together_get_their_alone_outputs(tiny_target, tiny_drafter, ragged):
+    target, drafter = tiny_target, tiny_drafter
     engine = target if ragged else Batch1Target(target)
     decoder = SpeculativeDecoder(target, drafter)
     requests = work(target.config.vocab_size, 12)
@@ -119,7 +108,8 @@ def test_requests_arriving_together_get_their_alone_outputs(target, drafter, rag
         scheduler.close()
 
 
-def test_a_session_cache_is_reused_and_kept(target, drafter):
+def test_a_session_cache_is_reused_and_kept(tiny_target, tiny_drafter):
+    target, drafter = tiny_target, tiny_drafter
     """A follow-up turn brings a cache holding its earlier tokens (and their features); it gets
     the same output as a fresh prefill, and with keep_cache the row comes back into its cache."""
     decoder = SpeculativeDecoder(target, drafter)
@@ -146,7 +136,8 @@ def test_a_session_cache_is_reused_and_kept(target, drafter):
         scheduler.close()
 
 
-def test_cancel_frees_the_row_and_the_draft_session_while_others_go_on(target, drafter):
+def test_cancel_frees_the_row_and_the_draft_session_while_others_go_on(tiny_target, tiny_drafter):
+    target, drafter = tiny_target, tiny_drafter
     opened, closed = [], []
 
     class Counting:
@@ -184,7 +175,8 @@ def test_cancel_frees_the_row_and_the_draft_session_while_others_go_on(target, d
         scheduler.close()
 
 
-def test_a_bad_request_fails_alone(target, drafter):
+def test_a_bad_request_fails_alone(tiny_target, tiny_drafter):
+    target, drafter = tiny_target, tiny_drafter
     decoder = SpeculativeDecoder(target, drafter)
     scheduler = DecodeScheduler(target, max_sessions=4, capacity=64, max_capacity=64, max_block_size=8)
     try:
