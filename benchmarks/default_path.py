@@ -17,6 +17,10 @@ temperature > 0 each method gets the same seed (outputs differ by design; the la
 chi-square tests prove).
 
     .venv/bin/python benchmarks/default_path.py ../shared/datasets --prompts-per-dataset 20 --out runs/default_path.json
+
+--precisions fp32 int4 runs every method at each precision of the onnxruntime backend (one engine per
+precision, interleaved per prompt): each precision's speed-ups are over its own autoregressive
+decoding (lossless: equal to it), and `vs_first_autoregressive` compares with the first precision's.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
+from blockpilot.backends import DEFAULT_PRECISION, DEFAULT_VERIFIER_BACKEND, PRECISION_CHOICES
 from blockpilot.backends.loader import BackendOptions
 from blockpilot.benchmarking import machine_info, read_jsonl_prompts
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
@@ -58,18 +62,21 @@ def run_method(engine, policy: InProcessPolicy, method: str, prompt_ids, params:
             or result.fallback_reason}
 
 
-def summarize(rows: list[dict], methods: list[str], temperature: float) -> dict:
+def summarize(rows: list[dict], methods: list[str], temperature: float, precision: str, first: str) -> dict:
     out = {"prompts": len(rows), "methods": {}}
     for method in methods:
-        runs = [r["runs"][method] for r in rows]
-        speedups = [r["runs"][method]["decode_tokens_per_s"] / r["runs"][BASELINE]["decode_tokens_per_s"]
-                    for r in rows if r["runs"][BASELINE]["decode_tokens_per_s"] > 0]
+        runs = [r["runs"][precision][method] for r in rows]
+        speedups = [r["runs"][precision][method]["decode_tokens_per_s"] / r["runs"][precision][BASELINE]["decode_tokens_per_s"]
+                    for r in rows if r["runs"][precision][BASELINE]["decode_tokens_per_s"] > 0]
+        versus_first = [r["runs"][precision][method]["decode_tokens_per_s"] / r["runs"][first][BASELINE]["decode_tokens_per_s"]
+                        for r in rows if r["runs"][first][BASELINE]["decode_tokens_per_s"] > 0]
         accepted = Counter()
         for run in runs:
             accepted.update(run["accepted_by_source"])
         total_accepted = sum(accepted.values())
         entry = {
             "median_speedup": statistics.median(speedups) if speedups else 0.0,
+            "median_vs_first_autoregressive": statistics.median(versus_first) if versus_first else 0.0,
             "min_speedup": min(speedups) if speedups else 0.0,
             "mean_tau": statistics.fmean(r["tau"] for r in runs if r["steps"]) if any(r["steps"] for r in runs) else 0.0,
             "decode_tokens_per_s": sum(len(r["token_ids"]) - 1 for r in runs) / sum(r["decode_s"] for r in runs),
@@ -79,7 +86,7 @@ def summarize(rows: list[dict], methods: list[str], temperature: float) -> dict:
             "drafter_passes_skipped": sum(r["drafter_passes_skipped"] for r in runs),
         }
         if temperature == 0:
-            entry["lossless"] = sum(r["runs"][method]["token_ids"] == r["runs"][BASELINE]["token_ids"] for r in rows)
+            entry["lossless"] = sum(r["runs"][precision][method]["token_ids"] == r["runs"][precision][BASELINE]["token_ids"] for r in rows)
         out["methods"][method] = entry
     return out
 
@@ -96,15 +103,23 @@ def main(argv=None) -> int:
                         help="methods at temperature > 0 (default: the same as --methods)")
     parser.add_argument("--threads", type=int, default=None, help="threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of every request at temperature > 0")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISION_CHOICES, default=[DEFAULT_PRECISION],
+                        help=f"onnxruntime precisions to run (default: {DEFAULT_PRECISION}, the default path's)")
     parser.add_argument("--out", type=Path, required=True, help="JSON report")
     args = parser.parse_args(argv)
 
     set_threads(args.threads)
-    engine = load_engine(None, None, backend=BackendOptions(name=DEFAULT_VERIFIER_BACKEND, threads=args.threads))
+    engines = {}
+    for precision in args.precisions:  # keyed by the precision each runs ('auto' resolved)
+        each = load_engine(None, None, backend=BackendOptions(name=DEFAULT_VERIFIER_BACKEND, precision=precision, threads=args.threads))
+        engines[each.precision] = each
+    precisions = list(engines)
+    engine = engines[precisions[0]]
+    first = precisions[0]
     policy = InProcessPolicy()
     files = sorted(args.datasets.glob("*.jsonl"))
     prompts = [p for f in files for p in read_jsonl_prompts(f, args.prompts_per_dataset)]
-    setup = {"machine": machine_info(), "backend": engine.backend, "drafter": engine.drafter_name,
+    setup = {"machine": machine_info(), "backend": engine.backend, "precisions": precisions, "drafter": engine.drafter_name,
              "policy": ",".join(policy.spec.policy_versions),
              "lookup": LookupConfig().__dict__, "max_new_tokens": args.max_new_tokens,
              "prompts_per_dataset": args.prompts_per_dataset, "datasets": [f.stem for f in files],
@@ -121,13 +136,16 @@ def main(argv=None) -> int:
             params = SamplingParams(temperature=temperature, max_new_tokens=args.max_new_tokens,
                                     stop_token_ids=engine.tokenizer.stop_token_ids,
                                     seed=args.seed if temperature > 0 else None)
-            runs = {m: run_method(engine, policy, m, ids, params) for m in methods}
+            runs = {precision: {m: run_method(each, policy, m, ids, params) for m in methods} for precision, each in engines.items()}
             rows.append({"id": prompt["id"], "dataset": prompt["dataset"], "prompt_tokens": len(ids), "runs": runs})
-        by_dataset = {}
-        for name in dict.fromkeys(r["dataset"] for r in rows):
-            by_dataset[name] = summarize([r for r in rows if r["dataset"] == name], methods, temperature)
-        report["runs"][f"T={temperature:g}"] = {"overall": summarize(rows, methods, temperature), "datasets": by_dataset,
-                                               "prompts": rows}
+        for precision in precisions:
+            by_dataset = {}
+            for name in dict.fromkeys(r["dataset"] for r in rows):
+                by_dataset[name] = summarize([r for r in rows if r["dataset"] == name], methods, temperature, precision, first)
+            key = f"T={temperature:g} {precision}"
+            report["runs"][key] = {"precision": precision, "overall": summarize(rows, methods, temperature, precision, first),
+                                   "datasets": by_dataset}
+        report.setdefault("prompts", {})[f"T={temperature:g}"] = rows
     report["seconds"] = time.perf_counter() - started
     policy.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +156,7 @@ def main(argv=None) -> int:
             cells = []
             for method, m in summary["methods"].items():
                 if method == BASELINE:
-                    cells.append(f"AR {m['decode_tokens_per_s']:.1f} tok/s")
+                    cells.append(f"AR {m['decode_tokens_per_s']:.1f} tok/s ({m['median_vs_first_autoregressive']:.2f}x {first} AR)")
                     continue
                 share = m["accepted_share"]
                 lossless = f" lossless {m['lossless']}/{summary['prompts']}" if "lossless" in m else ""

@@ -1,14 +1,20 @@
-"""Engine speed: autoregressive decode tokens/s of our engine vs transformers' generate(), and the
-verify-cost curve (forward time for k new tokens relative to k = 1).
+"""Engine speed: autoregressive decode tokens/s of our engine's backends and precisions vs
+transformers' generate() (and llama.cpp, when given), the verify-cost curve per backend (forward
+time for k new tokens relative to k = 1), the drafter's pass against a target step, and how close
+each backend's greedy output and logits are to the fp32 engine's.
 
-    .venv/bin/python benchmarks/engine.py --datasets ../shared/datasets --prompts 10 --out runs/engine.json
+    .venv/bin/python benchmarks/engine.py --datasets ../shared/datasets --prompts 10 --out runs/engine.json \
+        [--llama-cpp /path/to/venv-with-llama-cpp/bin/python]
 
-"engine" is the first of --backends: by default the default verifier backend (onnxruntime, the
-engine's exported graph), then the torch engine itself, both timed in the same run.
+--backends names what runs, each `backend[:variant]`: `onnxruntime:int4` and `onnxruntime:fp32` (the
+fused CPU graph at each precision), `onnxruntime:portable` (the standard-op fp32 graph that ONNX
+Runtime ran on the CPU before the fused one), `torch`. "engine" in the report is the first.
 
-Both decoders run the same model (default: SmolLM2-135M-Instruct, fp32) on the same prompts in the
-same process, 128 new tokens each, greedy, no early stop (so both produce exactly the same number
-of tokens). Prefill is timed separately and excluded from decode tokens/s.
+Every decoder runs the same model (default: SmolLM2-135M-Instruct) on the same prompts, interleaved
+per prompt, 128 new tokens each, greedy, no early stop (so all produce the same number of tokens).
+Prefill is timed separately and excluded from decode tokens/s. llama.cpp (llama-cpp-python, built
+from source in its own virtual environment; benchmarks/llama_cpp_decode.py) runs the GGUF file
+itself through a subprocess per prompt, fed the same prompt token ids.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
-from blockpilot.benchmarking import load_prompts
+from blockpilot.backends import DEFAULT_PRECISION
+from blockpilot.benchmarking import load_prompts, machine_info
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.models.store import is_default_target, resolve_target
 from blockpilot.models.target import TargetModel
@@ -37,6 +43,60 @@ def engine_decode(decoder: SpeculativeDecoder, prompt_ids: list[int], new_tokens
     result = decoder.generate(prompt_ids, SamplingParams(max_new_tokens=new_tokens), 1)
     return {"ttft_s": result.ttft_s, "decode_s": result.decode_s, "tokens": len(result.token_ids),
             "decode_tokens_per_s": result.decode_tokens_per_s, "token_ids": result.token_ids}
+
+
+def llama_cpp_decode(python: str, gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> dict:
+    import subprocess
+
+    request = json.dumps({"model": str(gguf), "prompt_ids": prompt_ids, "new_tokens": new_tokens, "threads": threads})
+    done = subprocess.run([python, str(Path(__file__).with_name("llama_cpp_decode.py"))], input=request, text=True,
+                          capture_output=True, check=False, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp decode failed: {done.stderr.strip()[-500:]}")
+    out = json.loads(done.stdout)
+    out["ttft_s"] = out.pop("prefill_s")
+    out["decode_tokens_per_s"] = (out["tokens"] - 1) / max(out["decode_s"], 1e-9)
+    return out
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def drafter_pass_ms(engine_target, context_len: int, num_draft: int, repeats: int) -> float | None:
+    """Median time of the shipped drafter's pass (num_draft drafts, 2 new context tokens) on a
+    context of `context_len` tokens, or None without a shipped drafter."""
+    from blockpilot.decoding.drafting import DraftRequest, LocalDrafter
+    from blockpilot.models.drafter import DFlashDrafter
+    from blockpilot.runtime import shipped_drafter_dir
+
+    path = shipped_drafter_dir()
+    if path is None:
+        return None
+    drafter = LocalDrafter(DFlashDrafter.from_pretrained(path), engine_target)
+    width = len(drafter.target_layer_ids) * engine_target.config.hidden_size
+    session = drafter.open_session(context_len + 64)
+    generator = torch.Generator().manual_seed(0)
+    session.propose(DraftRequest(anchor=1, start=context_len, num_draft=num_draft,
+                                 context=torch.randn(context_len, width, generator=generator), context_start=0))
+    samples = []
+    for step in range(repeats + 1):
+        start = context_len + 2 * (step + 1)
+        began = time.perf_counter()
+        session.propose(DraftRequest(anchor=1, start=start, num_draft=num_draft,
+                                     context=torch.randn(2, width, generator=generator), context_start=start - 2))
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples[1:]) * 1000
+
+
+def prefill_logits(target, prompt_ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return target(torch.tensor([prompt_ids]), target.new_cache(len(prompt_ids) + 1), num_logits=1).logits[0, -1]
 
 
 def hf_decode(model, prompt_ids: list[int], new_tokens: int) -> dict:
@@ -120,6 +180,32 @@ def profile_ort_decode_step(backend, context_len: int, out_dir: Path) -> list[di
     return [{"op": op, "ms_per_step": us / 5 / 1000, "share": us / total_us} for op, us in rows[:8]]
 
 
+def load_decoders(names: list[str], target: TargetModel, model_dir: Path, target_name: str | None,
+                  threads: int | None) -> dict[str, SpeculativeDecoder]:
+    from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend
+    from blockpilot.backends.onnx_export import PORTABLE, cached_export
+    from blockpilot.backends.onnxruntime_backend import OnnxRuntimeTarget
+
+    # The exports the speculative path uses too (the shipped drafter's layers): cached.
+    layers = default_export_layers(target, is_default_target(target_name))
+    decoders = {}
+    for name in names:
+        backend, _, variant = name.partition(":")
+        if backend == "torch":
+            decoders[name] = SpeculativeDecoder(target)
+        elif variant == "portable":
+            export = cached_export(target, layers, source=str(model_dir), graph=PORTABLE)
+            decoders[name] = SpeculativeDecoder(OnnxRuntimeTarget(export, target, provider="cpu", threads=threads))
+        else:
+            options = BackendOptions(name=backend, precision=variant or DEFAULT_PRECISION, threads=threads)
+            decoders[name] = SpeculativeDecoder(load_backend(target, options, drafter_layers=None, default_layers=layers,
+                                                             source=str(model_dir)))
+    return decoders
+
+
+BACKEND_CHOICES = ("onnxruntime:int4", "onnxruntime:fp32", "onnxruntime:portable", "torch")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", type=Path, required=True, help="folder with the evaluation *.jsonl files")
@@ -128,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=7, help="repeats per k for the verify-cost curve")
-    parser.add_argument("--backends", nargs="+", default=[DEFAULT_VERIFIER_BACKEND, "torch"], choices=["torch", "onnxruntime"],
+    parser.add_argument("--backends", nargs="+", default=list(BACKEND_CHOICES), choices=BACKEND_CHOICES,
                         help="engine backends to time beside transformers (the first is 'engine' in the report; "
-                             "default: the default verifier backend, then the torch engine)")
+                             "default: all, int4 first)")
+    parser.add_argument("--llama-cpp", default=None, metavar="PYTHON",
+                        help="a Python interpreter with llama-cpp-python installed: time llama.cpp on the GGUF too")
+    parser.add_argument("--gguf", type=Path, default=None, help="GGUF file for llama.cpp (default: the default model's)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -141,22 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_target(args.target)
     tokenizer = ChatTokenizer(model_dir)
     target = TargetModel.from_pretrained(model_dir)
-    decoders = {}
-    for name in args.backends:
-        if name == "torch":
-            decoders[name] = SpeculativeDecoder(target)
-        else:
-            from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend
+    decoders = load_decoders(args.backends, target, model_dir, args.target, args.threads)
+    threads = args.threads or torch.get_num_threads()
+    gguf = None
+    if args.llama_cpp:
+        from blockpilot.models.store import default_gguf_path
 
-            # The export the speculative path uses too (the shipped drafter's layers): one export, cached.
-            backend = load_backend(target, BackendOptions(name=name, threads=args.threads), drafter_layers=None,
-                                   default_layers=default_export_layers(target, is_default_target(args.target)),
-                                   source=str(model_dir))
-            decoders[name] = SpeculativeDecoder(backend)
+        gguf = args.gguf or default_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
     prompts = load_prompts(args.datasets, args.prompts)
     print(f"setup: {model_dir.name}, {len(prompts)} prompts, {args.new_tokens} new tokens, greedy, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+          f"torch {torch.__version__}, {threads} threads, {platform.processor() or platform.machine()}",
           file=sys.stderr)
 
     # Warm-up: first calls pay for allocator and kernel selection.
@@ -165,59 +249,82 @@ def main(argv: list[str] | None = None) -> int:
         engine_decode(each, warm, 8)
     hf_decode(hf, warm, 8)
 
+    reference = "onnxruntime:fp32" if "onnxruntime:fp32" in decoders else args.backends[0]
     per_prompt = []
     for prompt in tqdm(prompts, desc="prompts", file=sys.stderr):
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt["text"]}])
         # Decoders interleave per prompt, so machine load drifts hit them alike.
         runs = {name: engine_decode(each, ids, args.new_tokens) for name, each in decoders.items()}
-        ours, theirs = runs[args.backends[0]], hf_decode(hf, ids, args.new_tokens)
-        per_prompt.append({"id": prompt["id"], "prompt_tokens": len(ids),
-                           "engine": {k: v for k, v in ours.items() if k != "token_ids"},
-                           "transformers": {k: v for k, v in theirs.items() if k != "token_ids"},
-                           **{f"engine_{name}": {k: v for k, v in run.items() if k != "token_ids"} for name, run in runs.items()},
-                           "same_tokens": ours["token_ids"] == theirs["token_ids"],
-                           "same_tokens_across_backends": all(run["token_ids"] == ours["token_ids"] for run in runs.values())})
+        runs["transformers"] = hf_decode(hf, ids, args.new_tokens)
+        if gguf is not None:
+            runs["llama.cpp"] = llama_cpp_decode(args.llama_cpp, gguf, ids, args.new_tokens, threads)
+        ours = runs[args.backends[0]]
+        logits = {name: prefill_logits(each.target, ids) for name, each in decoders.items()}
+        ref_logits = logits[reference]
+        per_prompt.append({
+            "id": prompt["id"], "prompt_tokens": len(ids),
+            "engine": {k: v for k, v in ours.items() if k != "token_ids"},
+            **{name: {k: v for k, v in run.items() if k not in ("token_ids", "llama_cpp")} for name, run in runs.items()},
+            "same_tokens": ours["token_ids"] == runs["transformers"]["token_ids"],
+            # greedy agreement with the fp32 engine: identical outputs, and how many tokens agree before the first difference
+            "matching_prefix_vs_fp32": {name: matching_prefix(run["token_ids"], runs[reference]["token_ids"]) for name, run in runs.items()},
+            "prefill_logit_max_diff_vs_fp32": {name: float((l - ref_logits).abs().max()) for name, l in logits.items()},
+            "prefill_top1_agrees_with_fp32": {name: int(l.argmax()) == int(ref_logits.argmax()) for name, l in logits.items()},
+        })
 
     def rate(key: str) -> float:
         tokens = sum(p[key]["tokens"] - 1 for p in per_prompt)
         return tokens / sum(p[key]["decode_s"] for p in per_prompt)
 
+    names = list(decoders) + ["transformers"] + (["llama.cpp"] if gguf is not None else [])
     profile_dir = Path(tempfile.mkdtemp(prefix="blockpilot-ort-profile-"))
     curves = {name: verify_cost_curve(each.target, 128, [1, 2, 4, 8, 16, 32], args.repeats) for name, each in decoders.items()}
     curve = curves[args.backends[0]]
+    step_ms = {name: c[1] * 1000 for name, c in curves.items()}
+    draft_ms = drafter_pass_ms(target, 128, 7, args.repeats)
+    portable = next((each.target for name, each in decoders.items() if name == "onnxruntime:portable"), None)
     report = {
+        "machine": machine_info(),
         "setup": {"target": model_dir.name, "prompts": len(prompts), "new_tokens": args.new_tokens,
-                  "threads": torch.get_num_threads(), "torch": torch.__version__},
+                  "threads": threads, "torch": torch.__version__, "backends": args.backends,
+                  "llama_cpp": runs.get("llama.cpp", {}).get("llama_cpp") if gguf is not None else None,
+                  "fp32_reference": reference},
         "engine_decode_tokens_per_s": rate("engine"),
         "transformers_decode_tokens_per_s": rate("transformers"),
         "speedup_vs_transformers": rate("engine") / rate("transformers"),
         "engine_ttft_s_mean": statistics.mean(p["engine"]["ttft_s"] for p in per_prompt),
         "transformers_prefill_s_mean": statistics.mean(p["transformers"]["ttft_s"] for p in per_prompt),
         "identical_outputs": sum(p["same_tokens"] for p in per_prompt),
-        "backends": {name: {"decode_tokens_per_s": rate(f"engine_{name}"),
-                            "speedup_vs_transformers": rate(f"engine_{name}") / rate("transformers")} for name in decoders},
-        "identical_outputs_across_backends": sum(p["same_tokens_across_backends"] for p in per_prompt),
+        "decoders": {name: {
+            "decode_tokens_per_s": rate(name),
+            "speedup_vs_transformers": rate(name) / rate("transformers"),
+            "outputs_identical_to_fp32": sum(p["matching_prefix_vs_fp32"][name] == args.new_tokens for p in per_prompt),
+            "mean_matching_prefix_vs_fp32": statistics.mean(p["matching_prefix_vs_fp32"][name] for p in per_prompt),
+            "prefill_logit_max_diff_vs_fp32": (max(p["prefill_logit_max_diff_vs_fp32"][name] for p in per_prompt)
+                                               if name in decoders else None),
+            "prefill_top1_agreement_vs_fp32": (sum(p["prefill_top1_agrees_with_fp32"][name] for p in per_prompt)
+                                               if name in decoders else None),
+        } for name in names},
         "verify_cost_ms": {k: v * 1000 for k, v in curve.items()},
         "verify_cost_relative": {k: v / curve[1] for k, v in curve.items()},
         "verify_cost_ms_by_backend": {name: {k: v * 1000 for k, v in c.items()} for name, c in curves.items()},
         "verify_cost_relative_by_backend": {name: {k: v / c[1] for k, v in c.items()} for name, c in curves.items()},
+        "drafter_pass_ms": draft_ms,
+        "drafter_pass_vs_one_token_step": {name: draft_ms / ms for name, ms in step_ms.items()} if draft_ms else None,
         "decode_step_profile": profile_decode_step(target, 128),
-        "decode_step_profile_onnxruntime": (profile_ort_decode_step(decoders["onnxruntime"].target, 128, profile_dir)
-                                            if "onnxruntime" in decoders else None),
+        "decode_step_profile_onnxruntime_portable": (profile_ort_decode_step(portable, 128, profile_dir)
+                                                     if portable is not None else None),
         "weights_mb": sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20,
         "per_prompt": per_prompt,
     }
-    print(f"engine        {report['engine_decode_tokens_per_s']:6.1f} decode tokens/s")
-    for name, figures in report["backends"].items():
-        print(f"  {name:12s}{figures['decode_tokens_per_s']:6.1f} decode tokens/s  ({figures['speedup_vs_transformers']:.2f} x transformers)")
-    print(f"transformers  {report['transformers_decode_tokens_per_s']:6.1f} decode tokens/s")
-    print(f"speed-up      {report['speedup_vs_transformers']:6.2f} x   (identical outputs: {report['identical_outputs']}/{len(per_prompt)})")
+    for name, figures in report["decoders"].items():
+        print(f"{name:22s}{figures['decode_tokens_per_s']:7.1f} decode tokens/s  ({figures['speedup_vs_transformers']:.2f} x transformers)"
+              f"  identical to fp32 {figures['outputs_identical_to_fp32']}/{len(per_prompt)}, matching prefix "
+              f"{figures['mean_matching_prefix_vs_fp32']:.0f} tokens")
     for name, c in curves.items():
-        print(f"verify cost {name:12s}" + "  ".join(f"k={k}: {v / c[1]:.2f}x ({v * 1000:.1f} ms)" for k, v in c.items()))
-    print("decode step torch        " + "; ".join(f"{r['op']} {r['self_ms_per_step']:.1f} ms ({r['share']:.0%})" for r in report["decode_step_profile"][:4]))
-    if report["decode_step_profile_onnxruntime"]:
-        print("decode step onnxruntime  " + "; ".join(f"{r['op']} {r['ms_per_step']:.1f} ms ({r['share']:.0%})"
-                                                     for r in report["decode_step_profile_onnxruntime"][:4]))
+        print(f"verify cost {name:22s}" + "  ".join(f"k={k}: {v / c[1]:.2f}x ({v * 1000:.1f} ms)" for k, v in c.items()))
+    if draft_ms:
+        print(f"drafter pass (7 drafts) {draft_ms:.1f} ms = " + ", ".join(f"{v:.2f} x a {k} step" for k, v in report["drafter_pass_vs_one_token_step"].items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

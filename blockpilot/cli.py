@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from blockpilot.backends import BACKENDS, CPU_BACKENDS, DEFAULT_VERIFIER_BACKEND, TORCH
+from blockpilot.backends import BACKENDS, CPU_BACKENDS, DEFAULT_PRECISION, DEFAULT_VERIFIER_BACKEND, PRECISION_CHOICES, TORCH
 from blockpilot.cli_args import AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, block_size_arg, positive_int, temperature
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
 
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "the torch engine (no export), or TensorRT (GPU, gpu extra)")
     gen.add_argument("--onnx", type=Path, default=None,
                      help="ONNX export folder for --backend onnxruntime/tensorrt (default: export on demand into $BLOCKPILOT_CACHE/onnx)")
+    gen.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                     help="onnxruntime on the CPU: 'int4' runs the GGUF's own 4-bit codes, 'fp32' the de-quantized weights; "
+                          "'auto' (default): int4 for a target converted from a GGUF of Q4_1/Q8_0 codes (the default model), "
+                          "else fp32 (with --onnx: the export's)")
     gen.add_argument("--server", metavar="HOST:PORT", default=None,
                      help="generate through a verifier service (e.g. 127.0.0.1:50051) instead of in-process")
     gen.add_argument("--timeout", type=float, default=600.0, help="with --server: deadline of the request in seconds")
@@ -70,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--target", default=None)
     prep.add_argument("--backend", choices=CPU_BACKENDS, default=DEFAULT_VERIFIER_BACKEND,
                       help="the verifier backend to prepare for (default: onnxruntime, which needs the export; torch needs none)")
+    prep.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
+                      help=f"the onnxruntime precision to export for (default: {DEFAULT_PRECISION}, as generate and the verifier run)")
 
     drafter = sub.add_parser("drafter", help="make, train and evaluate DFlash drafters")
     drafter_sub = drafter.add_subparsers(dest="drafter_command", required=True, parser_class=OneLineParser)
@@ -181,13 +187,15 @@ def _prepare(args: argparse.Namespace) -> int:
     print(target_dir)
     if args.backend != TORCH:
         # The export the verifier would otherwise make on its first start (and time out a client on).
-        from blockpilot.backends.loader import default_export_layers
-        from blockpilot.backends.onnx_export import cached_export
+        from blockpilot.backends import AUTO
+        from blockpilot.backends.loader import auto_precision, default_export_layers
+        from blockpilot.backends.onnx_export import FUSED, cached_export
         from blockpilot.models.target import TargetModel
 
         target = TargetModel.from_pretrained(target_dir)
         layers = default_export_layers(target, is_default_target(args.target))
-        print(cached_export(target, layers, source=str(target_dir)).directory)
+        precision = auto_precision(target_dir) if args.precision == AUTO else args.precision
+        print(cached_export(target, layers, source=str(target_dir), graph=FUSED, precision=precision).directory)
     return 0
 
 
@@ -344,6 +352,9 @@ def _add_stack_parsers(sub) -> None:
     up.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per service")
     up.add_argument("--backend", choices=BACKENDS, default="",
                     help="the verifier's backend (default: its config's, i.e. BLOCKPILOT_VERIFIER_BACKEND, else onnxruntime)")
+    up.add_argument("--precision", choices=PRECISION_CHOICES, default="",
+                    help="the verifier's onnxruntime precision (default: its config's, i.e. BLOCKPILOT_VERIFIER_PRECISION, "
+                         f"else {DEFAULT_PRECISION})")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all services to be SERVING")
     down = sub.add_parser("down", help="stop the local stack started by `blockpilot up`")
     down.add_argument("--grace", type=float, default=15.0, help="seconds each service gets to drain before SIGKILL")
@@ -358,7 +369,7 @@ def _stack(args: argparse.Namespace) -> int:
             target=args.target, drafter=args.drafter, redis_url=args.redis_url, verifier_port=args.verifier_port,
             drafter_port=args.drafter_port, policy_port=args.policy_port, verifier_metrics_port=args.verifier_metrics_port,
             drafter_metrics_port=args.drafter_metrics_port, policy_metrics_port=args.policy_metrics_port,
-            threads=args.threads, timeout_s=args.timeout, backend=args.backend)
+            threads=args.threads, timeout_s=args.timeout, backend=args.backend, precision=args.precision)
         state = stack.up(opts)
         print(f"stack up: verifier at {state['services']['verifier']['address']} (logs in {state['run_dir']})")
         return 0
@@ -412,6 +423,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
         "accepted_by_source": dict(final.accepted_by_source),
         "drafter_passes_skipped": final.drafter_passes_skipped,
         "server": args.server,
+        "backend": final.backend,
+        "precision": final.precision,
         "policy_version": final.policy_version,
         "arm": final.arm,
         "fallback_reason": final.fallback_reason,
@@ -424,7 +437,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
             f"[{len(final.token_ids)} tokens, finish={final.finish_reason}, block_size={final.block_size}, "
             f"drafter={final.drafter}, tau={final.tau:.2f}, accepted lookup={final.accepted_by_source['lookup']} "
             f"dflash={final.accepted_by_source['dflash']}, ttft={timings.ttft_s * 1000:.0f} ms, "
-            f"decode={timings.decode_tokens_per_s:.1f} tokens/s, server={args.server}"
+            f"decode={timings.decode_tokens_per_s:.1f} tokens/s, server={args.server} ({final.backend}/{final.precision})"
             + (f", policy={final.policy_version} arm={final.arm}" if final.policy_version else "")
             + (f", fallback={final.fallback_reason}" if final.fallback_reason else "") + "]",
             file=sys.stderr,
@@ -436,8 +449,9 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise InvalidArgumentError("the prompt is empty")
     if args.server:
-        if args.backend is not None or args.onnx is not None:
-            raise InvalidArgumentError("--backend and --onnx are the server's settings (verifier config 'backend'); not allowed with --server")
+        if args.backend is not None or args.onnx is not None or args.precision is not None:
+            raise InvalidArgumentError("--backend, --precision and --onnx are the server's settings (verifier config "
+                                       "'backend', 'precision'); not allowed with --server")
         return _generate_remote(args)
     if args.onnx is not None and args.backend == "torch":
         raise InvalidArgumentError(f"--onnx '{args.onnx}' needs --backend onnxruntime or tensorrt")
@@ -461,8 +475,10 @@ def _generate(args: argparse.Namespace) -> int:
     from blockpilot.runtime import load_engine, set_threads
 
     set_threads(args.threads)
+    backend = args.backend or DEFAULT_VERIFIER_BACKEND
+    precision = args.precision or DEFAULT_PRECISION
     engine = load_engine(args.target, args.drafter,
-                         backend=BackendOptions(name=args.backend or DEFAULT_VERIFIER_BACKEND, onnx=args.onnx, threads=args.threads))
+                         backend=BackendOptions(name=backend, precision=precision, onnx=args.onnx, threads=args.threads))
     tokenizer = engine.tokenizer
     prompt_ids = tokenizer.encode_raw(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     policy = None
@@ -513,6 +529,7 @@ def _generate(args: argparse.Namespace) -> int:
         "accepted_by_source": result.accepted_by_source,
         "drafter_passes_skipped": result.drafter_passes_skipped,
         "backend": engine.backend,
+        "precision": engine.precision,
         "policy_version": policy.decision.policy_version if policy and policy.decision else "",
         "arm": policy.decision.arm if policy and policy.decision else "",
         "fallback_reason": ",".join(r for r in (policy.decision.fallback_reason if policy and policy.decision else "",
@@ -527,7 +544,7 @@ def _generate(args: argparse.Namespace) -> int:
             f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, block_size={result.block_size}, "
             f"drafter={engine.drafter_name}, tau={result.tau:.2f}, accepted lookup={result.accepted_by_source['lookup']} "
             f"dflash={result.accepted_by_source['dflash']}, ttft={result.ttft_s * 1000:.0f} ms, "
-            f"decode={result.decode_tokens_per_s:.1f} tokens/s, backend={engine.backend}"
+            f"decode={result.decode_tokens_per_s:.1f} tokens/s, backend={engine.backend}/{engine.precision}"
             + (f", policy={report['policy_version']}" if report["policy_version"] else "")
             + (f", fallback={report['fallback_reason']}" if report["fallback_reason"] else "") + "]",
             file=sys.stderr,

@@ -113,6 +113,10 @@ class VerifierServiceConfig(ServiceConfig):
     backend: str = opt("onnxruntime", "verifier backend: 'onnxruntime' (default; the engine's exported graph, exported once "
                                       "into $BLOCKPILOT_CACHE/onnx; CPU, or CUDA with the gpu extra), 'torch' (the engine "
                                       "itself, no export) or 'tensorrt' (needs the gpu extra and an NVIDIA GPU)", _one_of("torch", "onnxruntime", "tensorrt"))
+    precision: str = opt("auto", "numeric precision of the onnxruntime backend on the CPU: 'int4' (a GGUF's own 4-bit "
+                                 "codes; output then equals the int4 backend's own plain decoding), 'fp32', or 'auto' "
+                                 "(int4 for a target converted from a GGUF of Q4_1/Q8_0 codes, e.g. the default model; else fp32)",
+                         _one_of("auto", "fp32", "int4"))
     onnx_path: str = opt("", "ONNX export folder (`blockpilot export onnx`) for the onnxruntime/tensorrt backends "
                              "('' = export on demand into $BLOCKPILOT_CACHE/onnx)")
     onnx_layers: str = opt("", "target layers an on-demand export returns: the drafter's target_layer_ids, e.g. '1,9,17' "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from blockpilot.backends.base import VerifierBackend, backend_name
+from blockpilot.backends.base import VerifierBackend, backend_name, backend_precision
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend, place_beside
 from blockpilot.decoding.drafting import DraftProvider, LocalDrafter
 from blockpilot.decoding.speculative import SpeculativeDecoder
@@ -59,6 +59,11 @@ class Engine:
     def backend(self) -> str:
         """'torch', 'onnxruntime' or 'tensorrt'."""
         return backend_name(self.verifier_target if self.verifier_target is not None else self.target)
+
+    @property
+    def precision(self) -> str:
+        """'fp32', 'int4' (onnxruntime on the CPU) or TensorRT's precision."""
+        return backend_precision(self.verifier_target if self.verifier_target is not None else self.target)
 
 
 def load_engine(target: str | None = None, drafter: str | None = None, *, random_drafter_block_size: int = 8,

@@ -65,3 +65,50 @@ def save_tiny_hf_model(model, out_dir: Path) -> Path:
         state.pop("lm_head.weight", None)
     save_file(state, str(out_dir / "model.safetensors"))
     return out_dir
+
+
+def llama_cpp_permute(weight, heads: int):
+    """llama.cpp's converter's row order for a q/k projection (the rotary halves interleaved per
+    head), which GGUF files of the Llama family hold and loaders undo."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def quantized_tiny_model(model_type: str, out_dir: Path, seed: int = 0, **overrides) -> tuple[Path, Path]:
+    """A tiny random model whose linear layers are exactly their GGUF Q4_1 codes (and its output
+    projection its Q8_0 codes): returns (Hugging Face directory of the de-quantized fp32 weights,
+    GGUF file holding the codes), as a converted GGUF model has them."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    model = build_tiny_hf_model(model_type, seed=seed, **overrides)
+    cfg = model.config
+    q4, q8 = GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
+    gguf_path = out_dir / "model.gguf"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(gguf_path), model_type)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):
+            for module_name, gguf_name in names.items():
+                module = getattr(layer.self_attn, module_name, None) or getattr(layer.mlp, module_name)
+                weight = module.weight.numpy()
+                codes = quants.quantize(weight, q4)
+                module.weight.copy_(torch.from_numpy(quants.dequantize(codes, q4)))
+                heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(module_name)
+                if heads and model_type == "llama":
+                    codes = quants.quantize(llama_cpp_permute(module.weight.numpy(), heads), q4)
+                writer.add_tensor(f"blk.{index}.{gguf_name}.weight", codes, raw_dtype=q4)
+        head = model.lm_head.weight
+        codes = quants.quantize(head.numpy(), q8)
+        head.copy_(torch.from_numpy(quants.dequantize(codes, q8)))
+        writer.add_tensor("token_embd.weight" if cfg.tie_word_embeddings else "output.weight", codes,
+                          raw_dtype=q8)
+        if not cfg.tie_word_embeddings:
+            writer.add_tensor("token_embd.weight", np.ascontiguousarray(model.model.embed_tokens.weight.numpy()))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return save_tiny_hf_model(model, out_dir / "hf"), gguf_path

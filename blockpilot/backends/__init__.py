@@ -18,3 +18,14 @@ CPU_BACKENDS = (TORCH, ONNXRUNTIME)  # what offline tools (prepare, eval, sweeps
 # the default model). In-process library calls (load_engine, BackendOptions()) keep the torch
 # engine: no export step, and what the drafter service and the offline tools want.
 DEFAULT_VERIFIER_BACKEND = ONNXRUNTIME
+
+# Precision of the onnxruntime backend on the CPU (the fused graph, blockpilot.backends.fused_graph):
+# fp32, or int4: a GGUF model's own 4-bit codes (Q4_1 layers, Q8_0 output projection) through
+# MatMulNBits with 8-bit activations. "auto": the target's own format, i.e. int4 for a target
+# converted from a GGUF file whose layers are Q4_1 / Q8_0 (the default model), else fp32.
+FP32 = "fp32"
+INT4 = "int4"
+AUTO = "auto"
+PRECISIONS = (FP32, INT4)
+PRECISION_CHOICES = (AUTO, FP32, INT4)
+DEFAULT_PRECISION = AUTO

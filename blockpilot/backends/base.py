@@ -71,6 +71,16 @@ def backend_name(target: object) -> str:
     return getattr(target, "backend", TORCH)
 
 
+def backend_precision(target: object) -> str:
+    """The numeric precision a backend runs at ('fp32', 'int4', TensorRT's 'fp16'/'bf16'); the
+    torch engine's is its weights' dtype."""
+    precision = getattr(target, "precision", None)
+    if precision:
+        return precision
+    dtype = getattr(target, "dtype", torch.float32)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
 def check_backend_name(name: str) -> str:
     if name not in BACKENDS:
         raise InvalidArgumentError(f"unknown verifier backend {name!r} (choose one of {', '.join(BACKENDS)})")

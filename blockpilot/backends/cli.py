@@ -1,6 +1,8 @@
 """`blockpilot export onnx | trt` (registered by blockpilot.cli).
 
     blockpilot export onnx --out exports/smollm2                 # layers of the shipped drafter (or DFlash's default)
+    blockpilot export onnx --precision int4 --out DIR            # the GGUF's own 4-bit codes (fused CPU graph)
+    blockpilot export onnx --graph portable --out DIR            # standard ops, fp32 (GPU providers, TensorRT)
     blockpilot export onnx --drafter PATH --out DIR              # the layers PATH reads
     blockpilot export onnx --hidden-layers 1 9 17 --out DIR      # explicit layers
     blockpilot export trt --onnx DIR --precision fp16            # TensorRT engine into the cache (GPU)
@@ -29,7 +31,12 @@ def add_parsers(sub) -> None:
     onnx = export_sub.add_parser("onnx", help="ONNX graph of the target with its KV cache (checked with onnx.checker and numerically)")
     _add_target_args(onnx)
     onnx.add_argument("--out", type=Path, required=True, help="export folder (model.onnx, model.onnx.data, export.json)")
-    onnx.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: 18)")
+    onnx.add_argument("--graph", choices=("fused", "portable"), default="fused",
+                      help="'fused': ONNX Runtime's fused CPU ops, what the onnxruntime backend runs on the CPU (default); "
+                           "'portable': standard ops, for ONNX Runtime's GPU providers and TensorRT")
+    onnx.add_argument("--precision", choices=("fp32", "int4"), default="fp32",
+                      help="'int4': the GGUF's own 4-bit codes (fused graph; the target must come from a GGUF file)")
+    onnx.add_argument("--opset", type=positive_int, default=None, help="ONNX opset of the portable graph (default: 18)")
     onnx.add_argument("--force", action="store_true", help="replace an existing export in --out")
     onnx.set_defaults(handler=_export_onnx)
 
@@ -86,12 +93,20 @@ def _load_target(args: argparse.Namespace):
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from blockpilot.backends.onnx_export import DEFAULT_OPSET, describe, export_onnx
+    from blockpilot.backends.onnx_export import DEFAULT_OPSET, INT4, PORTABLE, check_graph_precision, describe, export_onnx
 
     target_dir, target, is_default = _load_target(args)
     layers = resolve_layers(args, target, is_default)
+    check_graph_precision(args.graph, args.precision)
+    if args.opset is not None and args.graph != PORTABLE:
+        raise InvalidArgumentError("--opset applies to the portable graph (the fused graph has its own opset)")
+    codes = None
+    if args.precision == INT4:
+        from blockpilot.backends.gguf_codes import codes_for_target
+
+        codes = codes_for_target(target, target_dir)
     export = export_onnx(target, args.out, layers, source=str(target_dir), opset=args.opset or DEFAULT_OPSET,
-                         overwrite=args.force)
+                         overwrite=args.force, graph=args.graph, precision=args.precision, codes=codes)
     print(json.dumps(describe(export)))
     return 0
 

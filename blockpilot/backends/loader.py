@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from blockpilot.backends import AUTO, FP32, INT4, PRECISION_CHOICES
 from blockpilot.backends.base import ONNXRUNTIME, TENSORRT, TORCH, VerifierBackend, check_backend_name, check_layers_match
 from blockpilot.errors import InvalidArgumentError, ModelFormatError, NotFoundError
 from blockpilot.models.target import TargetModel
@@ -28,6 +29,11 @@ class BackendOptions:
     """How to run the verifier's target.
 
     name: 'torch' | 'onnxruntime' | 'tensorrt'.
+    precision: 'fp32' | 'int4' (onnxruntime on the CPU only: the GGUF's own 4-bit codes; see
+        blockpilot.backends.fused_graph) | 'auto' (int4 for a target converted from a GGUF file of
+        Q4_1 / Q8_0 codes, else fp32; with `onnx`, the export's). On the CPU the onnxruntime
+        backend runs the fused graph at either precision; its GPU providers and TensorRT run the
+        portable fp32 export.
     onnx: an export folder (`blockpilot export onnx`); None = export on demand into the cache.
     threads: ONNX Runtime intra-op threads (None: torch's thread count).
     ort_provider: 'auto' | 'cpu' | 'cuda' | 'tensorrt' (ONNX Runtime execution provider).
@@ -42,6 +48,7 @@ class BackendOptions:
     """
 
     name: str = TORCH
+    precision: str = FP32
     onnx: str | Path | None = None
     threads: int | None = None
     ort_provider: str = "auto"
@@ -52,6 +59,10 @@ class BackendOptions:
 
     def __post_init__(self) -> None:
         check_backend_name(self.name)
+        if self.precision not in PRECISION_CHOICES:
+            raise InvalidArgumentError(f"unknown precision {self.precision!r} (choose one of {', '.join(PRECISION_CHOICES)})")
+        if self.precision == INT4 and self.name != ONNXRUNTIME:
+            raise InvalidArgumentError(f"precision {self.precision} runs on the onnxruntime backend, not {self.name!r}")
         if self.side_threads is not None and self.side_threads < 1:
             raise InvalidArgumentError(f"side_threads must be >= 1, got {self.side_threads!r}")
         if self.name == TORCH and self.onnx:
@@ -68,26 +79,59 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
     source: where the target came from (recorded in on-demand exports)."""
     if options.name == TORCH:
         return target
-    from blockpilot.backends.onnx_export import cached_export, check_export_matches, read_export, weights_digest
+    from blockpilot.backends.onnx_export import FUSED, PORTABLE, cached_export, check_export_matches, read_export, weights_digest
 
     if options.name == TENSORRT:
         from blockpilot.backends.tensorrt_backend import require_tensorrt
 
         require_tensorrt()  # before a minute of exporting, not after
+    provider = None
+    if options.name == ONNXRUNTIME:
+        from blockpilot.backends.onnxruntime_backend import choose_provider
+
+        provider = choose_provider(options.ort_provider)
+        if provider != "cpu" and options.precision == INT4:
+            raise InvalidArgumentError(f"precision {options.precision} runs on the CPU; the {provider} provider runs fp32")
     digest = weights_digest(target)
+    precision = options.precision
     if options.onnx:
         export = read_export(options.onnx)
         check_export_matches(export, target, digest)
         if drafter_layers is not None:
             check_layers_match(export.hidden_layer_ids, drafter_layers, str(export.directory))
+        meta = export.metadata
+        if precision not in (AUTO, meta.precision):
+            raise InvalidArgumentError(
+                f"the ONNX export at '{export.directory}' is {meta.precision}, but precision {options.precision} was asked for"
+            )
+        if meta.graph == FUSED and provider != "cpu":
+            raise InvalidArgumentError(f"the ONNX export at '{export.directory}' is a fused CPU graph; "
+                                       f"{options.name} {provider or ''} needs a portable one (export onnx --graph portable)")
     else:
         layers = drafter_layers if drafter_layers is not None else default_layers
-        export = cached_export(target, tuple(layers), source=source, digest=digest)
-    if options.name == ONNXRUNTIME:
-        from blockpilot.backends.onnxruntime_backend import OnnxRuntimeTarget
+        graph = FUSED if provider == "cpu" else PORTABLE
+        if graph == FUSED:
+            from blockpilot.backends.fused_graph import fused_unsupported_reason
 
-        backend = OnnxRuntimeTarget(export, target, provider=options.ort_provider, threads=options.threads,
-                                    verify_weights=False, max_block_size=options.trt_max_block_size)
+            reason = fused_unsupported_reason(target.config)
+            if reason and precision == INT4:
+                raise InvalidArgumentError(f"precision int4 runs on the fused CPU graph, which cannot run this target: {reason}")
+            if reason:
+                log.info("the fused CPU graph cannot run this target (%s): running the portable fp32 graph", reason)
+                graph = PORTABLE
+        if precision == AUTO:
+            precision = auto_precision(source) if graph == FUSED else FP32
+        export = cached_export(target, tuple(layers), source=source, digest=digest, graph=graph, precision=precision)
+    if options.name == ONNXRUNTIME:
+        if export.metadata.graph == FUSED:
+            from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget
+
+            backend = FusedOnnxRuntimeTarget(export, target, threads=options.threads, verify_weights=False)
+        else:
+            from blockpilot.backends.onnxruntime_backend import OnnxRuntimeTarget
+
+            backend = OnnxRuntimeTarget(export, target, provider=provider, threads=options.threads,
+                                        verify_weights=False, max_block_size=options.trt_max_block_size)
         if backend.device.type == "cpu":
             side = options.side_threads or 1
             if torch.get_num_threads() != side:
@@ -100,6 +144,21 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
     spec = EngineSpec(max_block_size=options.trt_max_block_size, precision=options.trt_precision,
                       max_context=options.trt_max_context)
     return TensorRTTarget(export, target, spec=spec, verify_weights=False)
+
+
+def auto_precision(model_dir: str | Path) -> str:
+    """'auto' resolved: int4 when `model_dir` was converted from a GGUF file whose decoder layers are
+    Q4_1 / Q8_0 codes (the model's own format runs fastest), else fp32 (said in the log)."""
+    from blockpilot.backends.gguf_codes import gguf_source_of, int4_unsupported_reason
+
+    gguf = gguf_source_of(model_dir) if model_dir else None
+    if gguf is None:
+        return FP32
+    reason = int4_unsupported_reason(gguf)
+    if reason:
+        log.info("precision auto: fp32 (%s)", reason)
+        return FP32
+    return INT4
 
 
 def place_beside(backend: VerifierBackend, target: TargetModel, *modules: torch.nn.Module) -> None:

@@ -1,10 +1,18 @@
 """Export the target to ONNX (with its KV cache as explicit inputs/outputs), and find exports again.
 
 An export is a folder:
-    model.onnx, model.onnx.data   the graph of blockpilot.backends.graph.TargetGraph (fp32, weights
-                                  as external data so the 2 GB protobuf limit never applies)
+    model.onnx, model.onnx.data   the graph (weights as external data so the 2 GB protobuf limit
+                                  never applies), one of two kinds (`graph` in export.json):
+                                  "portable": blockpilot.backends.graph.TargetGraph through
+                                      torch.onnx.export, standard ops only, fp32 (ONNX Runtime's GPU
+                                      providers and TensorRT read it);
+                                  "fused": blockpilot.backends.fused_graph, ONNX Runtime's fused CPU
+                                      ops, fp32 or int4 (the GGUF's own codes), what the onnxruntime
+                                      backend runs on the CPU
     export.json                   what it was made from: target, architecture, the hidden layers it
-                                  returns, dtype, opset, a digest of the weights, the numeric check
+                                  returns, graph, precision, opset, a digest of the weights, the
+                                  numeric check (and for int4: where the codes came from, the compute
+                                  precision chosen and the timings it was chosen by)
 
 Why the metadata: an export returns the hidden states of fixed layers and bakes in fixed weights. A
 runtime must refuse an export of other weights (the output would silently be another model's) or of
@@ -31,14 +39,18 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
+from blockpilot.backends.fused_graph import FUSED_INPUTS, OPSET as FUSED_OPSET
 from blockpilot.backends.graph import INPUT_NAMES, TargetGraph, output_names
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, ModelFormatError, NotFoundError
 from blockpilot.models.store import cache_root
 from blockpilot.models.target import TargetModel
+
+if TYPE_CHECKING:
+    from blockpilot.backends.gguf_codes import GgufCodes
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,16 @@ METADATA_FILE = "export.json"
 # Largest error an export may show in its own numeric check (see numeric_check); the tests hold the
 # tiny exports to 1e-4 absolute, this only catches a broken export.
 EXPORT_CHECK_TOLERANCE = 1e-4
+# int4 at accuracy level 4 quantizes the activations to 8 bits: its difference from the fp32 engine
+# is precision, not a bug (default model, random tokens: 0.18 scaled, logits within ~3). The codes
+# themselves are checked strictly at level 1 (see _write_fused); this bound only catches a broken
+# graph at the chosen level.
+INT4_CHECK_TOLERANCE = 0.5
+PORTABLE, FUSED = "portable", "fused"
+GRAPHS = (PORTABLE, FUSED)
+from blockpilot.backends import FP32, INT4, PRECISIONS  # noqa: E402 - beside the other names of this block
+INT4_ACCURACY_LEVELS = (4, 1)  # MatMulNBits compute precisions tried for int4 (see _write_fused)
+INT4_EXACT_LEVEL = 1  # fp32 activations: the level whose output must match the fp32 engine
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,15 @@ class ExportMetadata:
     inputs: tuple[str, ...] = INPUT_NAMES
     outputs: tuple[str, ...] = ()
     check_max_error: float | None = None
+    graph: str = "portable"
+    precision: str = "fp32"
+    # int4 only: MatMulNBits' accuracy_level, what it was chosen by (per level tried: ms of a 2-token
+    # plus an 8-token step, whether rows are invariant), and where the codes came from (GGUF file,
+    # tensors left in fp32, largest difference of the de-quantized codes from the fp32 weights:
+    # 0.0 = exact).
+    accuracy_level: int | None = None
+    accuracy_levels: dict | None = None
+    quantization: dict | None = None
     torch_version: str = ""
     onnx_version: str = ""
     created: str = ""
@@ -181,17 +212,31 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     digest: str | None = None,
+    graph: str = PORTABLE,
+    precision: str = FP32,
+    codes: "GgufCodes | None" = None,
 ) -> OnnxExport:
-    """Export `target` (fp32) into `out_dir`, check it, and publish it atomically.
+    """Export `target` (fp32 weights) into `out_dir`, check it, and publish it atomically.
 
     hidden_layer_ids: the drafter's target layers, returned as the `hidden` output (may be empty for
         a target served without a drafter).
     source: where the target came from (recorded in export.json).
     overwrite: replace an existing export in `out_dir` (a folder with other files is never replaced).
+    graph: 'portable' (standard ops, fp32) or 'fused' (ONNX Runtime's CPU ops; see the module docstring).
+    precision: 'fp32' or 'int4' (fused only; `codes` are the GGUF's own, from backends.gguf_codes).
     """
     out_dir = Path(out_dir).expanduser()
     if target.dtype != torch.float32:
         raise InvalidArgumentError(f"ONNX export needs the float32 target, got {target.dtype}")
+    check_graph_precision(graph, precision)
+    if precision == INT4 and codes is None:
+        raise InvalidArgumentError("an int4 export needs the GGUF's codes (backends.gguf_codes.read_gguf_codes)")
+    if graph == FUSED:
+        from blockpilot.backends.fused_graph import fused_unsupported_reason
+
+        reason = fused_unsupported_reason(target.config)
+        if reason:
+            raise InvalidArgumentError(f"the fused graph cannot run this target: {reason}; export --graph portable")
     layers = tuple(int(i) for i in hidden_layer_ids)
     cfg = target.config
     bad = [i for i in layers if not 0 <= i < cfg.num_hidden_layers]
@@ -209,24 +254,29 @@ def export_onnx(
     tmp.mkdir()
     try:
         started = time.monotonic()
-        log.info("exporting the target to ONNX (layers %s, opset %d) into %s ...", list(layers), opset, out_dir)
-        _torch_export(TargetGraph(target, layers).eval(), tmp / MODEL_FILE, opset, cfg.max_position_embeddings)
+        log.info("exporting the target to ONNX (%s graph, %s, layers %s) into %s ...", graph, precision, list(layers), out_dir)
         import onnx
 
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         metadata = ExportMetadata(
             target=source, model_type=cfg.model_type, num_hidden_layers=cfg.num_hidden_layers,
             hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_key_value_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings, hidden_layer_ids=layers,
-            weights_digest=digest or weights_digest(target), opset=opset, outputs=output_names(bool(layers)),
+            weights_digest=digest or weights_digest(target), opset=opset, graph=graph, precision=precision,
             torch_version=torch.__version__, onnx_version=onnx.__version__,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
+        if graph == PORTABLE:
+            _torch_export(TargetGraph(target, layers).eval(), tmp / MODEL_FILE, opset, cfg.max_position_embeddings)
+            metadata = dataclasses.replace(metadata, outputs=output_names(bool(layers)))
+        else:
+            metadata = _write_fused(target, layers, precision, codes, tmp, metadata)
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         (tmp / METADATA_FILE).write_text(metadata.to_json())
         diff = numeric_check(OnnxExport(tmp, metadata), target)
-        if diff > EXPORT_CHECK_TOLERANCE:
+        tolerance = EXPORT_CHECK_TOLERANCE if precision == FP32 else INT4_CHECK_TOLERANCE
+        if diff > tolerance:
             raise ModelFormatError(
-                f"the ONNX export disagrees with the torch engine (scaled error {diff:.3g} > {EXPORT_CHECK_TOLERANCE}); not published"
+                f"the ONNX export disagrees with the torch engine (scaled error {diff:.3g} > {tolerance}); not published"
             )
         metadata = dataclasses.replace(metadata, check_max_error=diff)
         (tmp / METADATA_FILE).write_text(metadata.to_json())
@@ -240,6 +290,94 @@ def export_onnx(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_graph_precision(graph: str, precision: str) -> None:
+    if graph not in GRAPHS:
+        raise InvalidArgumentError(f"unknown ONNX graph {graph!r} (choose one of {', '.join(GRAPHS)})")
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISIONS)})")
+    if precision == INT4 and graph != FUSED:
+        raise InvalidArgumentError("int4 runs on the fused graph (ONNX Runtime's MatMulNBits), not the portable one")
+
+
+def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, codes, folder: Path,
+                 metadata: ExportMetadata) -> ExportMetadata:
+    """Write the fused graph into `folder`. For int4: first with fp32 activations (accuracy level
+    1), which must match the torch engine as closely as an fp32 export does (this proves the codes
+    and their layout: a wrong nibble order or row permutation would be off by order 1); then at the
+    compute precision that runs fastest here among those whose rows are invariant (level 4: int8
+    activations, or 1; timed on a decode step and a verify block, see onnxruntime_fused for row
+    invariance), recorded with its timings and the codes' provenance."""
+    import onnx
+
+    from blockpilot.backends.fused_graph import FUSED_OUTPUTS, GraphWeights, build_fused_graph
+
+    def write(weights: GraphWeights) -> None:
+        (folder / DATA_FILE).unlink(missing_ok=True)  # onnx.save appends to an existing data file
+        onnx.save(build_fused_graph(target, layers, weights), str(folder / MODEL_FILE), save_as_external_data=True,
+                  all_tensors_to_one_file=True, location=DATA_FILE)
+
+    outputs = FUSED_OUTPUTS if layers else tuple(o for o in FUSED_OUTPUTS if o != "hidden")
+    metadata = dataclasses.replace(metadata, opset=FUSED_OPSET, inputs=FUSED_INPUTS, outputs=outputs)
+    if precision == FP32:
+        write(GraphWeights())
+        return metadata
+    levels: dict[str, dict] = {}
+    codes_error = None
+    for level in INT4_ACCURACY_LEVELS:
+        write(GraphWeights(precision, codes.weights, level))
+        candidate = OnnxExport(folder, dataclasses.replace(metadata, accuracy_level=level))
+        if level == INT4_EXACT_LEVEL:
+            codes_error = numeric_check(candidate, target)
+            if codes_error > EXPORT_CHECK_TOLERANCE:
+                raise ModelFormatError(
+                    f"the int4 graph with fp32 activations disagrees with the fp32 engine (scaled error {codes_error:.3g} > "
+                    f"{EXPORT_CHECK_TOLERANCE}): the GGUF codes were not laid out as the engine's weights; not published"
+                )
+        levels[str(level)] = _time_steps(candidate, target)
+    usable = [level for level in INT4_ACCURACY_LEVELS if levels[str(level)]["row_invariant"]]
+    if not usable:
+        raise FailedPreconditionError(
+            "on this CPU no int4 compute precision gives a token the same logits in every pass, so speculative output "
+            "could differ from block size 1: use --precision fp32"
+        )
+    best = min(usable, key=lambda level: levels[str(level)]["ms"])
+    log.info("int4 compute precision: accuracy_level %d (per level: %s)", best, levels)
+    if best != INT4_ACCURACY_LEVELS[-1]:
+        write(GraphWeights(precision, codes.weights, best))
+    return dataclasses.replace(
+        metadata, accuracy_level=best, accuracy_levels=levels,
+        quantization={"source": codes.source, "quantized": len(codes.weights), "left_fp32": list(codes.left_fp32),
+                      "max_abs_difference": codes.max_abs_difference, "fp32_activations_check_error": codes_error},
+    )
+
+
+def _time_steps(export: OnnxExport, target: TargetModel, *, context: int = 128, reps: int = 5) -> dict:
+    """{"ms": a 2-token plus an 8-token step at `context` cached tokens (best of `reps` each),
+    "row_invariant": whether check_row_invariance passes}."""
+    from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget, check_row_invariance
+
+    backend = FusedOnnxRuntimeTarget(export, target, verify_weights=False, check_rows=False)
+    try:
+        check_row_invariance(backend)
+        invariant = True
+    except FailedPreconditionError:
+        invariant = False
+    generator = torch.Generator().manual_seed(0)
+    cache = backend.new_cache(context + 16)
+    backend(torch.randint(target.config.vocab_size, (1, context), generator=generator), cache, num_logits=1)
+    total = 0.0
+    for steps in (2, 8):
+        block = torch.randint(target.config.vocab_size, (1, steps), generator=generator)
+        best = float("inf")
+        for _ in range(reps):
+            began = time.perf_counter()
+            backend(block, cache)
+            best = min(best, time.perf_counter() - began)
+            cache.truncate(context)
+        total += best
+    return {"ms": round(total * 1000, 2), "row_invariant": invariant}
 
 
 def _torch_export(graph: TargetGraph, path: Path, opset: int, max_positions: int) -> None:
@@ -291,10 +429,15 @@ def numeric_check(export: OnnxExport, target: TargetModel, *, prompt_len: int = 
     Each tensor's error is max|ORT - torch| / max(1, max|torch|): absolute for values of order 1,
     relative for the residual stream, whose "attention sink" entries reach 10^4 in real models
     (SmolLM2: 2.6e4, where fp32 rounding alone is ~2e-3)."""
-    from blockpilot.backends.onnxruntime_backend import OnnxRuntimeTarget
-
     layers = export.hidden_layer_ids
-    ort_target = OnnxRuntimeTarget(export, target, verify_weights=False, threads=1)
+    if export.metadata.graph == FUSED:
+        from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget
+
+        ort_target = FusedOnnxRuntimeTarget(export, target, verify_weights=False, threads=1, check_rows=False)
+    else:
+        from blockpilot.backends.onnxruntime_backend import OnnxRuntimeTarget
+
+        ort_target = OnnxRuntimeTarget(export, target, verify_weights=False, threads=1)
     generator = torch.Generator().manual_seed(0)
     vocab = target.config.vocab_size
     capacity = prompt_len + 2 * block
@@ -319,9 +462,13 @@ def numeric_check(export: OnnxExport, target: TargetModel, *, prompt_len: int = 
 # ---- exports made on demand ---------------------------------------------------------------------
 
 
-def export_key(target: TargetModel, hidden_layer_ids: Sequence[int], digest: str, opset: int = DEFAULT_OPSET) -> str:
-    """Cache folder name of an on-demand export: model type, weights digest, layers, opset, format."""
+def export_key(target: TargetModel, hidden_layer_ids: Sequence[int], digest: str, opset: int = DEFAULT_OPSET,
+               graph: str = PORTABLE, precision: str = FP32) -> str:
+    """Cache folder name of an on-demand export: model type, weights digest, layers, opset, format
+    (and graph and precision for a fused graph)."""
     layers = "-".join(str(i) for i in hidden_layer_ids) or "none"
+    if graph == FUSED:
+        return f"{target.config.model_type}-{digest[:16]}-layers{layers}-fused-{precision}-v{FORMAT_VERSION}"
     return f"{target.config.model_type}-{digest[:16]}-layers{layers}-opset{opset}-v{FORMAT_VERSION}"
 
 
@@ -332,20 +479,30 @@ def cached_export(
     source: str = "",
     cache_dir: str | Path | None = None,
     digest: str | None = None,
+    graph: str = PORTABLE,
+    precision: str = FP32,
+    codes: "GgufCodes | None" = None,
 ) -> OnnxExport:
-    """The export of this target with these layers from `$BLOCKPILOT_CACHE/onnx/`, made (once, under
-    a lock, so concurrent services do not export twice) when it is not there yet."""
+    """The export of this target with these layers (graph, precision) from `$BLOCKPILOT_CACHE/onnx/`,
+    made (once, under a lock, so concurrent services do not export twice) when it is not there yet.
+    An int4 export needs `codes` only when it has to be made."""
+    check_graph_precision(graph, precision)
     digest = digest or weights_digest(target)
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "onnx"
-    out = root / export_key(target, hidden_layer_ids, digest)
+    out = root / export_key(target, hidden_layer_ids, digest, graph=graph, precision=precision)
     if (out / METADATA_FILE).is_file():
         return read_export(out)
     with _lock(root / f".{out.name}.lock"):
         if (out / METADATA_FILE).is_file():
             return read_export(out)
-        log.warning("no ONNX export of this target with layers %s yet: exporting into %s once "
-                    "(about a minute for the default model)", list(hidden_layer_ids), out)
-        return export_onnx(target, out, hidden_layer_ids, source=source, digest=digest, overwrite=True)
+        log.warning("no %s %s ONNX export of this target with layers %s yet: exporting into %s once "
+                    "(about a minute for the default model)", graph, precision, list(hidden_layer_ids), out)
+        if precision == INT4 and codes is None:
+            from blockpilot.backends.gguf_codes import codes_for_target
+
+            codes = codes_for_target(target, source)
+        return export_onnx(target, out, hidden_layer_ids, source=source, digest=digest, overwrite=True,
+                           graph=graph, precision=precision, codes=codes)
 
 
 @contextlib.contextmanager
@@ -369,7 +526,8 @@ def describe(export: OnnxExport) -> dict[str, Any]:
     files = [p for p in export.directory.iterdir() if p.is_file()]
     return {
         "export": str(export.directory), "target": meta.target, "model_type": meta.model_type,
-        "hidden_layer_ids": list(meta.hidden_layer_ids), "dtype": meta.dtype, "opset": meta.opset,
+        "hidden_layer_ids": list(meta.hidden_layer_ids), "graph": meta.graph, "precision": meta.precision,
+        "accuracy_level": meta.accuracy_level, "dtype": meta.dtype, "opset": meta.opset,
         "weights_digest": meta.weights_digest, "check_max_error": meta.check_max_error,
         "size_mb": round(sum(p.stat().st_size for p in files) / 2**20, 1),
     }

@@ -76,6 +76,7 @@ class OnnxRuntimeTarget:
     """A VerifierBackend over an ONNX export (see blockpilot.backends.base)."""
 
     backend = ONNXRUNTIME
+    precision = "fp32"
 
     def __init__(
         self,

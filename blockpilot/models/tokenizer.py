@@ -22,7 +22,8 @@ class ChatTokenizer:
         try:
             self._tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         except (OSError, ValueError) as err:
-            raise ModelFormatError(f"cannot load a tokenizer from '{model_dir}': {err}") from None
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelFormatError(f"cannot load a tokenizer from '{model_dir}': {detail}") from None
         self.vocab_size = len(self._tok)
         self.has_chat_template = bool(getattr(self._tok, "chat_template", None))
         self.stop_token_ids = self._stop_ids(model_dir)

@@ -46,6 +46,8 @@ DRAFTER_CACHE_RESUMES = Counter("blockpilot_drafter_cache_resumes",
                                 "Draft streams that asked to resume a kept cache, by result (hit: resumed; miss: "
                                 "not held here - unknown, evicted, expired, other tag - so the context is sent again)",
                                 ["result"])
+VERIFIER_BACKEND = Gauge("blockpilot_verifier_backend_info", "The verifier's target backend and numeric precision (always 1)",
+                         ["backend", "precision"])
 INFLIGHT = Gauge("blockpilot_inflight_requests", "RPCs in progress", ["service"])
 
 # Policy service. `arm` is the experiment arm (outside experiments: the policy name asked for);

@@ -70,14 +70,15 @@ def load_served_target(name: str = "default", *, backend: BackendOptions | None 
         return ServedTarget(name, target_dir, model, tokenizer)
     verifier = load_backend(model, backend, drafter_layers=drafter_layers, source=str(target_dir),
                             default_layers=default_export_layers(model, is_default_target(name)))
-    log.info("verifier backend %s, export layers %s", backend.name, list(verifier.hidden_layer_ids))
+    log.info("verifier backend %s (%s), export layers %s", backend.name, backend.precision, list(verifier.hidden_layer_ids))
     return ServedTarget(name, target_dir, verifier, tokenizer, torch_model=model)
 
 
 def load_verifier_target(config) -> ServedTarget:
     """The verifier service's target as its config (VerifierServiceConfig) describes it."""
     layers = parse_layers(config.onnx_layers) if config.onnx_layers else None
-    options = BackendOptions(name=config.backend, onnx=config.onnx_path or None, threads=config.threads)
+    options = BackendOptions(name=config.backend, precision=config.precision, onnx=config.onnx_path or None,
+                             threads=config.threads)
     return load_served_target(config.target, backend=options, drafter_layers=layers)
 
 

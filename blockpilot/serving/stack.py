@@ -42,6 +42,7 @@ class StackOptions:
     threads: int = 1
     timeout_s: float = 600.0
     backend: str = ""  # the verifier's backend; '' = its config's (env BLOCKPILOT_VERIFIER_BACKEND, else onnxruntime)
+    precision: str = ""  # the verifier's onnxruntime precision; '' = its config's (env BLOCKPILOT_VERIFIER_PRECISION)
 
 
 def run_dir() -> Path:
@@ -159,6 +160,8 @@ def _service_env(name: str, opts: StackOptions, redis_url: str) -> dict[str, str
                       drafter_address=f"{opts.host}:{opts.drafter_port}", policy_address=f"{opts.host}:{opts.policy_port}")
         if opts.backend:
             values["backend"] = opts.backend
+        if opts.precision:
+            values["precision"] = opts.precision
         from blockpilot.backends.loader import served_drafter_layers  # torch: only when a verifier starts
 
         layers = served_drafter_layers(opts.target, opts.drafter)

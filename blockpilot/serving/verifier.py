@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Protocol
 
 import torch
 
+from blockpilot.backends.base import backend_name, backend_precision
 from blockpilot.decoding.drafting import DraftProvider, DraftResume, DraftSession
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
 from blockpilot.decoding.speculative import GenerationResult, PrefillInfo, SamplingParams
@@ -170,6 +171,8 @@ class VerifierCore:
         self.store = store
         self.replica_id = replica_id
         self.vocab_size = target.model.config.vocab_size
+        self.backend, self.precision = backend_name(target.model), backend_precision(target.model)
+        metrics.VERIFIER_BACKEND.labels(self.backend, self.precision).set(1)
         self.max_context = target.model.config.max_position_embeddings
         # Rows hold prompt + max_new_tokens + 1 + the widest block; they start at batch_row_tokens and
         # grow (once per pool) for a longer request, up to the context.
@@ -577,7 +580,7 @@ class VerifierCore:
             target=str(self.target.target_dir), drafter=self.drafter_name(turn.recorder.inner if turn.recorder else None),
             accepted_by_source=result.accepted_by_source, drafter_passes_skipped=result.drafter_passes_skipped,
             prompt_lookup=turn.lookup.enabled, batch_sessions=turn.request.batch_sessions if turn.request else 0,
-            capped_steps=result.capped_steps)
+            capped_steps=result.capped_steps, backend=self.backend, precision=self.precision)
         if turn.spec.return_prompt_token_ids:
             final.prompt_token_ids.extend(turn.prompt_ids)
         return final

@@ -131,7 +131,7 @@ class Timings(_message.Message):
     def __init__(self, ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "acceptance_lengths", "tau", "block_size", "policy_version", "arm", "decision_id", "fallback_reason", "timings", "token_ids", "prompt_token_ids", "text", "target", "drafter", "experiment", "accepted_by_source", "drafter_passes_skipped", "prompt_lookup", "batch_sessions", "capped_steps")
+    __slots__ = ("finish_reason", "usage", "acceptance_lengths", "tau", "block_size", "policy_version", "arm", "decision_id", "fallback_reason", "timings", "token_ids", "prompt_token_ids", "text", "target", "drafter", "experiment", "accepted_by_source", "drafter_passes_skipped", "prompt_lookup", "batch_sessions", "capped_steps", "backend", "precision")
     class AcceptedBySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,8 @@ class GenerateFinal(_message.Message):
     PROMPT_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CAPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     usage: Usage
     acceptance_lengths: _containers.RepeatedScalarFieldContainer[int]
@@ -181,7 +183,9 @@ class GenerateFinal(_message.Message):
     prompt_lookup: bool
     batch_sessions: int
     capped_steps: int
-    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., acceptance_lengths: _Optional[_Iterable[int]] = ..., tau: _Optional[float] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ..., decision_id: _Optional[str] = ..., fallback_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., experiment: _Optional[str] = ..., accepted_by_source: _Optional[_Mapping[str, int]] = ..., drafter_passes_skipped: _Optional[int] = ..., prompt_lookup: _Optional[bool] = ..., batch_sessions: _Optional[int] = ..., capped_steps: _Optional[int] = ...) -> None: ...
+    backend: str
+    precision: str
+    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., acceptance_lengths: _Optional[_Iterable[int]] = ..., tau: _Optional[float] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ..., decision_id: _Optional[str] = ..., fallback_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., experiment: _Optional[str] = ..., accepted_by_source: _Optional[_Mapping[str, int]] = ..., drafter_passes_skipped: _Optional[int] = ..., prompt_lookup: _Optional[bool] = ..., batch_sessions: _Optional[int] = ..., capped_steps: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("index", "session_id", "delta", "final")

@@ -92,10 +92,10 @@ HISTOGRAMS = {
     "blockpilot_step_seconds", "blockpilot_acceptance_length", "blockpilot_policy_tau", "blockpilot_policy_decide_seconds",
 }
 GAUGES = {"blockpilot_drafter_sessions", "blockpilot_drafter_cached_sessions", "blockpilot_inflight_requests",
-          "blockpilot_policy_served"}
+          "blockpilot_policy_served", "blockpilot_verifier_backend_info"}
 # Labels the contract's metrics carry, plus Prometheus' own (le of histograms, target labels).
 KNOWN_LABELS = {"service", "status", "position", "reason", "block_size", "policy_version", "arm", "experiment", "result", "source",
-                "le", "instance", "job"}
+                "backend", "precision", "le", "instance", "job"}
 # Metrics that are not the services' own but Prometheus' (scrape health).
 PROMETHEUS_BUILTINS = {"up"}
 

@@ -295,8 +295,10 @@ def test_export_folders_are_validated(llama, tmp_path):
     check_export_matches(export, target)  # the real pair passes
 
 
-def test_on_demand_exports_are_cached_and_reused(llama, cache_dir, monkeypatch):
-    _, target, export = llama
+def test_on_demand_exports_are_cached_and_reused(llama, tiny_llama_dir, cache_dir, monkeypatch):
+    _, target, _ = llama
+    # On the CPU the onnxruntime backend runs the fused graph (blockpilot.backends.fused_graph).
+    export = cached_export(target, LAYERS["llama"], source=str(tiny_llama_dir), cache_dir=cache_dir / "onnx", graph="fused")
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again although the cache holds this export")
@@ -305,6 +307,7 @@ def test_on_demand_exports_are_cached_and_reused(llama, cache_dir, monkeypatch):
     monkeypatch.setattr(onnx_export, "export_onnx", no_export)
     backend = load_backend(target, BackendOptions("onnxruntime", ort_provider="cpu"), drafter_layers=LAYERS["llama"])
     assert backend.export.directory == export.directory and isinstance(backend, VerifierBackend)
+    assert backend.precision == "fp32"
     # No drafter: the default layers pick the same export.
     again = load_backend(target, BackendOptions("onnxruntime"), drafter_layers=None, default_layers=LAYERS["llama"])
     assert again.export.directory == export.directory

@@ -1,0 +1,225 @@
+"""The onnxruntime backend on the CPU (issue #14): the fused graph at fp32 (against the torch engine)
+and at int4 (a GGUF's own Q4_1 / Q8_0 codes), the row invariance its losslessness rests on, the
+speculative loop's losslessness at both precisions, and the checks that refuse what cannot run.
+
+Tiny random Llama (plain, and with tied embeddings + attention bias + Llama-3.1 RoPE) and Qwen3
+targets; the int4 ones are built so that their fp32 weights are exactly their codes (as a converted
+GGUF model's are), with a real GGUF file beside them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blockpilot.backends import onnxruntime_fused
+from blockpilot.backends.gguf_codes import codes_for_target, read_gguf_codes
+from blockpilot.backends.loader import BackendOptions, load_backend
+from blockpilot.backends.onnx_export import cached_export, export_onnx, read_export
+from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget
+from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
+from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
+from blockpilot.errors import FailedPreconditionError, InvalidArgumentError
+from blockpilot.models.store import COMPLETE_MARKER
+from blockpilot.models.target import TargetModel
+from fake_drafters import OracleDrafter
+from tiny_models import build_tiny_hf_model, quantized_tiny_model, save_tiny_hf_model
+
+pytestmark = pytest.mark.timeout(600)
+
+TOLERANCE = 1e-4  # fp32: ONNX Runtime vs the torch engine
+LAYERS = {"llama": (2,), "qwen3": (1, 3), "llama-variant": (0, 3)}
+LLAMA_VARIANT = dict(tie_word_embeddings=True, attention_bias=True, rope_parameters={
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64})
+PROMPTS = ([5, 6, 7, 8, 9, 10], [40, 3, 77, 12, 12, 90, 31, 8, 64])
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """name -> (model_dir, gguf_path, TargetModel) of the tiny quantized targets."""
+    made = {}
+    # GroupQueryAttention takes head sizes that are multiples of 16 (Qwen3's real ones are 128).
+    for name, model_type, overrides in (("llama", "llama", {}), ("qwen3", "qwen3", {"head_dim": 32}),
+                                        ("llama-variant", "llama", LLAMA_VARIANT)):
+        model_dir, gguf = quantized_tiny_model(model_type, tmp_path_factory.mktemp(name), seed=3, **overrides)
+        made[name] = (model_dir, gguf, TargetModel.from_pretrained(model_dir))
+    return made
+
+
+@pytest.fixture(scope="module")
+def backends(quantized, tmp_path_factory):
+    """(name, precision) -> FusedOnnxRuntimeTarget, exported once each."""
+    root = tmp_path_factory.mktemp("fused")
+    made = {}
+    for name, (model_dir, gguf, target) in quantized.items():
+        for precision in ("fp32", "int4"):
+            codes = read_gguf_codes(gguf, target) if precision == "int4" else None
+            export = export_onnx(target, root / f"{name}-{precision}", LAYERS[name], source=str(model_dir), graph="fused",
+                                 precision=precision, codes=codes)
+            made[name, precision] = FusedOnnxRuntimeTarget(export, target, threads=1)
+    return made
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@torch.inference_mode()
+def test_fp32_matches_the_torch_engine(backends, quantized, name):
+    target = quantized[name][2]
+    backend = backends[name, "fp32"]
+    generator = torch.Generator().manual_seed(5)
+    caches = [target.new_cache(40), backend.new_cache(40)]
+    worst = 0.0
+    # prefill, a block, a rollback, a block on the rolled-back cache, a single token
+    for count, rollback in [(9, None), (5, 11), (4, None), (1, None)]:
+        tokens = torch.randint(target.config.vocab_size, (1, count), generator=generator)
+        outs = [model(tokens, cache, hidden_layer_ids=LAYERS[name]) for model, cache in zip((target, backend), caches)]
+        for key in ("logits", "hidden", "final_state"):
+            worst = max(worst, max_diff(getattr(outs[0], key), getattr(outs[1], key)))
+        assert caches[0].length == caches[1].length
+        if rollback is not None:
+            for cache in caches:
+                cache.truncate(rollback)
+    assert worst <= TOLERANCE, worst
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@torch.inference_mode()
+def test_a_token_gets_the_same_numbers_in_any_pass(backends, name, precision):
+    """Row invariance: the logits and features of a token do not depend on how many tokens share
+    its pass (a verify block, single steps, any split), exactly."""
+    backend = backends[name, precision]
+    generator = torch.Generator().manual_seed(11)
+    prompt = torch.randint(backend.config.vocab_size, (1, 7), generator=generator)
+    tokens = torch.randint(backend.config.vocab_size, (1, 6), generator=generator)
+    cache = backend.new_cache(20)
+    backend(prompt, cache, num_logits=0)
+    splits = {"block": [6], "singles": [1] * 6, "2+4": [2, 4], "3+1+2": [3, 1, 2]}
+    results = {}
+    for label, sizes in splits.items():
+        cache.truncate(7)
+        logits, hidden, start = [], [], 0
+        for size in sizes:
+            out = backend(tokens[:, start : start + size], cache, hidden_layer_ids=LAYERS[name])
+            logits.append(out.logits[0])
+            hidden.append(out.hidden[0])
+            start += size
+        results[label] = (torch.cat(logits), torch.cat(hidden))
+    for label, (logits, hidden) in results.items():
+        assert torch.equal(logits, results["block"][0]), label
+        assert torch.equal(hidden, results["block"][1]), label
+
+
+def test_a_lone_token_without_padding_would_break_row_invariance(backends, monkeypatch):
+    """Why single tokens are padded: on this CPU a one-row pass takes other kernels. The start-up
+    check refuses a backend whose rows are not invariant (here: padding switched off)."""
+    backend = backends["llama", "int4"]
+    monkeypatch.setattr(onnxruntime_fused, "MIN_PASS_ROWS", 1)
+    with pytest.raises(FailedPreconditionError, match="other logits in a pass of several tokens than alone"):
+        FusedOnnxRuntimeTarget(backend.export, backend.torch_target, threads=1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "llama-variant"])
+def test_speculative_decoding_is_lossless_at_each_precision(backends, quantized, name, precision):
+    """Every block size, mostly-right drafts and prompt lookup give the backend's own block-size-1
+    tokens; at fp32 those are also the torch engine's."""
+    backend = backends[name, precision]
+    target = quantized[name][2]
+    params = SamplingParams(max_new_tokens=40)
+    for prompt in PROMPTS:
+        plain = SpeculativeDecoder(backend).generate(prompt, params, 1, lookup=LOOKUP_OFF)
+        if precision == "fp32":
+            assert plain.token_ids == SpeculativeDecoder(target).generate(prompt, params, 1, lookup=LOOKUP_OFF).token_ids
+        for block_size in (2, 3, 5, 8):
+            oracle = OracleDrafter(prompt + plain.token_ids, target.config.vocab_size, 0.7, target_layer_ids=LAYERS[name])
+            for lookup in (LOOKUP_OFF, LookupConfig()):
+                out = SpeculativeDecoder(backend, oracle).generate(prompt, params, block_size, lookup=lookup)
+                assert out.token_ids == plain.token_ids, (block_size, lookup.enabled)
+
+
+def test_int4_export_records_its_codes_and_compute_precision(backends, quantized):
+    backend = backends["llama", "int4"]
+    meta = read_export(backend.export.directory).metadata
+    assert (meta.graph, meta.precision, backend.precision) == ("fused", "int4", "int4")
+    assert meta.accuracy_level in (1, 4) and set(meta.accuracy_levels) == {"1", "4"}
+    assert meta.accuracy_levels[str(meta.accuracy_level)]["row_invariant"]
+    assert meta.quantization["source"] == str(quantized["llama"][1])
+    assert meta.quantization["max_abs_difference"] == 0.0 and meta.quantization["left_fp32"] == []
+    # with fp32 activations the codes give the fp32 engine's numbers: the layout is right
+    assert meta.quantization["fp32_activations_check_error"] <= TOLERANCE
+    assert meta.check_max_error is not None
+
+
+def test_codes_of_other_weights_are_refused(quantized, tmp_path):
+    _, gguf, _ = quantized["llama"]
+    other = TargetModel.from_pretrained(quantized_tiny_model("llama", tmp_path, seed=4)[0])
+    with pytest.raises(FailedPreconditionError, match="the target was not converted from this file"):
+        read_gguf_codes(gguf, other)
+
+
+def test_int4_needs_the_gguf_the_target_came_from(quantized, tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path / "cache"))
+    plain = TargetModel.from_pretrained(tiny_llama_dir)
+    with pytest.raises(FailedPreconditionError, match="was not converted from one"):
+        codes_for_target(plain, tiny_llama_dir)
+    # A model-store directory names its GGUF in its completion marker: int4 then finds the codes.
+    model_dir, gguf, target = quantized["llama"]
+    (model_dir / COMPLETE_MARKER).write_text(json.dumps({"source": {"path": str(gguf)}}))
+    assert codes_for_target(target, model_dir).max_abs_difference == 0.0
+    backend = load_backend(target, BackendOptions("onnxruntime", precision="int4", threads=1), drafter_layers=None,
+                           default_layers=LAYERS["llama"], source=str(model_dir))
+    assert backend.precision == "int4"
+
+
+def test_precision_choices_are_checked(backends, quantized, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="precision int4 runs on the onnxruntime backend"):
+        BackendOptions("torch", precision="int4")
+    with pytest.raises(InvalidArgumentError, match="unknown precision 'int8'"):
+        BackendOptions("onnxruntime", precision="int8")
+    model_dir, gguf, target = quantized["llama"]
+    with pytest.raises(InvalidArgumentError, match="int4 runs on the fused graph"):
+        export_onnx(target, tmp_path / "x", (2,), graph="portable", precision="int4", codes=read_gguf_codes(gguf, target))
+    with pytest.raises(InvalidArgumentError, match="needs the GGUF's codes"):
+        export_onnx(target, tmp_path / "y", (2,), graph="fused", precision="int4")
+    # An export has one precision: asking for another is an error, not a silent switch.
+    int4_dir = backends["llama", "int4"].export.directory
+    with pytest.raises(InvalidArgumentError, match="is int4, but precision fp32 was asked for"):
+        load_backend(target, BackendOptions("onnxruntime", onnx=int4_dir), drafter_layers=LAYERS["llama"])
+
+
+@torch.inference_mode()
+def test_the_cache_is_used_to_its_capacity(backends):
+    """A single token at the last slot is padded into the cache's headroom, never past it."""
+    backend = backends["llama", "int4"]
+    cache = backend.new_cache(5)
+    backend(torch.tensor([[1, 2, 3, 4]]), cache)
+    backend(torch.tensor([[5]]), cache)
+    assert cache.length == 5 == cache.capacity
+    with pytest.raises(Exception, match="KV cache full"):
+        backend(torch.tensor([[6]]), cache)
+    with pytest.raises(InvalidArgumentError, match="positions other than the slots"):
+        backend(torch.tensor([[6]]), backend.new_cache(4), torch.tensor([3]))
+
+
+def test_architectures_the_fused_graph_cannot_run_are_refused_or_run_portable(tiny_qwen3_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path / "cache"))
+    target = TargetModel.from_pretrained(tiny_qwen3_dir)  # head_dim 24
+    with pytest.raises(InvalidArgumentError, match="head_dim 24 is not a multiple of 16"):
+        export_onnx(target, tmp_path / "x", (1, 3), graph="fused")
+    backend = load_backend(target, BackendOptions("onnxruntime", threads=1), drafter_layers=(1, 3), source=str(tiny_qwen3_dir))
+    assert backend.export.metadata.graph == "portable"
+
+
+def test_cached_fused_exports_are_keyed_by_precision(quantized, tmp_path):
+    model_dir, gguf, target = quantized["llama"]
+    fp32 = cached_export(target, (2,), source=str(model_dir), cache_dir=tmp_path, graph="fused")
+    int4 = cached_export(target, (2,), source=str(model_dir), cache_dir=tmp_path, graph="fused", precision="int4",
+                         codes=read_gguf_codes(gguf, target))
+    assert fp32.directory != int4.directory and "fused-int4" in int4.directory.name
+    assert cached_export(target, (2,), source=str(model_dir), cache_dir=tmp_path, graph="fused", precision="int4").directory == int4.directory
