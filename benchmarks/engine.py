@@ -94,6 +94,18 @@ def drafter_pass_ms(engine_target, context_len: int, num_draft: int, repeats: in
     return statistics.median(samples[1:]) * 1000
 
 
+def row_invariance(target, prompt_ids: list[int], tokens: list[int]) -> float:
+    """Largest logit difference between `tokens` verified as one block and one at a time (after
+    the same prefill): 0.0 = the backend gives a token the same numbers in any pass."""
+    with torch.inference_mode():
+        cache = target.new_cache(len(prompt_ids) + len(tokens) + 1)
+        target(torch.tensor([prompt_ids]), cache, num_logits=1)
+        block = target(torch.tensor([tokens]), cache).logits[0]
+        cache.truncate(len(prompt_ids))
+        singles = torch.cat([target(torch.tensor([[t]]), cache).logits[0] for t in tokens])
+    return float((block - singles).abs().max())
+
+
 def prefill_logits(target, prompt_ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return target(torch.tensor([prompt_ids]), target.new_cache(len(prompt_ids) + 1), num_logits=1).logits[0, -1]
@@ -277,6 +289,18 @@ def main(argv: list[str] | None = None) -> int:
         return tokens / sum(p[key]["decode_s"] for p in per_prompt)
 
     names = list(decoders) + ["transformers"] + (["llama.cpp"] if gguf is not None else [])
+    # Row invariance on the first prompt and its first 8 output tokens: every backend as it runs, and
+    # the fused graphs without the padding of lone tokens (what the padding buys).
+    from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget
+
+    first_ids = tokenizer.encode_chat([{"role": "user", "content": prompts[0]["text"]}])
+    follow = engine_decode(decoders[args.backends[0]], first_ids, 8)["token_ids"]
+    invariance = {name: row_invariance(each.target, first_ids, follow) for name, each in decoders.items()}
+    for name, each in decoders.items():
+        if isinstance(each.target, FusedOnnxRuntimeTarget):
+            unpadded = FusedOnnxRuntimeTarget(each.target.export, target, threads=args.threads, verify_weights=False,
+                                              pad_single_tokens=False)
+            invariance[f"{name} (lone tokens unpadded)"] = row_invariance(unpadded, first_ids, follow)
     profile_dir = Path(tempfile.mkdtemp(prefix="blockpilot-ort-profile-"))
     curves = {name: verify_cost_curve(each.target, 128, [1, 2, 4, 8, 16, 32], args.repeats) for name, each in decoders.items()}
     curve = curves[args.backends[0]]
@@ -309,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify_cost_relative": {k: v / curve[1] for k, v in curve.items()},
         "verify_cost_ms_by_backend": {name: {k: v * 1000 for k, v in c.items()} for name, c in curves.items()},
         "verify_cost_relative_by_backend": {name: {k: v / c[1] for k, v in c.items()} for name, c in curves.items()},
+        "row_invariance_max_logit_diff": invariance,
         "drafter_pass_ms": draft_ms,
         "drafter_pass_vs_one_token_step": {name: draft_ms / ms for name, ms in step_ms.items()} if draft_ms else None,
         "decode_step_profile": profile_decode_step(target, 128),
@@ -323,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{figures['mean_matching_prefix_vs_fp32']:.0f} tokens")
     for name, c in curves.items():
         print(f"verify cost {name:22s}" + "  ".join(f"k={k}: {v / c[1]:.2f}x ({v * 1000:.1f} ms)" for k, v in c.items()))
+    print("row invariance (max logit diff, 8-token block vs single tokens): "
+          + ", ".join(f"{k} {v:.3g}" for k, v in invariance.items()))
     if draft_ms:
         print(f"drafter pass (7 drafts) {draft_ms:.1f} ms = " + ", ".join(f"{v:.2f} x a {k} step" for k, v in report["drafter_pass_vs_one_token_step"].items()))
     if args.out:

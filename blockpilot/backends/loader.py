@@ -48,7 +48,7 @@ class BackendOptions:
     """
 
     name: str = TORCH
-    precision: str = FP32
+    precision: str = AUTO
     onnx: str | Path | None = None
     threads: int | None = None
     ort_provider: str = "auto"

@@ -21,7 +21,6 @@ the backend starts (check_row_invariance), not assumed: kernels are chosen by CP
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Sequence
 
 import numpy as np
@@ -54,9 +53,11 @@ class FusedOnnxRuntimeTarget:
     backend = ONNXRUNTIME
 
     def __init__(self, export: OnnxExport, target: TargetModel, *, threads: int | None = None,
-                 verify_weights: bool = True, check_rows: bool = True) -> None:
+                 verify_weights: bool = True, check_rows: bool = True, pad_single_tokens: bool = True) -> None:
         """export: a fused export of exactly this target (checked unless verify_weights=False).
-        check_rows: run check_row_invariance() once (refuses to start when rows are not invariant)."""
+        check_rows: run check_row_invariance() once (refuses to start when rows are not invariant).
+        pad_single_tokens: False runs a lone token as a one-row pass (only to measure what the
+        padding buys: benchmarks/engine.py); such a backend is not row-invariant and not checked."""
         import onnxruntime as ort
 
         if export.metadata.graph != "fused":
@@ -77,10 +78,10 @@ class FusedOnnxRuntimeTarget:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(export.model_path), options, providers=["CPUExecutionProvider"])
         self._outputs = [o.name for o in self.session.get_outputs()]
-        self._local = threading.local()
+        self._min_rows = MIN_PASS_ROWS if pad_single_tokens else 1
         log.info("onnxruntime backend: fused %s graph %s, %d threads, layers %s", self.precision, export.model_path,
                  self.threads, list(self.hidden_layer_ids))
-        if check_rows:
+        if check_rows and pad_single_tokens:
             check_row_invariance(self)
 
     # ---- the VerifierBackend surface ------------------------------------------------------------
@@ -157,7 +158,7 @@ class FusedOnnxRuntimeTarget:
         R rows of single tokens too; this backend passes R = 1), logits of the flat token indices
         `picks`. A single token is padded with a second (see the module docstring)."""
         rows, steps = tokens.shape
-        if rows * steps < MIN_PASS_ROWS:
+        if rows * steps < min(self._min_rows, MIN_PASS_ROWS):
             tokens = torch.cat([tokens, tokens], dim=1)
             steps += 1
         physical = cache.keys.shape[3]
