@@ -2,10 +2,13 @@
 
 Each pass runs one sequence: its K/V is written in place into the engine's own layer-major cache
 (KVCache, each layer bound as that layer's past and present: nothing is copied between steps).
-Why not a ragged batch of sessions like the torch engine: GroupQueryAttention on the CPU takes
-several sequences only one token each ("batch_size must be 1 when sequence_length > 1 and past
-context is given", ONNX Runtime 1.32), and a verify block is several tokens. The scheduler runs
-one pass per session on this backend (BatchDecoder without ragged batches).
+Why not a batch of sessions like the torch engine's ragged one: GroupQueryAttention on the CPU
+takes several sequences only one token each ("batch_size must be 1 when sequence_length > 1 and
+past context is given", ONNX Runtime 1.32), and a verify block is several tokens. Nor one token of
+each session in one pass: that runs GroupQueryAttention's one-token path, whose numbers differ from
+its multi-token path (measured: 2e-6 in fp32 logits, ~0.1 at int4, where the activations' 8-bit
+rounding amplifies it), so a session's tokens would depend on the batch. The scheduler runs one
+pass per session on this backend (BatchDecoder without ragged batches).
 
 Row invariance, the property losslessness rests on: a token's logits must not depend on how many
 other tokens share its pass (the verify block, the other sessions of a batch). Measured on this

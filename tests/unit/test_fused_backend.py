@@ -190,7 +190,10 @@ def test_precision_choices_are_checked(backends, quantized, tmp_path):
     # An export has one precision: asking for another is an error, not a silent switch.
     int4_dir = backends["llama", "int4"].export.directory
     with pytest.raises(InvalidArgumentError, match="is int4, but precision fp32 was asked for"):
-        load_backend(target, BackendOptions("onnxruntime", onnx=int4_dir), drafter_layers=LAYERS["llama"])
+        load_backend(target, BackendOptions("onnxruntime", precision="fp32", onnx=int4_dir), drafter_layers=LAYERS["llama"])
+    # auto takes the export's own precision
+    auto = load_backend(target, BackendOptions("onnxruntime", onnx=int4_dir, threads=1), drafter_layers=LAYERS["llama"])
+    assert auto.precision == "int4"
 
 
 @torch.inference_mode()
@@ -223,3 +226,4 @@ def test_cached_fused_exports_are_keyed_by_precision(quantized, tmp_path):
                          codes=read_gguf_codes(gguf, target))
     assert fp32.directory != int4.directory and "fused-int4" in int4.directory.name
     assert cached_export(target, (2,), source=str(model_dir), cache_dir=tmp_path, graph="fused", precision="int4").directory == int4.directory
+
