@@ -38,7 +38,7 @@ from tqdm import tqdm
 from blockpilot.backends import DEFAULT_PRECISION, DEFAULT_VERIFIER_BACKEND, PRECISION_CHOICES
 from blockpilot.backends.loader import BackendOptions
 from blockpilot.benchmarking import machine_info, read_jsonl_prompts
-from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
+from blockpilot.decoding.lookup import LOOKUP_OFF, lookup_for
 from blockpilot.decoding.speculative import SamplingParams
 from blockpilot.policy.in_process import InProcessPolicy
 from blockpilot.runtime import load_engine, set_threads
@@ -48,7 +48,7 @@ BASELINE = "autoregressive"
 
 
 def run_method(engine, policy: InProcessPolicy, method: str, prompt_ids, params: SamplingParams) -> dict:
-    lookup = LOOKUP_OFF if method in ("autoregressive", "lookup_off") else LookupConfig()
+    lookup = LOOKUP_OFF if method in ("autoregressive", "lookup_off") else lookup_for(engine.decoder.target)
     if method in ("default", "lookup_off"):
         block_size = policy.hook(engine.default_block_size, engine.decoder.max_block_size)
     else:
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     prompts = [p for f in files for p in read_jsonl_prompts(f, args.prompts_per_dataset)]
     setup = {"machine": machine_info(), "backend": engine.backend, "precisions": precisions, "drafter": engine.drafter_name,
              "policy": ",".join(policy.spec.policy_versions),
-             "lookup": LookupConfig().__dict__, "max_new_tokens": args.max_new_tokens,
+             "lookup": {precision: lookup_for(each.decoder.target).__dict__ for precision, each in engines.items()},
+             "max_new_tokens": args.max_new_tokens,
              "prompts_per_dataset": args.prompts_per_dataset, "datasets": [f.stem for f in files],
              "temperatures": args.temperatures, "seed": args.seed}
     print(json.dumps(setup), file=sys.stderr)

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         worths = [step_worth(curve_n, length, curve) for length in range(0, min(MAX_LENGTH, max(curve)) )]
         best = int(np.argmax(worths))
         chosen = default.cap(n) if n <= default.max_ngram else default.max_tokens
-        rows.append({"n": n, "positions": positions[n], "p_right": [round(p, 3) for p in curve_n[:8]],
+        rows.append({"n": n, "positions": positions[n], "p_right": [round(p, 4) for p in curve_n],
                      "best_length": best, "best_worth": worths[best], "default_length": chosen,
                      "default_worth": worths[min(chosen, len(worths) - 1)]})
         best_total += positions[n] * worths[best]

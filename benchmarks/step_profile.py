@@ -21,7 +21,7 @@ from tqdm import tqdm
 from blockpilot.backends import DEFAULT_VERIFIER_BACKEND
 from blockpilot.backends.loader import BackendOptions
 from blockpilot.benchmarking import load_prompts, machine_info
-from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
+from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig, lookup_for
 from blockpilot.decoding.speculative import STEP_PHASES, SamplingParams
 from blockpilot.policy.sweep import measure_cost_model
 from blockpilot.runtime import load_engine, set_threads
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
                                   max_verify_size=LookupConfig().max_tokens + 1)
     totals: dict[str, dict] = {}
     for ids in tqdm(encoded, desc="prompts", file=sys.stderr):
-        for lookup_name, lookup in (("off", LOOKUP_OFF), ("on", LookupConfig())):
+        for lookup_name, lookup in (("off", LOOKUP_OFF), ("on", lookup_for(engine.decoder.target))):
             for size in args.block_sizes:
                 result = engine.decoder.generate(ids, params, size, lookup=lookup)
                 entry = totals.setdefault(f"B={size} lookup={lookup_name}", {"steps": 0, "tokens": 0, "decode_s": 0.0,

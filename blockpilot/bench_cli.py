@@ -94,7 +94,8 @@ def _one(client, prompt: dict, args, block_size) -> dict:
         tokens.extend(event.token_ids)
         last = now
     return {"id": prompt["id"], "ttft_s": ttft or 0.0, "gaps": gaps, "token_ids": tokens, "tau": final.tau,
-            "block_size": final.block_size, "fallback_reason": final.fallback_reason, "total_s": time.perf_counter() - began}
+            "block_size": final.block_size, "fallback_reason": final.fallback_reason, "total_s": time.perf_counter() - began,
+            "backend": f"{final.backend}/{final.precision}"}
 
 
 def run_level(server: str, prompts: list[dict], concurrency: int, count: int, args, block_size) -> dict:
@@ -141,6 +142,7 @@ def run_level(server: str, prompts: list[dict], concurrency: int, count: int, ar
         "itl_p50_s": _percentile(gaps, 50), "itl_p99_s": _percentile(gaps, 99),
         "tau": sum(r["tau"] for r in results) / len(results) if results else 0.0,
         "block_sizes": dict(Counter(str(r["block_size"]) for r in results)),
+        "backends": dict(Counter(r["backend"] for r in results)),  # backend/precision the server named
         "fallbacks": dict(Counter(r["fallback_reason"] for r in results if r["fallback_reason"])),
         "outputs": {str(r["index"]): r["token_ids"] for r in results},
     }

@@ -468,7 +468,7 @@ def _generate(args: argparse.Namespace) -> int:
                 f"--block-size {args.block_size} needs a drafter: pass --drafter PATH (a DFlash checkpoint) or --drafter random"
             )
 
-    from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
+    from blockpilot.decoding.lookup import LOOKUP_OFF, lookup_for
     from blockpilot.decoding.speculative import GenerationResult, SamplingParams
     from blockpilot.models.tokenizer import IncrementalDecoder
     from blockpilot.backends.loader import BackendOptions
@@ -489,7 +489,7 @@ def _generate(args: argparse.Namespace) -> int:
         block_size = policy.hook(engine.default_block_size, engine.decoder.max_block_size)
     else:
         block_size = 1 if auto else args.block_size  # without a drafter there is no block size to decide
-    lookup = LookupConfig() if args.prompt_lookup == "on" else LOOKUP_OFF
+    lookup = lookup_for(engine.decoder.target) if args.prompt_lookup == "on" else LOOKUP_OFF
     params = SamplingParams(
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,

@@ -105,6 +105,10 @@ class ExportMetadata:
     # 0.0 = exact).
     accuracy_level: int | None = None
     accuracy_levels: dict | None = None
+    # Fused graphs: ms of a verify pass of k = 1..VERIFY_COST_SIZES tokens on 128 cached ones
+    # (fastest of a few rounds, on the machine and threads that exported), from which the engine
+    # picks its prompt-lookup lengths (blockpilot.decoding.lookup.lengths_for_cost).
+    verify_cost_ms: dict | None = None
     quantization: dict | None = None
     torch_version: str = ""
     onnx_version: str = ""
@@ -322,7 +326,7 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
     metadata = dataclasses.replace(metadata, opset=FUSED_OPSET, inputs=FUSED_INPUTS, outputs=outputs)
     if precision == FP32:
         write(GraphWeights())
-        return metadata
+        return dataclasses.replace(metadata, verify_cost_ms=verify_cost_curve(OnnxExport(folder, metadata), target))
     levels: dict[str, dict] = {}
     codes_error = None
     for level in INT4_ACCURACY_LEVELS:
@@ -346,11 +350,36 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
     log.info("int4 compute precision: accuracy_level %d (per level: %s)", best, levels)
     if best != INT4_ACCURACY_LEVELS[-1]:
         write(GraphWeights(precision, codes.weights, best))
+    chosen = dataclasses.replace(metadata, accuracy_level=best)
     return dataclasses.replace(
-        metadata, accuracy_level=best, accuracy_levels=levels,
+        chosen, accuracy_levels=levels, verify_cost_ms=verify_cost_curve(OnnxExport(folder, chosen), target),
         quantization={"source": codes.source, "quantized": len(codes.weights), "left_fp32": list(codes.left_fp32),
                       "max_abs_difference": codes.max_abs_difference, "fp32_activations_check_error": codes_error},
     )
+
+
+VERIFY_COST_SIZES = 12  # the longest default lookup proposal (11) plus its anchor
+
+
+def verify_cost_curve(export: OnnxExport, target: TargetModel, *, context: int = 128, rounds: int = 4) -> dict[str, float]:
+    """{k: ms} of a verify pass of k = 1..VERIFY_COST_SIZES tokens (logits of every token) on
+    `context` cached tokens: the sizes timed round-robin, the fastest round of each kept (other
+    processes only ever add time)."""
+    from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget
+
+    backend = FusedOnnxRuntimeTarget(export, target, verify_weights=False, check_rows=False)
+    generator = torch.Generator().manual_seed(0)
+    cache = backend.new_cache(context + VERIFY_COST_SIZES)
+    backend(torch.randint(target.config.vocab_size, (1, context), generator=generator), cache, num_logits=1)
+    blocks = {k: torch.randint(target.config.vocab_size, (1, k), generator=generator) for k in range(1, VERIFY_COST_SIZES + 1)}
+    best = {k: float("inf") for k in blocks}
+    for _ in range(rounds + 1):
+        for k, block in blocks.items():
+            began = time.perf_counter()
+            backend(block, cache)
+            best[k] = min(best[k], time.perf_counter() - began)
+            cache.truncate(context)
+    return {str(k): round(v * 1000, 3) for k, v in best.items()}
 
 
 def _time_steps(export: OnnxExport, target: TargetModel, *, context: int = 128, reps: int = 5) -> dict:

@@ -6,18 +6,18 @@ Why not a batch of sessions like the torch engine's ragged one: GroupQueryAttent
 takes several sequences only one token each ("batch_size must be 1 when sequence_length > 1 and
 past context is given", ONNX Runtime 1.32), and a verify block is several tokens. Nor one token of
 each session in one pass: that runs GroupQueryAttention's one-token path, whose numbers differ from
-its multi-token path (measured: 2e-6 in fp32 logits, ~0.1 at int4, where the activations' 8-bit
-rounding amplifies it), so a session's tokens would depend on the batch. The scheduler runs one
+its multi-token path (measured on a tiny test model: 2e-6 in fp32 logits, ~0.1 at int4, where the
+activations' 8-bit rounding amplifies it), so a session's tokens would depend on the batch. The scheduler runs one
 pass per session on this backend (BatchDecoder without ragged batches).
 
 Row invariance, the property losslessness rests on: a token's logits must not depend on how many
-other tokens share its pass (the verify block, the other sessions of a batch). Measured on this
-graph (AVX-512 Zen 4): every pass of 2 or more token rows gives each row exactly the same numbers,
-but a pass of a single row takes another kernel (MatMulNBits' and the fp32 GEMM's one-row paths)
-and differs (fp32: ~3e-5 in the logits; int4: ~1.8, its one-row path quantizes the activations
-differently). So a pass never runs one row: a lone token is padded with a second one, written
-past the sequence's end and never read (one slot of headroom in every cache this backend makes;
-+10 % on a one-token step at int4). Whether the CPU at hand keeps rows invariant is checked when
+other tokens share its pass (how a verify block or a prefill is cut). Measured on this graph with
+the default model (AVX-512 Zen 4, benchmarks/engine.py): every pass of 2 or more tokens gives each
+token exactly the same numbers, but a pass of a single token takes other kernels (MatMulNBits' and
+the fp32 GEMM's one-row paths, GroupQueryAttention's one-token path) and differs (fp32: 3.7e-5 in
+the logits; int4: 1.97, its one-row path quantizes the activations differently). So a pass never
+runs one token: a lone token is padded with a second one, written past the sequence's end and never
+read (one slot of headroom in every cache this backend makes; 10-15 % on a one-token step). Whether the CPU at hand keeps rows invariant is checked when
 the backend starts (check_row_invariance), not assumed: kernels are chosen by CPU features.
 """
 
@@ -88,6 +88,15 @@ class FusedOnnxRuntimeTarget:
             check_row_invariance(self)
 
     # ---- the VerifierBackend surface ------------------------------------------------------------
+
+    @property
+    def verify_cost(self) -> dict[int, float] | None:
+        """A verify pass of k tokens relative to one token, k = 1..12, as measured when this graph
+        was exported (None for an export without the measurement)."""
+        measured = self.export.metadata.verify_cost_ms
+        if not measured:
+            return None
+        return {int(k): v / measured["1"] for k, v in measured.items()}
 
     @property
     def device(self) -> torch.device:
@@ -161,7 +170,7 @@ class FusedOnnxRuntimeTarget:
         R rows of single tokens too; this backend passes R = 1), logits of the flat token indices
         `picks`. A single token is padded with a second (see the module docstring)."""
         rows, steps = tokens.shape
-        if rows * steps < min(self._min_rows, MIN_PASS_ROWS):
+        if rows * steps < self._min_rows:
             tokens = torch.cat([tokens, tokens], dim=1)
             steps += 1
         physical = cache.keys.shape[3]

@@ -21,9 +21,13 @@ first copied token was right 23 % of the time after a 1-token match, 52 % after 
 and 91 % after 6+, and a 6+ match stayed right for 8 tokens 46 % of the time. A step is worth
 (1 + expected accepted tokens) / (verify cost of its length), so short matches get short
 proposals. The default lengths (3, 5, 6, 7, 7, 11 for n = 1..6) reach 97-100 % of the best
-per-n lengths under the verify-cost curves of three CPUs (AVX2 Zen 3, Zen 4 and Zen 5 with
-AVX-512, ONNX Runtime), whose own optima differ (e.g. 3 or 11 tokens after a 4-token match);
-the script recomputes them for a machine's measured curve.
+per-n lengths under the fp32 verify-cost curves of three CPUs (AVX2 Zen 3, Zen 4 and Zen 5 with
+AVX-512, ONNX Runtime), whose own optima differ (e.g. 3 or 11 tokens after a 4-token match). A
+steeper curve wants shorter copies: the int4 backend's (a 4-token pass 1.42 x a one-token one, an
+8-token pass 2.24 x) reaches only 89 % with them, and its best lengths are 1, 2, 2, 3, 3, 6. So the
+engine and the verifier pick the lengths for the backend they run: `lengths_for_cost` maximizes a
+step's worth under the backend's verify-cost curve, measured when it loads
+when it was exported (`lookup_for`), with the survival table COPY_SURVIVAL below.
 
 The index maps every n-gram (min_ngram <= n <= max_ngram) that has a continuation, i.e. that ends
 before the history's last token, to the latest position it ended at. Appending a token registers
@@ -38,9 +42,37 @@ acceptance.sample_and_match_verify above it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from blockpilot.errors import InvalidArgumentError
+
+
+# COPY_SURVIVAL[n - 1][j - 1]: P(at least j copied tokens are right | the longest match is n tokens),
+# j = 1..16, n = 1..6. Measured by benchmarks/lookup_lengths.py (--max-records 2000) on the default
+# target's greedy responses to training prompts (data/drafter/responses, 2026-12-06: 66,801 /
+# 29,942 / 18,637 / 12,321 / 9,042 / 76,875 positions for n = 1..6; 26 % of positions had no match).
+# It describes the text (how often it repeats itself), not the machine.
+COPY_SURVIVAL: tuple[tuple[float, ...], ...] = (
+    (0.2392, 0.1337, 0.0837, 0.0591, 0.0441, 0.0342, 0.0265, 0.0208, 0.0166, 0.0133, 0.0113, 0.0094, 0.008, 0.007, 0.006, 0.0052),
+    (0.5323, 0.3306, 0.2339, 0.1758, 0.1375, 0.1092, 0.0883, 0.0726, 0.0598, 0.0513, 0.0438, 0.0374, 0.0332, 0.0293, 0.0263, 0.024),
+    (0.6081, 0.4269, 0.3201, 0.2488, 0.1968, 0.1593, 0.1312, 0.1087, 0.0937, 0.0806, 0.0696, 0.0616, 0.0544, 0.0489, 0.0441, 0.0401),
+    (0.6973, 0.5223, 0.4052, 0.3202, 0.2598, 0.2154, 0.1797, 0.1545, 0.1339, 0.1165, 0.1034, 0.091, 0.0815, 0.0738, 0.0664, 0.0606),
+    (0.7524, 0.5828, 0.4616, 0.3751, 0.3113, 0.2605, 0.2251, 0.1946, 0.1699, 0.1506, 0.1333, 0.1194, 0.1075, 0.0971, 0.0876, 0.0803),
+    (0.8957, 0.8053, 0.722, 0.6471, 0.5961, 0.5451, 0.5033, 0.4612, 0.4112, 0.375, 0.3473, 0.3169, 0.2938, 0.2726, 0.251, 0.2384),
+)
+
+
+def step_worth(survival: Sequence[float], length: int, relative_cost: Mapping[int, float]) -> float:
+    """Tokens per unit of one-token verify time of a lookup step proposing `length` tokens:
+    (1 + sum_{j <= length} P(>= j right)) / c(length + 1), c(k) the verify cost of k tokens
+    relative to one (a plain step, length 0, is worth 1)."""
+    return (1.0 + sum(survival[:length])) / relative_cost[length + 1] if length else 1.0
+
+
+def lengths_for_cost(relative_cost: Mapping[int, float], survival: Sequence[Sequence[float]] = COPY_SURVIVAL) -> tuple[int, ...]:
+    """Per match length n, the proposal length (0 .. max measured k - 1) of the highest step worth."""
+    longest = min(max(relative_cost) - 1, len(survival[0]))
+    return tuple(max(range(longest + 1), key=lambda length: step_worth(row, length, relative_cost)) for row in survival)
 
 
 @dataclass(frozen=True)
@@ -78,6 +110,18 @@ class LookupConfig:
 
 
 LOOKUP_OFF = LookupConfig(enabled=False)
+
+
+def lookup_for(target) -> LookupConfig:
+    """Prompt lookup with proposal lengths chosen for this verifier: under the verify-cost curve the
+    backend measured when it was exported (its `verify_cost`: fused ONNX Runtime graphs), else the
+    default lengths (tuned for fp32 curves, flat enough that the choice matters little).
+    Deterministic for a given export, so every process serving it proposes the same drafts."""
+    curve = getattr(target, "verify_cost", None)
+    if not curve:
+        return LookupConfig()
+    lengths = lengths_for_cost(curve)
+    return LookupConfig(max_tokens=max(max(lengths), 1), max_tokens_by_ngram=lengths)
 
 
 class PromptLookupIndex:

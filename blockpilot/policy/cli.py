@@ -3,7 +3,7 @@
     blockpilot policy sweep --prompts ../shared/datasets/train --prompts-per-file 150 \
         --exclude-ids-from data/drafter/responses --out runs/policy/sweep-train
     blockpilot policy train --sweep runs/policy/sweep-train --repository policies --name blockpilot
-    blockpilot policy eval --policy policies/blockpilot/3 --prompts ../shared/datasets --prompts-per-file 30 \
+    blockpilot policy eval --policy policies/blockpilot/4 --prompts ../shared/datasets --prompts-per-file 30 \
         --cost-model runs/policy/sweep-train --sweep runs/policy/sweep-eval --out runs/policy/eval
 
 Each handler returns the exit status and prints one JSON summary line on stdout; progress goes to
@@ -127,7 +127,7 @@ def _load_models(args: argparse.Namespace):
 
 
 def _run_sweep(args: argparse.Namespace, out: Path, candidates=None) -> dict:
-    from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
+    from blockpilot.decoding.lookup import LOOKUP_OFF, lookup_for
     from blockpilot.policy.sweep import SweepConfig, default_candidates, read_cost_model, read_ids, run_sweep, select_prompts
 
     # Everything that can fail fast does so before the models load (tens of seconds).
@@ -142,7 +142,7 @@ def _run_sweep(args: argparse.Namespace, out: Path, candidates=None) -> dict:
     chosen = tuple(sorted(set(args.candidates))) if args.candidates else candidates or default_candidates(models.drafter.block_size, args.radius)
     cfg = SweepConfig(candidates=chosen, mode=args.mode, max_new_tokens=args.max_new_tokens,
                       max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size, cost_repeats=args.cost_repeats,
-                      lookup=LookupConfig() if args.prompt_lookup == "on" else LOOKUP_OFF)
+                      lookup=lookup_for(models.verifier or models.target) if args.prompt_lookup == "on" else LOOKUP_OFF)
     logging.getLogger("blockpilot").setLevel(logging.INFO)
     return run_sweep(models, prompts, out, cfg, cost_model=cost, progress=not args.no_progress)
 

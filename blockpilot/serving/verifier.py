@@ -30,7 +30,7 @@ import torch
 
 from blockpilot.backends.base import backend_name, backend_precision
 from blockpilot.decoding.drafting import DraftProvider, DraftResume, DraftSession
-from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
+from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig, lookup_for
 from blockpilot.decoding.speculative import GenerationResult, PrefillInfo, SamplingParams
 from blockpilot.errors import (AbortedError, BlockPilotError, DeadlineExceededError, DrafterUnavailableError,
                                FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
@@ -172,6 +172,7 @@ class VerifierCore:
         self.replica_id = replica_id
         self.vocab_size = target.model.config.vocab_size
         self.backend, self.precision = backend_name(target.model), backend_precision(target.model)
+        self.lookup = lookup_for(target.model)  # proposal lengths for this backend's verify costs
         metrics.VERIFIER_BACKEND.labels(self.backend, self.precision).set(1)
         self.max_context = target.model.config.max_position_embeddings
         # Rows hold prompt + max_new_tokens + 1 + the widest block; they start at batch_row_tokens and
@@ -497,7 +498,7 @@ class VerifierCore:
         # drafting turn feeds the drafter without a new prefill.
         collect = turn.feature_layers if turn.session_id else ()
         lookup_on = turn.spec.prompt_lookup if turn.spec.prompt_lookup is not None else self.config.prompt_lookup
-        turn.lookup = LookupConfig() if lookup_on else LOOKUP_OFF
+        turn.lookup = self.lookup if lookup_on else LOOKUP_OFF
         request = ScheduledRequest(
             list(turn.prompt_ids), turn.params, cache, result, notify, drafter=turn.recorder, prefix_features=prefix,
             collect_features=collect, lookup=turn.lookup, keep_cache=bool(turn.session_id),

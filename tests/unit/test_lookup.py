@@ -100,3 +100,24 @@ def test_bad_per_ngram_lengths_are_refused():
         LookupConfig(max_ngram=3, max_tokens_by_ngram=(3, 5))
     with pytest.raises(InvalidArgumentError, match="-1"):
         LookupConfig(max_ngram=2, max_tokens_by_ngram=(3, -1))
+
+
+def test_proposal_lengths_follow_the_verify_cost_curve():
+    from blockpilot.decoding.lookup import lengths_for_cost, lookup_for, step_worth
+
+    survival = ((0.5, 0.25, 0.1), (0.9, 0.8, 0.7))
+    flat = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    steep = {1: 1.0, 2: 1.0, 3: 1.6, 4: 2.2}
+    # by hand: n=1 under the steep curve: L=1 -> 1.5 / 1.0, L=2 -> 1.75 / 1.6, L=3 -> 1.85 / 2.2
+    assert step_worth(survival[0], 1, steep) == 1.5 and step_worth(survival[0], 0, steep) == 1.0
+    assert lengths_for_cost(flat, survival) == (3, 3)  # verifying more costs nothing: copy all
+    assert lengths_for_cost(steep, survival) == (1, 1)  # n=2: L=1 1.9 / 1.0 beats L=2 2.7 / 1.6 and L=3 3.4 / 2.2
+    ruinous = {1: 1.0, 2: 3.0, 3: 5.0, 4: 7.0}
+    assert lengths_for_cost(ruinous, survival) == (0, 0)  # no copy pays: plain steps
+
+    class Backend:
+        verify_cost = {k: 1.0 + 0.2 * (k - 1) for k in range(1, 13)}
+
+    config = lookup_for(Backend())
+    assert config.enabled and len(config.max_tokens_by_ngram) == 6 and config.max_tokens == max(config.max_tokens_by_ngram)
+    assert lookup_for(object()) == LookupConfig()  # no measured curve: the default lengths
