@@ -14,7 +14,7 @@ import torch
 
 from blockpilot.backends.base import VerifierBackend, backend_name, backend_precision
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend, place_beside
-from blockpilot.decoding.drafting import DraftProvider, LocalDrafter
+from blockpilot.decoding.drafting import DraftProvider, LocalDrafter, draft_dtype
 from blockpilot.decoding.speculative import SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError, NotFoundError
 from blockpilot.models.drafter import DFlashDrafter
@@ -104,7 +104,8 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
     verifier = load_backend(target_model, backend, drafter_layers=layers, source=str(target_dir),
                             default_layers=default_export_layers(target_model, is_default) if layers is None else ())
     place_beside(verifier, target_model, *([model] if model is not None else []))
-    provider: DraftProvider | None = LocalDrafter(model, target_model) if model is not None else None
+    dtype = draft_dtype() if target_model.device.type == "cpu" else None  # drafts never change the output
+    provider: DraftProvider | None = LocalDrafter(model, target_model, dtype=dtype) if model is not None else None
     return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(verifier, provider),
                   verifier_target=verifier)
 

@@ -119,3 +119,24 @@ def test_block_attention_is_not_causal(drafter, target):
         a = drafter(target.embed(torch.tensor([[5, 4, 4, 4]])), context, drafter.new_cache(16), positions, torch.arange(4)[None])
         b = drafter(target.embed(torch.tensor([[5, 4, 4, 9]])), context, drafter.new_cache(16), positions, torch.arange(4)[None])
     assert not torch.allclose(a[0, 1], b[0, 1])
+
+
+@pytest.mark.parametrize("temperature, sampling", [(0.0, "greedy"), (1.0, "sample")])
+def test_a_bf16_drafter_drafts_for_an_fp32_target_without_changing_its_output(tiny_target, temperature, sampling):
+    """The drafter may run in a cheaper precision than the target: drafts change, output does not."""
+    from blockpilot.decoding.lookup import LOOKUP_OFF
+    from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
+
+    model = DFlashDrafter.random(tiny_target.config, num_hidden_layers=1, block_size=6, seed=1)
+    bf16 = LocalDrafter(model, tiny_target, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.head.weight.dtype == torch.bfloat16
+    assert tiny_target.lm_head.weight.dtype == torch.float32  # the target keeps its own
+    params = SamplingParams(temperature=temperature, max_new_tokens=30, seed=5, draft_sampling=sampling)
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+    plain = SpeculativeDecoder(tiny_target).generate(prompt, params, 1, lookup=LOOKUP_OFF)
+    drafted = SpeculativeDecoder(tiny_target, bf16).generate(prompt, params, 6, lookup=LOOKUP_OFF)
+    if temperature == 0:
+        assert drafted.token_ids == plain.token_ids
+    else:  # sampled drafts: the rule gets q from the same (float) logits the draft was drawn from
+        assert len(drafted.token_ids) == 30
+    assert "dflash" in drafted.step_sources
