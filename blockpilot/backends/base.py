@@ -18,7 +18,7 @@ from blockpilot.backends import BACKENDS, ONNXRUNTIME, TENSORRT, TORCH  # noqa: 
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError
 from blockpilot.models.config import TargetConfig
 from blockpilot.models.kv_cache import KVCache
-from blockpilot.models.target import ForwardOutput
+from blockpilot.models.target import ForwardOutput, TargetModel
 
 
 
@@ -64,6 +64,29 @@ class VerifierBackend(Protocol):
         hidden_layer_ids: Sequence[int] = (),
         key_valid: torch.Tensor | None = None,
     ) -> ForwardOutput: ...
+
+
+class TorchTargetParts:
+    """What a graph backend keeps of the torch TargetModel it was built from (`torch_target`): the
+    final norm, the embedding and the output projection, which the loop, the drafter and the
+    policy feature use outside the graph, on the torch target's device."""
+
+    torch_target: TargetModel
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.torch_target.norm(hidden.to(self.torch_target.device))
+
+    @property
+    def lm_head(self):
+        return self.torch_target.lm_head
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.torch_target.embed(tokens.to(self.torch_target.device))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The torch target's output projection (for callers outside the verify pass; the pass's
+        own logits come from the graph, at its precision)."""
+        return self.torch_target.logits(hidden.to(self.torch_target.device))
 
 
 def backend_name(target: object) -> str:

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from blockpilot.backends.base import ONNXRUNTIME, BackendUnavailableError, check_layers_match
+from blockpilot.backends.base import ONNXRUNTIME, BackendUnavailableError, TorchTargetParts, check_layers_match
 from blockpilot.backends.cache import SeqMajorKVCache
 from blockpilot.backends.onnx_export import OnnxExport, check_export_matches
 from blockpilot.errors import InvalidArgumentError
@@ -72,7 +72,7 @@ def choose_provider(requested: str) -> str:
     return requested
 
 
-class OnnxRuntimeTarget:
+class OnnxRuntimeTarget(TorchTargetParts):
     """A VerifierBackend over an ONNX export (see blockpilot.backends.base)."""
 
     backend = ONNXRUNTIME
@@ -169,20 +169,6 @@ class OnnxRuntimeTarget:
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
-
-    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The final RMSNorm (of the torch target, on its device)."""
-        return self.torch_target.norm(hidden.to(self.torch_target.device))
-
-    @property
-    def lm_head(self):
-        return self.torch_target.lm_head
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.torch_target.embed(tokens.to(self.torch_target.device))
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.torch_target.logits(hidden.to(self.torch_target.device))
 
     def new_cache(self, capacity: int, batch_size: int = 1) -> SeqMajorKVCache:
         if batch_size != 1:

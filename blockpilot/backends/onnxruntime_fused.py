@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from blockpilot.backends.base import ONNXRUNTIME, check_layers_match
+from blockpilot.backends.base import ONNXRUNTIME, TorchTargetParts, check_layers_match
 from blockpilot.backends.onnx_export import OnnxExport, check_export_matches
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from blockpilot.models.kv_cache import BatchKVCache, KVCache
@@ -50,7 +50,7 @@ class HeadroomKVCache(KVCache):
         return super()._allocate((layers, batch, heads, capacity + self.headroom, dim), dtype, device)
 
 
-class FusedOnnxRuntimeTarget:
+class FusedOnnxRuntimeTarget(TorchTargetParts):
     """A VerifierBackend (see blockpilot.backends.base) over a fused export, on the CPU."""
 
     backend = ONNXRUNTIME
@@ -105,21 +105,6 @@ class FusedOnnxRuntimeTarget:
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
-
-    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.torch_target.norm(hidden)
-
-    @property
-    def lm_head(self):
-        return self.torch_target.lm_head
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.torch_target.embed(tokens)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The torch target's fp32 output projection (for callers outside the verify pass; the
-        pass's own logits come from the graph, at its precision)."""
-        return self.torch_target.logits(hidden)
 
     def new_cache(self, capacity: int, batch_size: int = 1) -> KVCache:
         cfg = self.config
