@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from blockpilot.decoding.drafting import draft_dtype
 
     draft_ms_fp32 = drafter_pass_ms(target, 128, 7, args.repeats)
-    draft_ms = drafter_pass_ms(target, 128, 7, args.repeats, dtype=draft_dtype())  # what the engine runs
+    draft_ms = drafter_pass_ms(target, 128, 7, args.repeats, dtype=draft_dtype(target.device))  # what the engine runs
     portable = next((each.target for name, each in decoders.items() if name == "onnxruntime:portable"), None)
     report = {
         "machine": machine_info(),
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify_cost_relative_by_backend": {name: {k: v / c[1] for k, v in c.items()} for name, c in curves.items()},
         "row_invariance_max_logit_diff": invariance,
         "drafter_pass_ms": draft_ms,
-        "drafter_dtype": str(draft_dtype()).removeprefix("torch."),
+        "drafter_dtype": str(draft_dtype(target.device)).removeprefix("torch."),
         "drafter_pass_ms_fp32": draft_ms_fp32,
         "drafter_pass_vs_one_token_step": {name: draft_ms / ms for name, ms in step_ms.items()} if draft_ms else None,
         "decode_step_profile": profile_decode_step(target, 128),

@@ -194,7 +194,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
         target = TargetModel.from_pretrained(target_dir)
         layers = default_export_layers(target, is_default_target(args.target))
-        precision = auto_precision(target_dir) if args.precision == AUTO else args.precision
+        precision = auto_precision(target, layers, target_dir) if args.precision == AUTO else args.precision
         print(cached_export(target, layers, source=str(target_dir), graph=FUSED, precision=precision).directory)
     return 0
 

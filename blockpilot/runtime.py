@@ -104,7 +104,8 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
     verifier = load_backend(target_model, backend, drafter_layers=layers, source=str(target_dir),
                             default_layers=default_export_layers(target_model, is_default) if layers is None else ())
     place_beside(verifier, target_model, *([model] if model is not None else []))
-    dtype = draft_dtype() if target_model.device.type == "cpu" else None  # drafts never change the output
+    # Drafts never change the output: the drafter may run in a cheaper precision (see LocalDrafter).
+    dtype = draft_dtype(target_model.device)
     provider: DraftProvider | None = LocalDrafter(model, target_model, dtype=dtype) if model is not None else None
     return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(verifier, provider),
                   verifier_target=verifier)

@@ -120,7 +120,7 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
                 log.info("the fused CPU graph cannot run this target (%s): running the portable fp32 graph", reason)
                 graph = PORTABLE
         if precision == AUTO:
-            precision = auto_precision(source) if graph == FUSED else FP32
+            precision = auto_precision(target, tuple(layers), source, digest) if graph == FUSED else FP32
         export = cached_export(target, tuple(layers), source=source, digest=digest, graph=graph, precision=precision)
     if options.name == ONNXRUNTIME:
         if export.metadata.graph == FUSED:
@@ -146,11 +146,15 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
     return TensorRTTarget(export, target, spec=spec, verify_weights=False)
 
 
-def auto_precision(model_dir: str | Path) -> str:
+def auto_precision(target: TargetModel, layers: Sequence[int], model_dir: str | Path, digest: str | None = None) -> str:
     """'auto' resolved: int4 when `model_dir` was converted from a GGUF file whose decoder layers are
-    Q4_1 / Q8_0 codes (the model's own format runs fastest), else fp32 (said in the log)."""
+    Q4_1 / Q8_0 codes (the model's own format runs fastest), else fp32 (said in the log). An int4
+    export already in the cache answers at once: reading the GGUF's tensor table takes seconds."""
     from blockpilot.backends.gguf_codes import gguf_source_of, int4_unsupported_reason
+    from blockpilot.backends.onnx_export import FUSED, cached_export_dir, is_cached, weights_digest
 
+    if is_cached(cached_export_dir(target, layers, digest or weights_digest(target), graph=FUSED, precision=INT4)):
+        return INT4
     gguf = gguf_source_of(model_dir) if model_dir else None
     if gguf is None:
         return FP32

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
+from blockpilot.backends import FP32, INT4, PRECISIONS
 from blockpilot.backends.fused_graph import FUSED_INPUTS, OPSET as FUSED_OPSET
 from blockpilot.backends.graph import INPUT_NAMES, TargetGraph, output_names
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, ModelFormatError, NotFoundError
@@ -72,7 +73,6 @@ EXPORT_CHECK_TOLERANCE = 1e-4
 INT4_CHECK_TOLERANCE = 0.5
 PORTABLE, FUSED = "portable", "fused"
 GRAPHS = (PORTABLE, FUSED)
-from blockpilot.backends import FP32, INT4, PRECISIONS  # noqa: E402 - beside the other names of this block
 INT4_ACCURACY_LEVELS = (4, 1)  # MatMulNBits compute precisions tried for int4 (see _write_fused)
 INT4_EXACT_LEVEL = 1  # fp32 activations: the level whose output must match the fp32 engine
 
@@ -311,8 +311,8 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
     1), which must match the torch engine as closely as an fp32 export does (this proves the codes
     and their layout: a wrong nibble order or row permutation would be off by order 1); then at the
     compute precision that runs fastest here among those whose rows are invariant (level 4: int8
-    activations, or 1; timed on a decode step and a verify block, see onnxruntime_fused for row
-    invariance), recorded with its timings and the codes' provenance."""
+    activations, or 1; timed on a 2-token and an 8-token pass, see onnxruntime_fused for row
+    invariance), recorded with its timings, its verify-cost curve and the codes' provenance."""
     import onnx
 
     from blockpilot.backends.fused_graph import FUSED_OUTPUTS, GraphWeights, build_fused_graph
@@ -326,8 +326,9 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
     metadata = dataclasses.replace(metadata, opset=FUSED_OPSET, inputs=FUSED_INPUTS, outputs=outputs)
     if precision == FP32:
         write(GraphWeights())
-        return dataclasses.replace(metadata, verify_cost_ms=verify_cost_curve(OnnxExport(folder, metadata), target))
+        return dataclasses.replace(metadata, verify_cost_ms=_measure(OnnxExport(folder, metadata), target, check_rows=False)[0])
     levels: dict[str, dict] = {}
+    curves: dict[int, dict[str, float]] = {}
     codes_error = None
     for level in INT4_ACCURACY_LEVELS:
         write(GraphWeights(precision, codes.weights, level))
@@ -339,7 +340,8 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
                     f"the int4 graph with fp32 activations disagrees with the fp32 engine (scaled error {codes_error:.3g} > "
                     f"{EXPORT_CHECK_TOLERANCE}): the GGUF codes were not laid out as the engine's weights; not published"
                 )
-        levels[str(level)] = _time_steps(candidate, target)
+        curves[level], invariant = _measure(candidate, target, check_rows=True)
+        levels[str(level)] = {"ms": round(curves[level]["2"] + curves[level]["8"], 2), "row_invariant": invariant}
     usable = [level for level in INT4_ACCURACY_LEVELS if levels[str(level)]["row_invariant"]]
     if not usable:
         raise FailedPreconditionError(
@@ -350,9 +352,8 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
     log.info("int4 compute precision: accuracy_level %d (per level: %s)", best, levels)
     if best != INT4_ACCURACY_LEVELS[-1]:
         write(GraphWeights(precision, codes.weights, best))
-    chosen = dataclasses.replace(metadata, accuracy_level=best)
     return dataclasses.replace(
-        chosen, accuracy_levels=levels, verify_cost_ms=verify_cost_curve(OnnxExport(folder, chosen), target),
+        metadata, accuracy_level=best, accuracy_levels=levels, verify_cost_ms=curves[best],
         quantization={"source": codes.source, "quantized": len(codes.weights), "left_fp32": list(codes.left_fp32),
                       "max_abs_difference": codes.max_abs_difference, "fp32_activations_check_error": codes_error},
     )
@@ -361,13 +362,21 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
 VERIFY_COST_SIZES = 12  # the longest default lookup proposal (11) plus its anchor
 
 
-def verify_cost_curve(export: OnnxExport, target: TargetModel, *, context: int = 128, rounds: int = 4) -> dict[str, float]:
-    """{k: ms} of a verify pass of k = 1..VERIFY_COST_SIZES tokens (logits of every token) on
-    `context` cached tokens: the sizes timed round-robin, the fastest round of each kept (other
-    processes only ever add time)."""
-    from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget
+def _measure(export: OnnxExport, target: TargetModel, *, check_rows: bool, context: int = 128,
+             rounds: int = 4) -> tuple[dict[str, float], bool]:
+    """({k: ms} of a verify pass of k = 1..VERIFY_COST_SIZES tokens (logits of every token) on
+    `context` cached tokens, whether rows are invariant (check_row_invariance; True when not
+    checked)). The sizes are timed round-robin and the fastest round of each kept: other
+    processes only ever add time."""
+    from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget, check_row_invariance
 
     backend = FusedOnnxRuntimeTarget(export, target, verify_weights=False, check_rows=False)
+    invariant = True
+    if check_rows:
+        try:
+            check_row_invariance(backend)
+        except FailedPreconditionError:
+            invariant = False
     generator = torch.Generator().manual_seed(0)
     cache = backend.new_cache(context + VERIFY_COST_SIZES)
     backend(torch.randint(target.config.vocab_size, (1, context), generator=generator), cache, num_logits=1)
@@ -379,34 +388,7 @@ def verify_cost_curve(export: OnnxExport, target: TargetModel, *, context: int =
             backend(block, cache)
             best[k] = min(best[k], time.perf_counter() - began)
             cache.truncate(context)
-    return {str(k): round(v * 1000, 3) for k, v in best.items()}
-
-
-def _time_steps(export: OnnxExport, target: TargetModel, *, context: int = 128, reps: int = 5) -> dict:
-    """{"ms": a 2-token plus an 8-token step at `context` cached tokens (best of `reps` each),
-    "row_invariant": whether check_row_invariance passes}."""
-    from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget, check_row_invariance
-
-    backend = FusedOnnxRuntimeTarget(export, target, verify_weights=False, check_rows=False)
-    try:
-        check_row_invariance(backend)
-        invariant = True
-    except FailedPreconditionError:
-        invariant = False
-    generator = torch.Generator().manual_seed(0)
-    cache = backend.new_cache(context + 16)
-    backend(torch.randint(target.config.vocab_size, (1, context), generator=generator), cache, num_logits=1)
-    total = 0.0
-    for steps in (2, 8):
-        block = torch.randint(target.config.vocab_size, (1, steps), generator=generator)
-        best = float("inf")
-        for _ in range(reps):
-            began = time.perf_counter()
-            backend(block, cache)
-            best = min(best, time.perf_counter() - began)
-            cache.truncate(context)
-        total += best
-    return {"ms": round(total * 1000, 2), "row_invariant": invariant}
+    return {str(k): round(v * 1000, 3) for k, v in best.items()}, invariant
 
 
 def _torch_export(graph: TargetGraph, path: Path, opset: int, max_positions: int) -> None:
@@ -501,6 +483,17 @@ def export_key(target: TargetModel, hidden_layer_ids: Sequence[int], digest: str
     return f"{target.config.model_type}-{digest[:16]}-layers{layers}-opset{opset}-v{FORMAT_VERSION}"
 
 
+def cached_export_dir(target: TargetModel, hidden_layer_ids: Sequence[int], digest: str, *, graph: str = PORTABLE,
+                      precision: str = FP32, cache_dir: str | Path | None = None) -> Path:
+    """Where cached_export keeps (or would make) this export."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "onnx"
+    return root / export_key(target, hidden_layer_ids, digest, graph=graph, precision=precision)
+
+
+def is_cached(directory: Path) -> bool:
+    return (directory / METADATA_FILE).is_file()
+
+
 def cached_export(
     target: TargetModel,
     hidden_layer_ids: Sequence[int],
@@ -517,12 +510,11 @@ def cached_export(
     An int4 export needs `codes` only when it has to be made."""
     check_graph_precision(graph, precision)
     digest = digest or weights_digest(target)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "onnx"
-    out = root / export_key(target, hidden_layer_ids, digest, graph=graph, precision=precision)
-    if (out / METADATA_FILE).is_file():
+    out = cached_export_dir(target, hidden_layer_ids, digest, graph=graph, precision=precision, cache_dir=cache_dir)
+    if is_cached(out):
         return read_export(out)
-    with _lock(root / f".{out.name}.lock"):
-        if (out / METADATA_FILE).is_file():
+    with _lock(out.parent / f".{out.name}.lock"):
+        if is_cached(out):
             return read_export(out)
         log.warning("no %s %s ONNX export of this target with layers %s yet: exporting into %s once "
                     "(about a minute for the default model)", graph, precision, list(hidden_layer_ids), out)

@@ -17,8 +17,9 @@ token exactly the same numbers, but a pass of a single token takes other kernels
 the fp32 GEMM's one-row paths, GroupQueryAttention's one-token path) and differs (fp32: 3.7e-5 in
 the logits; int4: 1.97, its one-row path quantizes the activations differently). So a pass never
 runs one token: a lone token is padded with a second one, written past the sequence's end and never
-read (one slot of headroom in every cache this backend makes; 10-15 % on a one-token step). Whether the CPU at hand keeps rows invariant is checked when
-the backend starts (check_row_invariance), not assumed: kernels are chosen by CPU features.
+read (one slot of headroom in every cache this backend makes; 10-15 % on a one-token step).
+Whether the CPU at hand keeps rows invariant is checked when the backend starts
+(check_row_invariance), not assumed: kernels are chosen by CPU features.
 """
 
 from __future__ import annotations
@@ -138,8 +139,7 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         start = cache.reserve(steps)
         self._check_positions(positions, torch.arange(start, start + steps))
         wanted = steps if num_logits is None else min(max(num_logits, 1), steps)
-        picks = torch.arange(steps - wanted, steps)
-        out = self._run(tokens, cache, torch.tensor([start]), picks)
+        out = self._run(tokens, cache, start, torch.arange(steps - wanted, steps))
         cache.length = start + steps
         return ForwardOutput(logits=out["logits"][None] if num_logits != 0 else None,
                              hidden=out["hidden"][:, :steps] if hidden_layer_ids else None,
@@ -150,38 +150,36 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         if given is not None and not torch.equal(given.reshape(-1).cpu(), slots.reshape(-1)):
             raise InvalidArgumentError("the onnxruntime backend places tokens at their cache slots: positions other than the slots are not supported")
 
-    def _run(self, tokens: torch.Tensor, cache: KVCache, starts: torch.Tensor, picks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One session run: tokens [R, T] at slots starts[r].. of cache rows [0, R) (the graph takes
-        R rows of single tokens too; this backend passes R = 1), logits of the flat token indices
+    def _run(self, tokens: torch.Tensor, cache: KVCache, start: int, picks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One session run: tokens [1, T] at slots start.. of `cache`, logits of the token indices
         `picks`. A single token is padded with a second (see the module docstring)."""
-        rows, steps = tokens.shape
-        if rows * steps < self._min_rows:
+        steps = tokens.shape[1]
+        if steps < self._min_rows:
             tokens = torch.cat([tokens, tokens], dim=1)
             steps += 1
         physical = cache.keys.shape[3]
-        if int(starts.max()) + steps > physical:
+        if start + steps > physical:
             raise ResourceExhaustedError(
-                f"KV cache full: a pass of {steps} tokens at slot {int(starts.max())} exceeds the {physical} slots of the cache"
+                f"KV cache full: a pass of {steps} tokens at slot {start} exceeds the {physical} slots of the cache"
             )
         cfg = self.config
-        ends = starts + steps
-        feeds = {
+        feeds = {  # the graph's contract (fused_graph): seqlens_k is the cache length after the pass - 1
             "input_ids": tokens.contiguous(),
-            "seqlens_k": (ends - 1).to(torch.int32).contiguous(),
-            "total_sequence_length": torch.tensor(int(ends.max()), dtype=torch.int32),
+            "seqlens_k": torch.tensor([start + steps - 1], dtype=torch.int32),
+            "total_sequence_length": torch.tensor(start + steps, dtype=torch.int32),
             "logit_index": picks.to(torch.long).contiguous(),
         }
         out = {"logits": torch.empty((picks.shape[0], cfg.vocab_size)),
-               "final_state": torch.empty((rows, steps, cfg.hidden_size))}
+               "final_state": torch.empty((1, steps, cfg.hidden_size))}
         if self.hidden_layer_ids:
-            out["hidden"] = torch.empty((rows, steps, len(self.hidden_layer_ids) * cfg.hidden_size))
+            out["hidden"] = torch.empty((1, steps, len(self.hidden_layer_ids) * cfg.hidden_size))
         binding = self.session.io_binding()
         for name, tensor in feeds.items():
             dtype = np.int32 if tensor.dtype == torch.int32 else np.int64
             binding.bind_input(name, "cpu", 0, dtype, tuple(tensor.shape), tensor.data_ptr())
         for name, tensor in out.items():
             binding.bind_output(name, "cpu", 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
-        shape = (rows, cfg.num_key_value_heads, physical, cfg.head_dim)
+        shape = (1, cfg.num_key_value_heads, physical, cfg.head_dim)
         for layer in range(cfg.num_hidden_layers):
             for kind, buffer in (("key", cache.keys[layer]), ("value", cache.values[layer])):
                 # Past and present bound to the same memory: GroupQueryAttention writes in place.

@@ -89,11 +89,13 @@ class DraftProvider(Protocol):
     def open_session(self, capacity: int) -> DraftSession: ...
 
 
-def draft_dtype() -> torch.dtype:
-    """bfloat16 where the CPU computes it natively (read at run time), else float32; a GPU drafter
-    keeps its own dtype (see LocalDrafter)."""
+def draft_dtype(device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The drafter's precision beside a target on `device`: bfloat16 where the CPU computes it
+    natively (read at run time), float32 on other CPUs, None (as loaded) on a GPU."""
     from blockpilot.training.data import native_bf16
 
+    if torch.device(device).type != "cpu":
+        return None
     return torch.bfloat16 if native_bf16() else torch.float32
 
 
