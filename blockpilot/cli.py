@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--accept-until-fail", type=float, default=0.0, metavar="W",
                        help="mix weight of the accept-until-fail loss (0 = off, 1 = only it)")
     train.add_argument("--accept-until-fail-after", type=int, default=0, metavar="STEPS", help="warm-up steps before it applies")
+    train.add_argument("--distill", type=float, default=0.0, metavar="W",
+                       help="0 = labels are the recorded response tokens; W in (0, 1]: labels are the target's argmax and the "
+                            "loss mixes in W x cross-entropy against the target's top-k distribution (computed with the features)")
+    train.add_argument("--teacher-top-k", type=positive_int, default=32, metavar="K", help="target logits kept per position for --distill")
+    train.add_argument("--features-on-demand", action="store_true",
+                       help="compute each sequence's features when training first draws it, instead of all before step 1 "
+                            "(cheaper when the run sees only part of the data)")
     train.add_argument("--lr", type=float, default=6e-4)
     train.add_argument("--anchors", type=positive_int, default=32, help="anchors per sequence")
     train.add_argument("--sequences", type=positive_int, default=4, help="sequences per optimizer step")
@@ -272,11 +279,12 @@ def _drafter_train(args: argparse.Namespace) -> int:
                       block_size=args.block_size, mask_token_id=mask, gamma=args.gamma, lr=args.lr, steps=args.steps,
                       anchors_per_sequence=args.anchors, sequences_per_step=args.sequences, eval_every=args.eval_every,
                       save_every=args.save_every, accept_until_fail=args.accept_until_fail,
-                      accept_until_fail_after=args.accept_until_fail_after, draft_vocab_size=args.draft_vocab_size, seed=args.seed)
+                      accept_until_fail_after=args.accept_until_fail_after, distill=args.distill, teacher_top_k=args.teacher_top_k,
+                      draft_vocab_size=args.draft_vocab_size, seed=args.seed)
     holdout_ids = read_id_list(args.holdout_ids) if args.holdout_ids is not None else None
     summary = train_drafter(target, read_dataset(args.data, args.data_tokens), args.out, cfg, init_from=args.init_from,
                             feature_dir=args.feature_dir, feature_layer_ids=args.feature_layers, holdout_ids=holdout_ids,
-                            feature_target=feature_target)
+                            feature_target=feature_target, features_on_demand=args.features_on_demand)
     (args.out / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": summary["history"][-1] if summary["history"] else None}))
     return 0

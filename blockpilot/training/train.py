@@ -8,7 +8,8 @@ Recipe:
 - many blocks per sequence in one forward: block tokens attend to their own block (bidirectional)
   and to the context before their anchor, never to other blocks;
 - loss: cross-entropy at block positions k = 1..B-1 weighted exp(-(k-1)/gamma), normalised by the
-  weights; the target's embedding and lm_head are frozen and shared;
+  weights; the target's embedding and lm_head are frozen and shared; optionally distilled from the
+  target's own top-k logits at each position (see `distill_targets`);
 - AdamW, linear warm-up then cosine decay, gradient clipping; resumable checkpoints.
 """
 
@@ -18,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,7 +51,11 @@ class TrainConfig:
     draft_vocab_size: the K most frequent response tokens form the draft vocabulary (None = all).
     accept_until_fail: weight in [0, 1] of the accept-until-fail loss mixed with the decayed one
         (0 = off, 1 = truncated only); it applies from step accept_until_fail_after on (a warm-up:
-        an untrained drafter fails at position 1 and the truncated loss would see little else)."""
+        an untrained drafter fails at position 1 and the truncated loss would see little else).
+    distill: 0 = labels are the recorded response tokens (v0.2); W in (0, 1] = labels are the
+        target's own argmax at each position (a T = 1 response's sampled token is noise for greedy
+        verification) and the loss is (1 - W) * CE(argmax) + W * CE(target's top-k distribution).
+    teacher_top_k: logits of the target kept per position for distillation (k)."""
 
     num_draft_layers: int = 1
     target_layer_ids: tuple[int, ...] | None = None
@@ -70,6 +76,8 @@ class TrainConfig:
     save_every: int = 100
     accept_until_fail: float = 0.0
     accept_until_fail_after: int = 0
+    distill: float = 0.0
+    teacher_top_k: int = 32
     seed: int = 0
 
     def validate(self) -> None:
@@ -81,6 +89,10 @@ class TrainConfig:
             raise InvalidArgumentError("steps, anchors_per_sequence and sequences_per_step must be >= 1")
         if not 0 <= self.accept_until_fail <= 1:
             raise InvalidArgumentError(f"accept_until_fail must be in [0, 1], got {self.accept_until_fail}")
+        if not 0 <= self.distill <= 1:
+            raise InvalidArgumentError(f"distill must be in [0, 1], got {self.distill}")
+        if self.teacher_top_k < 1:
+            raise InvalidArgumentError(f"teacher_top_k must be >= 1, got {self.teacher_top_k}")
 
 
 @dataclass
@@ -145,12 +157,37 @@ def accept_until_fail_mask(hits: torch.Tensor, labelled: torch.Tensor) -> torch.
     return reached & labelled
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """The target's top-k logits at every position of a sequence (S positions, k kept):
+    ids [S, k] long, sorted by logit (ids[:, 0] is the argmax); logits [S, k] float32.
+    Row j is the target's distribution for the token at position j + 1."""
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+
+
+def distill_targets(ids: torch.Tensor, logits: torch.Tensor, index_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-k distribution restricted to the draft vocabulary, renormalised.
+
+    ids, logits [N, k]: the teacher's top-k token ids and logits; index_of [V]: target id -> draft
+    index (-1 outside). Returns draft_index [N, k] (0 where outside: its probability is 0) and
+    probs [N, k] = softmax over the ids inside the draft vocabulary (a row with none is all 0)."""
+    draft_index = index_of[ids]
+    inside = draft_index >= 0
+    probs = torch.softmax(logits.float().masked_fill(~inside, float("-inf")), dim=-1).nan_to_num(0.0)
+    return draft_index.clamp(min=0), probs
+
+
 def drafter_loss(drafter: DFlashDrafter, head: DraftHead, embed: torch.nn.Embedding,
-                 features: torch.Tensor, packed: PackedBlocks, accept_until_fail: float = 0.0) -> tuple[torch.Tensor, dict]:
+                 features: torch.Tensor, packed: PackedBlocks, accept_until_fail: float = 0.0,
+                 teacher: Teacher | None = None, distill: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Weighted CE over the packed blocks of one sequence. features [S, F] (target, frozen).
     Labels outside the draft vocabulary cannot be proposed and carry no loss (they still end an
     accepted prefix). accept_until_fail: weight of the truncated loss (see accept_until_fail_mask)
-    mixed with the decayed loss: (1 - w) * decayed + w * truncated."""
+    mixed with the decayed loss: (1 - w) * decayed + w * truncated.
+    teacher: labels become the target's argmax (rows positions - 1), and with distill = W the
+    per-token loss is (1 - W) * CE(argmax) + W * soft CE against `distill_targets`."""
     seq_len = features.shape[0]
     hidden = drafter(
         embed(packed.tokens)[None],
@@ -160,12 +197,20 @@ def drafter_loss(drafter: DFlashDrafter, head: DraftHead, embed: torch.nn.Embedd
         torch.arange(seq_len)[None],
         mask=packed.mask[None, None],
     )[0]
-    draft_labels = head.index_of[packed.labels.clamp(min=0)]
+    labels = packed.labels
+    rows = (packed.positions - 1).clamp(max=seq_len - 1)  # the target's row for the token at each position
+    if teacher is not None:
+        labels = torch.where(labels != IGNORE, teacher.ids[rows, 0], labels)
+    draft_labels = head.index_of[labels.clamp(min=0)]
     predicted = (packed.weights > 0) & (draft_labels >= 0)
     logits = head.logits(hidden[predicted])
     labels = draft_labels[predicted]
     weights = packed.weights[predicted]
     losses = F.cross_entropy(logits, labels, reduction="none")
+    if teacher is not None and distill > 0:
+        index, probs = distill_targets(teacher.ids[rows[predicted]], teacher.logits[rows[predicted]], head.index_of)
+        soft = -(probs * F.log_softmax(logits, dim=-1).gather(-1, index)).sum(-1)
+        losses = (1 - distill) * losses + distill * soft
     loss = (losses * weights).sum() / weights.sum()
     with torch.no_grad():
         hits = logits.argmax(-1) == labels
@@ -195,13 +240,19 @@ class FeatureCache:
     response tokens with their prompts are ~12 GB in float16); without one they stay in memory.
     compute_target: the model that computes them (default `target`); a bfloat16 copy is ~2.5x
     faster on CPUs with native BF16 and rounds features by ~4e-3 relative, so its store is kept
-    apart ("-bf16")."""
+    apart ("-bf16").
+    teacher_top_k: also keep the target's top-k logits at every position (a `Teacher`, for
+    distillation), from the same forward pass; stored beside the features as
+    `<digest>.top<k>.pt` (int32 ids, float16 logits: ~4 bytes x 2k per token), so a store made
+    without them is completed, not recomputed from scratch."""
 
     def __init__(self, target: TargetModel, layer_ids: Sequence[int], directory: Path | None = None,
-                 store_layer_ids: Sequence[int] | None = None, compute_target: TargetModel | None = None) -> None:
+                 store_layer_ids: Sequence[int] | None = None, compute_target: TargetModel | None = None,
+                 teacher_top_k: int = 0) -> None:
         self.target = compute_target if compute_target is not None else target
         self.layer_ids = tuple(layer_ids)
         self.store_layer_ids = tuple(store_layer_ids) if store_layer_ids else self.layer_ids
+        self.teacher_top_k = teacher_top_k
         missing = [i for i in self.layer_ids if i not in self.store_layer_ids]
         if missing:
             raise InvalidArgumentError(f"feature store layers {list(self.store_layer_ids)} lack drafter layers {missing}")
@@ -212,43 +263,79 @@ class FeatureCache:
         self.directory = Path(directory) / ("layers-" + "-".join(map(str, self.store_layer_ids)) + precision) if directory else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-        self._store: dict[int, torch.Tensor] = {}
+        self._store: dict[int, tuple[torch.Tensor, Teacher | None]] = {}
 
     @staticmethod
     def _digest(token_ids: Sequence[int]) -> str:
         return hashlib.sha1(json.dumps(list(token_ids)).encode()).hexdigest()[:20]
 
+    def _paths(self, token_ids: Sequence[int]) -> tuple[Path, Path] | None:
+        """(features file, teacher file) of a sequence in the store; None without a directory."""
+        if self.directory is None:
+            return None
+        digest = self._digest(token_ids)
+        return self.directory / f"{digest}.pt", self.directory / f"{digest}.top{self.teacher_top_k}.pt"
+
     @torch.no_grad()  # not inference_mode: the features feed an autograd graph (the drafter's)
-    def _compute(self, token_ids: Sequence[int]) -> torch.Tensor:
+    def _compute(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, Teacher | None]:
+        """features [S, L*H] and the teacher (None unless teacher_top_k), float32."""
         tokens = torch.tensor([list(token_ids)])
-        out = self.target(tokens, self.target.new_cache(len(token_ids)), num_logits=0, hidden_layer_ids=self.store_layer_ids)
-        return out.hidden[0].float()
+        out = self.target(tokens, self.target.new_cache(len(token_ids)), num_logits=None if self.teacher_top_k else 0,
+                          hidden_layer_ids=self.store_layer_ids)
+        teacher = None
+        if self.teacher_top_k:
+            logits, ids = out.logits[0].float().topk(self.teacher_top_k, dim=-1)
+            teacher = Teacher(ids, logits)
+        return out.hidden[0].float(), teacher
+
+    @staticmethod
+    def _save(value: dict | torch.Tensor, path: Path) -> None:
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # runs sharing a store never write one file
+        torch.save(value, partial)
+        partial.replace(path)  # atomic: an interrupted run never leaves a cut file
+
+    def fetch(self, index: int, token_ids: Sequence[int]) -> tuple[torch.Tensor, Teacher | None]:
+        """features [S, F] float32 of the drafter's layers and the teacher (None unless teacher_top_k)."""
+        cached = self._store.get(index)
+        if cached is not None:
+            return cached
+        paths = self._paths(token_ids)
+        features = teacher = None
+        if paths is not None:
+            if paths[0].exists():
+                features = torch.load(paths[0], weights_only=True).float()
+            if self.teacher_top_k and paths[1].exists():
+                stored = torch.load(paths[1], weights_only=True)
+                teacher = Teacher(stored["ids"].long(), stored["logits"].float())
+        if features is None or (self.teacher_top_k and teacher is None):
+            computed, computed_teacher = self._compute(token_ids)
+            # With a store, use what every later read of the files gives (float16-rounded).
+            if features is None:
+                features = computed
+                if paths is not None:
+                    self._save(computed.half(), paths[0])
+                    features = computed.half().float()
+            if self.teacher_top_k and teacher is None:
+                teacher = computed_teacher
+                if paths is not None:
+                    self._save({"ids": teacher.ids.int(), "logits": teacher.logits.half()}, paths[1])
+                    teacher = Teacher(teacher.ids, teacher.logits.half().float())
+        result = (features if self._identity else features[:, self._columns].contiguous(), teacher)
+        if self.directory is None:
+            self._store[index] = result
+        return result
 
     def get(self, index: int, token_ids: Sequence[int]) -> torch.Tensor:
-        cached = self._store.get(index)
-        if cached is None:
-            stored = None
-            path = self.directory / f"{self._digest(token_ids)}.pt" if self.directory is not None else None
-            if path is not None and path.exists():
-                stored = torch.load(path, weights_only=True).float()
-            if stored is None:
-                stored = self._compute(token_ids)
-                if path is not None:
-                    partial = path.with_suffix(".tmp")
-                    torch.save(stored.half(), partial)
-                    partial.replace(path)  # atomic: an interrupted run never leaves a cut file
-                    stored = stored.half().float()  # what every later read of the file gives
-            cached = stored if self._identity else stored[:, self._columns].contiguous()
-            if self.directory is None:
-                self._store[index] = cached
-        return cached
+        """features [S, F] float32 of the drafter's layers."""
+        return self.fetch(index, token_ids)[0]
 
     def precompute(self, sequences: Sequence[Sequence[int]], offset: int = 0, progress: bool = True) -> None:
-        """Compute the features of sequences[i] (index offset + i) not stored yet, with a progress bar."""
+        """Compute what the store lacks for sequences[i] (index offset + i), with a progress bar."""
         for i, token_ids in enumerate(tqdm(sequences, desc="target features", disable=not progress)):
-            if self.directory is not None and (self.directory / f"{self._digest(token_ids)}.pt").exists():
+            paths = self._paths(token_ids)
+            if paths is not None and paths[0].exists() and (not self.teacher_top_k or paths[1].exists()):
                 continue
-            self.get(offset + i, token_ids)
+            self.fetch(offset + i, token_ids)
 
 
 @torch.no_grad()
@@ -336,11 +423,14 @@ def train_drafter(
     feature_layer_ids: Sequence[int] | None = None,
     holdout_ids: Collection[str] | None = None,
     feature_target: TargetModel | None = None,
+    features_on_demand: bool = False,
 ) -> dict:
     """Train (or resume) a drafter; writes out_dir/drafter (DFlash format) and out_dir/state.pt.
 
     feature_dir / feature_layer_ids: a persistent feature store shared by runs (see FeatureCache);
-    all features are computed before the first step so the step timing shows training alone.
+    all features are computed before the first step so the step timing shows training alone,
+    unless features_on_demand: then each sequence's features are computed (and stored) when a step
+    first draws it, which costs less when the run sees only part of the data.
     feature_target: the model that computes them (e.g. a bfloat16 copy; default `target`)."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -377,8 +467,10 @@ def train_drafter(
         optimizer.load_state_dict(saved["optimizer"])
         rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
-    features = FeatureCache(target, drafter.target_layer_ids, feature_dir, feature_layer_ids, compute_target=feature_target)
-    features.precompute([r["prompt_ids"] + r["response_ids"] for r in train], progress=progress)
+    features = FeatureCache(target, drafter.target_layer_ids, feature_dir, feature_layer_ids, compute_target=feature_target,
+                            teacher_top_k=cfg.teacher_top_k if cfg.distill > 0 else 0)
+    if not features_on_demand:
+        features.precompute([r["prompt_ids"] + r["response_ids"] for r in train], progress=progress)
     eval_greedy = [r for r in holdout if r["mode"] == "greedy"][: cfg.eval_sequences]
     features.precompute([r["prompt_ids"] + r["response_ids"] for r in eval_greedy], offset=len(train), progress=progress)
     head = DraftHead(target.lm_head.weight.detach(), drafter.draft_vocab)
@@ -408,7 +500,8 @@ def train_drafter(
                 continue
             packed = pack_blocks(token_ids, anchors, drafter.block_size, drafter.config.mask_token_id, cfg.gamma)
             truncate = cfg.accept_until_fail if state.step >= cfg.accept_until_fail_after else 0.0
-            loss, stats = drafter_loss(drafter, head, embed, features.get(index, token_ids), packed, truncate)
+            feats, teacher = features.fetch(index, token_ids)
+            loss, stats = drafter_loss(drafter, head, embed, feats, packed, truncate, teacher=teacher, distill=cfg.distill)
             (loss / cfg.sequences_per_step).backward()
             totals["loss"] += loss.item() / cfg.sequences_per_step
             for key in ("predicted", "first_hits", "first_total", "hits"):

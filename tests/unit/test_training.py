@@ -277,3 +277,110 @@ def test_feature_store_on_disk_and_bf16_features(target, drafter, tiny_llama_dir
     rounded = bf16.get(0, token_ids)
     assert rounded.dtype == torch.float32
     assert (rounded - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
+def test_distill_targets_renormalise_over_the_draft_vocabulary():
+    from blockpilot.training.train import distill_targets
+
+    index_of = torch.tensor([-1, 0, 1, -1, 2])  # draft vocabulary: target ids 1, 2, 4
+    ids = torch.tensor([[3, 1, 4], [0, 3, 0]])  # row 1: nothing inside the draft vocabulary
+    logits = torch.tensor([[5.0, 1.0, 1.0], [2.0, 1.0, 0.0]])
+    index, probs = distill_targets(ids, logits, index_of)
+    assert index.tolist() == [[0, 0, 2], [0, 0, 0]]
+    assert probs.tolist() == [[0.0, 0.5, 0.5], [0.0, 0.0, 0.0]]
+
+
+def test_distilled_loss_equals_a_slow_per_position_reference(target, drafter):
+    """Labels become the target's argmax at the position before each label; the loss mixes CE on
+    it with CE against the target's top-k distribution (renormalised over the draft vocabulary)."""
+    from torch.nn import functional as F
+
+    from blockpilot.training.train import drafter_loss
+
+    token_ids = [random.Random(7).randrange(5, 60) for _ in range(40)]  # not the target's greedy text
+    features, teacher = FeatureCache(target, drafter.target_layer_ids, teacher_top_k=6).fetch(0, token_ids)
+    with torch.no_grad():
+        full = target(torch.tensor([token_ids]), target.new_cache(len(token_ids))).logits[0]
+    assert torch.equal(teacher.ids[:, 0], full.argmax(-1))
+    # A draft vocabulary without the second choices of some rows (renormalised away).
+    left_out = set(full.topk(2).indices[::3, 1].tolist())
+    draft_vocab = torch.tensor([t for t in range(target.config.vocab_size) if t not in left_out])
+    head = DraftHead(target.lm_head.weight.detach(), draft_vocab)
+    packed = pack_blocks(token_ids, [6, 12, 20, 30, 36], drafter.block_size, 4, gamma=2.0)
+    mixed, _ = drafter_loss(drafter, head, target.embed_tokens, features, packed, teacher=teacher, distill=0.3)
+    hidden = drafter(target.embed(packed.tokens)[None], features[None], None, packed.positions[None],
+                     torch.arange(len(token_ids))[None], mask=packed.mask[None, None])[0]
+    total, weight_sum, differ = 0.0, 0.0, 0
+    for i in range(len(packed.tokens)):
+        if packed.weights[i] <= 0:
+            continue
+        row = int(packed.positions[i]) - 1
+        label = int(full[row].argmax())
+        differ += label != int(packed.labels[i])
+        if int(head.index_of[label]) < 0:
+            continue
+        log_q = F.log_softmax(head.logits(hidden[i]), -1)
+        top = full[row].topk(6)
+        keep = [(int(t), float(v)) for t, v in zip(top.indices, top.values) if int(head.index_of[t]) >= 0]
+        p = torch.softmax(torch.tensor([v for _, v in keep]), -1)
+        soft = -sum(float(p[j]) * float(log_q[head.index_of[t]]) for j, (t, _) in enumerate(keep))
+        hard = -float(log_q[head.index_of[label]])
+        total += float(packed.weights[i]) * (0.7 * hard + 0.3 * soft)
+        weight_sum += float(packed.weights[i])
+    assert differ > 0  # the argmax labels replaced recorded ones
+    assert mixed.item() == pytest.approx(total / weight_sum, rel=1e-4)
+
+
+def test_teacher_labels_equal_the_recorded_tokens_of_a_greedy_response(target, drafter):
+    token_ids = [5, 6, 7] + SpeculativeDecoder(target).generate([5, 6, 7], SamplingParams(max_new_tokens=30), 1).token_ids
+    features, teacher = FeatureCache(target, drafter.target_layer_ids, teacher_top_k=4).fetch(0, token_ids)
+    packed = pack_blocks(token_ids, [3, 10, 20], drafter.block_size, 4, gamma=4.0)
+    head = DraftHead(target.lm_head.weight.detach(), drafter.draft_vocab)
+    recorded, _ = drafter_loss(drafter, head, target.embed_tokens, features, packed)
+    argmax, _ = drafter_loss(drafter, head, target.embed_tokens, features, packed, teacher=teacher, distill=0.0)
+    assert argmax.item() == pytest.approx(recorded.item(), rel=1e-6)
+
+
+def test_distillation_moves_the_draft_distribution_towards_the_target(target):
+    drafter = DFlashDrafter.random(target.config, num_hidden_layers=1, block_size=4, mask_token_id=4, seed=0).train().requires_grad_(True)
+    token_ids = [random.Random(3).randrange(5, 60) for _ in range(30)]
+    features, teacher = FeatureCache(target, drafter.target_layer_ids, teacher_top_k=target.config.vocab_size).fetch(0, token_ids)
+    packed = pack_blocks(token_ids, [2, 9, 15, 22], 4, 4, gamma=4.0)
+    head = DraftHead(target.lm_head.weight.detach(), None)
+
+    def kl() -> float:  # KL(target || drafter) over the labelled block positions, full vocabulary
+        with torch.no_grad():
+            hidden = drafter(target.embed(packed.tokens)[None], features[None], None, packed.positions[None],
+                             torch.arange(len(token_ids))[None], mask=packed.mask[None, None])[0]
+        keep = packed.weights > 0
+        rows = packed.positions[keep] - 1
+        p = torch.zeros(len(rows), target.config.vocab_size).scatter_(1, teacher.ids[rows], torch.softmax(teacher.logits[rows], -1))
+        return float(torch.nn.functional.kl_div(torch.log_softmax(head.logits(hidden[keep]), -1), p, reduction="batchmean"))
+
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
+    before = kl()
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss, _ = drafter_loss(drafter, head, target.embed_tokens, features, packed, teacher=teacher, distill=1.0)
+        loss.backward()
+        optimizer.step()
+    assert kl() < 0.5 * before
+
+
+def test_teacher_store_completes_a_store_made_without_it(target, drafter, tmp_path):
+    token_ids = [5, 6, 7, 8, 9, 10, 11]
+    layers = drafter.target_layer_ids
+    plain = FeatureCache(target, layers, tmp_path)
+    first = plain.get(0, token_ids)
+    (feature_file,) = plain.directory.glob("*.pt")
+    written = feature_file.stat().st_mtime_ns
+    with_teacher = FeatureCache(target, layers, tmp_path, teacher_top_k=5)
+    features, teacher = with_teacher.fetch(0, token_ids)
+    assert feature_file.stat().st_mtime_ns == written and torch.equal(features, first)
+    assert sorted(p.name for p in with_teacher.directory.iterdir()) == sorted([feature_file.name, feature_file.stem + ".top5.pt"])
+    assert teacher.ids.shape == (len(token_ids), 5) and teacher.ids.dtype == torch.long
+    again = FeatureCache(target, layers, tmp_path, teacher_top_k=5).fetch(0, token_ids)[1]
+    assert torch.equal(again.ids, teacher.ids) and torch.equal(again.logits, teacher.logits)
+    with torch.no_grad():
+        logits = target(torch.tensor([token_ids]), target.new_cache(len(token_ids))).logits[0]
+    torch.testing.assert_close(teacher.logits, logits.topk(5).values, rtol=2e-3, atol=2e-3)  # float16 storage
