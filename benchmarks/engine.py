@@ -68,9 +68,9 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def drafter_pass_ms(engine_target, context_len: int, num_draft: int, repeats: int, dtype=None) -> float | None:
+def drafter_pass_ms(engine_target, context_len: int, num_draft: int, repeats: int, precision=None) -> float | None:
     """Median time of the shipped drafter's pass (num_draft drafts, 2 new context tokens) on a
-    context of `context_len` tokens in `dtype` (None: fp32), or None without a shipped drafter."""
+    context of `context_len` tokens at `precision` (None: fp32), or None without a shipped drafter."""
     from blockpilot.decoding.drafting import DraftRequest, LocalDrafter
     from blockpilot.models.drafter import DFlashDrafter
     from blockpilot.runtime import shipped_drafter_dir
@@ -78,7 +78,7 @@ def drafter_pass_ms(engine_target, context_len: int, num_draft: int, repeats: in
     path = shipped_drafter_dir()
     if path is None:
         return None
-    drafter = LocalDrafter(DFlashDrafter.from_pretrained(path), engine_target, dtype=dtype)
+    drafter = LocalDrafter(DFlashDrafter.from_pretrained(path), engine_target, precision=precision)
     width = len(drafter.target_layer_ids) * engine_target.config.hidden_size
     session = drafter.open_session(context_len + 64)
     generator = torch.Generator().manual_seed(0)
@@ -305,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     curves = {name: verify_cost_curve(each.target, 128, [1, 2, 4, 8, 16, 32], args.repeats) for name, each in decoders.items()}
     curve = curves[args.backends[0]]
     step_ms = {name: c[1] * 1000 for name, c in curves.items()}
-    from blockpilot.decoding.drafting import draft_dtype
+    from blockpilot.decoding.drafting import draft_precision
 
     draft_ms_fp32 = drafter_pass_ms(target, 128, 7, args.repeats)
-    draft_ms = drafter_pass_ms(target, 128, 7, args.repeats, dtype=draft_dtype(target.device))  # what the engine runs
+    draft_ms = drafter_pass_ms(target, 128, 7, args.repeats, precision=draft_precision(target.device))  # what the engine runs
     portable = next((each.target for name, each in decoders.items() if name == "onnxruntime:portable"), None)
     report = {
         "machine": machine_info(),
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify_cost_relative_by_backend": {name: {k: v / c[1] for k, v in c.items()} for name, c in curves.items()},
         "row_invariance_max_logit_diff": invariance,
         "drafter_pass_ms": draft_ms,
-        "drafter_dtype": str(draft_dtype(target.device)).removeprefix("torch."),
+        "drafter_precision": draft_precision(target.device),
         "drafter_pass_ms_fp32": draft_ms_fp32,
         "drafter_pass_vs_one_token_step": {name: draft_ms / ms for name, ms in step_ms.items()} if draft_ms else None,
         "decode_step_profile": profile_decode_step(target, 128),

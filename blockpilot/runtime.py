@@ -14,7 +14,7 @@ import torch
 
 from blockpilot.backends.base import VerifierBackend, backend_name, backend_precision
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend, place_beside
-from blockpilot.decoding.drafting import DraftProvider, LocalDrafter, draft_dtype
+from blockpilot.decoding.drafting import DraftProvider, LocalDrafter, draft_precision
 from blockpilot.decoding.speculative import SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError, NotFoundError
 from blockpilot.models.drafter import DFlashDrafter
@@ -105,8 +105,8 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
                             default_layers=default_export_layers(target_model, is_default) if layers is None else ())
     place_beside(verifier, target_model, *([model] if model is not None else []))
     # Drafts never change the output: the drafter may run in a cheaper precision (see LocalDrafter).
-    dtype = draft_dtype(target_model.device)
-    provider: DraftProvider | None = LocalDrafter(model, target_model, dtype=dtype) if model is not None else None
+    precision = draft_precision(target_model.device)
+    provider: DraftProvider | None = LocalDrafter(model, target_model, precision=precision) if model is not None else None
     return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(verifier, provider),
                   verifier_target=verifier)
 

@@ -18,6 +18,7 @@ exactly the committed context: "cropped to the committed length" with no copy.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -379,15 +380,23 @@ class DraftHead(nn.Module):
     (zero outside the draft vocabulary: a valid proposal for speculative sampling).
     """
 
-    def __init__(self, lm_head_weight: torch.Tensor, draft_vocab: torch.Tensor | None) -> None:
+    def __init__(self, lm_head_weight: torch.Tensor, draft_vocab: torch.Tensor | None, *, int8: bool = False) -> None:
         super().__init__()
         self.vocab_size = lm_head_weight.shape[0]
         self.vocab = draft_vocab
         self.weight = lm_head_weight if draft_vocab is None else lm_head_weight[draft_vocab].contiguous()
         # target id -> draft index, -1 outside the draft vocabulary (labels during training)
         self.index_of = torch.arange(self.vocab_size) if draft_vocab is None else torch.full((self.vocab_size,), -1, dtype=torch.long).index_copy_(0, draft_vocab, torch.arange(len(draft_vocab)))
+        # Inference only: the projection with int8 weights (see quantize_linear_int8); float logits.
+        self._int8 = None
+        if int8:
+            projection = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=False)
+            projection.weight.data = self.weight.detach().float()
+            self._int8 = quantize_linear_int8(projection)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._int8 is not None:
+            return self._int8(hidden.float())
         return F.linear(hidden, self.weight)
 
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
@@ -398,3 +407,25 @@ class DraftHead(nn.Module):
             return probs
         full = probs.new_zeros(*probs.shape[:-1], self.vocab_size)
         return full.index_copy_(-1, self.vocab, probs)
+
+
+def int8_linear_supported() -> bool:
+    """Whether this torch build runs dynamic int8 linear layers on this CPU (the x86 / fbgemm
+    quantized engines), read at run time."""
+    engines = torch.backends.quantized.supported_engines
+    return hasattr(torch.ao.quantization, "quantize_dynamic") and any(e in engines for e in ("x86", "fbgemm"))
+
+
+def quantize_linear_int8(module: nn.Module) -> nn.Module:
+    """A copy of `module` for inference whose nn.Linear layers hold int8 weights (one scale per
+    output channel) and quantize their input per call (dynamic quantization, torch's x86 / fbgemm
+    kernels). A drafter pass reads its weights once per call at one to eight rows, so it is bound
+    by the bytes it reads: int8 weights are a quarter of fp32's.
+
+    torch marks this eager-mode API deprecated in favour of torchao, but it is the one that ships
+    with the pinned torch and runs fbgemm's int8 kernels; `int8_linear_supported` checks that it is
+    there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*(torch\.ao\.quantization|quantized tensor creation).*deprecated")
+        return torch.ao.quantization.quantize_dynamic(module, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+                                                      dtype=torch.qint8, inplace=False)

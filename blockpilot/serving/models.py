@@ -16,7 +16,7 @@ from pathlib import Path
 
 from blockpilot.backends.base import VerifierBackend
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend
-from blockpilot.decoding.drafting import LocalDrafter, draft_dtype
+from blockpilot.decoding.drafting import LocalDrafter, draft_precision
 from blockpilot.errors import InvalidArgumentError, ModelFormatError, NotFoundError
 from blockpilot.models.drafter import DFlashDrafter
 from blockpilot.models.store import is_default_target, resolve_target
@@ -107,13 +107,13 @@ def load_served_drafter(target: ServedTarget, drafter: str = "", *, random_block
         shipped = shipped_drafter_dir() if target.is_default else None
         if shipped is None:
             return None, NO_DRAFTER
-        return LocalDrafter(DFlashDrafter.from_pretrained(shipped), target.torch_model, dtype=draft_dtype(target.torch_model.device)), SHIPPED_DRAFTER_NAME
+        return LocalDrafter(DFlashDrafter.from_pretrained(shipped), target.torch_model, precision=draft_precision(target.torch_model.device)), SHIPPED_DRAFTER_NAME
     if drafter == NO_DRAFTER:
         return None, NO_DRAFTER
     if drafter == RANDOM_DRAFTER:
         model = DFlashDrafter.random(target.torch_model.config, block_size=random_block_size, mask_token_id=random_mask_token(target))
-        return LocalDrafter(model, target.torch_model, dtype=draft_dtype(target.torch_model.device)), RANDOM_DRAFTER
+        return LocalDrafter(model, target.torch_model, precision=draft_precision(target.torch_model.device)), RANDOM_DRAFTER
     path = Path(drafter).expanduser()
     if not path.exists():
         raise NotFoundError(f"drafter path '{drafter}' does not exist (give a DFlash checkpoint directory, 'random' or 'none')")
-    return LocalDrafter(DFlashDrafter.from_pretrained(path), target.torch_model, dtype=draft_dtype(target.torch_model.device)), str(path)
+    return LocalDrafter(DFlashDrafter.from_pretrained(path), target.torch_model, precision=draft_precision(target.torch_model.device)), str(path)

@@ -45,7 +45,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.drafter, self.name = load_served_drafter(target, self.config.drafter, random_block_size=self.config.random_block_size)
         if self.drafter is not None:
             self.feature_size = len(self.drafter.target_layer_ids) * target.model.config.hidden_size
-        log.info("drafter %s for target %s", self.name, target.target_dir)
+        log.info("drafter %s (%s) for target %s", self.name, self.drafter.precision if self.drafter else "-", target.target_dir)
 
     async def Describe(self, request, context) -> drafter_pb2.DescribeResponse:
         if not self.runner.ready:

@@ -121,22 +121,51 @@ def test_block_attention_is_not_causal(drafter, target):
     assert not torch.allclose(a[0, 1], b[0, 1])
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("temperature, sampling", [(0.0, "greedy"), (1.0, "sample")])
-def test_a_bf16_drafter_drafts_for_an_fp32_target_without_changing_its_output(tiny_target, temperature, sampling):
+def test_a_cheaper_drafter_drafts_for_an_fp32_target_without_changing_its_output(tiny_target, temperature, sampling, precision):
     """The drafter may run in a cheaper precision than the target: drafts change, output does not."""
     from blockpilot.decoding.lookup import LOOKUP_OFF
     from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
+    from blockpilot.models.drafter import int8_linear_supported
 
+    if precision == "int8" and not int8_linear_supported():
+        pytest.skip("this torch build has no x86 int8 linear kernels")
     model = DFlashDrafter.random(tiny_target.config, num_hidden_layers=1, block_size=6, seed=1)
-    bf16 = LocalDrafter(model, tiny_target, dtype=torch.bfloat16)
-    assert bf16.dtype == torch.bfloat16 and bf16.head.weight.dtype == torch.bfloat16
+    cheaper = LocalDrafter(model, tiny_target, precision=precision)
+    assert cheaper.precision == precision
+    if precision == "bf16":
+        assert cheaper.dtype == torch.bfloat16 and cheaper.head.weight.dtype == torch.bfloat16
     assert tiny_target.lm_head.weight.dtype == torch.float32  # the target keeps its own
     params = SamplingParams(temperature=temperature, max_new_tokens=30, seed=5, draft_sampling=sampling)
     prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
     plain = SpeculativeDecoder(tiny_target).generate(prompt, params, 1, lookup=LOOKUP_OFF)
-    drafted = SpeculativeDecoder(tiny_target, bf16).generate(prompt, params, 6, lookup=LOOKUP_OFF)
+    drafted = SpeculativeDecoder(tiny_target, cheaper).generate(prompt, params, 6, lookup=LOOKUP_OFF)
     if temperature == 0:
         assert drafted.token_ids == plain.token_ids
     else:  # sampled drafts: the rule gets q from the same (float) logits the draft was drawn from
         assert len(drafted.token_ids) == 30
     assert "dflash" in drafted.step_sources
+
+
+def test_int8_drafts_mostly_agree_with_fp32_drafts(tiny_target):
+    """int8 weights move the draft logits a little: the argmax drafts stay mostly the same, and
+    the int8 copy leaves the caller's fp32 drafter untouched."""
+    from blockpilot.decoding.drafting import DraftRequest
+    from blockpilot.models.drafter import int8_linear_supported
+
+    if not int8_linear_supported():
+        pytest.skip("this torch build has no x86 int8 linear kernels")
+    model = DFlashDrafter.random(tiny_target.config, num_hidden_layers=1, block_size=6, seed=1)
+    fp32, int8 = LocalDrafter(model, tiny_target), LocalDrafter(model, tiny_target, precision="int8")
+    assert isinstance(model.fc, torch.nn.Linear) and not isinstance(int8.drafter.fc, torch.nn.Linear)
+    width = len(model.target_layer_ids) * tiny_target.config.hidden_size
+    context = torch.randn(40, width, generator=torch.Generator().manual_seed(0))
+    agree = total = 0
+    for anchor_pos in range(8, 40, 4):
+        request = DraftRequest(anchor=7, start=anchor_pos, num_draft=5, context=context[:anchor_pos], context_start=0)
+        a = fp32.open_session(64).propose(request).tokens
+        b = int8.open_session(64).propose(request).tokens
+        agree += int((a == b).sum())
+        total += a.numel()
+    assert agree >= 0.8 * total
