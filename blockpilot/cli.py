@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--radius", type=int, default=4, help="sweep block sizes trained ± radius")
     evaluate.add_argument("--block-size", type=positive_int, default=None, help="block size of the real decodes (default: the drafter's)")
     evaluate.add_argument("--no-temperature", action="store_true", help="skip the T=1 runs")
+    evaluate.add_argument("--no-lookup", action="store_true",
+                          help="skip the real decodes with prompt lookup ('dflash+lookup' at the block size, 'lookup' at 1)")
+    evaluate.add_argument("--drafter-precision", choices=("auto", "loaded", "fp32", "bf16", "int8"), default="auto",
+                          help="the drafter's precision (auto: what the engine picks on this machine; loaded: the checkpoint's)")
     evaluate.add_argument("--target", default=None)
     evaluate.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     evaluate.add_argument("--threads", type=positive_int, default=None)
@@ -333,7 +337,8 @@ def _drafter_eval(args: argparse.Namespace) -> int:
     target_dir = resolve_target(args.target)
     cfg = EvalConfig(datasets=tuple(args.datasets), prompts_per_dataset=args.prompts_per_dataset,
                      max_new_tokens=args.max_new_tokens, sweep_radius=args.radius, block_size=args.block_size,
-                     temperature_runs=not args.no_temperature)
+                     temperature_runs=not args.no_temperature, lookup=not args.no_lookup,
+                     drafter_precision=None if args.drafter_precision == "loaded" else args.drafter_precision)
     from blockpilot.backends.loader import BackendOptions, load_backend
 
     target = TargetModel.from_pretrained(target_dir)

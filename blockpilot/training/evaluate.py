@@ -6,9 +6,14 @@ Per prompt:
 2. greedy τ at every swept block size, by replaying the loop over the recorded continuation
    (decoding.replay: at T=0 the loop commits exactly that continuation, so a draft token is
    accepted iff it equals the recorded token; this costs drafter passes only);
-3. a real speculative decode at the measured block size (default: the drafter's own): its decode
-   tokens/s (speed-up over step 1, same run), its τ, and a check that its output equals step 1's;
+3. real greedy decodes, each with its decode tokens/s (speed-up over step 1, same run), its τ and
+   a check that its output equals step 1's: "dflash" (the drafter alone at the measured block
+   size, default the drafter's own) and, with lookup on, "dflash+lookup" (the same with prompt
+   lookup drafts, as `generate` runs) and "lookup" (block size 1: lookup drafts alone);
 4. at T=1, real decodes with DFlash's sample-and-match rule and with a sampled draft + min(1, p/q).
+
+The drafter runs at the precision the engine gives it on this machine (`draft_precision`) unless
+told otherwise, so the replayed τ is the τ of the drafts the engine would make.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from tqdm import tqdm
 
 from blockpilot.backends.base import VerifierBackend
 from blockpilot.benchmarking import read_jsonl_prompts
-from blockpilot.decoding.drafting import LocalDrafter
+from blockpilot.decoding.drafting import LocalDrafter, draft_precision
+from blockpilot.decoding.lookup import LOOKUP_OFF, lookup_for
 from blockpilot.decoding.replay import replay_greedy
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError
@@ -41,6 +47,8 @@ class EvalConfig:
     sweep_radius: int = 4
     block_size: int | None = None  # the real decode's block size; None = the drafter's own
     temperature_runs: bool = True
+    lookup: bool = True  # also the "dflash+lookup" and "lookup" real decodes
+    drafter_precision: str | None = "auto"  # "auto" = draft_precision(device); None = as loaded
     seed: int = 0
 
 
@@ -51,10 +59,13 @@ def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFl
     trained = drafter.block_size
     measured = cfg.block_size or trained
     sizes = [b for b in range(trained - cfg.sweep_radius, trained + cfg.sweep_radius + 1) if b >= 2]
-    provider = LocalDrafter(drafter, target)
+    precision = draft_precision(target.device) if cfg.drafter_precision == "auto" else cfg.drafter_precision
+    provider = LocalDrafter(drafter, target, precision=precision)
     verifier = verifier if verifier is not None else target
     autoregressive = SpeculativeDecoder(verifier)
     speculative = SpeculativeDecoder(verifier, provider)
+    lookup = lookup_for(verifier)
+    decodes = {"dflash": (measured, LOOKUP_OFF)} | ({"dflash+lookup": (measured, lookup), "lookup": (1, lookup)} if cfg.lookup else {})
     features = FeatureCache(target, drafter.target_layer_ids)
     prompts = [p for name in cfg.datasets for p in read_jsonl_prompts(datasets_dir / f"{name}.jsonl", cfg.prompts_per_dataset)]
     rows = []
@@ -66,17 +77,16 @@ def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFl
         feats = features.get(index, sequence)
         replay = {b: replay_greedy(provider, sequence, len(ids), feats, b, cfg.max_new_tokens, tokenizer.stop_token_ids).acceptance_lengths
                   for b in sizes}
-        spec = speculative.generate(ids, params, measured)
         row = {
             "id": prompt["id"], "dataset": prompt["dataset"], "prompt_tokens": len(ids), "new_tokens": len(ar.token_ids),
             "replay_tau": {b: _mean(v) for b, v in replay.items()},
             "ar_decode_tokens_per_s": ar.decode_tokens_per_s,
-            "spec_decode_tokens_per_s": spec.decode_tokens_per_s,
-            "spec_tau": spec.tau,
-            "spec_equals_ar": spec.token_ids == ar.token_ids,
-            "ar_decode_s": ar.decode_s, "spec_decode_s": spec.decode_s,
-            "ar_tokens": sum(ar.acceptance_lengths), "spec_tokens": sum(spec.acceptance_lengths),
+            "ar_decode_s": ar.decode_s, "ar_tokens": sum(ar.acceptance_lengths), "decodes": {},
         }
+        for name, (size, lookup_config) in decodes.items():
+            spec = speculative.generate(ids, params, size, lookup=lookup_config)
+            row["decodes"][name] = {"block_size": size, "tau": spec.tau, "equals_ar": spec.token_ids == ar.token_ids,
+                                    "decode_s": spec.decode_s, "tokens": sum(spec.acceptance_lengths)}
         row["best_block_size"] = max(sizes, key=lambda b: (round(row["replay_tau"][b], 9), -b))
         if cfg.temperature_runs:
             for rule in ("greedy", "sample"):
@@ -85,7 +95,7 @@ def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFl
                                                                    seed=cfg.seed + index, draft_sampling=rule), measured)
                 row[f"t1_tau_{'sample_and_match' if rule == 'greedy' else 'min_p_q'}"] = sampled.tau
         rows.append(row)
-    return summarize(rows, sizes, trained, measured)
+    return summarize(rows, sizes, trained, measured) | {"drafter_precision": provider.precision}
 
 
 def _mean(values) -> float:
@@ -98,17 +108,19 @@ def summarize(rows: list[dict], sizes: list[int], trained: int, measured: int) -
     for row in rows:
         by_dataset[row["dataset"]].append(row)
 
+    def decode_summary(group: list[dict], name: str, speed_ar: float) -> dict:
+        runs = [r["decodes"][name] for r in group]
+        speed = sum(d["tokens"] for d in runs) / sum(d["decode_s"] for d in runs)
+        return {"block_size": runs[0]["block_size"], "tau": _mean(d["tau"] for d in runs), "decode_tokens_per_s": speed,
+                "speedup": speed / speed_ar, "lossless_prompts": sum(d["equals_ar"] for d in runs)}
+
     def block(group: list[dict]) -> dict:
         speed_ar = sum(r["ar_tokens"] for r in group) / sum(r["ar_decode_s"] for r in group)
-        speed_spec = sum(r["spec_tokens"] for r in group) / sum(r["spec_decode_s"] for r in group)
         out = {
             "prompts": len(group),
             "replay_tau": {b: _mean(r["replay_tau"][b] for r in group) for b in sizes},
-            "spec_tau": _mean(r["spec_tau"] for r in group),
             "ar_decode_tokens_per_s": speed_ar,
-            "spec_decode_tokens_per_s": speed_spec,
-            "speedup": speed_spec / speed_ar,
-            "lossless_prompts": sum(r["spec_equals_ar"] for r in group),
+            "decodes": {name: decode_summary(group, name, speed_ar) for name in group[0]["decodes"]},
             "best_block_size_counts": {b: sum(r["best_block_size"] == b for r in group) for b in sizes},
             "share_best_not_trained": _mean(r["best_block_size"] != trained for r in group),
             "oracle_replay_tau": _mean(r["replay_tau"][r["best_block_size"]] for r in group),
@@ -127,7 +139,7 @@ def merge_reports(reports: list[dict]) -> dict:
     the same drafter, backend and block sizes, disjoint prompts; summarized as if run at once."""
     if not reports:
         raise InvalidArgumentError("nothing to merge")
-    keys = ("trained_block_size", "measured_block_size", "sweep", "drafter", "backend")
+    keys = ("trained_block_size", "measured_block_size", "sweep", "drafter", "backend", "drafter_precision")
     first = reports[0]
     for report in reports[1:]:
         differing = [k for k in keys if report.get(k) != first.get(k)]
@@ -142,18 +154,24 @@ def merge_reports(reports: list[dict]) -> dict:
     if len(set(ids)) != len(ids):
         raise InvalidArgumentError("the eval reports share prompts: merge shards of disjoint datasets or prompts")
     merged = summarize(rows, first["sweep"], first["trained_block_size"], first["measured_block_size"])
-    return merged | {k: first[k] for k in ("drafter", "backend") if k in first}
+    return merged | {k: first[k] for k in ("drafter", "backend", "drafter_precision") if k in first}
 
 
 def format_table(report: dict) -> str:
+    """Replayed τ per block size, then per real decode: τ, speed-up over block size 1, lossless."""
     sizes = report["sweep"]
-    head = ["dataset", "n"] + [f"B={b}" for b in sizes] + ["oracle", "not-B*", "spec τ", "speed-up", "lossless", "T1 s&m", "T1 p/q"]
+    decodes = list(report["overall"]["decodes"])
+    head = (["dataset", "n"] + [f"B={b}" for b in sizes] + ["oracle", "not-B*"]
+            + [f"{name} B={report['overall']['decodes'][name]['block_size']} {what}" for name in decodes for what in ("τ", "speed-up", "lossless")]
+            + ["T1 s&m", "T1 p/q"])
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for name, d in list(report["datasets"].items()) + [("ALL", report["overall"])]:
         cells = [name, str(d["prompts"])] + [f"{d['replay_tau'][b]:.2f}" for b in sizes]
-        cells += [f"{d['oracle_replay_tau']:.2f}", f"{d['share_best_not_trained']:.0%}", f"{d['spec_tau']:.2f}",
-                  f"{d['speedup']:.2f}x", f"{d['lossless_prompts']}/{d['prompts']}",
-                  *(f"{d[key]:.2f}" if key in d else "-" for key in ("t1_tau_sample_and_match", "t1_tau_min_p_q"))]
+        cells += [f"{d['oracle_replay_tau']:.2f}", f"{d['share_best_not_trained']:.0%}"]
+        for decode in decodes:
+            run = d["decodes"][decode]
+            cells += [f"{run['tau']:.2f}", f"{run['speedup']:.2f}x", f"{run['lossless_prompts']}/{d['prompts']}"]
+        cells += [f"{d[key]:.2f}" if key in d else "-" for key in ("t1_tau_sample_and_match", "t1_tau_min_p_q")]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 

@@ -175,14 +175,17 @@ def test_eval_report_replay_tau_matches_real_decoding(target, tmp_path):
     report = evaluate_drafter(target, _TinyTokenizer(), drafter, tmp_path, cfg, progress=False)
     assert report["sweep"] == [2, 3, 4, 5, 6]
     assert set(report["datasets"]) == {"alpha", "beta"} and report["overall"]["prompts"] == 4
+    assert list(report["overall"]["decodes"]) == ["dflash", "dflash+lookup", "lookup"]
     for row in report["prompts"]:
-        assert row["spec_equals_ar"]
+        assert all(decode["equals_ar"] for decode in row["decodes"].values())
         # At T=0 the replay over the recorded greedy continuation is the real loop's τ.
-        assert row["replay_tau"][4] == pytest.approx(row["spec_tau"])
+        assert row["replay_tau"][4] == pytest.approx(row["decodes"]["dflash"]["tau"])
+        assert row["decodes"]["lookup"]["block_size"] == 1
         assert row["best_block_size"] in report["sweep"]
+    assert report["overall"]["decodes"]["dflash+lookup"]["lossless_prompts"] == 4
     assert "t1_tau_min_p_q" in report["overall"]
     table = format_table(report)
-    assert table.splitlines()[0].startswith("dataset | n | B=2") and "ALL" in table
+    assert table.splitlines()[0].startswith("dataset | n | B=2") and "dflash+lookup B=4 speed-up" in table and "ALL" in table
 
     # Shards over disjoint datasets (one process per core), merged after a JSON round trip, are
     # the report of one run over all of them.
