@@ -29,6 +29,20 @@ the row's length back over it):
 
 Positions are the cache slots (the engine's default: position = slot), which GroupQueryAttention
 derives from seqlens_k. Terms: K = key/value heads, D = head dim, C = hidden size, V = vocabulary.
+
+The sessions contract (`sessions_graph`): S sequences with caches of their own in one pass, for
+continuous batching. GroupQueryAttention on the CPU takes one sequence when it gets several new
+tokens, so each layer runs one GroupQueryAttention per sequence over that sequence's slice of the
+packed tokens, while every other node (the matmuls, which read the weights: most of a step) runs
+once over all N tokens:
+    inputs   input_ids              int64   [1, N]  the sequences' new tokens, packed in order
+             session_bounds         int64   [S + 1] sequence i's tokens are [bounds[i], bounds[i+1])
+             seqlens_k              int32   [S]     per sequence: (its cache length after this step) - 1
+             total_sequence_lengths int32   [S]     per sequence: its cache length after this step
+             logit_index            int64   [n]     indices into the N packed tokens
+             past_key_s{i}_{l}, past_value_s{i}_{l}  float32 [1, K, capacity, D] sequence i's cache
+    outputs  logits [n, V], hidden [1, N, len(layers) * C], final_state [1, N, C], and
+             present_key_s{i}_{l}, present_value_s{i}_{l} (bound to the same buffers as past_*)
 """
 
 from __future__ import annotations
@@ -241,6 +255,75 @@ def build_fused_graph(target: TargetModel, hidden_layer_ids: Sequence[int] = (),
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = 10
     return model
+
+
+def sessions_graph(model, sessions: int):
+    """The fused graph (first contract, loaded without its weights' data) rewritten to the
+    sessions contract for `sessions` sequences. The weights stay where they are (the same
+    initializers, external data included), so the rewritten model is saved beside the original.
+    Each sequence's attention is the very node a one-sequence pass runs, on the same rows, so a
+    sequence's numbers are its one-sequence numbers wherever the other nodes are row-invariant
+    (what check_row_invariance measures)."""
+    import onnx
+
+    if sessions < 1:
+        raise ValueError(f"sessions must be >= 1, got {sessions}")
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    graph = rewritten.graph
+    b = _Builder()
+    b._count = 10**6  # names apart from the original graph's
+    bounds = [(b.op1("Slice", ["session_bounds", b.const("at", np.array([i], np.int64)), b.const("to", np.array([i + 1], np.int64))]),
+               b.op1("Slice", ["session_bounds", b.const("at", np.array([i + 1], np.int64)), b.const("to", np.array([i + 2], np.int64))]))
+              for i in range(sessions)]
+    seqlens = [b.op1("Slice", ["seqlens_k", b.const("at", np.array([i], np.int64)), b.const("to", np.array([i + 1], np.int64))])
+               for i in range(sessions)]
+    totals = [b.op1("Gather", ["total_sequence_lengths", b.const("index", np.array(i, np.int64))], axis=0) for i in range(sessions)]
+    token_axis = b.const("token_axis", np.array([1], np.int64))
+    nodes = list(b.nodes)
+    b.nodes.clear()
+    layers = []
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            nodes.append(node)
+            continue
+        layer = int(node.output[1].removeprefix("present_key_"))
+        layers.append(layer)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        outs = []
+        for i in range(sessions):
+            rows = b.op1("Slice", [node.input[0], bounds[i][0], bounds[i][1], token_axis])  # [1, n_i, (H + 2K) D]
+            inputs = [rows, "", "", f"past_key_s{i}_{layer}", f"past_value_s{i}_{layer}", seqlens[i], totals[i], *node.input[7:]]
+            outs.append(b.op("GroupQueryAttention", inputs, [b.name("attn"), f"present_key_s{i}_{layer}", f"present_value_s{i}_{layer}"],
+                             domain=MS_DOMAIN, **attrs)[0])
+        b.op("Concat", outs, [node.output[0]], axis=1)
+        nodes += b.nodes
+        b.nodes.clear()
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(b.initializers)
+
+    def cache_info(kind: str, name: str):
+        original = next(v for v in list(graph.input) + list(graph.output) if v.name == name)
+        dims = [d.dim_value or d.dim_param for d in original.type.tensor_type.shape.dim]
+        return helper.make_tensor_value_info(kind, TensorProto.FLOAT, [1, *dims[1:]])
+
+    keep_in = [v for v in graph.input if not v.name.startswith("past_") and v.name not in ("seqlens_k", "total_sequence_length")]
+    caches_in = [cache_info(f"past_{kind}_s{i}_{layer}", f"past_{kind}_{layer}")
+                 for layer in layers for i in range(sessions) for kind in ("key", "value")]
+    caches_out = [cache_info(f"present_{kind}_s{i}_{layer}", f"present_{kind}_{layer}")
+                  for layer in layers for i in range(sessions) for kind in ("key", "value")]
+    keep_out = [v for v in graph.output if not v.name.startswith("present_")]
+    del graph.input[:]
+    graph.input.extend(keep_in + [
+        helper.make_tensor_value_info("session_bounds", TensorProto.INT64, [sessions + 1]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [sessions]),
+        helper.make_tensor_value_info("total_sequence_lengths", TensorProto.INT32, [sessions]),
+    ] + caches_in)
+    del graph.output[:]
+    graph.output.extend(keep_out + caches_out)
+    graph.name = f"{graph.name}_sessions{sessions}"
+    return rewritten
 
 
 def _nbits_linear(b: _Builder, x: str, name: str, q: BlockQuantized, accuracy_level: int) -> str:

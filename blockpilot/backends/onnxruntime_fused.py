@@ -1,30 +1,36 @@
 """The `onnxruntime` backend on the CPU: the fused graph (blockpilot.backends.fused_graph), fp32 or int4.
 
-Each pass runs one sequence: its K/V is written in place into the engine's own layer-major cache
-(KVCache, each layer bound as that layer's past and present: nothing is copied between steps).
-Why not a batch of sessions like the torch engine's ragged one: GroupQueryAttention on the CPU
-takes several sequences only one token each ("batch_size must be 1 when sequence_length > 1 and
-past context is given", ONNX Runtime 1.32), and a verify block is several tokens. Nor one token of
-each session in one pass: that runs GroupQueryAttention's one-token path, whose numbers differ from
-its multi-token path (measured on a tiny test model: 2e-6 in fp32 logits, ~0.1 at int4, where the
-activations' 8-bit rounding amplifies it), so a session's tokens would depend on the batch. The scheduler runs one
-pass per session on this backend (BatchDecoder without ragged batches).
+A pass runs one sequence, or several sessions' sequences together (continuous batching: the
+BatchDecoder's ragged steps). Every sequence's K/V is written in place into the engine's own
+layer-major cache (each layer bound as that layer's past and present: nothing is copied between
+steps): a KVCache of its own for one sequence, a row of a BatchKVCache pool for a batch.
+
+How a batch runs: GroupQueryAttention on the CPU takes several sequences only one token each
+("batch_size must be 1 when sequence_length > 1 and past context is given", ONNX Runtime 1.32),
+a verify block is several tokens, and its one-token path computes other numbers than its
+multi-token path (2e-6 in fp32 logits, ~0.1 at int4 on a tiny test model). So a batch of S
+sessions runs the sessions graph (fused_graph.sessions_graph): the matmuls (the weights' reads,
+most of a step) once over all the sessions' tokens packed, and per layer one GroupQueryAttention per
+session over its own tokens and its own pool row, exactly the node a one-session pass runs. One
+graph per batch size, written beside the export and loaded the first time that size runs.
 
 Row invariance, the property losslessness rests on: a token's logits must not depend on how many
-other tokens share its pass (how a verify block or a prefill is cut). Measured on this graph with
-the default model (AVX-512 Zen 4, benchmarks/engine.py): every pass of 2 or more tokens gives each
-token exactly the same numbers, but a pass of a single token takes other kernels (MatMulNBits' and
-the fp32 GEMM's one-row paths, GroupQueryAttention's one-token path) and differs (fp32: 3.7e-5 in
-the logits; int4: 1.97, its one-row path quantizes the activations differently). So a pass never
-runs one token: a lone token is padded with a second one, written past the sequence's end and never
-read (one slot of headroom in every cache this backend makes; 10-15 % on a one-token step).
-Whether the CPU at hand keeps rows invariant is checked when the backend starts
-(check_row_invariance), not assumed: kernels are chosen by CPU features.
+other tokens share its pass (how a verify block or a prefill is cut, which sessions share the
+batch). Measured on this graph with the default model (AVX-512 Zen 4, benchmarks/engine.py):
+every pass of 2 or more tokens gives each token exactly the same numbers, but a pass of a single
+token takes other kernels (MatMulNBits' and the fp32 GEMM's one-row paths, GroupQueryAttention's
+one-token path) and differs (fp32: 3.7e-5 in the logits; int4: 1.97, its one-row path quantizes the
+activations differently). So no sequence ever runs a single token: a lone token is padded with a
+second one, written past the sequence's end and never read (one slot of headroom in every cache
+this backend makes; 10-15 % on a one-token step). Whether the CPU at hand keeps rows invariant,
+alone and in a batch, is checked when the backend starts (check_row_invariance), not assumed:
+kernels are chosen by CPU features.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import numpy as np
@@ -51,10 +57,21 @@ class HeadroomKVCache(KVCache):
         return super()._allocate((layers, batch, heads, capacity + self.headroom, dim), dtype, device)
 
 
+class HeadroomBatchKVCache(BatchKVCache):
+    """A BatchKVCache pool whose rows have one physical slot past the capacity (as HeadroomKVCache)."""
+
+    headroom = 1
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        layers, batch, heads, capacity, dim = shape
+        return super()._allocate((layers, batch, heads, capacity + self.headroom, dim), dtype, device)
+
+
 class FusedOnnxRuntimeTarget(TorchTargetParts):
     """A VerifierBackend (see blockpilot.backends.base) over a fused export, on the CPU."""
 
     backend = ONNXRUNTIME
+    supports_ragged_batch = True  # several sessions per pass (the sessions graphs)
 
     def __init__(self, export: OnnxExport, target: TargetModel, *, threads: int | None = None,
                  verify_weights: bool = True, check_rows: bool = True, pad_single_tokens: bool = True) -> None:
@@ -80,7 +97,9 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._options = options
         self.session = ort.InferenceSession(str(export.model_path), options, providers=["CPUExecutionProvider"])
+        self._sessions_graphs: dict[int, object] = {}  # batch size -> InferenceSession of its sessions graph
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._min_rows = MIN_PASS_ROWS if pad_single_tokens else 1
         log.info("onnxruntime backend: fused %s graph %s, %d threads, layers %s", self.precision, export.model_path,
@@ -111,6 +130,11 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         cfg = self.config
         return HeadroomKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity, batch_size=batch_size)
 
+    def new_batch_cache(self, capacity: int, max_rows: int) -> BatchKVCache:
+        """A pool of `max_rows` sequences of up to `capacity` tokens each (see BatchKVCache)."""
+        cfg = self.config
+        return HeadroomBatchKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity, batch_size=max_rows)
+
     def __call__(
         self,
         tokens: torch.Tensor,
@@ -120,10 +144,13 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         num_logits: int | None = None,
         hidden_layer_ids: Sequence[int] = (),
         key_valid: torch.Tensor | None = None,
+        row_widths: Sequence[int] | None = None,
     ) -> ForwardOutput:
-        """TargetModel.forward's contract, one sequence. Differences: positions must be the slots'
-        own (the default); every layer runs whatever num_logits says; hidden_layer_ids must be the
-        export's layers (or none); key_valid is not supported."""
+        """TargetModel.forward's contract: one sequence, or a ragged batch over a BatchKVCache pool
+        (row_widths). Differences: positions must be the slots' own (the default); every layer
+        runs whatever num_logits says; hidden_layer_ids must be the export's layers (or none);
+        key_valid is not supported; a ragged batch gives logits of all its tokens unless
+        num_logits is 0."""
         if key_valid is not None:
             raise InvalidArgumentError("the onnxruntime backend runs unpadded sequences: key_valid is not supported")
         if hidden_layer_ids and tuple(hidden_layer_ids) != tuple(self.hidden_layer_ids):
@@ -134,7 +161,11 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
             raise InvalidArgumentError(f"tokens must have shape [B, T>=1], got {tuple(tokens.shape)}")
         tokens = tokens.to(dtype=torch.long, device="cpu")
         rows, steps = tokens.shape
-        if rows != 1 or isinstance(cache, BatchKVCache) or cache.keys.shape[1] != 1:
+        if isinstance(cache, BatchKVCache):
+            if positions is not None:
+                raise InvalidArgumentError("the onnxruntime backend places tokens at their cache slots: positions are not supported in a batch")
+            return self._ragged(tokens, cache, num_logits, bool(hidden_layer_ids), row_widths)
+        if rows != 1 or cache.keys.shape[1] != 1:
             raise InvalidArgumentError(f"the onnxruntime backend runs one sequence ([1, T] tokens, a one-row cache), got {tuple(tokens.shape)}")
         start = cache.reserve(steps)
         self._check_positions(positions, torch.arange(start, start + steps))
@@ -188,12 +219,91 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         self.session.run_with_iobinding(binding)
         return out
 
+    # ---- several sessions per pass --------------------------------------------------------------
+
+    def _ragged(self, tokens: torch.Tensor, pool: BatchKVCache, num_logits: int | None, want_hidden: bool,
+                row_widths: Sequence[int] | None) -> ForwardOutput:
+        """A ragged step (see TargetModel.forward): row b's first row_widths[b] tokens at its pool
+        row's slots, all rows in one run of the sessions graph; outputs packed [1, N, ...]."""
+        batch, steps = tokens.shape
+        if batch != pool.rows_in_use or batch < 1:
+            raise InvalidArgumentError(f"a ragged forward takes one row per pool row in use ({pool.rows_in_use}), got {batch}")
+        widths = list(row_widths) if row_widths is not None else [steps] * batch
+        if len(widths) != batch or min(widths) < 1 or max(widths) > steps:
+            raise InvalidArgumentError(f"row_widths must give 1..{steps} tokens for each of the {batch} rows, got {widths}")
+        starts = pool.reserve_rows(torch.tensor(widths))
+        # Lone tokens padded with a copy (written past the row's end, never read: see the docstring).
+        run_widths = [max(w, self._min_rows) for w in widths]
+        packed = torch.cat([tokens[b, : w].repeat(2)[: run] for b, (w, run) in enumerate(zip(widths, run_widths))])
+        bounds = torch.tensor([0, *torch.tensor(run_widths).cumsum(0).tolist()], dtype=torch.long)
+        real = torch.cat([torch.arange(int(bounds[b]), int(bounds[b]) + w) for b, w in enumerate(widths)])  # [N]
+        out = self._run_sessions(packed[None], pool, starts.tolist(), run_widths, bounds, real if num_logits != 0 else real[:0])
+        pool.lengths[:batch] += torch.tensor(widths)
+        return ForwardOutput(logits=out["logits"][None] if num_logits != 0 else None,
+                             hidden=out["hidden"][:, real] if want_hidden and "hidden" in out else None,
+                             final_state=out["final_state"][:, real])
+
+    def _sessions_session(self, sessions: int):
+        """The InferenceSession of the graph for `sessions` sequences (written once per export)."""
+        session = self._sessions_graphs.get(sessions)
+        if session is None:
+            import onnx
+            import onnxruntime as ort
+
+            from blockpilot.backends.fused_graph import sessions_graph
+
+            path = self.export.model_path.with_name(f"sessions-{sessions}.onnx")
+            if not path.exists():
+                rewritten = sessions_graph(onnx.load(str(self.export.model_path), load_external_data=False), sessions)
+                partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                onnx.save(rewritten, str(partial))
+                partial.replace(path)  # atomic: another process may load it at once
+            session = ort.InferenceSession(str(path), self._options, providers=["CPUExecutionProvider"])
+            self._sessions_graphs[sessions] = session
+            log.info("onnxruntime backend: loaded the graph for %d sessions per pass", sessions)
+        return session
+
+    def _run_sessions(self, tokens: torch.Tensor, pool: BatchKVCache, starts: list[int], widths: list[int],
+                      bounds: torch.Tensor, picks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One run of the sessions graph: session b's widths[b] tokens (packed in `tokens` [1, N]
+        at bounds[b]..bounds[b+1]) at slots starts[b].. of pool row b; logits of `picks`."""
+        cfg = self.config
+        physical = pool.keys.shape[3]
+        for b, (start, width) in enumerate(zip(starts, widths)):
+            if start + width > physical:
+                raise ResourceExhaustedError(
+                    f"KV cache full: a pass of {width} tokens at slot {start} exceeds the {physical} slots of pool row {b}")
+        sessions = len(widths)
+        ends = torch.tensor(starts) + torch.tensor(widths)
+        feeds = {"input_ids": tokens.contiguous(), "session_bounds": bounds, "seqlens_k": (ends - 1).to(torch.int32),
+                 "total_sequence_lengths": ends.to(torch.int32), "logit_index": picks.to(torch.long).contiguous()}
+        steps = tokens.shape[1]
+        out = {"logits": torch.empty((picks.shape[0], cfg.vocab_size)), "final_state": torch.empty((1, steps, cfg.hidden_size))}
+        if self.hidden_layer_ids:
+            out["hidden"] = torch.empty((1, steps, len(self.hidden_layer_ids) * cfg.hidden_size))
+        graph = self._sessions_session(sessions)
+        binding = graph.io_binding()
+        for name, tensor in feeds.items():
+            dtype = np.int32 if tensor.dtype == torch.int32 else np.int64
+            binding.bind_input(name, "cpu", 0, dtype, tuple(tensor.shape), tensor.data_ptr())
+        for name, tensor in out.items():
+            binding.bind_output(name, "cpu", 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        shape = (1, cfg.num_key_value_heads, physical, cfg.head_dim)
+        for layer in range(cfg.num_hidden_layers):
+            for b in range(sessions):
+                for kind, buffer in (("key", pool.keys[layer, b]), ("value", pool.values[layer, b])):
+                    binding.bind_input(f"past_{kind}_s{b}_{layer}", "cpu", 0, np.float32, shape, buffer.data_ptr())
+                    binding.bind_output(f"present_{kind}_s{b}_{layer}", "cpu", 0, np.float32, shape, buffer.data_ptr())
+        graph.run_with_iobinding(binding)
+        return out
+
 
 @torch.inference_mode()
 def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, block: int = 4) -> None:
     """Refuse to run when a token's logits depend on the pass it shares (see the module docstring):
     a block of `block` tokens after a prefill must give exactly the logits of the same tokens one
-    at a time and in two halves. About 10 small passes."""
+    at a time, in two halves, and beside another session's single token in a batch of two. About
+    a dozen small passes (and the two-session graph loaded once)."""
     generator = torch.Generator().manual_seed(1234)
     vocab = backend.config.vocab_size
     prompt = torch.randint(vocab, (1, prompt_len), generator=generator)
@@ -206,11 +316,19 @@ def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5
     cache.truncate(prompt_len)
     half = block // 2
     halves = torch.cat([backend(tokens[:, :half], cache).logits[0], backend(tokens[:, half:], cache).logits[0]])
-    worst = max(float((alone - together).abs().max()), float((halves - together).abs().max()))
+    cache.truncate(prompt_len)
+    pool = backend.new_batch_cache(prompt_len + block + 1, 2)
+    pool.load_row(0, cache)
+    pool.load_row(1, cache)
+    pool.rows_in_use = 2
+    both = torch.cat([tokens, tokens[:, :1].expand(1, block)])  # row 1: its first token alone
+    batched = backend(both, pool, row_widths=[block, 1]).logits[0]
+    worst = max(float((alone - together).abs().max()), float((halves - together).abs().max()),
+                float((batched - torch.cat([together, alone[:1]])).abs().max()))
     if worst != 0.0:
         raise FailedPreconditionError(
             f"on this CPU the {backend.precision} graph gives a token other logits in a pass of several tokens than "
             f"alone (largest difference {worst:.3g}), so speculative output could differ from block size 1: "
             f"run the torch backend, or report this CPU"
         )
-    log.info("row invariance checked: a block, its halves and single tokens give identical logits")
+    log.info("row invariance checked: a block, its halves, single tokens and a batch of two sessions give identical logits")

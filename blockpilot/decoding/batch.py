@@ -76,10 +76,10 @@ def supports_ragged_batch(target) -> bool:
 class BatchDecoder:
     """Runs up to `max_sessions` requests against one target and their draft sources.
 
-    A target that supports ragged batches (the torch engine: `supports_ragged_batch`) runs one
-    packed pass per step over all sessions, each in a row of one BatchKVCache pool; any other
-    backend (ONNX Runtime, TensorRT: batch-1 graphs) runs one pass per session per step, each on
-    the session's own cache, in the same loop.
+    A target that supports ragged batches (`supports_ragged_batch`: the torch engine, ONNX
+    Runtime's fused graph) runs one packed pass per step over all sessions, each in a row of one
+    BatchKVCache pool; any other backend (TensorRT and the portable ONNX graph: batch-1 graphs)
+    runs one pass per session per step, each on the session's own cache, in the same loop.
 
     capacity: tokens per pool row at first; max_capacity: how far the pool may grow for a long
     request (default: capacity). A request needs prompt + max_new_tokens + 1 + max_block_size.
@@ -262,8 +262,8 @@ class BatchDecoder:
         # Every session of one batch reads the same feature layers (the drafter's), or none.
         layers = max((s.state.feature_layers for s, _ in planned), key=len)
         began = time.perf_counter()
-        out = self.target(tokens.to(self.target.device), self.pool, num_logits=0, hidden_layer_ids=layers, row_widths=widths)
-        logits = self.target.logits(out.final_state[0]).split(widths)
+        out = self.target(tokens.to(self.target.device), self.pool, num_logits=None, hidden_layer_ids=layers, row_widths=widths)
+        logits = out.logits[0].split(widths)
         hiddens = out.hidden[0].split(widths) if out.hidden is not None else [None] * len(widths)
         passed = time.perf_counter() - began
         outcomes: list[StepOutcome] = []

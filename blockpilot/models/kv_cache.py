@@ -159,8 +159,9 @@ class BatchKVCache(KVCache):
 
     def grown(self, capacity: int) -> "BatchKVCache":
         """A pool of the same rows with `capacity` slots each, holding this one's valid entries."""
-        layers, rows, heads, old, dim = self.keys.shape
-        pool = BatchKVCache(layers, heads, dim, capacity, batch_size=rows, dtype=self.keys.dtype, device=self.keys.device)
+        layers, rows, heads, _, dim = self.keys.shape
+        old = self.capacity
+        pool = type(self)(layers, heads, dim, capacity, batch_size=rows, dtype=self.keys.dtype, device=self.keys.device)
         keep = min(old, capacity)
         pool.keys[:, :, :, :keep] = self.keys[:, :, :, :keep]
         pool.values[:, :, :, :keep] = self.values[:, :, :, :keep]

@@ -227,3 +227,57 @@ def test_cached_fused_exports_are_keyed_by_precision(quantized, tmp_path):
     assert fp32.directory != int4.directory and "fused-int4" in int4.directory.name
     assert cached_export(target, (2,), source=str(model_dir), cache_dir=tmp_path, graph="fused", precision="int4").directory == int4.directory
 
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_a_batch_of_sessions_gives_each_its_own_numbers(backends, name, precision):
+    """Continuous batching on this backend: sessions of different lengths and block widths (one
+    of them a lone token) in one pass of the sessions graph get exactly their one-session logits
+    and features, and each pool row advances by its own width."""
+    backend = backends[name, precision]
+    generator = torch.Generator().manual_seed(5)
+    vocab = backend.config.vocab_size
+    prompts = [torch.randint(vocab, (1, n), generator=generator) for n in (3, 9, 6)]
+    blocks = torch.randint(vocab, (3, 5), generator=generator)
+    widths = [5, 1, 3]
+    pool = backend.new_batch_cache(24, 4)
+    alone = []
+    for row, prompt in enumerate(prompts):
+        cache = backend.new_cache(24)
+        backend(prompt, cache)
+        pool.load_row(row, cache)
+        out = backend(blocks[row : row + 1, : widths[row]], cache, hidden_layer_ids=LAYERS[name])
+        alone.append((out.logits[0], out.hidden[0]))
+    pool.rows_in_use = 3
+    out = backend(blocks, pool, hidden_layer_ids=LAYERS[name], row_widths=widths)
+    assert pool.lengths[:3].tolist() == [8, 10, 9]
+    for row, (logits, hidden) in enumerate(zip(out.logits[0].split(widths), out.hidden[0].split(widths))):
+        assert torch.equal(logits, alone[row][0]), row
+        assert torch.equal(hidden, alone[row][1]), row
+    with pytest.raises(InvalidArgumentError, match="one row per pool row in use"):
+        backend(blocks[:2], pool, row_widths=[1, 1])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_batched_decoding_on_the_fused_graph_equals_one_at_a_time(backends, quantized, precision):
+    """The BatchDecoder runs ragged steps on this backend: sessions with mixed prompts, block
+    sizes, lookup and drafts, arriving as rows free up and leaving, each get their one-at-a-time
+    tokens."""
+    from blockpilot.decoding.batch import BatchDecoder, supports_ragged_batch
+
+    backend = backends["llama", precision]
+    target = quantized["llama"][2]
+    assert supports_ragged_batch(backend)
+    prompts = [[5, 6, 7, 8, 9, 10], [40, 3, 77, 12, 12, 90, 31, 8, 64], [7], [9, 9, 9, 9, 2, 9, 9, 9]] * 2
+    work = [(prompt, SamplingParams(max_new_tokens=10 + 3 * i), 1 + i % 5) for i, prompt in enumerate(prompts)]
+    alone = [SpeculativeDecoder(backend).generate(prompt, params, 1, lookup=LOOKUP_OFF).token_ids for prompt, params, _ in work]
+    # One drafter serves every session: right for the first prompt's text, so mostly wrong for the
+    # others, which changes what gets accepted, never the tokens.
+    oracle = OracleDrafter(prompts[0] + alone[0], target.config.vocab_size, 0.7, target_layer_ids=LAYERS["llama"])
+    for max_sessions in (3, 8):
+        batch = BatchDecoder(SpeculativeDecoder(backend, oracle), max_sessions=max_sessions, capacity=96, max_block_size=16)
+        results = batch.run(work, lookup=LookupConfig())
+        assert [r.token_ids for r in results] == alone
+        assert batch.active == 0 and batch.pool.rows_in_use == 0
+        assert {"lookup", "dflash"} <= {s for r in results for s in r.step_sources}
