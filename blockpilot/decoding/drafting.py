@@ -8,6 +8,7 @@ services.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -184,13 +185,14 @@ class LocalDrafter:
         if precision is not None and precision not in DRAFT_PRECISIONS:
             raise ValueError(f"drafter precision must be one of {DRAFT_PRECISIONS}, got {precision!r}")
         head_weight = target.lm_head.weight
+        self.source = drafter  # as given, never converted (its weights name the checkpoint)
         if precision == DRAFT_INT8:
             drafter = quantize_linear_int8(drafter)
             self.head = DraftHead(head_weight.float(), drafter.draft_vocab, int8=True)
         else:
             dtype = {DRAFT_FP32: torch.float32, DRAFT_BF16: torch.bfloat16}.get(precision)
-            if dtype is not None:
-                drafter = drafter.to(dtype)
+            if dtype is not None and dtype != next(drafter.parameters()).dtype:
+                drafter = copy.deepcopy(drafter).to(dtype)
             dtype = next(drafter.parameters()).dtype
             self.head = DraftHead(head_weight if head_weight.dtype == dtype else head_weight.to(dtype), drafter.draft_vocab)
         loaded = next(drafter.parameters()).dtype

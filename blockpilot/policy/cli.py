@@ -118,7 +118,7 @@ def _load_models(args: argparse.Namespace):
                          backend=BackendOptions(name=args.backend, threads=args.threads))
     if engine.drafter is None:
         raise InvalidArgumentError("a sweep needs a drafter: pass --drafter PATH (a DFlash checkpoint) or --drafter random")
-    module = getattr(engine.drafter, "drafter", None)
+    module = getattr(engine.drafter, "source", None)  # the checkpoint's weights, whatever precision drafts
     # A checkpoint path keeps its last two parts ("runB/drafter"); names ("random") stay as they are.
     drafter_label = "/".join(Path(engine.drafter_name).parts[-2:]) or engine.drafter_name
     drafter_name = model_fingerprint(drafter_label, module) if module is not None else engine.drafter_name
