@@ -3,7 +3,8 @@
 The same prompts (the first N of each evaluation file) are decoded to the end (a) one after another
 through SpeculativeDecoder.generate and (b) through BatchDecoder with up to C sessions at once (a
 new prompt is admitted as soon as a row frees), for each concurrency C asked for; both through the
-torch engine (the backend BatchDecoder batches), with the default model and the shipped drafter.
+verifier backend asked for (default: the default one, ONNX Runtime with the fused graph, which
+batches sessions like the torch engine), with the default model and the shipped drafter.
 Two decode modes:
 
     autoregressive   block size 1, prompt lookup off
@@ -16,6 +17,7 @@ batched GEMMs may round differently from a batch of one; each one is listed with
 differing position and that step's top-2 logit gap).
 
     .venv/bin/python benchmarks/batch_decode.py ../shared/datasets --prompts-per-dataset 3 --concurrency 4 16 --out runs/batch_decode.json
+    .venv/bin/python benchmarks/batch_decode.py ../shared/datasets --backend torch --load-aware ...   # the torch engine, capped drafts
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from blockpilot.backends import BACKENDS, DEFAULT_VERIFIER_BACKEND
 from blockpilot.backends.loader import BackendOptions
 from blockpilot.benchmarking import machine_info, read_jsonl_prompts
 from blockpilot.decoding.batch import BatchDecoder
@@ -58,11 +61,14 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16], help="sessions in the batch at once")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--threads", type=int, default=None, help="threads (default: torch's choice)")
+    parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_VERIFIER_BACKEND, help="verifier backend")
+    parser.add_argument("--precision", default="auto", help="onnxruntime precision (auto, fp32, int4)")
+    parser.add_argument("--load-aware", action="store_true", help="cap each session's drafts by their cost in the batch (as the verifier can)")
     parser.add_argument("--out", type=Path, required=True, help="JSON report")
     args = parser.parse_args(argv)
 
     set_threads(args.threads)
-    engine = load_engine(None, None, backend=BackendOptions(name="torch", threads=args.threads))
+    engine = load_engine(None, None, backend=BackendOptions(name=args.backend, precision=args.precision, threads=args.threads))
     policy = InProcessPolicy()
     files = sorted(args.datasets.glob("*.jsonl"))
     prompts = [p for f in files for p in read_jsonl_prompts(f, args.prompts_per_dataset)]
@@ -72,7 +78,8 @@ def main(argv=None) -> int:
     widest = max(engine.decoder.max_block_size if engine.decoder.drafter else 1, lookup_on.max_tokens + 1)
     widest = min(widest, 16)
     capacity = max(len(ids) for ids in encoded) + args.max_new_tokens + 1 + widest
-    setup = {"machine": machine_info(), "backend": engine.backend, "drafter": engine.drafter_name,
+    setup = {"machine": machine_info(), "backend": engine.backend, "precision": engine.precision, "load_aware": args.load_aware,
+             "drafter": engine.drafter_name,
              "policy": ",".join(policy.spec.policy_versions), "max_new_tokens": args.max_new_tokens,
              "prompts": len(prompts), "datasets": [f.stem for f in files], "concurrency": args.concurrency,
              "threads": torch.get_num_threads()}
@@ -93,7 +100,8 @@ def main(argv=None) -> int:
                                    "mean_tau": sum(r.tau for r in alone) / len(alone),
                                    "block_sizes": [r.block_size for r in alone]}}
         for concurrency in args.concurrency:
-            batch = BatchDecoder(engine.decoder, max_sessions=concurrency, capacity=capacity, max_block_size=widest)
+            batch = BatchDecoder(engine.decoder, max_sessions=concurrency, capacity=capacity, max_block_size=widest,
+                                 load_aware=args.load_aware)
             began = time.perf_counter()
             results = batch.run([(ids, params, block_size()) for ids in encoded], lookup=lookup)
             seconds = time.perf_counter() - began

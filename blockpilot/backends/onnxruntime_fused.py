@@ -100,6 +100,7 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         self._options = options
         self.session = ort.InferenceSession(str(export.model_path), options, providers=["CPUExecutionProvider"])
         self._sessions_graphs: dict[int, object] = {}  # batch size -> InferenceSession of its sessions graph
+        self._bindings: dict[int, tuple[tuple, object]] = {}  # batch size -> (pool key, IOBinding): see _pool_binding
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._min_rows = MIN_PASS_ROWS if pad_single_tokens else 1
         log.info("onnxruntime backend: fused %s graph %s, %d threads, layers %s", self.precision, export.model_path,
@@ -281,21 +282,34 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         out = {"logits": torch.empty((picks.shape[0], cfg.vocab_size)), "final_state": torch.empty((1, steps, cfg.hidden_size))}
         if self.hidden_layer_ids:
             out["hidden"] = torch.empty((1, steps, len(self.hidden_layer_ids) * cfg.hidden_size))
-        graph = self._sessions_session(sessions)
-        binding = graph.io_binding()
+        binding = self._pool_binding(sessions, pool)
         for name, tensor in feeds.items():
             dtype = np.int32 if tensor.dtype == torch.int32 else np.int64
             binding.bind_input(name, "cpu", 0, dtype, tuple(tensor.shape), tensor.data_ptr())
         for name, tensor in out.items():
             binding.bind_output(name, "cpu", 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
-        shape = (1, cfg.num_key_value_heads, physical, cfg.head_dim)
+        self._sessions_session(sessions).run_with_iobinding(binding)
+        return out
+
+    def _pool_binding(self, sessions: int, pool: BatchKVCache):
+        """An IOBinding of the sessions graph with pool rows 0..sessions-1 bound as the caches. The
+        rows' memory stays put while the pool lives (compaction copies entries between rows), so
+        a binding is made once per (batch size, pool) and each run rebinds only the tokens and
+        outputs: 4 x layers x sessions bindings saved per step."""
+        key = (sessions, pool.keys.data_ptr(), pool.values.data_ptr(), tuple(pool.keys.shape))
+        cached = self._bindings.get(sessions)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        cfg = self.config
+        binding = self._sessions_session(sessions).io_binding()
+        shape = (1, cfg.num_key_value_heads, pool.keys.shape[3], cfg.head_dim)
         for layer in range(cfg.num_hidden_layers):
             for b in range(sessions):
                 for kind, buffer in (("key", pool.keys[layer, b]), ("value", pool.values[layer, b])):
                     binding.bind_input(f"past_{kind}_s{b}_{layer}", "cpu", 0, np.float32, shape, buffer.data_ptr())
                     binding.bind_output(f"present_{kind}_s{b}_{layer}", "cpu", 0, np.float32, shape, buffer.data_ptr())
-        graph.run_with_iobinding(binding)
-        return out
+        self._bindings[sessions] = (key, binding)
+        return binding
 
 
 @torch.inference_mode()
