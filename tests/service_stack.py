@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from redis_required import no_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,7 @@ class Redis:
 
     def __init__(self, folder: Path, port: int | None = None) -> None:
         if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed")
+            no_redis("redis-server is not installed")
         self.folder = folder
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None

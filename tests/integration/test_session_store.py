@@ -7,6 +7,7 @@ import asyncio
 import uuid
 
 import pytest
+from redis_required import no_redis
 
 from blockpilot.errors import AbortedError, NotFoundError, UnavailableError
 from blockpilot.serving.session_store import MemorySessionStore, RedisSessionStore, meta_key, new_session_id
@@ -30,7 +31,7 @@ def run(coro):
 @pytest.fixture(params=["redis", "memory"])
 def store_factory(request):
     if request.param == "redis" and not redis_available():
-        pytest.skip("no Redis on 127.0.0.1:6379")
+        no_redis("no Redis on 127.0.0.1:6379")
     created = []
 
     def make(**kwargs):
@@ -94,7 +95,7 @@ def test_session_in_use_and_unknown_session(store_factory):
 
 def test_every_key_has_a_ttl_and_expires():
     if not redis_available():
-        pytest.skip("no Redis on 127.0.0.1:6379")
+        no_redis("no Redis on 127.0.0.1:6379")
     import redis
 
     async def scenario():

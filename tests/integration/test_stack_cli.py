@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from redis_required import no_redis
 
 from service_stack import free_port
 
@@ -27,7 +28,7 @@ def stack_flags():
 
 def test_up_status_generate_down_with_an_own_redis(tiny_llama_dir, tmp_path):
     if not __import__("shutil").which("redis-server"):
-        pytest.skip("redis-server is not installed")
+        no_redis("redis-server is not installed")
     env = {**os.environ, "BLOCKPILOT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("BLOCKPILOT_RUN_DIR", None)
     redis_port = free_port()  # nothing answers there: `up` starts its own redis-server

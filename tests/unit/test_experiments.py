@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from redis_required import no_redis
 from scipy import stats
 
 from blockpilot.errors import InvalidArgumentError, NotFoundError
@@ -131,7 +132,7 @@ def redis_available() -> bool:
 @pytest.fixture
 def prefix():
     if not redis_available():
-        pytest.skip("no Redis on 127.0.0.1:6379")
+        no_redis("no Redis on 127.0.0.1:6379")
     import redis
 
     value = f"bptest-{uuid.uuid4().hex[:12]}:"
@@ -262,7 +263,7 @@ def test_outcomes_add_up_per_arm(prefix, tmp_path):
 
 def test_ab_cli_set_status_stop(capsys):
     if not redis_available():
-        pytest.skip("no Redis on 127.0.0.1:6379")
+        no_redis("no Redis on 127.0.0.1:6379")
     import redis
 
     from blockpilot.cli import main
