@@ -38,7 +38,7 @@ from blockpilot.policy.experiments import ARM_NAME, Experiment, ExperimentStore,
 from blockpilot.policy.metadata import FEATURE_KINDS
 from blockpilot.policy.repository import POLICY_NAME, PolicyRepository, ServedPolicy
 from blockpilot.serving import metrics
-from blockpilot.serving.status import from_rpc_error
+from blockpilot.serving.status import from_rpc_error, quoted
 from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 from blockpilot.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
 
@@ -180,7 +180,7 @@ class LocalPolicy:
             return None, "default_policy_not_loaded"
         problem = self.repository.last_errors.get(name) if self.repository is not None else None
         detail = f"; its newest version failed to load: {problem}" if problem else ""
-        raise NotFoundError(f"unknown policy '{name}' (known: {known_policies(self._learned_names())}){detail}")
+        raise NotFoundError(f"unknown policy {quoted(name)} (known: {known_policies(self._learned_names())}){detail}")
 
     def _names_policy(self, name: str) -> bool:
         return is_fixed_name(name) or name == self.default_policy or (
@@ -375,7 +375,7 @@ class LocalPolicy:
     async def report(self, outcome: Outcome) -> None:
         d = outcome.decision
         if d.experiment and (not POLICY_NAME.fullmatch(d.experiment) or not ARM_NAME.fullmatch(d.arm)):
-            raise InvalidArgumentError(f"experiment {d.experiment!r} / arm {d.arm!r} are not valid names")
+            raise InvalidArgumentError(f"experiment {quoted(d.experiment)} / arm {quoted(d.arm)} are not valid names")
         self.outcomes.append(outcome)
         del self.outcomes[:-1000]
         lengths = outcome.acceptance_lengths
@@ -452,7 +452,7 @@ def features_to_proto(features: PolicyFeatures) -> policy_pb2.DecideRequest:
 
 def features_from_proto(request: policy_pb2.DecideRequest) -> PolicyFeatures:
     if request.policy and not POLICY_NAME.fullmatch(request.policy):
-        raise NotFoundError(f"unknown policy '{request.policy}' (not a valid policy name)")
+        raise NotFoundError(f"unknown policy {quoted(request.policy)} (not a valid policy name)")
     vectors: dict[str, np.ndarray] = {}
     for feature in request.prefill_features:
         if feature.kind in vectors:
@@ -537,7 +537,7 @@ class RemotePolicy:
             reply = await self._stub.DescribePolicy(policy_pb2.DescribePolicyRequest(policy=policy),
                                                     timeout=self._timeout(timeout_s))
         except grpc.RpcError as err:
-            raise from_rpc_error(err, f"policy DescribePolicy at {self.address}") from None
+            raise from_rpc_error(err, "policy DescribePolicy", self.address) from None
         spec = spec_from_proto(reply)
         if spec.cache_ttl_s > 0:
             if len(self._specs) > 1024:  # names come from clients: bound the cache
@@ -551,20 +551,20 @@ class RemotePolicy:
         try:
             reply = await self._stub.Decide(features_to_proto(features), timeout=self._timeout(timeout_s))
         except grpc.RpcError as err:
-            raise from_rpc_error(err, f"policy Decide at {self.address}") from None
+            raise from_rpc_error(err, "policy Decide", self.address) from None
         return decision_from_proto(reply)
 
     async def report(self, outcome: Outcome) -> None:
         try:
             await self._stub.Report(outcome_to_proto(outcome), timeout=self.timeout_s)
         except grpc.RpcError as err:
-            raise from_rpc_error(err, f"policy Report at {self.address}") from None
+            raise from_rpc_error(err, "policy Report", self.address) from None
 
     async def reload(self, timeout_s: float | None = None) -> policy_pb2.ReloadResponse:
         try:
             return await self._stub.Reload(policy_pb2.ReloadRequest(), timeout=timeout_s or 60.0)
         except grpc.RpcError as err:
-            raise from_rpc_error(err, f"policy Reload at {self.address}") from None
+            raise from_rpc_error(err, "policy Reload", self.address) from None
 
     async def close(self) -> None:
         await self._channel.close()

@@ -29,6 +29,85 @@ SERVER_OPTIONS = [
 ]
 
 
+class UnparsableRequest:
+    """Stands for a request message whose bytes did not parse (a corrupt wire format, a string
+    field that is not UTF-8): the handler never sees it, the client gets INVALID_ARGUMENT."""
+
+    def __init__(self, type_name: str) -> None:
+        self.message = f"the request is not a valid {type_name} message (corrupt bytes, or a string field that is not UTF-8)"
+
+
+def add_servicer(server: grpc.aio.Server, add_to_server: Callable, servicer) -> None:
+    """Register `servicer` through its generated `add_<Service>Servicer_to_server`, with requests
+    that do not parse answered INVALID_ARGUMENT with a plain message. (Left to grpc they end as
+    UNKNOWN, "Unexpected <class 'google.protobuf.message.DecodeError'>: ...".)"""
+    captured = _CapturedHandlers()
+    add_to_server(servicer, captured)
+    guarded = {method: _guarded(handler) for method, handler in captured.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, guarded),))
+    server.add_registered_method_handlers(captured.service, guarded)
+
+
+class _CapturedHandlers:
+    """Stands in for the server while a generated add_*_to_server registers its method handlers."""
+
+    service = ""
+    handlers: dict = {}
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    import inspect
+
+    parse = handler.request_deserializer
+    message_type = getattr(parse, "__self__", None)
+    type_name = message_type.DESCRIPTOR.full_name if message_type is not None else "request"
+
+    def tolerant(data: bytes):
+        try:
+            return parse(data)
+        except Exception:  # any failure to parse is the client's bytes
+            return UnparsableRequest(type_name)
+
+    async def refuse(request, context) -> None:
+        if isinstance(request, UnparsableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+    async def checked(requests, context):
+        async for request in requests:
+            await refuse(request, context)
+            yield request
+
+    if handler.request_streaming:
+        behavior = handler.stream_stream or handler.stream_unary
+
+        def prepare(requests, context):
+            return checked(requests, context)
+    else:
+        behavior = handler.unary_stream or handler.unary_unary
+        prepare = None
+    if inspect.isasyncgenfunction(behavior):
+        async def wrapped(request, context):
+            if prepare is None:
+                await refuse(request, context)
+            async for reply in behavior(request if prepare is None else prepare(request, context), context):
+                yield reply
+    else:
+        async def wrapped(request, context):
+            if prepare is None:
+                await refuse(request, context)
+            return await behavior(request if prepare is None else prepare(request, context), context)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[handler.request_streaming, handler.response_streaming](
+        wrapped, request_deserializer=tolerant, response_serializer=handler.response_serializer)
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -34,6 +34,7 @@ import uuid
 from typing import Any, Mapping, Protocol
 
 from blockpilot.errors import AbortedError, NotFoundError, UnavailableError
+from blockpilot.serving.status import quoted
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,9 @@ class RedisSessionStore:
         result = int(await self._call("begin_turn", lambda: self._begin(keys=[meta_key(session_id)],
                                                                           args=[now, now + lease_s, self.ttl_s])))
         if result == -1:
-            raise NotFoundError(f"unknown or expired session '{session_id}'")
+            raise NotFoundError(f"unknown or expired session {quoted(session_id)}")
         if result == -2:
-            raise AbortedError(f"session '{session_id}' is already in use by another stream")
+            raise AbortedError(f"session {quoted(session_id)} is already in use by another stream")
         return result
 
     async def write(self, session_id: str, fence: int, fields: Mapping[str, Any]) -> bool:
@@ -243,10 +244,10 @@ class MemorySessionStore:
     async def begin_turn(self, session_id: str, lease_s: float) -> int:
         data = self._live(session_id)
         if data is None:
-            raise NotFoundError(f"unknown or expired session '{session_id}'")
+            raise NotFoundError(f"unknown or expired session {quoted(session_id)}")
         now = time.time()
         if data.get("state") == "generating" and float(data.get("lease_until", 0)) > now:
-            raise AbortedError(f"session '{session_id}' is already in use by another stream")
+            raise AbortedError(f"session {quoted(session_id)} is already in use by another stream")
         step = int(data.get("step", 0)) + 1
         data.update(step=str(step), state="generating", lease_until=str(now + lease_s), updated_at=str(now))
         self._touch(session_id, data)

@@ -29,6 +29,14 @@ _CLASS_BY_CODE: dict[grpc.StatusCode, type[errors.BlockPilotError]] = {
 }
 
 
+def quoted(value: str, limit: int = 64) -> str:
+    """A client-given id or name for an error message: quoted, cut to `limit` characters (a long
+    one would be echoed whole, past gRPC's metadata limit)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(status code, client-facing message) for an exception raised while serving a request."""
     if isinstance(exc, errors.BlockPilotError):
@@ -38,11 +46,15 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error (details are in the server log)"
 
 
-def from_rpc_error(err: grpc.RpcError, what: str = "call") -> errors.BlockPilotError:
-    """A typed error for a failed call (client side): same message, class chosen by status code."""
+def from_rpc_error(err: grpc.RpcError, what: str = "call", where: str = "") -> errors.BlockPilotError:
+    """A typed error for a failed call (client side): same message, class chosen by status code.
+    where: the peer's address, logged but kept out of the message (a service's errors reach its
+    own clients, who are not told the addresses of the services behind it)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     cls = _CLASS_BY_CODE.get(code, errors.BlockPilotError)
+    if where:
+        log.info("%s at %s failed (%s): %s", what, where, code.name if code else "UNKNOWN", details)
     error = cls(f"{what} failed ({code.name if code else 'UNKNOWN'}): {details}")
     error.status_code = code  # type: ignore[attr-defined]
     return error

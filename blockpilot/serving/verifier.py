@@ -45,6 +45,7 @@ from blockpilot.serving.scheduler import DecodeScheduler, ScheduledRequest
 from blockpilot.serving.session_cache import KeptSession, SessionCaches
 from blockpilot.serving.session_store import new_session_id
 from blockpilot.v1 import verifier_pb2
+from blockpilot.serving.status import quoted
 
 log = logging.getLogger(__name__)
 
@@ -367,14 +368,14 @@ class VerifierCore:
             return
         sid = spec.session_id
         if sid in self._active_sessions:
-            raise AbortedError(f"session '{sid}' is already in use by another stream")
+            raise AbortedError(f"session {quoted(sid)} is already in use by another stream")
         local = self._sessions.get(sid)
         store_down = False
         try:
             record = await self.store.get(sid)
             if record is None:
                 if local is None:
-                    raise NotFoundError(f"unknown or expired session '{sid}'")
+                    raise NotFoundError(f"unknown or expired session {quoted(sid)}")
                 await self.store.create(sid, {"verifier_replica": self.replica_id})
             turn.record = record
             turn.fence = await self.store.begin_turn(sid, self._lease_s(spec))
@@ -382,7 +383,7 @@ class VerifierCore:
             store_down = True
             self._count_fallback(turn, "session_store_unavailable", str(err))
         if store_down and local is None:
-            raise NotFoundError(f"unknown or expired session '{sid}' (the session store is unavailable, so only "
+            raise NotFoundError(f"unknown or expired session {quoted(sid)} (the session store is unavailable, so only "
                                 "sessions held by this replica can continue)")
         turn.session_id = sid
         turn.local = local

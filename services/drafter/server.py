@@ -19,7 +19,7 @@ from blockpilot.serving import metrics
 from blockpilot.serving.draft_cache import DraftCachePool
 from blockpilot.serving.draft_wire import StepAssembler, block_messages
 from blockpilot.serving.models import load_served_drafter, load_served_target
-from blockpilot.serving.server import ServiceRunner, default_replica_id, setup_logging
+from blockpilot.serving.server import ServiceRunner, add_servicer, default_replica_id, setup_logging
 from blockpilot.serving.status import to_status
 from blockpilot.v1 import drafter_pb2, drafter_pb2_grpc
 
@@ -158,7 +158,7 @@ async def serve(argv: Sequence[str] | None = None) -> None:
 
     async def setup(server: grpc.aio.Server):
         servicer = DrafterServicer(config, runner)
-        drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, server)
+        add_servicer(server, drafter_pb2_grpc.add_DrafterServicer_to_server, servicer)
         holder.append(servicer)
 
         async def expire_kept():  # kept caches are freed once idle past their TTL

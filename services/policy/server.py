@@ -22,7 +22,7 @@ from blockpilot.policy.repository import PolicyRepository, ServedPolicy, onnx_pr
 from blockpilot.serving import metrics
 from blockpilot.serving.policy import (LocalPolicy, decision_to_proto, features_from_proto, outcome_from_proto,
                                        spec_to_proto)
-from blockpilot.serving.server import ServiceRunner, setup_logging
+from blockpilot.serving.server import ServiceRunner, add_servicer, setup_logging
 from blockpilot.serving.session_store import open_store
 from blockpilot.serving.status import to_status
 from blockpilot.v1 import policy_pb2, policy_pb2_grpc
@@ -139,7 +139,7 @@ async def serve(argv: Sequence[str] | None = None) -> None:
                              default_policy=config.default_policy, repository=repository, experiments=experiments,
                              store=store, stats_ttl_s=config.stats_ttl_s, spec_ttl_s=config.spec_ttl_s)
         resources.update(engine=engine, store=store, repository=repository)
-        policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(engine, runner, config.decide_delay_s), server)
+        add_servicer(server, policy_pb2_grpc.add_PolicyServicer_to_server, PolicyServicer(engine, runner, config.decide_delay_s))
 
         async def cleanup():
             stop_polling.set()

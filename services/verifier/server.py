@@ -17,7 +17,7 @@ from blockpilot.serving import metrics
 from blockpilot.serving.models import load_verifier_target
 from blockpilot.serving.policy import FixedPolicy, RemotePolicy
 from blockpilot.serving.remote_drafter import RemoteDrafter
-from blockpilot.serving.server import ServiceRunner, default_replica_id, setup_logging
+from blockpilot.serving.server import ServiceRunner, add_servicer, default_replica_id, setup_logging
 from blockpilot.serving.session_store import open_store
 from blockpilot.serving.status import to_status
 from blockpilot.serving.verifier import GenerateSpec, VerifierCore
@@ -100,7 +100,7 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     resources: dict = {}
 
     async def setup(server: grpc.aio.Server):
-        verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)
+        add_servicer(server, verifier_pb2_grpc.add_VerifierServicer_to_server, servicer)
 
         async def cleanup():
             core = servicer.core

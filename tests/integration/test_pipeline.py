@@ -46,6 +46,7 @@ def stack(tiny_llama_dir, tmp_path_factory):
             service.wait_serving(timeout=180)
         channel = grpc.insecure_channel(verifier.address)
         services["stub"] = verifier_pb2_grpc.VerifierStub(channel)
+        services["channel"] = channel
         yield services
         channel.close()
     finally:
@@ -236,6 +237,19 @@ def test_bad_inputs_get_their_status_while_another_stream_runs(stack, engine):
         assert error.code() == code, (req, error)
         assert fragment in error.details(), (fragment, error.details())
         assert "Traceback" not in error.details()
+    # Bytes that are no GenerateRequest (a corrupt wire format; a text prompt that is not UTF-8).
+    raw = stack["channel"].unary_stream("/blockpilot.v1.Verifier/Generate", request_serializer=None, response_deserializer=None)
+    for payload in (b"\xff\xff\xff\xff", b"\x0a\x03\xff\xfe\xfd", bytes(range(256))):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(raw(payload, timeout=30))
+        assert caught.value.code() == C.INVALID_ARGUMENT, caught.value
+        assert "not a valid blockpilot.v1.GenerateRequest message" in caught.value.details()
+        assert "class" not in caught.value.details() and "DecodeError" not in caught.value.details()
+    # Echoed ids are cut short; errors name no internal address.
+    error = status_of(stub, request(session_id="s" * 20000))
+    assert error.code() == C.NOT_FOUND and "(20000 characters)" in error.details() and len(error.details()) < 300
+    error = status_of(stub, request(policy="no-such-policy"))
+    assert "127.0.0.1" not in error.details() and str(stack["policy"].port) not in error.details()
     # An already expired deadline.
     error = status_of(stub, request(), timeout=0.000001)
     assert error.code() == C.DEADLINE_EXCEEDED
