@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from blockpilot.cli_args import checked_number
+from blockpilot.cli_args import add_client_security_args, checked_number, client_security
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
 
 
@@ -50,6 +50,7 @@ def add_parsers(sub) -> None:
     bench.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                        help="with a folder: these <NAME>.jsonl files, round-robin in this order (default: all, sorted)")
     bench.add_argument("--server", default="127.0.0.1:50051", help="the verifier's HOST:PORT (default 127.0.0.1:50051)")
+    add_client_security_args(bench)
     bench.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8, 16, 32], help="levels, e.g. 1,4,16 (default 1,2,4,8,16,32)")
     bench.add_argument("--requests", type=lambda t: checked_number(t, int, "a count", lambda v: v >= 1, "a count >= 1"),
                        default=None, help="requests per level (default: max(16, 2 x the level))")
@@ -109,7 +110,7 @@ def run_level(server: str, prompts: list[dict], concurrency: int, count: int, ar
     began = time.perf_counter()
 
     def worker():
-        with BlockPilotClient(server) as client:
+        with BlockPilotClient(server, security=client_security(args)) as client:
             while time.perf_counter() - began < args.time_limit_s:
                 with lock:
                     index = next(next_index, None)

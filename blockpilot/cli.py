@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 from blockpilot.backends import BACKENDS, CPU_BACKENDS, DEFAULT_PRECISION, DEFAULT_VERIFIER_BACKEND, PRECISION_CHOICES, TORCH
-from blockpilot.cli_args import AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, block_size_arg, positive_int, temperature
+from blockpilot.cli_args import (AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, add_client_security_args, block_size_arg,
+                                 client_security, positive_int, temperature)
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
 
 # Command groups kept beside their code: each module's add_parsers(sub) adds its subcommands and
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--server", metavar="HOST:PORT", default=None,
                      help="generate through a verifier service (e.g. 127.0.0.1:50051) instead of in-process")
     gen.add_argument("--timeout", type=float, default=600.0, help="with --server: deadline of the request in seconds")
+    add_client_security_args(gen)
     _add_stack_parsers(sub)
 
     prep = sub.add_parser("prepare", help="make the default model ready: de-quantize it once into the cache, and export it "
@@ -405,7 +407,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     else:
         request["messages"] = [{"role": "user", "content": args.prompt}]
     final = None
-    with BlockPilotClient(args.server, timeout=args.timeout) as client:
+    with BlockPilotClient(args.server, timeout=args.timeout, security=client_security(args)) as client:
         for event in client.stream(**request):
             if event.final is not None:
                 final = event.final

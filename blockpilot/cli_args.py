@@ -54,3 +54,18 @@ AUTO = "auto"
 def block_size_arg(text: str) -> int | str:
     """A block size: a positive integer, or 'auto' (the block-size policy decides)."""
     return AUTO if text.strip().lower() == AUTO else positive_int(text)
+
+
+def add_client_security_args(parser) -> None:
+    """--tls-ca / --tls-cert / --tls-key / --token-file: how a client command reaches a secured server."""
+    parser.add_argument("--tls-ca", default="", metavar="FILE", help="PEM CA to trust: connect with TLS ('system': the system's roots)")
+    parser.add_argument("--tls-cert", default="", metavar="FILE", help="PEM client certificate (servers that require mTLS)")
+    parser.add_argument("--tls-key", default="", metavar="FILE", help="PEM key of --tls-cert")
+    parser.add_argument("--token-file", default="", metavar="FILE", help="bearer token to send (the file's first token)")
+
+
+def client_security(args):
+    """The ClientSecurity of the flags added by add_client_security_args."""
+    from blockpilot.serving.security import ClientSecurity
+
+    return ClientSecurity(args.tls_ca, args.tls_cert, args.tls_key, args.token_file)

@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import grpc
 
+from blockpilot.serving.security import ClientSecurity
 from blockpilot.serving.status import from_rpc_error
 from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 from blockpilot.v1 import verifier_pb2, verifier_pb2_grpc
@@ -115,13 +116,15 @@ def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None 
 
 class BlockPilotClient:
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 300.0, retries: int = 3,
-                 backoff_s: float = 0.2) -> None:
+                 backoff_s: float = 0.2, security: ClientSecurity = ClientSecurity()) -> None:
+        """security: TLS (the CA to trust, a client certificate) and the bearer token to send."""
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.backoff_s = backoff_s
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.security = security
+        self._channel = security.channel(address, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         self._stub = verifier_pb2_grpc.VerifierStub(self._channel)
 
     def __enter__(self) -> "BlockPilotClient":
@@ -142,7 +145,7 @@ class BlockPilotClient:
         attempt = 0
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
-            call = self._stub.Generate(request, timeout=remaining)
+            call = self._stub.Generate(request, timeout=remaining, metadata=self.security.metadata())
             received = False
             try:
                 for message in call:

@@ -50,6 +50,10 @@ def _address(v: str) -> str | None:
     return "must be HOST:PORT (or empty)"
 
 
+def _file_or_empty(v: str) -> str | None:
+    return None if v == "" or Path(v).expanduser().is_file() else "is not a readable file"
+
+
 def _nonempty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
@@ -125,6 +129,15 @@ class VerifierServiceConfig(ServiceConfig):
                            else "must be layer ids separated by commas, e.g. '1,9,17'")
     replica_id: str = opt("", "this replica's id in Redis ('' = HOSTNAME:port)")
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+    tls_cert: str = opt("", "PEM certificate chain: serve TLS (with tls_key; re-read when it changes)", _file_or_empty)
+    tls_key: str = opt("", "PEM private key of tls_cert", _file_or_empty)
+    tls_client_ca: str = opt("", "PEM CA: require client certificates it signed (mTLS)", _file_or_empty)
+    token_file: str = opt("", "data-plane bearer tokens, one per line (calls need 'authorization: Bearer <token>'; '' = none)", _file_or_empty)
+    admin_token_file: str = opt("", "admin bearer tokens (admin RPCs, e.g. policy Reload; they may call the data plane too)", _file_or_empty)
+    client_tls_ca: str = opt("", "PEM CA this service trusts when it calls the drafter and policy services (TLS on)", _file_or_empty)
+    client_tls_cert: str = opt("", "PEM client certificate it presents to them (mTLS, with client_tls_key)", _file_or_empty)
+    client_tls_key: str = opt("", "PEM key of client_tls_cert", _file_or_empty)
+    client_token_file: str = opt("", "bearer token file it sends to them (the first token)", _file_or_empty)
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,11 @@ class DrafterServiceConfig(ServiceConfig):
     step_delay_s: float = opt(0.0, "artificial delay per draft step (fault-injection tests only)", _at_least(0))
     replica_id: str = opt("", "this replica's id ('' = HOSTNAME:port)")
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+    tls_cert: str = opt("", "PEM certificate chain: serve TLS (with tls_key; re-read when it changes)", _file_or_empty)
+    tls_key: str = opt("", "PEM private key of tls_cert", _file_or_empty)
+    tls_client_ca: str = opt("", "PEM CA: require client certificates it signed (mTLS)", _file_or_empty)
+    token_file: str = opt("", "data-plane bearer tokens, one per line (calls need 'authorization: Bearer <token>'; '' = none)", _file_or_empty)
+    admin_token_file: str = opt("", "admin bearer tokens (admin RPCs, e.g. policy Reload; they may call the data plane too)", _file_or_empty)
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,11 @@ class PolicyServiceConfig(ServiceConfig):
     grace_s: float = opt(5.0, "on SIGTERM: time in-flight calls get to finish", _at_least(0))
     decide_delay_s: float = opt(0.0, "artificial delay per Decide (fault-injection tests only)", _at_least(0))
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+    tls_cert: str = opt("", "PEM certificate chain: serve TLS (with tls_key; re-read when it changes)", _file_or_empty)
+    tls_key: str = opt("", "PEM private key of tls_cert", _file_or_empty)
+    tls_client_ca: str = opt("", "PEM CA: require client certificates it signed (mTLS)", _file_or_empty)
+    token_file: str = opt("", "data-plane bearer tokens, one per line (calls need 'authorization: Bearer <token>'; '' = none)", _file_or_empty)
+    admin_token_file: str = opt("", "admin bearer tokens (admin RPCs, e.g. policy Reload; they may call the data plane too)", _file_or_empty)
 
 
 C = TypeVar("C", bound=ServiceConfig)

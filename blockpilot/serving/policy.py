@@ -38,6 +38,7 @@ from blockpilot.policy.experiments import ARM_NAME, Experiment, ExperimentStore,
 from blockpilot.policy.metadata import FEATURE_KINDS
 from blockpilot.policy.repository import POLICY_NAME, PolicyRepository, ServedPolicy
 from blockpilot.serving import metrics
+from blockpilot.serving.security import ClientSecurity
 from blockpilot.serving.status import from_rpc_error, quoted
 from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 from blockpilot.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
@@ -516,13 +517,14 @@ class RemotePolicy:
 
     describe() answers are cached per name for the service's cache_ttl_s."""
 
-    def __init__(self, address: str, *, timeout_s: float = 2.0) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 2.0, security: ClientSecurity = ClientSecurity()) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=[("grpc.initial_reconnect_backoff_ms", 200),
-                                                                    ("grpc.max_reconnect_backoff_ms", 2000),
-                                                                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                                                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        self.security = security
+        self._channel = security.aio_channel(address, [("grpc.initial_reconnect_backoff_ms", 200),
+                                                       ("grpc.max_reconnect_backoff_ms", 2000),
+                                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self._stub = policy_pb2_grpc.PolicyStub(self._channel)
         self._specs: dict[str, tuple[float, PolicySpec]] = {}
 
@@ -535,7 +537,7 @@ class RemotePolicy:
             return cached[1]
         try:
             reply = await self._stub.DescribePolicy(policy_pb2.DescribePolicyRequest(policy=policy),
-                                                    timeout=self._timeout(timeout_s))
+                                                    timeout=self._timeout(timeout_s), metadata=self.security.metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err, "policy DescribePolicy", self.address) from None
         spec = spec_from_proto(reply)
@@ -549,20 +551,21 @@ class RemotePolicy:
 
     async def decide(self, features: PolicyFeatures, timeout_s: float | None = None) -> Decision:
         try:
-            reply = await self._stub.Decide(features_to_proto(features), timeout=self._timeout(timeout_s))
+            reply = await self._stub.Decide(features_to_proto(features), timeout=self._timeout(timeout_s),
+                                            metadata=self.security.metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err, "policy Decide", self.address) from None
         return decision_from_proto(reply)
 
     async def report(self, outcome: Outcome) -> None:
         try:
-            await self._stub.Report(outcome_to_proto(outcome), timeout=self.timeout_s)
+            await self._stub.Report(outcome_to_proto(outcome), timeout=self.timeout_s, metadata=self.security.metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err, "policy Report", self.address) from None
 
     async def reload(self, timeout_s: float | None = None) -> policy_pb2.ReloadResponse:
         try:
-            return await self._stub.Reload(policy_pb2.ReloadRequest(), timeout=timeout_s or 60.0)
+            return await self._stub.Reload(policy_pb2.ReloadRequest(), timeout=timeout_s or 60.0, metadata=self.security.metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err, "policy Reload", self.address) from None
 

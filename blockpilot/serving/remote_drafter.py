@@ -19,6 +19,7 @@ import grpc
 from blockpilot.decoding.drafting import Draft, DraftRequest, DraftResume
 from blockpilot.errors import DrafterUnavailableError
 from blockpilot.serving.draft_wire import BlockAssembler, step_messages
+from blockpilot.serving.security import ClientSecurity
 from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 from blockpilot.v1 import drafter_pb2, drafter_pb2_grpc
 
@@ -50,11 +51,13 @@ class DrafterInfo:
 class RemoteDrafter:
     """A connection to the drafter service; `provider()` gives a per-request DraftProvider."""
 
-    def __init__(self, address: str, *, step_timeout_s: float = 10.0, describe_timeout_s: float = 1.0) -> None:
+    def __init__(self, address: str, *, step_timeout_s: float = 10.0, describe_timeout_s: float = 1.0,
+                 security: ClientSecurity = ClientSecurity()) -> None:
         self.address = address
         self.step_timeout_s = step_timeout_s
         self.describe_timeout_s = describe_timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = security
+        self._channel = security.channel(address, CHANNEL_OPTIONS)
         self._stub = drafter_pb2_grpc.DrafterStub(self._channel)
         self._info: DrafterInfo | None = None
         self._has_drafter: bool | None = None
@@ -67,9 +70,11 @@ class RemoteDrafter:
             if self._has_drafter is not None:
                 return self._info
         try:
-            reply = self._stub.Describe(drafter_pb2.DescribeRequest(), timeout=timeout_s or self.describe_timeout_s)
+            reply = self._stub.Describe(drafter_pb2.DescribeRequest(), timeout=timeout_s or self.describe_timeout_s,
+                                        metadata=self.security.metadata())
         except grpc.RpcError as err:
-            raise DrafterUnavailableError(f"drafter at {self.address} is unreachable: {err.code().name}", "drafter_unavailable") from None
+            log.warning("drafter at %s: Describe failed (%s): %s", self.address, err.code().name, err.details())
+            raise DrafterUnavailableError(f"the drafter service is unreachable: {err.code().name}", "drafter_unavailable") from None
         info = None
         if reply.has_drafter:
             info = DrafterInfo(reply.block_size, reply.max_block_size, tuple(reply.target_layer_ids), reply.feature_size,
@@ -134,7 +139,7 @@ class RemoteDraftSession:
         timeout = None
         if provider.deadline is not None:
             timeout = max(0.001, provider.deadline - time.monotonic())
-        self._call = self.client._stub.Draft(iter(self._requests.get, _END), timeout=timeout)
+        self._call = self.client._stub.Draft(iter(self._requests.get, _END), timeout=timeout, metadata=self.client.security.metadata())
         opening = drafter_pb2.DraftOpen(session_id=provider.session_id, capacity=capacity,
                                         target_layer_ids=list(provider.target_layer_ids))
         if resume is not None:
@@ -155,7 +160,8 @@ class RemoteDraftSession:
     def _fail(self, reason: str, message: str):
         self.close()
         log.warning("drafter %s: %s (%s); continuing at block size 1", self.client.address, message, reason)
-        raise DrafterUnavailableError(f"drafter {self.client.address}: {message}", reason)
+        log.warning("drafter at %s: %s", self.client.address, message)
+        raise DrafterUnavailableError(f"the drafter service: {message}", reason)
 
     def _next(self, reason: str, what: str) -> drafter_pb2.DraftResponse:
         fired = threading.Event()

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from blockpilot.serving.metrics import start_metrics_server
+from blockpilot.serving.security import ServerSecurity
 from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class ServiceRunner:
         self.config = config
         self.service_name = service_name
         self.full_name = full_name  # e.g. blockpilot.v1.Verifier
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.security = ServerSecurity.of(config)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=self.security.interceptors())
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.draining = False
@@ -159,8 +161,11 @@ class ServiceRunner:
         cleanup = await setup(self.server)
         reflection.enable_server_reflection([self.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         address = f"{cfg.host}:{cfg.port}"
-        if self.server.add_insecure_port(address) == 0:
+        if self.security.add_port(self.server, address) == 0:
             raise OSError(f"cannot bind {address}")
+        if not self.security.tls and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("%s serves plaintext gRPC on %s, beyond loopback: set tls_cert / tls_key (and tokens) on a shared "
+                        "network", self.service_name, address)
         start_metrics_server(cfg.metrics_port, cfg.host)
         # Signal handlers first: a SIGTERM while loading (or right after SERVING) still drains.
         loop = asyncio.get_running_loop()

@@ -92,12 +92,15 @@ def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def health_status(address: str, service: str = "", timeout_s: float = 1.0) -> str:
-    """SERVING / NOT_SERVING / UNKNOWN / DOWN (no answer)."""
+def health_status(address: str, service: str = "", timeout_s: float = 1.0, security=None) -> str:
+    """SERVING / NOT_SERVING / UNKNOWN / DOWN (no answer). security: a ClientSecurity for a TLS
+    server (health checking needs no token)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from blockpilot.serving.security import ClientSecurity
+
+    with (security or ClientSecurity()).channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError:
@@ -105,15 +108,18 @@ def health_status(address: str, service: str = "", timeout_s: float = 1.0) -> st
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def default_policy_line(address: str, timeout_s: float = 5.0) -> str:
+def default_policy_line(address: str, timeout_s: float = 5.0, security=None) -> str:
     """What answers requests that name no policy (DescribePolicy ""), in one line."""
     import grpc
 
+    from blockpilot.serving.security import ClientSecurity
     from blockpilot.v1 import policy_pb2, policy_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    security = security or ClientSecurity()
+    with security.channel(address) as channel:
         try:
-            spec = policy_pb2_grpc.PolicyStub(channel).DescribePolicy(policy_pb2.DescribePolicyRequest(), timeout=timeout_s)
+            spec = policy_pb2_grpc.PolicyStub(channel).DescribePolicy(policy_pb2.DescribePolicyRequest(), timeout=timeout_s,
+                                                                      metadata=security.metadata())
         except grpc.RpcError as err:
             return f"default policy unknown (DescribePolicy failed: {err.code().name} {err.details()})"
     versions = ", ".join(spec.policy_versions)

@@ -17,6 +17,7 @@ from blockpilot.serving import metrics
 from blockpilot.serving.models import load_verifier_target
 from blockpilot.serving.policy import FixedPolicy, RemotePolicy
 from blockpilot.serving.remote_drafter import RemoteDrafter
+from blockpilot.serving.security import ClientSecurity
 from blockpilot.serving.server import ServiceRunner, add_servicer, default_replica_id, setup_logging
 from blockpilot.serving.session_store import open_store
 from blockpilot.serving.status import to_status
@@ -118,8 +119,10 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     async def load():
         torch.set_num_threads(config.threads)
         target = await asyncio.to_thread(load_verifier_target, config)  # target + verifier backend
-        drafter = RemoteDrafter(config.drafter_address, step_timeout_s=config.drafter_timeout_s) if config.drafter_address else None
-        policy = RemotePolicy(config.policy_address, timeout_s=config.policy_timeout_s) if config.policy_address else \
+        internal = ClientSecurity(config.client_tls_ca, config.client_tls_cert, config.client_tls_key, config.client_token_file)
+        drafter = (RemoteDrafter(config.drafter_address, step_timeout_s=config.drafter_timeout_s, security=internal)
+                   if config.drafter_address else None)
+        policy = RemotePolicy(config.policy_address, timeout_s=config.policy_timeout_s, security=internal) if config.policy_address else \
             FixedPolicy(config.default_block_size)
         store = open_store(config.redis_url, ttl_s=config.session_ttl_s, timeout_s=config.redis_timeout_s)
         resources.update(drafter=drafter, policy=policy, store=store) if drafter else resources.update(policy=policy, store=store)
