@@ -371,6 +371,9 @@ def _add_stack_parsers(sub) -> None:
                     help="the verifier's onnxruntime precision (default: its config's, i.e. BLOCKPILOT_VERIFIER_PRECISION, "
                          f"else {DEFAULT_PRECISION})")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all services to be SERVING")
+    up.add_argument("--secure", action="store_true",
+                    help="TLS on every service (mTLS between them), a data and an admin token, a Redis user with a password "
+                         "(started Redis only): all made once under <run dir>/secure/")
     down = sub.add_parser("down", help="stop the local stack started by `blockpilot up`")
     down.add_argument("--grace", type=float, default=15.0, help="seconds each service gets to drain before SIGKILL")
     sub.add_parser("status", help="health of the local stack (exit 0 when every service is SERVING)")
@@ -384,7 +387,7 @@ def _stack(args: argparse.Namespace) -> int:
             target=args.target, drafter=args.drafter, redis_url=args.redis_url, verifier_port=args.verifier_port,
             drafter_port=args.drafter_port, policy_port=args.policy_port, verifier_metrics_port=args.verifier_metrics_port,
             drafter_metrics_port=args.drafter_metrics_port, policy_metrics_port=args.policy_metrics_port,
-            threads=args.threads, timeout_s=args.timeout, backend=args.backend, precision=args.precision)
+            threads=args.threads, timeout_s=args.timeout, backend=args.backend, precision=args.precision, secure=args.secure)
         state = stack.up(opts)
         print(f"stack up: verifier at {state['services']['verifier']['address']} (logs in {state['run_dir']})")
         return 0

@@ -43,6 +43,51 @@ class StackOptions:
     timeout_s: float = 600.0
     backend: str = ""  # the verifier's backend; '' = its config's (env BLOCKPILOT_VERIFIER_BACKEND, else onnxruntime)
     precision: str = ""  # the verifier's onnxruntime precision; '' = its config's (env BLOCKPILOT_VERIFIER_PRECISION)
+    secure: bool = False  # TLS, mTLS between services, tokens, a Redis password (see secure_material)
+
+
+SECURE_FILES = {  # what `up --secure` makes under <run dir>/secure/ (mode 0600)
+    "ca": "ca.pem", "server_cert": "server.pem", "server_key": "server-key.pem",
+    "client_cert": "client.pem", "client_key": "client-key.pem",
+    "token": "token", "admin_token": "admin-token", "redis_password": "redis-password",
+}
+
+
+def secure_material(folder: Path) -> dict[str, Path]:
+    """The secured stack's material in `folder` (made once, then reused so that configured
+    clients keep working): a private CA; a server certificate for localhost / 127.0.0.1; a client
+    certificate the services present to each other (mTLS); a data token and an admin token; a
+    Redis password. Each file readable by its owner only."""
+    import secrets
+
+    from blockpilot.serving.certs import issue, make_ca, write_private
+
+    paths = {key: folder / name for key, name in SECURE_FILES.items()}
+    if all(path.is_file() for path in paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    ca_files, ca = make_ca("BlockPilot local stack CA")
+    server = issue(ca, "blockpilot", ["localhost", "127.0.0.1"])
+    client = issue(ca, "blockpilot-services", client=True)
+    for key, data in (("ca", ca_files.cert_pem), ("server_cert", server.cert_pem), ("server_key", server.key_pem),
+                      ("client_cert", client.cert_pem), ("client_key", client.key_pem)):
+        write_private(paths[key], data)
+    for key in ("token", "admin_token", "redis_password"):
+        write_private(paths[key], (secrets.token_urlsafe(32) + "\n").encode())
+    return paths
+
+
+def stack_security(state: dict | None, *, token: bool = False):
+    """How this process reaches the stack's services (a ClientSecurity; plain for a plain stack):
+    the services' own client certificate, and with token=True the data token."""
+    from blockpilot.serving.security import ClientSecurity
+
+    if not state or not state.get("secure"):
+        return ClientSecurity()
+    paths = {key: Path(state["run_dir"]) / "secure" / name for key, name in SECURE_FILES.items()}
+    return ClientSecurity(str(paths["ca"]), str(paths["client_cert"]), str(paths["client_key"]),
+                          str(paths["token"]) if token else "")
 
 
 def run_dir() -> Path:
@@ -131,9 +176,9 @@ def default_policy_line(address: str, timeout_s: float = 5.0, security=None) -> 
     return f"default policy {spec.policy}{routed}: {versions} ({features})"
 
 
-def wait_serving(address: str, service: str, deadline: float, pid: int | None = None) -> None:
+def wait_serving(address: str, service: str, deadline: float, pid: int | None = None, security=None) -> None:
     while time.monotonic() < deadline:
-        if health_status(address, service) == "SERVING":
+        if health_status(address, service, security=security) == "SERVING":
             return
         if pid is not None and not pid_alive(pid):
             raise UnavailableError(f"{service or address} exited before it was SERVING")
@@ -141,13 +186,31 @@ def wait_serving(address: str, service: str, deadline: float, pid: int | None = 
     raise UnavailableError(f"{service or address} was not SERVING within the timeout")
 
 
-def _start_redis(url: str, folder: Path) -> int:
+REDIS_USER = "blockpilot"
+# The key patterns the services use (verifier: sessions; policy: statistics, the outcome stream, the
+# experiments) and the commands they run, as one ACL rule; `up --secure` gives its Redis this user.
+REDIS_ACL_RULE = "~bp:* -@all +@read +@write +@keyspace +@stream +@scripting +@connection +@transaction -@dangerous"
+
+
+def with_redis_user(url: str, user: str, password: str) -> str:
+    parsed = urlparse(url)
+    return parsed._replace(netloc=f"{user}:{password}@{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}").geturl()
+
+
+def _start_redis(url: str, folder: Path, password: str | None = None) -> int:
+    """Start redis-server for `url`; with a password, its default user is off and REDIS_USER may
+    touch only the services' keys (REDIS_ACL_RULE)."""
     parsed = urlparse(url)
     port = parsed.port or 6379
     host = parsed.hostname or "127.0.0.1"
-    process = subprocess.Popen(
-        ["redis-server", "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=open(folder / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    command = ["redis-server", "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(folder)]
+    if password is not None:
+        from blockpilot.serving.certs import write_private
+
+        acl = write_private(folder / "redis-users.acl", f"user default off\nuser {REDIS_USER} on >{password} {REDIS_ACL_RULE}\n".encode())
+        command += ["--aclfile", str(acl)]
+        url = with_redis_user(url, REDIS_USER, password)
+    process = subprocess.Popen(command, stdout=open(folder / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if redis_answers(url):
@@ -158,9 +221,17 @@ def _start_redis(url: str, folder: Path) -> int:
     raise UnavailableError(f"redis-server did not start on {host}:{port} (see {folder / 'redis.log'})")
 
 
-def _service_env(name: str, opts: StackOptions, redis_url: str) -> dict[str, str]:
+def _service_env(name: str, opts: StackOptions, redis_url: str, secure: dict[str, Path] | None = None) -> dict[str, str]:
     port = getattr(opts, f"{name}_port")
     values = {"host": opts.host, "port": port, "metrics_port": getattr(opts, f"{name}_metrics_port")}
+    if secure is not None:
+        values.update(tls_cert=secure["server_cert"], tls_key=secure["server_key"], token_file=secure["token"],
+                      admin_token_file=secure["admin_token"])
+        if name != "verifier":  # internal services take only the services' client certificate
+            values["tls_client_ca"] = secure["ca"]
+        else:
+            values.update(client_tls_ca=secure["ca"], client_tls_cert=secure["client_cert"], client_tls_key=secure["client_key"],
+                          client_token_file=secure["token"])
     if name == "verifier":
         values.update(target=opts.target, redis_url=redis_url, threads=opts.threads,
                       drafter_address=f"{opts.host}:{opts.drafter_port}", policy_address=f"{opts.host}:{opts.policy_port}")
@@ -193,12 +264,18 @@ def up(opts: StackOptions, log=print) -> dict:
         with socket.socket() as sock:
             if sock.connect_ex((opts.host, port)) == 0:
                 raise FailedPreconditionError(f"port {opts.host}:{port} for the {name} is already in use")
-    state = {"run_dir": str(folder), "services": {}, "redis": {"url": opts.redis_url, "pid": None}}
+    state = {"run_dir": str(folder), "services": {}, "redis": {"url": opts.redis_url, "pid": None}, "secure": opts.secure}
+    secure = secure_material(folder / "secure") if opts.secure else None
+    security = stack_security(state)
     redis_url = opts.redis_url
     if not redis_answers(redis_url):
         if shutil.which("redis-server"):
-            state["redis"]["pid"] = _start_redis(redis_url, folder)
-            log(f"redis      {redis_url} (started, pid {state['redis']['pid']})")
+            password = secure["redis_password"].read_text().strip() if secure else None
+            state["redis"]["pid"] = _start_redis(redis_url, folder, password)
+            if password is not None:  # the services' URL carries the user and password; what is printed does not
+                redis_url = with_redis_user(redis_url, REDIS_USER, password)
+                state["redis"]["user"] = REDIS_USER
+            log(f"redis      {opts.redis_url} (started, pid {state['redis']['pid']}{', ACL user ' + REDIS_USER if secure else ''})")
         else:
             log(f"warning: no Redis answers on {redis_url} and redis-server is not installed: "
                 "the services use in-memory stores (sessions live in the verifier process only)")
@@ -206,13 +283,16 @@ def up(opts: StackOptions, log=print) -> dict:
             state["redis"]["url"] = "memory"
     else:
         log(f"redis      {redis_url} (already running)")
+        if secure is not None:
+            log("warning: --secure uses the Redis already running as it is configured; put its user and password in "
+                "--redis-url (redis://USER:PASSWORD@HOST:PORT/0, or rediss:// for TLS)")
     _state_file().write_text(json.dumps(state, indent=2))
     deadline = time.monotonic() + opts.timeout_s
     try:
         for name in SERVICES:
             address = f"{opts.host}:{getattr(opts, f'{name}_port')}"
             log_path = folder / f"{name}.log"
-            process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=_service_env(name, opts, redis_url),
+            process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=_service_env(name, opts, redis_url, secure),
                                        stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
                                        cwd=str(Path(__file__).resolve().parents[2]))
             (folder / f"{name}.pid").write_text(str(process.pid))
@@ -222,16 +302,19 @@ def up(opts: StackOptions, log=print) -> dict:
         for name in SERVICES:
             entry = state["services"][name]
             try:
-                wait_serving(entry["address"], f"blockpilot.v1.{name.capitalize()}", deadline, entry["pid"])
+                wait_serving(entry["address"], f"blockpilot.v1.{name.capitalize()}", deadline, entry["pid"], security)
             except UnavailableError as err:
                 tail = Path(entry["log"]).read_text(errors="replace").strip().splitlines()[-5:]
                 raise UnavailableError(f"{err}; last lines of {entry['log']}: " + " | ".join(tail)) from None
             log(f"{name:<10} {entry['address']} SERVING (pid {entry['pid']}, metrics {entry['metrics']})")
             if name == "policy":
-                log(f"{'':<10} {default_policy_line(entry['address'])}")
+                log(f"{'':<10} {default_policy_line(entry['address'], security=stack_security(state, token=True))}")
     except BaseException:
         down(log=lambda *_: None)
         raise
+    if secure is not None:
+        log(f"secure     TLS + tokens: clients take --tls-ca {secure['ca']} --token-file {secure['token']} "
+            f"(admin token: {secure['admin_token']})")
     return state
 
 
@@ -276,11 +359,15 @@ def status(log=print) -> int:
             ok = False
             log(f"{name:<10} not started")
             continue
-        health = health_status(entry["address"], f"blockpilot.v1.{name.capitalize()}")
+        health = health_status(entry["address"], f"blockpilot.v1.{name.capitalize()}", security=stack_security(state))
         alive = pid_alive(entry["pid"])
         ok &= health == "SERVING"
         log(f"{name:<10} {entry['address']} {health} (pid {entry['pid']} {'alive' if alive else 'gone'})")
     redis = state.get("redis", {})
-    redis_ok = redis.get("url") == "memory" or redis_answers(redis["url"])
+    url = redis.get("url")
+    if redis.get("user") and url != "memory":  # a Redis `up --secure` started: its user and password
+        password = (Path(state["run_dir"]) / "secure" / SECURE_FILES["redis_password"]).read_text().strip()
+        url = with_redis_user(url, redis["user"], password)
+    redis_ok = url == "memory" or redis_answers(url)
     log(f"{'redis':<10} {redis.get('url')} {'answers' if redis_ok else 'DOWN'}")
     return 0 if ok else 1

@@ -58,6 +58,44 @@ def test_up_status_generate_down_with_an_own_redis(tiny_llama_dir, tmp_path):
             os.kill(pid, 0)
 
 
+def test_up_secure_runs_tls_tokens_and_a_redis_user(tiny_llama_dir, tmp_path):
+    if not __import__("shutil").which("redis-server"):
+        no_redis("redis-server is not installed")
+    import redis
+
+    env = {**os.environ, "BLOCKPILOT_RUN_DIR": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
+    redis_port = free_port()
+    flags = stack_flags()
+    verifier = f"127.0.0.1:{flags[1]}"
+    up = cli("up", "--secure", "--target", str(tiny_llama_dir), "--drafter", "random", "--redis-url",
+             f"redis://127.0.0.1:{redis_port}/0", "--timeout", "200", *flags, env=env)
+    secure = tmp_path / "run" / "secure"
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert up.stdout.count("SERVING") == 3 and "--tls-ca" in up.stdout and "ACL user blockpilot" in up.stdout
+        files = sorted(p.name for p in secure.iterdir())
+        assert {"ca.pem", "token", "admin-token", "redis-password"} <= set(files)
+        assert all((secure / name).stat().st_mode & 0o777 == 0o600 for name in files)
+        assert "password" not in up.stdout.replace("redis-password", "")  # the secret itself is never printed
+        status = cli("status", env=env)
+        assert status.returncode == 0 and status.stdout.count("SERVING") == 3 and "answers" in status.stdout, status.stdout
+        client = ["--tls-ca", str(secure / "ca.pem"), "--token-file", str(secure / "token")]
+        # The tiny target has no tokenizer: "no tokenizer" means the request passed TLS and the token check.
+        through = cli("generate", "--server", verifier, *client, "--raw", "hello", env=env)
+        assert through.returncode == 1 and "no tokenizer" in through.stderr, through.stderr
+        no_token = cli("generate", "--server", verifier, "--tls-ca", str(secure / "ca.pem"), "--raw", "hello", env=env)
+        assert "UNAUTHENTICATED" in no_token.stderr, no_token.stderr
+        plaintext = cli("generate", "--server", verifier, "--raw", "hello", env=env)
+        assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr, plaintext.stderr
+        with pytest.raises(redis.exceptions.AuthenticationError):  # the default user is off
+            redis.Redis(port=redis_port, socket_timeout=2).ping()
+        password = (secure / "redis-password").read_text().strip()
+        assert redis.Redis(port=redis_port, username="blockpilot", password=password, socket_timeout=2).ping()
+    finally:
+        down = cli("down", env=env)
+    assert down.returncode == 0 and down.stdout.count("stopped") == 4, down.stdout
+
+
 @pytest.mark.default_model
 def test_generate_through_the_stack_prints_the_in_process_json(tmp_path):
     run_env = {**os.environ, "BLOCKPILOT_RUN_DIR": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
