@@ -190,6 +190,8 @@ class PolicyServiceConfig(ServiceConfig):
     spec_ttl_s: float = opt(5.0, "seconds verifiers may cache which features a policy needs (DescribePolicy)", _at_least(0))
     outcome_stream_maxlen: int = opt(100000, "outcomes kept in the Redis stream bp:outcomes (approximate)", _at_least(1))
     stats_ttl_s: float = opt(7 * 86400.0, "TTL of the statistics keys (refreshed on every write)", _at_least(1))
+    decision_ttl_s: float = opt(3600.0, "how long an issued decision can be reported (once; Reports of other ids are refused)",
+                                _at_least(1))
     redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (statistics fail open)", _at_least(0.01))
     grace_s: float = opt(5.0, "on SIGTERM: time in-flight calls get to finish", _at_least(0))
     decide_delay_s: float = opt(0.0, "artificial delay per Decide (fault-injection tests only)", _at_least(0))

@@ -39,6 +39,7 @@ from blockpilot.policy.metadata import FEATURE_KINDS
 from blockpilot.policy.repository import POLICY_NAME, PolicyRepository, ServedPolicy
 from blockpilot.serving import metrics
 from blockpilot.serving.security import ClientSecurity
+from blockpilot.serving.session_store import MemorySessionStore
 from blockpilot.serving.status import from_rpc_error, quoted
 from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 from blockpilot.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
@@ -150,7 +151,7 @@ class LocalPolicy:
     def __init__(self, *, default_block_size: int = 0, fixed_version: str = FIXED_VERSION,
                  default_policy: str = DEFAULT_POLICY, repository: PolicyRepository | None = None,
                  experiments: ExperimentStore | None = None, store=None, stats_ttl_s: float = 7 * 86400.0,
-                 spec_ttl_s: float = 5.0, threads: int = 2) -> None:
+                 spec_ttl_s: float = 5.0, threads: int = 2, decision_ttl_s: float = 3600.0) -> None:
         self.default_block_size = default_block_size
         self.fixed_version = fixed_version
         self.default_policy = default_policy
@@ -159,6 +160,10 @@ class LocalPolicy:
         self.store = store
         self.stats_ttl_s = stats_ttl_s
         self.spec_ttl_s = spec_ttl_s
+        # Issued decisions, each redeemable by one Report within decision_ttl_s (in the shared store,
+        # so any replica checks a Report; in process memory without one).
+        self.decision_ttl_s = decision_ttl_s
+        self._ledger = store if store is not None else MemorySessionStore()
         # ONNX Runtime releases the GIL while it runs: scoring in worker threads keeps the event
         # loop (health checks, Report, other Decides) responsive.
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="policy")
@@ -337,6 +342,12 @@ class LocalPolicy:
                 log.warning("decision %s: %s (policy %s)", decision_id, why, version)
         metrics.POLICY_DECISIONS.labels(version, arm, experiment_name, str(size)).inc()
         metrics.POLICY_DECIDE_SECONDS.labels(version).observe(time.perf_counter() - started)
+        try:
+            await self._ledger.issue_decision(decision_id, {"block_size": size, "policy_version": version, "arm": arm,
+                                                            "experiment": experiment_name}, self.decision_ttl_s)
+        except UnavailableError as err:  # decisions never wait for statistics; this one's Report will be dropped
+            metrics.FALLBACKS.labels("session_store_unavailable").inc()
+            log.warning("decision %s not recorded for its Report: %s", decision_id, err)
         return Decision(size, version, arm, decision_id, experiment_name, ",".join(reasons))
 
     def _spawn(self, coro) -> None:
@@ -374,9 +385,23 @@ class LocalPolicy:
     # ---- report -------------------------------------------------------------------------------
 
     async def report(self, outcome: Outcome) -> None:
+        """Record the outcome of a decision this policy issued (any replica sharing the store):
+        each decision once, within decision_ttl_s, with plausible figures. Metric labels and
+        statistics keys come from the issued decision, never from the request."""
         d = outcome.decision
-        if d.experiment and (not POLICY_NAME.fullmatch(d.experiment) or not ARM_NAME.fullmatch(d.arm)):
-            raise InvalidArgumentError(f"experiment {quoted(d.experiment)} / arm {quoted(d.arm)} are not valid names")
+        check_plausible(outcome)
+        try:
+            issued = await self._ledger.redeem_decision(d.decision_id)
+        except UnavailableError as err:  # statistics fail open: an outcome that cannot be checked is dropped
+            metrics.FALLBACKS.labels("session_store_unavailable").inc()
+            log.warning("outcome of decision %s dropped (its decision cannot be checked): %s", quoted(d.decision_id), err)
+            return
+        if issued is None:
+            raise NotFoundError(f"unknown, expired or already reported decision {quoted(d.decision_id)}")
+        claimed = (d.block_size, d.policy_version, d.arm, d.experiment)
+        if claimed != (int(issued["block_size"]), issued["policy_version"], issued["arm"], issued["experiment"]):
+            raise InvalidArgumentError(f"the outcome of decision {quoted(d.decision_id)} names another block size, policy, arm "
+                                       "or experiment than the decision did")
         self.outcomes.append(outcome)
         del self.outcomes[:-1000]
         lengths = outcome.acceptance_lengths
@@ -407,6 +432,22 @@ class LocalPolicy:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+MAX_OUTCOME_TOKENS = 10_000_000  # more than any context: a larger count is not an outcome of this server
+MAX_STEP_TOKENS = 128  # tokens one step may commit (widest block + bonus, with room)
+MAX_DECODE_SECONDS = 86400.0
+
+
+def check_plausible(outcome: Outcome) -> None:
+    """InvalidArgumentError unless the outcome's figures could come from one generation."""
+    lengths = outcome.acceptance_lengths
+    if not 0 <= outcome.prompt_tokens <= MAX_OUTCOME_TOKENS or not 0 <= outcome.generated_tokens <= MAX_OUTCOME_TOKENS:
+        raise InvalidArgumentError("prompt_tokens and generated_tokens must be token counts of one generation")
+    if any(not 1 <= n <= MAX_STEP_TOKENS for n in lengths) or sum(lengths) > outcome.generated_tokens:
+        raise InvalidArgumentError(f"acceptance_lengths must be 1..{MAX_STEP_TOKENS} per step and add up to at most generated_tokens")
+    if not outcome.decode_seconds <= MAX_DECODE_SECONDS:
+        raise InvalidArgumentError(f"decode_seconds must be at most {MAX_DECODE_SECONDS:.0f}")
 
 
 class FixedPolicy(LocalPolicy):

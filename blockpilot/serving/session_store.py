@@ -28,6 +28,7 @@ call) and then tries again: recovery needs no restart.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -43,6 +44,10 @@ OUTCOME_STREAM = "bp:outcomes"
 
 def meta_key(session_id: str) -> str:
     return f"bp:{{{session_id}}}:meta"
+
+
+def decision_key(decision_id: str) -> str:
+    return f"bp:decision:{decision_id}"
 
 
 def arm_key(policy_version: str, arm: str) -> str:
@@ -68,6 +73,10 @@ class SessionStore(Protocol):
 
     async def record_outcome(self, policy_version: str, arm: str, counters: Mapping[str, float],
                              outcome: Mapping[str, Any], new_session: bool) -> None: ...
+
+    async def issue_decision(self, decision_id: str, fields: Mapping[str, Any], ttl_s: float) -> None: ...
+
+    async def redeem_decision(self, decision_id: str) -> dict[str, str] | None: ...
 
     async def close(self) -> None: ...
 
@@ -197,6 +206,18 @@ class RedisSessionStore:
 
         await self._call("record_outcome", run)
 
+    async def issue_decision(self, decision_id: str, fields: Mapping[str, Any], ttl_s: float) -> None:
+        """Remember a decision the policy issued, for `ttl_s`, so its one Report can be checked
+        (any policy replica may receive it)."""
+        data = json.dumps({k: str(v) for k, v in fields.items()})
+        await self._call("issue_decision", lambda: self._client.set(decision_key(decision_id), data, ex=max(1, int(ttl_s))))
+
+    async def redeem_decision(self, decision_id: str) -> dict[str, str] | None:
+        """The issued decision's fields, once (atomically removed); None when unknown, expired or
+        already redeemed."""
+        data = await self._call("redeem_decision", lambda: self._client.getdel(decision_key(decision_id)))
+        return json.loads(data) if data else None
+
     async def close(self) -> None:
         try:
             await self._client.aclose()
@@ -216,6 +237,7 @@ class MemorySessionStore:
         self._meta: dict[str, tuple[float, dict[str, str]]] = {}
         self.arms: dict[str, dict[str, float]] = {}
         self.outcomes: list[dict[str, str]] = []
+        self._decisions: dict[str, tuple[float, dict[str, str]]] = {}  # id -> (expiry, fields), insertion order
 
     def _live(self, session_id: str) -> dict[str, str] | None:
         entry = self._meta.get(session_id)
@@ -270,6 +292,19 @@ class MemorySessionStore:
             stats["sessions"] = stats.get("sessions", 0.0) + 1
         self.outcomes.append({k: str(v) for k, v in outcome.items()})
         del self.outcomes[: max(0, len(self.outcomes) - self.outcome_maxlen)]
+
+    MAX_DECISIONS = 100_000  # issued decisions kept (oldest dropped first): memory stays bounded
+
+    async def issue_decision(self, decision_id: str, fields: Mapping[str, Any], ttl_s: float) -> None:
+        self._decisions[decision_id] = (time.monotonic() + ttl_s, {k: str(v) for k, v in fields.items()})
+        while len(self._decisions) > self.MAX_DECISIONS:
+            self._decisions.pop(next(iter(self._decisions)))
+
+    async def redeem_decision(self, decision_id: str) -> dict[str, str] | None:
+        entry = self._decisions.pop(decision_id, None)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
 
     async def close(self) -> None:
         pass

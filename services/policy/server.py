@@ -137,7 +137,8 @@ async def serve(argv: Sequence[str] | None = None) -> None:
         log.info("policy repository %s (ONNX Runtime providers %s)", root, repository.providers)
         engine = LocalPolicy(default_block_size=config.default_block_size, fixed_version=config.policy_version,
                              default_policy=config.default_policy, repository=repository, experiments=experiments,
-                             store=store, stats_ttl_s=config.stats_ttl_s, spec_ttl_s=config.spec_ttl_s)
+                             store=store, stats_ttl_s=config.stats_ttl_s, spec_ttl_s=config.spec_ttl_s,
+                             decision_ttl_s=config.decision_ttl_s)
         resources.update(engine=engine, store=store, repository=repository)
         add_servicer(server, policy_pb2_grpc.add_PolicyServicer_to_server, PolicyServicer(engine, runner, config.decide_delay_s))
 

@@ -144,3 +144,29 @@ def test_unreachable_redis_fails_open_fast_and_recovers():
         await store.close()
 
     run(scenario())
+
+
+def test_a_decision_issued_by_one_policy_replica_is_redeemed_once_by_another():
+    """Policy replicas share the Redis store: a Report reaching another replica than the one that
+    decided is checked there, and a second Report of the same decision is refused."""
+    if not redis_available():
+        no_redis("no Redis on 127.0.0.1:6379")
+    from blockpilot.serving.policy import LocalPolicy, Outcome, PolicyFeatures
+    from blockpilot.serving.session_store import RedisSessionStore
+
+    async def scenario():
+        stores = [RedisSessionStore("redis://127.0.0.1:6379/0") for _ in range(2)]
+        first, second = (LocalPolicy(default_block_size=4, store=store) for store in stores)
+        try:
+            decision = await first.decide(PolicyFeatures({}, 5, 4, 16, "", "default"))
+            outcome = Outcome(decision, "", 5, 3, (2,), 0.1, "length", "")
+            await second.report(outcome)
+            with pytest.raises(NotFoundError):
+                await first.report(outcome)
+        finally:
+            for policy in (first, second):
+                policy.close()
+            for store in stores:
+                await store.close()
+
+    run(scenario())

@@ -273,3 +273,49 @@ def test_wire_round_trip_and_malformed_messages():
             features_from_proto(bad)
     with pytest.raises(NotFoundError, match="not a valid policy name"):
         features_from_proto(policy_pb2.DecideRequest(policy="../etc"))
+
+
+# ---- reports ------------------------------------------------------------------------------------
+
+def test_reports_count_only_issued_decisions_once_with_plausible_figures():
+    """A Report must redeem a decision this policy issued (once, with the decision's own policy,
+    arm and block size); made-up ids, replays, mismatches and implausible figures are refused, and
+    none of them adds a metric series."""
+    from dataclasses import replace
+
+    from blockpilot.serving import metrics
+    from blockpilot.serving.policy import Outcome
+    from blockpilot.serving.session_store import MemorySessionStore
+
+    store = MemorySessionStore()
+    policy = LocalPolicy(default_block_size=4, store=store)
+
+    def outcome(decision, lengths=(2, 3, 1), generated=7, seconds=0.5):
+        return Outcome(decision, "s", 10, generated, tuple(lengths), seconds, "length", "")
+
+    decision = run(policy.decide(request()))
+    series_before = len(list(metrics.POLICY_OUTCOMES.collect())[0].samples)
+    run(policy.report(outcome(decision)))
+    assert len(store.outcomes) == 1
+    with pytest.raises(NotFoundError, match="already reported"):
+        run(policy.report(outcome(decision)))
+    fresh = run(policy.decide(request()))
+    with pytest.raises(InvalidArgumentError, match="names another"):
+        run(policy.report(outcome(replace(fresh, policy_version="treatment-v9"))))
+    with pytest.raises(NotFoundError):  # the mismatch spent it: no second try with other labels
+        run(policy.report(outcome(fresh)))
+    for made_up in range(50):
+        with pytest.raises(NotFoundError, match="unknown"):
+            run(policy.report(outcome(replace(decision, decision_id=f"forged-{made_up}", policy_version=f"v{made_up}"))))
+    implausible = run(policy.decide(request()))
+    for bad in (outcome(implausible, lengths=(1000,), generated=1000), outcome(implausible, lengths=(2, 2), generated=1),
+                outcome(implausible, generated=10**11), outcome(implausible, seconds=float("inf"))):
+        with pytest.raises(InvalidArgumentError):
+            run(policy.report(bad))
+    run(policy.report(outcome(implausible)))  # still redeemable: refused figures did not spend it
+    assert len(store.outcomes) == 2
+    assert len(list(metrics.POLICY_OUTCOMES.collect())[0].samples) <= series_before + 2  # no label from a forged report
+    expired = LocalPolicy(default_block_size=4, store=MemorySessionStore(), decision_ttl_s=0.0)
+    late = run(expired.decide(request()))
+    with pytest.raises(NotFoundError, match="expired"):
+        run(expired.report(outcome(late)))
