@@ -175,6 +175,13 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
+def caller_id(metadata) -> str:
+    """Who calls, for ownership (sessions): a digest of its bearer token, "" without one. The
+    token itself is never stored."""
+    token = bearer_token(metadata)
+    return digest(token).hex()[:32] if token else ""
+
+
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Checks `authorization: Bearer <token>` against the method's role (see the module docstring)."""
 

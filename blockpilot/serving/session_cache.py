@@ -26,6 +26,7 @@ class KeptSession:
     cache: KVCache
     tokens: list[int]
     features: torch.Tensor | None
+    owner: str = ""  # who may continue it (see blockpilot.serving.security.caller_id)
     last_used: float = field(default_factory=lambda: time.monotonic())  # when its last turn ended
 
     @property
@@ -65,11 +66,11 @@ class SessionCaches:
             self._kept.move_to_end(session_id)
         return kept
 
-    def keep(self, session_id: str, cache: KVCache, tokens: list[int], features: torch.Tensor | None) -> None:
+    def keep(self, session_id: str, cache: KVCache, tokens: list[int], features: torch.Tensor | None, owner: str = "") -> None:
         if self.max_sessions == 0:
             self._kept.pop(session_id, None)
             return
-        self._kept[session_id] = KeptSession(cache, tokens, features)
+        self._kept[session_id] = KeptSession(cache, tokens, features, owner)
         self._kept.move_to_end(session_id)
         while len(self._kept) > self.max_sessions:
             self._kept.popitem(last=False)

@@ -77,6 +77,7 @@ class GenerateSpec:
     return_prompt_token_ids: bool = False
     prompt_lookup: bool | None = None  # None = the verifier config's prompt_lookup
     deadline: float | None = None
+    caller: str = ""  # who asks (a digest of its bearer token, "" without one): a session answers only its opener
 
 
 class DrafterSource(Protocol):
@@ -359,7 +360,8 @@ class VerifierCore:
         spec = turn.spec
         if spec.new_session:
             turn.session_id = new_session_id()
-            await self._store_call(turn, self.store.create(turn.session_id, {"verifier_replica": self.replica_id}))
+            await self._store_call(turn, self.store.create(turn.session_id, {"verifier_replica": self.replica_id,
+                                                                             "owner": spec.caller}))
             turn.fence = await self._store_call(turn, self.store.begin_turn(turn.session_id, self._lease_s(spec)))
             self._active_sessions.add(turn.session_id)
             turn.owns_session_lock = True
@@ -370,13 +372,18 @@ class VerifierCore:
         if sid in self._active_sessions:
             raise AbortedError(f"session {quoted(sid)} is already in use by another stream")
         local = self._sessions.get(sid)
+        # Another caller's session is answered as an unknown one: its id tells nothing.
+        if local is not None and local.owner != spec.caller:
+            raise NotFoundError(f"unknown or expired session {quoted(sid)}")
         store_down = False
         try:
             record = await self.store.get(sid)
+            if record is not None and record.get("owner", "") != spec.caller:
+                raise NotFoundError(f"unknown or expired session {quoted(sid)}")
             if record is None:
                 if local is None:
                     raise NotFoundError(f"unknown or expired session {quoted(sid)}")
-                await self.store.create(sid, {"verifier_replica": self.replica_id})
+                await self.store.create(sid, {"verifier_replica": self.replica_id, "owner": spec.caller})
             turn.record = record
             turn.fence = await self.store.begin_turn(sid, self._lease_s(spec))
         except UnavailableError as err:
@@ -600,7 +607,7 @@ class VerifierCore:
             result = turn.result
             if turn.session_id and result is not None and turn.cache is not None:
                 tokens = list(turn.prompt_ids) + list(result.token_ids)
-                self._sessions.keep(turn.session_id, turn.cache, tokens, result.context_features)
+                self._sessions.keep(turn.session_id, turn.cache, tokens, result.context_features, turn.spec.caller)
                 fields = self._session_fields(turn, tokens)
                 if turn.fence is not None:
                     try:

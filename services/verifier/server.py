@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Sequence
 
 import grpc
@@ -17,7 +18,7 @@ from blockpilot.serving import metrics
 from blockpilot.serving.models import load_verifier_target
 from blockpilot.serving.policy import FixedPolicy, RemotePolicy
 from blockpilot.serving.remote_drafter import RemoteDrafter
-from blockpilot.serving.security import ClientSecurity
+from blockpilot.serving.security import ClientSecurity, caller_id
 from blockpilot.serving.server import ServiceRunner, add_servicer, default_replica_id, setup_logging
 from blockpilot.serving.session_store import open_store
 from blockpilot.serving.status import to_status
@@ -78,7 +79,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             with self.runner.track():
                 if not self.runner.ready or self.core is None:
                     raise UnavailableError(self.runner.not_ready_message("its model"))
-                spec = parse_request(request, context.time_remaining())
+                spec = replace(parse_request(request, context.time_remaining()), caller=caller_id(context.invocation_metadata()))
                 async for message in self.core.generate(spec):
                     await context.write(message)
         except asyncio.CancelledError:

@@ -197,6 +197,17 @@ def test_the_stack_over_mtls_with_tokens_equals_the_plain_stack(material, tiny_l
         with BlockPilotClient(verifier.address, retries=0) as plaintext:
             with pytest.raises(UnavailableError):
                 plaintext.generate(**request)
+        # A session answers only the token that opened it; to another it is unknown (ids cannot be probed).
+        other_token = write_private(tmp_path / "other-token", b"data-token-2\n")
+        write_private(material["token"], b"data-token-1\ndata-token-2\n")
+        time.sleep(1.2)
+        with BlockPilotClient(verifier.address, security=client(material, cert=None), retries=0) as owner:
+            opened = owner.generate(**request, new_session=True)
+            assert owner.generate(**request, session_id=opened.session_id).token_ids
+        other = ClientSecurity(str(material["ca"]), token_file=str(other_token))
+        with BlockPilotClient(verifier.address, security=other, retries=0) as stranger:
+            with pytest.raises(Exception, match="unknown or expired session"):
+                stranger.generate(**request, session_id=opened.session_id)
     finally:
         for service in services:
             service.stop()
