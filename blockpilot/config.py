@@ -108,6 +108,8 @@ class VerifierServiceConfig(ServiceConfig):
                                       "requests, up to the context)", _at_least(16))
     max_sessions: int = opt(64, "sessions whose target KV cache is kept for follow-up turns (LRU)", _at_least(0))
     session_ttl_s: float = opt(1800.0, "idle time after which a session expires (local cache and Redis keys)", _at_least(1))
+    session_lease_s: float = opt(30.0, "a running turn holds its session this long past its last renewal (renewed every third "
+                                 "of it): a crashed verifier's sessions can be continued elsewhere within it", _at_least(1))
     drafter_timeout_s: float = opt(10.0, "longest wait for one draft step or for opening a draft stream", _at_least(0.01))
     policy_timeout_s: float = opt(2.0, "longest wait for a policy decision", _at_least(0.01))
     redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (the store fails open after it)", _at_least(0.01))

@@ -74,6 +74,8 @@ class SessionStore(Protocol):
     async def record_outcome(self, policy_version: str, arm: str, counters: Mapping[str, float],
                              outcome: Mapping[str, Any], new_session: bool) -> None: ...
 
+    async def renew(self, session_id: str, fence: int, lease_s: float) -> bool: ...
+
     async def issue_decision(self, decision_id: str, fields: Mapping[str, Any], ttl_s: float) -> None: ...
 
     async def redeem_decision(self, decision_id: str) -> dict[str, str] | None: ...
@@ -96,6 +98,13 @@ local current = tonumber(redis.call('HGET', KEYS[1], 'step') or '-1') or -1
 if current > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'step', ARGV[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'step') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'generating' then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', ARGV[2])
 return 1
 """
 
@@ -123,6 +132,7 @@ class RedisSessionStore:
                                          decode_responses=True, retry_on_timeout=False)
         self._begin = self._client.register_script(_BEGIN)
         self._write = self._client.register_script(_WRITE)
+        self._renew = self._client.register_script(_RENEW)
         self._down_until = 0.0
         self.failures = 0
 
@@ -205,6 +215,12 @@ class RedisSessionStore:
                 await pipe.execute()
 
         await self._call("record_outcome", run)
+
+    async def renew(self, session_id: str, fence: int, lease_s: float) -> bool:
+        """Extend the running turn's hold on the session to now + lease_s; False when the turn no
+        longer holds it (a newer turn took over after the lease ran out)."""
+        until = time.time() + lease_s
+        return bool(await self._call("renew", lambda: self._renew(keys=[meta_key(session_id)], args=[fence, until])))
 
     async def issue_decision(self, decision_id: str, fields: Mapping[str, Any], ttl_s: float) -> None:
         """Remember a decision the policy issued, for `ttl_s`, so its one Report can be checked
@@ -292,6 +308,13 @@ class MemorySessionStore:
             stats["sessions"] = stats.get("sessions", 0.0) + 1
         self.outcomes.append({k: str(v) for k, v in outcome.items()})
         del self.outcomes[: max(0, len(self.outcomes) - self.outcome_maxlen)]
+
+    async def renew(self, session_id: str, fence: int, lease_s: float) -> bool:
+        data = self._live(session_id)
+        if data is None or int(data.get("step", -1)) != fence or data.get("state") != "generating":
+            return False
+        data["lease_until"] = str(time.time() + lease_s)
+        return True
 
     MAX_DECISIONS = 100_000  # issued decisions kept (oldest dropped first): memory stays bounded
 

@@ -160,6 +160,7 @@ class _Turn:
     done: asyncio.Future | None = None  # resolved when the scheduler has let go of the request
     ended: bool = False
     owns_session_lock: bool = False
+    lease_task: asyncio.Future | None = None  # renews the session's lease while the turn runs
     lookup: LookupConfig = LOOKUP_OFF
 
 
@@ -365,6 +366,8 @@ class VerifierCore:
             turn.fence = await self._store_call(turn, self.store.begin_turn(turn.session_id, self._lease_s(spec)))
             self._active_sessions.add(turn.session_id)
             turn.owns_session_lock = True
+            if turn.fence is not None:
+                self._hold_session(turn)
             return
         if not spec.session_id:
             return
@@ -396,11 +399,30 @@ class VerifierCore:
         turn.local = local
         self._active_sessions.add(sid)
         turn.owns_session_lock = True
+        if turn.fence is not None:
+            self._hold_session(turn)
 
     def _lease_s(self, spec: GenerateSpec) -> float:
-        if spec.deadline is not None:
-            return max(1.0, spec.deadline - time.monotonic())
-        return min(600.0, self.config.session_ttl_s)
+        """How long a turn holds its session without renewing (see _hold_session)."""
+        return self.config.session_lease_s
+
+    def _hold_session(self, turn: "_Turn") -> None:
+        """Renew the turn's lease every third of it while the turn runs (stopped in _finish): a
+        verifier that dies frees its sessions within one lease instead of holding them until a
+        deadline."""
+        lease = self._lease_s(turn.spec)
+
+        async def renew():
+            while True:
+                await asyncio.sleep(lease / 3)
+                try:
+                    if not await self.store.renew(turn.session_id, turn.fence, lease):
+                        log.warning("session %s: the lease was lost to a newer turn", turn.session_id)
+                        return
+                except UnavailableError as err:
+                    log.warning("session %s: lease not renewed (%s)", turn.session_id, err)
+
+        turn.lease_task = asyncio.ensure_future(renew())
 
     def _reuse(self, turn: _Turn) -> tuple[KVCache, torch.Tensor | None]:
         """The target cache for this request: the session's, cut to the prefix it shares with the
@@ -600,6 +622,8 @@ class VerifierCore:
         if turn.ended:
             return
         turn.ended = True
+        if turn.lease_task is not None:  # before the record's final write ends the turn's hold
+            turn.lease_task.cancel()
         try:
             if turn.request is not None:
                 # The scheduler has freed the request (or copied its row into turn.cache) once it said so.

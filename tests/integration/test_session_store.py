@@ -93,6 +93,28 @@ def test_session_in_use_and_unknown_session(store_factory):
     run(scenario())
 
 
+def test_a_renewed_lease_holds_the_session_and_a_dead_holders_lapses(store_factory):
+    """A running turn renews its short lease; a verifier killed mid-turn stops renewing, and the
+    session can be continued (on another replica) once the lease has run out, not after minutes."""
+    async def scenario():
+        store = store_factory()
+        session = sid()
+        await store.create(session, {})
+        fence = await store.begin_turn(session, lease_s=0.3)
+        for _ in range(3):  # the live holder renews: still in use past the first lease
+            await asyncio.sleep(0.15)
+            assert await store.renew(session, fence, 0.3)
+        with pytest.raises(AbortedError, match="already in use"):
+            await store.begin_turn(session, 0.3)
+        await asyncio.sleep(0.4)  # the holder died: no renewal, the lease lapses
+        taken = await store.begin_turn(session, 30)
+        assert taken > fence
+        assert not await store.renew(session, fence, 30)  # the dead turn cannot take it back
+        await store.close()
+
+    run(scenario())
+
+
 def test_every_key_has_a_ttl_and_expires():
     if not redis_available():
         no_redis("no Redis on 127.0.0.1:6379")
