@@ -101,7 +101,7 @@ class VerifierServiceConfig(ServiceConfig):
     max_prompt_tokens: int = opt(0, "longest prompt a request may send, in tokens (0 = the target's context)", _at_least(0))
     prefill_chunk_tokens: int = opt(512, "prompt tokens prefilled per scheduler iteration: a long prompt delays the other "
                                          "streams' steps by one chunk at a time", _at_least(1))
-    load_aware_drafts: bool = opt(True, "on the torch backend's batch, an AUTO request drafts only while its drafts pay for "
+    load_aware_drafts: bool = opt(True, "in a ragged batch (torch, onnxruntime), an AUTO request drafts only while its drafts pay for "
                                         "their cost in the current batch (a measured pass-cost model and its own acceptance; "
                                         "FIXED / OFF sizes and seeded sampling are left as given)")
     batch_row_tokens: int = opt(1024, "tokens per stream the batch's KV pool holds at first (it grows for longer "
