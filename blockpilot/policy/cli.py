@@ -3,7 +3,7 @@
     blockpilot policy sweep --prompts ../shared/datasets/train --prompts-per-file 150 \
         --exclude-ids-from data/drafter/responses --out runs/policy/sweep-train
     blockpilot policy train --sweep runs/policy/sweep-train --repository policies --name blockpilot
-    blockpilot policy eval --policy policies/blockpilot/4 --prompts ../shared/datasets --prompts-per-file 30 \
+    blockpilot policy eval --policy policies/blockpilot/5 --prompts ../shared/datasets --prompts-per-file 30 \
         --cost-model runs/policy/sweep-train --sweep runs/policy/sweep-eval --out runs/policy/eval
 
 Each handler returns the exit status and prints one JSON summary line on stdout; progress goes to
