@@ -104,6 +104,10 @@ class VerifierServiceConfig(ServiceConfig):
     load_aware_drafts: bool = opt(True, "in a ragged batch (torch, onnxruntime), an AUTO request drafts only while its drafts pay for "
                                         "their cost in the current batch (a measured pass-cost model and its own acceptance; "
                                         "FIXED / OFF sizes and seeded sampling are left as given)")
+    ragged_batches: str = opt("auto", "'on': one target pass per iteration over every session (torch, onnxruntime); 'off': one "
+                              "pass per session, sessions' passes on different cores at once; 'auto': on for torch, off for "
+                              "onnxruntime (measured: see README, Which backend to serve; rerun `blockpilot bench` to choose)",
+                              _one_of("auto", "on", "off"))
     batch_row_tokens: int = opt(1024, "tokens per stream the batch's KV pool holds at first (it grows for longer "
                                       "requests, up to the context)", _at_least(16))
     max_sessions: int = opt(64, "sessions whose target KV cache is kept for follow-up turns (LRU)", _at_least(0))

@@ -99,7 +99,7 @@ class BatchDecoder:
 
     def __init__(self, decoder: SpeculativeDecoder, *, max_sessions: int, capacity: int, max_block_size: int = 16,
                  max_capacity: int | None = None, planner: Executor | None = None, passes: Executor | None = None,
-                 load_aware: bool = False) -> None:
+                 load_aware: bool = False, ragged: bool = True) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.decoder = decoder
@@ -112,7 +112,7 @@ class BatchDecoder:
         self.costs = PassCostModel() if load_aware else None
         self._last_step = (0.0, 0)  # (committed, verified tokens) of the last ragged step
         self.pooled = {source: DraftRecord() for source in DRAFT_SOURCES}  # every session's drafted steps
-        self.ragged = supports_ragged_batch(self.target)
+        self.ragged = ragged and supports_ragged_batch(self.target)
         self.pool = self.target.new_batch_cache(capacity, max_sessions) if self.ragged else None
         self.sessions: list[BatchSession] = []  # ragged: sessions[i].row == i
 

@@ -101,17 +101,18 @@ class DecodeScheduler:
     def __init__(self, target, *, max_sessions: int, capacity: int, max_capacity: int, max_block_size: int,
                  prefill_chunk_tokens: int = 512, planners: int = 0, parallel_passes: int = 1,
                  load_aware: bool = False, on_iteration: Callable[[int, int], None] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, ragged: bool = True) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
         self.target = target
         self.decoder = SpeculativeDecoder(target, None, max_context=target.config.max_position_embeddings)
         self._planner = ThreadPoolExecutor(max_workers=planners, thread_name_prefix="plan") if planners > 0 else None
+        batched = ragged and supports_ragged_batch(target)
         self._passes = (ThreadPoolExecutor(max_workers=parallel_passes, thread_name_prefix="pass")
-                        if parallel_passes > 1 and not supports_ragged_batch(target) else None)
+                        if parallel_passes > 1 and not batched else None)
         self.batch = BatchDecoder(self.decoder, max_sessions=max_sessions, capacity=capacity, max_capacity=max_capacity,
                                   max_block_size=max_block_size, planner=self._planner, passes=self._passes,
-                                  load_aware=load_aware)
+                                  load_aware=load_aware, ragged=ragged)
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.on_iteration = on_iteration
         self.threads = threads

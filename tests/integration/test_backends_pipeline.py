@@ -40,7 +40,8 @@ def stack(tiny_llama_dir, export_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("stack")
     drafter = Service("drafter", folder, target=tiny_llama_dir, drafter="random", random_block_size=DRAFTER_BLOCK).start()
     verifier = Service("verifier", folder, target=tiny_llama_dir, drafter_address=f"127.0.0.1:{drafter.port}",
-                       policy_address="", redis_url="memory", backend="onnxruntime", onnx_path=export_dir).start()
+                       policy_address="", redis_url="memory", backend="onnxruntime", onnx_path=export_dir,
+                       ragged_batches="on").start()  # the sessions graph through the service ("auto": per session)
     try:
         for service in (drafter, verifier):
             service.wait_serving(timeout=240)

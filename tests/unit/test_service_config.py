@@ -91,3 +91,10 @@ def test_prompt_lookup_is_on_by_default_and_switchable():
     assert load_config(VerifierServiceConfig, ["--prompt-lookup", "false"], env={}).prompt_lookup is False
     with pytest.raises(InvalidArgumentError, match="prompt_lookup"):
         load_config(VerifierServiceConfig, [], env={"BLOCKPILOT_VERIFIER_PROMPT_LOOKUP": "maybe"})
+
+
+def test_ragged_batches_auto_is_per_backend():
+    from blockpilot.serving.verifier import ragged_batches
+
+    assert ragged_batches("auto", "torch") and not ragged_batches("auto", "onnxruntime")
+    assert ragged_batches("on", "onnxruntime") and not ragged_batches("off", "torch")
