@@ -36,13 +36,16 @@ tokens, so each layer runs one GroupQueryAttention per sequence over that sequen
 packed tokens, while every other node (the matmuls, which read the weights: most of a step) runs
 once over all N tokens:
     inputs   input_ids              int64   [1, N]  the sequences' new tokens, packed in order
-             session_bounds         int64   [S + 1] sequence i's tokens are [bounds[i], bounds[i+1])
-             seqlens_k              int32   [S]     per sequence: (its cache length after this step) - 1
-             total_sequence_lengths int32   [S]     per sequence: its cache length after this step
+             session_bounds         int64   [S + 1] sequence i's tokens are [bounds[i], bounds[i+1]) (one at least)
+             seqlens_k              int32   [S]     per sequence: its cache length after this step (see below)
+             total_sequence_lengths int32   [S]     per sequence: its cache length after this step + 1
              logit_index            int64   [n]     indices into the N packed tokens
              past_key_s{i}_{l}, past_value_s{i}_{l}  float32 [1, K, capacity, D] sequence i's cache
     outputs  logits [n, V], hidden [1, N, len(layers) * C], final_state [1, N, C], and
              present_key_s{i}_{l}, present_value_s{i}_{l} (bound to the same buffers as past_*)
+Each sequence's attention also gets a copy of its last token (so a lone token runs the multi-token
+path, as a padded one-sequence pass does): it is written one slot past the sequence's end, hence the
++ 1 in the lengths; the caches need that slot of headroom.
 """
 
 from __future__ import annotations
@@ -257,6 +260,9 @@ def build_fused_graph(target: TargetModel, hidden_layer_ids: Sequence[int] = (),
     return model
 
 
+SESSIONS_GRAPH_VERSION = 2  # in the file name of a saved sessions graph: a changed contract is never loaded stale
+
+
 def sessions_graph(model, sessions: int):
     """The fused graph (first contract, loaded without its weights' data) rewritten to the
     sessions contract for `sessions` sequences. The weights stay where they are (the same
@@ -280,6 +286,7 @@ def sessions_graph(model, sessions: int):
                for i in range(sessions)]
     totals = [b.op1("Gather", ["total_sequence_lengths", b.const("index", np.array(i, np.int64))], axis=0) for i in range(sessions)]
     token_axis = b.const("token_axis", np.array([1], np.int64))
+    one, zero, minus_one = (b.const(name, np.array([v], np.int64)) for name, v in (("one", 1), ("zero", 0), ("minus_one", -1)))
     nodes = list(b.nodes)
     b.nodes.clear()
     layers = []
@@ -293,9 +300,16 @@ def sessions_graph(model, sessions: int):
         outs = []
         for i in range(sessions):
             rows = b.op1("Slice", [node.input[0], bounds[i][0], bounds[i][1], token_axis])  # [1, n_i, (H + 2K) D]
-            inputs = [rows, "", "", f"past_key_s{i}_{layer}", f"past_value_s{i}_{layer}", seqlens[i], totals[i], *node.input[7:]]
-            outs.append(b.op("GroupQueryAttention", inputs, [b.name("attn"), f"present_key_s{i}_{layer}", f"present_value_s{i}_{layer}"],
-                             domain=MS_DOMAIN, **attrs)[0])
+            # A copy of the session's last row rides along: GroupQueryAttention then always runs its
+            # multi-token path (a lone token's one-token path computes other numbers), and no pad
+            # token goes through the matmuls. The copy sits after the session's tokens (written past
+            # its end, never read: the causal mask keeps it from them) and its output is dropped.
+            last = b.op1("Slice", [node.input[0], b.op1("Sub", [bounds[i][1], one]), bounds[i][1], token_axis])
+            padded = b.op1("Concat", [rows, last], axis=1)
+            inputs = [padded, "", "", f"past_key_s{i}_{layer}", f"past_value_s{i}_{layer}", seqlens[i], totals[i], *node.input[7:]]
+            out = b.op("GroupQueryAttention", inputs, [b.name("attn"), f"present_key_s{i}_{layer}", f"present_value_s{i}_{layer}"],
+                       domain=MS_DOMAIN, **attrs)[0]
+            outs.append(b.op1("Slice", [out, zero, minus_one, token_axis]))
         b.op("Concat", outs, [node.output[0]], axis=1)
         nodes += b.nodes
         b.nodes.clear()

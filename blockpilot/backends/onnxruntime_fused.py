@@ -233,16 +233,16 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         if len(widths) != batch or min(widths) < 1 or max(widths) > steps:
             raise InvalidArgumentError(f"row_widths must give 1..{steps} tokens for each of the {batch} rows, got {widths}")
         starts = pool.reserve_rows(torch.tensor(widths))
-        # Lone tokens padded with a copy (written past the row's end, never read: see the docstring).
-        run_widths = [max(w, self._min_rows) for w in widths]
-        packed = torch.cat([tokens[b, : w].repeat(2)[: run] for b, (w, run) in enumerate(zip(widths, run_widths))])
-        bounds = torch.tensor([0, *torch.tensor(run_widths).cumsum(0).tolist()], dtype=torch.long)
-        real = torch.cat([torch.arange(int(bounds[b]), int(bounds[b]) + w) for b, w in enumerate(widths)])  # [N]
-        out = self._run_sessions(packed[None], pool, starts.tolist(), run_widths, bounds, real if num_logits != 0 else real[:0])
+        # No padding: the sessions graph gives each session's attention a copy of its last token
+        # (written past the row's end, never read; see fused_graph.sessions_graph).
+        packed = torch.cat([tokens[b, : w] for b, w in enumerate(widths)])
+        bounds = torch.tensor([0, *torch.tensor(widths).cumsum(0).tolist()], dtype=torch.long)
+        picks = torch.arange(packed.shape[0]) if num_logits != 0 else torch.arange(0)
+        out = self._run_sessions(packed[None], pool, starts.tolist(), widths, bounds, picks)
         pool.lengths[:batch] += torch.tensor(widths)
         return ForwardOutput(logits=out["logits"][None] if num_logits != 0 else None,
-                             hidden=out["hidden"][:, real] if want_hidden and "hidden" in out else None,
-                             final_state=out["final_state"][:, real])
+                             hidden=out["hidden"] if want_hidden and "hidden" in out else None,
+                             final_state=out["final_state"])
 
     def _sessions_session(self, sessions: int):
         """The InferenceSession of the graph for `sessions` sequences (written once per export)."""
@@ -251,9 +251,9 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
             import onnx
             import onnxruntime as ort
 
-            from blockpilot.backends.fused_graph import sessions_graph
+            from blockpilot.backends.fused_graph import SESSIONS_GRAPH_VERSION, sessions_graph
 
-            path = self.export.model_path.with_name(f"sessions-{sessions}.onnx")
+            path = self.export.model_path.with_name(f"sessions-v{SESSIONS_GRAPH_VERSION}-{sessions}.onnx")
             if not path.exists():
                 rewritten = sessions_graph(onnx.load(str(self.export.model_path), load_external_data=False), sessions)
                 partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -267,15 +267,16 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
     def _run_sessions(self, tokens: torch.Tensor, pool: BatchKVCache, starts: list[int], widths: list[int],
                       bounds: torch.Tensor, picks: torch.Tensor) -> dict[str, torch.Tensor]:
         """One run of the sessions graph: session b's widths[b] tokens (packed in `tokens` [1, N]
-        at bounds[b]..bounds[b+1]) at slots starts[b].. of pool row b; logits of `picks`."""
+        at bounds[b]..bounds[b+1]) at slots starts[b].. of pool row b (and the copy of its last
+        token one slot further); logits of `picks`."""
         cfg = self.config
         physical = pool.keys.shape[3]
         for b, (start, width) in enumerate(zip(starts, widths)):
-            if start + width > physical:
+            if start + width + 1 > physical:  # + the copy of the last token (see sessions_graph)
                 raise ResourceExhaustedError(
                     f"KV cache full: a pass of {width} tokens at slot {start} exceeds the {physical} slots of pool row {b}")
         sessions = len(widths)
-        ends = torch.tensor(starts) + torch.tensor(widths)
+        ends = torch.tensor(starts) + torch.tensor(widths) + 1
         feeds = {"input_ids": tokens.contiguous(), "session_bounds": bounds, "seqlens_k": (ends - 1).to(torch.int32),
                  "total_sequence_lengths": ends.to(torch.int32), "logit_index": picks.to(torch.long).contiguous()}
         steps = tokens.shape[1]
