@@ -103,9 +103,6 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         self._bindings: dict[int, tuple[tuple, object]] = {}  # batch size -> (pool key, IOBinding): see _pool_binding
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._min_rows = MIN_PASS_ROWS if pad_single_tokens else 1
-        # Whether a lone token may run its matmuls as one row (through the sessions graph, whose
-        # attention always sees two rows): measured by check_row_invariance, kernels differ by CPU.
-        self.lone_rows_invariant = False
         log.info("onnxruntime backend: fused %s graph %s, %d threads, layers %s", self.precision, export.model_path,
                  self.threads, list(self.hidden_layer_ids))
         if check_rows and pad_single_tokens:
@@ -174,10 +171,7 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         start = cache.reserve(steps)
         self._check_positions(positions, torch.arange(start, start + steps))
         wanted = steps if num_logits is None else min(max(num_logits, 1), steps)
-        if steps == 1 and self.lone_rows_invariant:  # no pad row through the matmuls (see check_row_invariance)
-            out = self._run_sessions(tokens, cache, [start], [1], torch.tensor([0, 1]), torch.arange(1))
-        else:
-            out = self._run(tokens, cache, start, torch.arange(steps - wanted, steps))
+        out = self._run(tokens, cache, start, torch.arange(steps - wanted, steps))
         cache.length = start + steps
         return ForwardOutput(logits=out["logits"][None] if num_logits != 0 else None,
                              hidden=out["hidden"][:, :steps] if hidden_layer_ids else None,
@@ -239,15 +233,6 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         if len(widths) != batch or min(widths) < 1 or max(widths) > steps:
             raise InvalidArgumentError(f"row_widths must give 1..{steps} tokens for each of the {batch} rows, got {widths}")
         starts = pool.reserve_rows(torch.tensor(widths))
-        if sum(widths) < self._min_rows and not self.lone_rows_invariant:
-            # One lone token in all: the matmuls would run one row (other kernels, other numbers),
-            # so it runs as a one-sequence pass on its pool row, padded (see the module docstring).
-            row = pool.row(0)
-            out = self._run(tokens[:1, :1], row, int(starts[0]), torch.arange(1))
-            pool.lengths[0] += 1
-            return ForwardOutput(logits=out["logits"][None] if num_logits != 0 else None,
-                                 hidden=out["hidden"][:, :1] if want_hidden and "hidden" in out else None,
-                                 final_state=out["final_state"][:, :1])
         # No padding: the sessions graph gives each session's attention a copy of its last token
         # (written past the row's end, never read; see fused_graph.sessions_graph).
         packed = torch.cat([tokens[b, : w] for b, w in enumerate(widths)])
@@ -279,7 +264,7 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
             log.info("onnxruntime backend: loaded the graph for %d sessions per pass", sessions)
         return session
 
-    def _run_sessions(self, tokens: torch.Tensor, pool: KVCache, starts: list[int], widths: list[int],
+    def _run_sessions(self, tokens: torch.Tensor, pool: BatchKVCache, starts: list[int], widths: list[int],
                       bounds: torch.Tensor, picks: torch.Tensor) -> dict[str, torch.Tensor]:
         """One run of the sessions graph: session b's widths[b] tokens (packed in `tokens` [1, N]
         at bounds[b]..bounds[b+1]) at slots starts[b].. of pool row b (and the copy of its last
@@ -362,12 +347,3 @@ def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5
             f"run the torch backend, or report this CPU"
         )
     log.info("row invariance checked: a block, its halves, single tokens and a batch of two sessions give identical logits")
-    # A lone token with one-row matmuls (its attention still sees two rows): faster where this CPU's
-    # kernels give a row the same numbers alone; used only if so.
-    cache.truncate(prompt_len)  # token i goes to slot prompt_len + i, after the ones before it
-    lone = torch.cat([backend._run_sessions(tokens[:, i : i + 1], cache, [prompt_len + i], [1], torch.tensor([0, 1]),
-                                            torch.arange(1))["logits"] for i in range(block)])
-    backend.lone_rows_invariant = bool(torch.equal(lone, together))
-    log.info("a lone token's one-row matmuls give %s numbers on this CPU: lone tokens run %s",
-             "the same" if backend.lone_rows_invariant else "other",
-             "unpadded" if backend.lone_rows_invariant else "padded to two rows")

@@ -257,15 +257,6 @@ def test_a_batch_of_sessions_gives_each_its_own_numbers(backends, name, precisio
         assert torch.equal(hidden, alone[row][1]), row
     with pytest.raises(InvalidArgumentError, match="one row per pool row in use"):
         backend(blocks[:2], pool, row_widths=[1, 1])
-    # One session with a lone token: still its one-session numbers (never a one-row matmul).
-    single = backend.new_batch_cache(24, 2)
-    cache = backend.new_cache(24)
-    backend(prompts[0], cache)
-    single.load_row(0, cache)
-    single.rows_in_use = 1
-    expected = backend(blocks[:1, :1], cache).logits[0]
-    assert torch.equal(backend(blocks[:1, :1], single, row_widths=[1]).logits[0], expected)
-    assert single.lengths[0].item() == cache.length
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
