@@ -223,16 +223,23 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, *refused)
 
 
+def handler_like(handler: grpc.RpcMethodHandler, behavior, request_deserializer=None) -> grpc.RpcMethodHandler:
+    """A method handler of the same kind (streaming or not, both ways) and serializer as
+    `handler`, running `behavior` (and parsing with `request_deserializer`, default handler's)."""
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[handler.request_streaming, handler.response_streaming](
+        behavior, request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that ends every call with `code`."""
 
     async def refuse(_request, context):
         await context.abort(code, message)
 
-    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    return make[handler.request_streaming, handler.response_streaming](
-        refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return handler_like(handler, refuse)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from blockpilot.serving.metrics import start_metrics_server
-from blockpilot.serving.security import ServerSecurity
+from blockpilot.serving.security import ServerSecurity, handler_like
 from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,7 @@ def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             if prepare is None:
                 await refuse(request, context)
             return await behavior(request if prepare is None else prepare(request, context), context)
-    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    return make[handler.request_streaming, handler.response_streaming](
-        wrapped, request_deserializer=tolerant, response_serializer=handler.response_serializer)
+    return handler_like(handler, wrapped, request_deserializer=tolerant)
 
 
 def setup_logging(level: str) -> None:
