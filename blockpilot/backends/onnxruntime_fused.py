@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 MIN_PASS_ROWS = 2  # token rows per pass, at least (see the module docstring)
 
 
-class HeadroomKVCache(KVCache):
-    """A KVCache with `headroom` physical slots past its capacity, where a padded pass writes."""
+class _Headroom:
+    """Caches with `headroom` physical slots past their capacity, where a padded pass writes."""
 
     headroom = 1
 
@@ -57,14 +57,12 @@ class HeadroomKVCache(KVCache):
         return super()._allocate((layers, batch, heads, capacity + self.headroom, dim), dtype, device)
 
 
-class HeadroomBatchKVCache(BatchKVCache):
-    """A BatchKVCache pool whose rows have one physical slot past the capacity (as HeadroomKVCache)."""
+class HeadroomKVCache(_Headroom, KVCache):
+    """A one-sequence KVCache with headroom."""
 
-    headroom = 1
 
-    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        layers, batch, heads, capacity, dim = shape
-        return super()._allocate((layers, batch, heads, capacity + self.headroom, dim), dtype, device)
+class HeadroomBatchKVCache(_Headroom, BatchKVCache):
+    """A BatchKVCache pool whose rows have headroom."""
 
 
 class FusedOnnxRuntimeTarget(TorchTargetParts):
@@ -206,11 +204,7 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         if self.hidden_layer_ids:
             out["hidden"] = torch.empty((1, steps, len(self.hidden_layer_ids) * cfg.hidden_size))
         binding = self.session.io_binding()
-        for name, tensor in feeds.items():
-            dtype = np.int32 if tensor.dtype == torch.int32 else np.int64
-            binding.bind_input(name, "cpu", 0, dtype, tuple(tensor.shape), tensor.data_ptr())
-        for name, tensor in out.items():
-            binding.bind_output(name, "cpu", 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        _bind(binding, feeds, out)
         shape = (1, cfg.num_key_value_heads, physical, cfg.head_dim)
         for layer in range(cfg.num_hidden_layers):
             for kind, buffer in (("key", cache.keys[layer]), ("value", cache.values[layer])):
@@ -284,11 +278,7 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         if self.hidden_layer_ids:
             out["hidden"] = torch.empty((1, steps, len(self.hidden_layer_ids) * cfg.hidden_size))
         binding = self._pool_binding(sessions, pool)
-        for name, tensor in feeds.items():
-            dtype = np.int32 if tensor.dtype == torch.int32 else np.int64
-            binding.bind_input(name, "cpu", 0, dtype, tuple(tensor.shape), tensor.data_ptr())
-        for name, tensor in out.items():
-            binding.bind_output(name, "cpu", 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        _bind(binding, feeds, out)
         self._sessions_session(sessions).run_with_iobinding(binding)
         return out
 
@@ -311,6 +301,15 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
                     binding.bind_output(f"present_{kind}_s{b}_{layer}", "cpu", 0, np.float32, shape, buffer.data_ptr())
         self._bindings[sessions] = (key, binding)
         return binding
+
+
+def _bind(binding, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    """Bind integer feeds (int32 / int64) and float32 outputs by their memory (no copies)."""
+    for name, tensor in feeds.items():
+        dtype = np.int32 if tensor.dtype == torch.int32 else np.int64
+        binding.bind_input(name, "cpu", 0, dtype, tuple(tensor.shape), tensor.data_ptr())
+    for name, tensor in out.items():
+        binding.bind_output(name, "cpu", 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
 
 
 @torch.inference_mode()
