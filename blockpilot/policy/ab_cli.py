@@ -9,6 +9,10 @@ The experiment lives in Redis (blockpilot/policy/experiments.py), so every polic
 change from its next decision on: re-running `set` with other weights shifts traffic at once, and a
 weight of 0 is a rollback. Requests reach the experiment by naming it as their policy, or by
 naming none when the policy service's default_policy is NAME.
+
+Which Redis: --redis-url, else $BLOCKPILOT_POLICY_REDIS_URL, else the Redis of the local stack that
+`blockpilot up` runs (read from its run dir; for a Redis that `up --secure` started, as its ACL user
+with the password in <run dir>/secure/redis-password), else redis://127.0.0.1:6379/0.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import json
 import math
 import os
 import time
+from urllib.parse import urlparse
 
 from blockpilot.cli_args import OneLineParser, checked_number
-from blockpilot.errors import NotFoundError
+from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from blockpilot.policy.experiments import DEFAULT_TTL_S, ArmReport, Comparison, Experiment, ExperimentStore, parse_arm
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -37,12 +42,44 @@ def _ttl_days(text: str) -> float:
     return checked_number(text, float, "a number of days", lambda v: math.isfinite(v) and v > 0, "a positive number of days")
 
 
+def resolve_redis_url(given: str | None) -> tuple[str, str]:
+    """The Redis `ab` talks to and where that choice came from (see the module doc)."""
+    if given:
+        return given, "--redis-url"
+    from_env = os.environ.get("BLOCKPILOT_POLICY_REDIS_URL", "").strip()
+    if from_env:
+        try:
+            return _redis_url(from_env), "$BLOCKPILOT_POLICY_REDIS_URL"
+        except argparse.ArgumentTypeError as err:
+            raise InvalidArgumentError(f"$BLOCKPILOT_POLICY_REDIS_URL {err}") from None
+    from blockpilot.serving import stack
+
+    state = stack.read_state()  # present from `up` until `down`
+    if state is not None:
+        url = stack.stack_redis_url(state)
+        if url == "memory":
+            raise FailedPreconditionError("the local stack runs without Redis (in-memory stores), so it has no experiments "
+                                          "to change; give --redis-url")
+        return url, f"the local stack in {state['run_dir']}"
+    return DEFAULT_REDIS_URL, "the default"
+
+
+def _printable(url: str) -> str:
+    """The URL without its password (errors may be pasted into tickets)."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    return parsed._replace(netloc=f"{parsed.username or ''}:***@{parsed.hostname}:{parsed.port or 6379}").geturl()
+
+
 def add_parsers(sub) -> None:
     """Adds `ab set`, `ab status` and `ab stop` to the top-level parser."""
     ab = sub.add_parser("ab", help="A/B experiments of block-size policies (kept in Redis)")
     commands = ab.add_subparsers(dest="ab_command", required=True, parser_class=OneLineParser)
-    redis_default = os.environ.get("BLOCKPILOT_POLICY_REDIS_URL") or DEFAULT_REDIS_URL
-    redis_help = f"Redis of the policy service (default: $BLOCKPILOT_POLICY_REDIS_URL, else {DEFAULT_REDIS_URL})"
+    # --redis-url's default is resolved when the command runs (resolve_redis_url): the local stack may start or stop.
+    redis_help = ("Redis of the policy service (default: $BLOCKPILOT_POLICY_REDIS_URL, else the Redis of the local stack "
+                  "`blockpilot up` runs, with the ACL user and password of `up --secure` when it started that Redis, "
+                  f"else {DEFAULT_REDIS_URL}); an external secured Redis: redis://USER:PASSWORD@HOST:PORT/0")
 
     create = commands.add_parser("set", help="create an experiment or change it (weights take effect at once)")
     create.add_argument("name", metavar="NAME", help="experiment name; requests reach it by naming it as their policy "
@@ -57,29 +94,47 @@ def add_parsers(sub) -> None:
     create.add_argument("--ttl-days", type=_ttl_days, default=DEFAULT_TTL_S / 86400,
                         help=f"the experiment expires this long after its last change (default {DEFAULT_TTL_S / 86400:g})")
     create.add_argument("--reset", action="store_true", help="clear the arms' statistics (a fresh start)")
-    create.add_argument("--redis-url", type=_redis_url, default=redis_default, help=redis_help)
+    create.add_argument("--redis-url", type=_redis_url, default=None, help=redis_help)
     create.set_defaults(handler=_set)
 
     status = commands.add_parser("status", help="per arm: sessions, mean τ and decode tokens/s with 95%% CIs, "
                                                 "difference to the control and Welch's p-value")
     status.add_argument("name", metavar="NAME", nargs="?", default=None, help="one experiment (default: all)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.add_argument("--redis-url", type=_redis_url, default=redis_default, help=redis_help)
+    status.add_argument("--redis-url", type=_redis_url, default=None, help=redis_help)
     status.set_defaults(handler=_status)
 
     stop = commands.add_parser("stop", help="stop an experiment at once (its statistics are kept)")
     stop.add_argument("name", metavar="NAME")
-    stop.add_argument("--redis-url", type=_redis_url, default=redis_default, help=redis_help)
+    stop.add_argument("--redis-url", type=_redis_url, default=None, help=redis_help)
     stop.set_defaults(handler=_stop)
 
 
-def _run(url: str, work):
-    """Run `work(store)` against Redis at `url`; unreachable Redis is UnavailableError (exit 1)."""
+def _run(given_url: str | None, work):
+    """Run `work(store)` against the Redis resolve_redis_url picks; unreachable Redis is
+    UnavailableError, a refused login FailedPreconditionError (exit 1), each naming the Redis."""
     import redis.asyncio as aioredis
+    import redis.exceptions as rex
+
+    from blockpilot.serving.stack import REDIS_USER
+
+    url, source = resolve_redis_url(given_url)
 
     async def main():
         client = aioredis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
         try:
+            # A login failure surfaces on the first command as a connection error ("HELLO must be
+            # called with the client already authenticated", "invalid username-password pair"):
+            # check it here, so that it is reported as what it is.
+            try:
+                await client.ping()
+            except rex.AuthenticationError as err:
+                raise FailedPreconditionError(
+                    f"Redis {_printable(url)} ({source}) refused the login: {str(err).rstrip('.')}. A Redis that `blockpilot up --secure` "
+                    f"started takes user {REDIS_USER} with the password in <run dir>/secure/redis-password: run `ab` "
+                    "while that stack is up without --redis-url, or give redis://USER:PASSWORD@HOST:PORT/0") from None
+            except (rex.ConnectionError, rex.TimeoutError, OSError) as err:
+                raise UnavailableError(f"Redis {_printable(url)} ({source}) does not answer: {err}") from None
             return await work(ExperimentStore(client))
         finally:
             await client.aclose()

@@ -94,7 +94,8 @@ def run_dir() -> Path:
     from blockpilot.models.store import cache_root
 
     override = os.environ.get("BLOCKPILOT_RUN_DIR", "").strip()
-    path = Path(override).expanduser() if override else cache_root() / "run"
+    # Absolute: redis-server changes into --dir before it reads --aclfile, so a relative run dir breaks `up --secure`.
+    path = (Path(override).expanduser() if override else cache_root() / "run").absolute()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -253,6 +254,25 @@ def _service_env(name: str, opts: StackOptions, redis_url: str, secure: dict[str
     return env
 
 
+def _spawn(name: str, opts: StackOptions, redis_url: str, secure: dict[str, Path] | None, folder: Path) -> dict:
+    """Start one service process (not waiting for it); returns its state entry."""
+    log_path = folder / f"{name}.log"
+    process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=_service_env(name, opts, redis_url, secure),
+                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                               cwd=str(Path(__file__).resolve().parents[2]))
+    (folder / f"{name}.pid").write_text(str(process.pid))
+    return {"pid": process.pid, "address": f"{opts.host}:{getattr(opts, f'{name}_port')}", "log": str(log_path),
+            "metrics": f"http://{opts.host}:{getattr(opts, f'{name}_metrics_port')}/metrics"}
+
+
+def _wait_service(name: str, entry: dict, deadline: float, security) -> None:
+    try:
+        wait_serving(entry["address"], f"blockpilot.v1.{name.capitalize()}", deadline, entry["pid"], security)
+    except UnavailableError as err:
+        tail = Path(entry["log"]).read_text(errors="replace").strip().splitlines()[-5:]
+        raise UnavailableError(f"{err}; last lines of {entry['log']}: " + " | ".join(tail)) from None
+
+
 def up(opts: StackOptions, log=print) -> dict:
     """Start the stack; returns its state. Raises FailedPreconditionError if it already runs."""
     state = read_state()
@@ -290,22 +310,11 @@ def up(opts: StackOptions, log=print) -> dict:
     deadline = time.monotonic() + opts.timeout_s
     try:
         for name in SERVICES:
-            address = f"{opts.host}:{getattr(opts, f'{name}_port')}"
-            log_path = folder / f"{name}.log"
-            process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=_service_env(name, opts, redis_url, secure),
-                                       stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-                                       cwd=str(Path(__file__).resolve().parents[2]))
-            (folder / f"{name}.pid").write_text(str(process.pid))
-            state["services"][name] = {"pid": process.pid, "address": address, "log": str(log_path),
-                                       "metrics": f"http://{opts.host}:{getattr(opts, f'{name}_metrics_port')}/metrics"}
+            state["services"][name] = _spawn(name, opts, redis_url, secure, folder)
             _state_file().write_text(json.dumps(state, indent=2))
         for name in SERVICES:
             entry = state["services"][name]
-            try:
-                wait_serving(entry["address"], f"blockpilot.v1.{name.capitalize()}", deadline, entry["pid"], security)
-            except UnavailableError as err:
-                tail = Path(entry["log"]).read_text(errors="replace").strip().splitlines()[-5:]
-                raise UnavailableError(f"{err}; last lines of {entry['log']}: " + " | ".join(tail)) from None
+            _wait_service(name, entry, deadline, security)
             log(f"{name:<10} {entry['address']} SERVING (pid {entry['pid']}, metrics {entry['metrics']})")
             if name == "policy":
                 log(f"{'':<10} {default_policy_line(entry['address'], security=stack_security(state, token=True))}")
@@ -363,11 +372,65 @@ def status(log=print) -> int:
         alive = pid_alive(entry["pid"])
         ok &= health == "SERVING"
         log(f"{name:<10} {entry['address']} {health} (pid {entry['pid']} {'alive' if alive else 'gone'})")
+    url = stack_redis_url(state)
+    redis_ok = url == "memory" or redis_answers(url)
+    log(f"{'redis':<10} {state.get('redis', {}).get('url')} {'answers' if redis_ok else 'DOWN'}")
+    return 0 if ok else 1
+
+
+def stack_redis_url(state: dict) -> str:
+    """The Redis URL the stack's services use ('memory' when they have none): for a Redis that
+    `up --secure` started, with its user and the password from <run dir>/secure/."""
     redis = state.get("redis", {})
-    url = redis.get("url")
-    if redis.get("user") and url != "memory":  # a Redis `up --secure` started: its user and password
+    url = redis["url"]
+    if redis.get("user") and url != "memory":
         password = (Path(state["run_dir"]) / "secure" / SECURE_FILES["redis_password"]).read_text().strip()
         url = with_redis_user(url, redis["user"], password)
-    redis_ok = url == "memory" or redis_answers(url)
-    log(f"{'redis':<10} {redis.get('url')} {'answers' if redis_ok else 'DOWN'}")
-    return 0 if ok else 1
+    return url
+
+
+def stop_service(name: str, *, kill: bool = False, grace_s: float = 15.0) -> int:
+    """Stop one part of the running stack (a service or 'redis'): SIGTERM (its drain; SIGKILL
+    after grace_s) or, with kill=True, SIGKILL at once (a crash). Returns the pid stopped. The
+    state keeps its entry so that start_service can start it again."""
+    state = read_state()
+    if state is None:
+        raise FailedPreconditionError(f"the stack is not running (no stack state in {run_dir()})")
+    pid = state["redis"]["pid"] if name == "redis" else state["services"][name]["pid"]
+    if not pid or not pid_alive(pid):
+        raise FailedPreconditionError(f"{name} is not running")
+    os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"{name} (pid {pid}) did not exit after SIGKILL")
+            time.sleep(0.05)
+    return pid
+
+
+def start_service(name: str, opts: StackOptions, timeout_s: float | None = None) -> int:
+    """Start one stopped part of the running stack again (a service or 'redis') with the settings
+    `up` gave it (opts: the ones given to `up`); waits until it is SERVING (Redis: answers).
+    Returns its new pid."""
+    state = read_state()
+    if state is None:
+        raise FailedPreconditionError(f"the stack is not running (no stack state in {run_dir()})")
+    folder = Path(state["run_dir"])
+    secure = secure_material(folder / "secure") if state.get("secure") else None
+    if name == "redis":
+        if not state["redis"]["pid"]:
+            raise FailedPreconditionError("the stack's Redis was not started by `up`, so it cannot restart it")
+        password = secure["redis_password"].read_text().strip() if secure and state["redis"].get("user") else None
+        pid = state["redis"]["pid"] = _start_redis(state["redis"]["url"], folder, password)
+    else:
+        entry = state["services"][name] = _spawn(name, opts, stack_redis_url(state), secure, folder)
+        pid = entry["pid"]
+    _state_file().write_text(json.dumps(state, indent=2))  # before the wait: `down` stops it even if the wait fails
+    if name != "redis":
+        _wait_service(name, entry, time.monotonic() + (opts.timeout_s if timeout_s is None else timeout_s), stack_security(state))
+    return pid
