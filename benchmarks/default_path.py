@@ -5,7 +5,9 @@ For the first N prompts of each evaluation file, every method decodes the same p
 backend with the default model and the shipped drafter and policy:
 
     autoregressive   block size 1, prompt lookup off: the baseline of every speed-up
-    default          what `blockpilot generate PROMPT` does: the policy picks the block size, lookup on
+    default          what `blockpilot generate PROMPT` does: the policy picks the block size, lookup on,
+                     and a step drops its draft where drafts do not pay on this engine (the speed gate)
+    default_ungated  the same without the speed gate: every step drafts as the policy and lookup allow
     lookup_off       the policy's block size, DFlash drafts only
     lookup_only      block size 1 with lookup on: prompt-lookup drafts, no drafter pass
 
@@ -43,22 +45,22 @@ from blockpilot.decoding.speculative import SamplingParams
 from blockpilot.policy.in_process import InProcessPolicy
 from blockpilot.runtime import load_engine, set_threads
 
-METHODS = ("autoregressive", "default", "lookup_off", "lookup_only")
+METHODS = ("autoregressive", "default", "default_ungated", "lookup_off", "lookup_only")
 BASELINE = "autoregressive"
 
 
-def run_method(engine, policy: InProcessPolicy, method: str, prompt_ids, params: SamplingParams) -> dict:
+def run_method(engine, policy: InProcessPolicy, method: str, prompt_ids, params: SamplingParams, gate) -> dict:
     lookup = LOOKUP_OFF if method in ("autoregressive", "lookup_off") else lookup_for(engine.decoder.target)
-    if method in ("default", "lookup_off"):
+    if method in ("default", "default_ungated", "lookup_off"):
         block_size = policy.hook(engine.default_block_size, engine.decoder.max_block_size)
     else:
         block_size = 1
-    result = engine.decoder.generate(prompt_ids, params, block_size, lookup=lookup)
+    result = engine.decoder.generate(prompt_ids, params, block_size, lookup=lookup, gate=gate if method == "default" else None)
     return {"token_ids": result.token_ids, "block_size": result.block_size, "tau": result.tau,
             "decode_s": result.decode_s, "decode_tokens_per_s": result.decode_tokens_per_s, "ttft_s": result.ttft_s,
             "steps": len(result.acceptance_lengths), "accepted_by_source": dict(result.accepted_by_source),
-            "drafter_passes_skipped": result.drafter_passes_skipped,
-            "fallback_reason": (policy.decision.fallback_reason if method in ("default", "lookup_off") and policy.decision else "")
+            "drafter_passes_skipped": result.drafter_passes_skipped, "capped_steps": result.capped_steps,
+            "fallback_reason": (policy.decision.fallback_reason if method in ("default", "default_ungated", "lookup_off") and policy.decision else "")
             or result.fallback_reason}
 
 
@@ -84,6 +86,8 @@ def summarize(rows: list[dict], methods: list[str], temperature: float, precisio
             "accepted_by_source": dict(accepted),
             "block_sizes": dict(Counter(str(r["block_size"]) for r in runs)),
             "drafter_passes_skipped": sum(r["drafter_passes_skipped"] for r in runs),
+            "capped_steps": sum(r["capped_steps"] for r in runs),
+            "steps": sum(r["steps"] for r in runs),
         }
         if temperature == 0:
             entry["lossless"] = sum(r["runs"][precision][method]["token_ids"] == r["runs"][precision][BASELINE]["token_ids"] for r in rows)
@@ -132,12 +136,15 @@ def main(argv=None) -> int:
         chosen = args.methods if temperature == 0 or args.sampled_methods is None else args.sampled_methods
         methods = [BASELINE] + [m for m in chosen if m != BASELINE]
         rows = []
+        # One speed gate per engine and temperature, learning across prompts as a serving process does.
+        gates = {precision: each.decoder.speed_gate() for precision, each in engines.items()}
         for prompt in tqdm(prompts, desc=f"T={temperature:g}", unit="prompt", file=sys.stderr):
             ids = engine.tokenizer.encode_chat([{"role": "user", "content": prompt["text"]}])
             params = SamplingParams(temperature=temperature, max_new_tokens=args.max_new_tokens,
                                     stop_token_ids=engine.tokenizer.stop_token_ids,
                                     seed=args.seed if temperature > 0 else None)
-            runs = {precision: {m: run_method(each, policy, m, ids, params) for m in methods} for precision, each in engines.items()}
+            runs = {precision: {m: run_method(each, policy, m, ids, params, gates[precision]) for m in methods}
+                    for precision, each in engines.items()}
             rows.append({"id": prompt["id"], "dataset": prompt["dataset"], "prompt_tokens": len(ids), "runs": runs})
         for precision in precisions:
             by_dataset = {}

@@ -516,7 +516,10 @@ def _generate(args: argparse.Namespace) -> int:
         draft_sampling=args.draft_sampling,
     )
     result = GenerationResult(prompt_token_ids=prompt_ids)
-    stream = engine.decoder.stream(prompt_ids, params, block_size, result, lookup=lookup)
+    # A chosen block size drops the drafts that do not pay on this engine (the verifier's load cap
+    # alone); a block size the user fixed is honoured as given.
+    gate = engine.decoder.speed_gate() if policy is not None else None
+    stream = engine.decoder.stream(prompt_ids, params, block_size, result, lookup=lookup, gate=gate)
     if args.json:
         for _ in stream:
             pass
@@ -546,6 +549,7 @@ def _generate(args: argparse.Namespace) -> int:
         "prompt_lookup": lookup.enabled,
         "accepted_by_source": result.accepted_by_source,
         "drafter_passes_skipped": result.drafter_passes_skipped,
+        "capped_steps": result.capped_steps,
         "backend": engine.backend,
         "precision": engine.precision,
         "policy_version": policy.decision.policy_version if policy and policy.decision else "",

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "blockpilot-onnx-target"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lone_token_ms
 # Opset 18: every op the graph uses exists there, and TensorRT 10's ONNX parser and ONNX Runtime
 # both support it (newer opsets add nothing this graph needs).
 DEFAULT_OPSET = 18
@@ -109,6 +109,10 @@ class ExportMetadata:
     # (fastest of a few rounds, on the machine and threads that exported), from which the engine
     # picks its prompt-lookup lengths (blockpilot.decoding.lookup.lengths_for_cost).
     verify_cost_ms: dict | None = None
+    # Fused graphs: ms of a lone token with one-row matmuls (verify_cost_ms["1"] is padded to two
+    # rows), measured where that gives exact numbers on the exporting CPU, else None (see
+    # onnxruntime_fused.lone_rows_match; the backend checks again where it runs).
+    lone_token_ms: float | None = None
     quantization: dict | None = None
     torch_version: str = ""
     onnx_version: str = ""
@@ -326,9 +330,10 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
     metadata = dataclasses.replace(metadata, opset=FUSED_OPSET, inputs=FUSED_INPUTS, outputs=outputs)
     if precision == FP32:
         write(GraphWeights())
-        return dataclasses.replace(metadata, verify_cost_ms=_measure(OnnxExport(folder, metadata), target, check_rows=False)[0])
+        curve, _, lone_ms = _measure(OnnxExport(folder, metadata), target, check_rows=False)
+        return dataclasses.replace(metadata, verify_cost_ms=curve, lone_token_ms=lone_ms)
     levels: dict[str, dict] = {}
-    curves: dict[int, dict[str, float]] = {}
+    curves: dict[int, tuple[dict[str, float], float | None]] = {}  # level -> (verify_cost_ms, lone_token_ms)
     codes_error = None
     for level in INT4_ACCURACY_LEVELS:
         write(GraphWeights(precision, codes.weights, level))
@@ -340,8 +345,9 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
                     f"the int4 graph with fp32 activations disagrees with the fp32 engine (scaled error {codes_error:.3g} > "
                     f"{EXPORT_CHECK_TOLERANCE}): the GGUF codes were not laid out as the engine's weights; not published"
                 )
-        curves[level], invariant = _measure(candidate, target, check_rows=True)
-        levels[str(level)] = {"ms": round(curves[level]["2"] + curves[level]["8"], 2), "row_invariant": invariant}
+        curve, invariant, lone_ms = _measure(candidate, target, check_rows=True)
+        curves[level] = (curve, lone_ms)
+        levels[str(level)] = {"ms": round(curve["2"] + curve["8"], 2), "row_invariant": invariant}
     usable = [level for level in INT4_ACCURACY_LEVELS if levels[str(level)]["row_invariant"]]
     if not usable:
         raise FailedPreconditionError(
@@ -353,7 +359,7 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
     if best != INT4_ACCURACY_LEVELS[-1]:
         write(GraphWeights(precision, codes.weights, best))
     return dataclasses.replace(
-        metadata, accuracy_level=best, accuracy_levels=levels, verify_cost_ms=curves[best],
+        metadata, accuracy_level=best, accuracy_levels=levels, verify_cost_ms=curves[best][0], lone_token_ms=curves[best][1],
         quantization={"source": codes.source, "quantized": len(codes.weights), "left_fp32": list(codes.left_fp32),
                       "max_abs_difference": codes.max_abs_difference, "fp32_activations_check_error": codes_error},
     )
@@ -363,12 +369,13 @@ VERIFY_COST_SIZES = 12  # the longest default lookup proposal (11) plus its anch
 
 
 def _measure(export: OnnxExport, target: TargetModel, *, check_rows: bool, context: int = 128,
-             rounds: int = 4) -> tuple[dict[str, float], bool]:
-    """({k: ms} of a verify pass of k = 1..VERIFY_COST_SIZES tokens (logits of every token) on
-    `context` cached tokens, whether rows are invariant (check_row_invariance; True when not
-    checked)). The sizes are timed round-robin and the fastest round of each kept: other
-    processes only ever add time."""
-    from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget, check_row_invariance
+             rounds: int = 4) -> tuple[dict[str, float], bool, float | None]:
+    """({k: ms} of a verify pass of k = 1..VERIFY_COST_SIZES tokens (logits of every token; one
+    token padded to two rows) on `context` cached tokens, whether rows are invariant
+    (check_row_invariance; True when not checked), ms of a lone token with one-row matmuls where
+    that is exact here (lone_rows_match; else None)). The passes are timed round-robin and the
+    fastest round of each kept: other processes only ever add time."""
+    from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget, check_row_invariance, lone_rows_match
 
     backend = FusedOnnxRuntimeTarget(export, target, verify_weights=False, check_rows=False)
     invariant = True
@@ -377,18 +384,28 @@ def _measure(export: OnnxExport, target: TargetModel, *, check_rows: bool, conte
             check_row_invariance(backend)
         except FailedPreconditionError:
             invariant = False
+    lone_exact = invariant and lone_rows_match(backend)
     generator = torch.Generator().manual_seed(0)
     cache = backend.new_cache(context + VERIFY_COST_SIZES)
     backend(torch.randint(target.config.vocab_size, (1, context), generator=generator), cache, num_logits=1)
     blocks = {k: torch.randint(target.config.vocab_size, (1, k), generator=generator) for k in range(1, VERIFY_COST_SIZES + 1)}
     best = {k: float("inf") for k in blocks}
+    lone_best = float("inf")
     for _ in range(rounds + 1):
         for k, block in blocks.items():
             began = time.perf_counter()
-            backend(block, cache)
+            backend(block, cache)  # a lone token padded: lone_rows_invariant is off (check_rows=False above)
             best[k] = min(best[k], time.perf_counter() - began)
             cache.truncate(context)
-    return {str(k): round(v * 1000, 3) for k, v in best.items()}, invariant
+        if lone_exact:
+            backend.lone_rows_invariant = True
+            began = time.perf_counter()
+            backend(blocks[1], cache)
+            lone_best = min(lone_best, time.perf_counter() - began)
+            backend.lone_rows_invariant = False
+            cache.truncate(context)
+    lone_ms = round(lone_best * 1000, 3) if lone_exact else None
+    return {str(k): round(v * 1000, 3) for k, v in best.items()}, invariant, lone_ms
 
 
 def _torch_export(graph: TargetGraph, path: Path, opset: int, max_positions: int) -> None:

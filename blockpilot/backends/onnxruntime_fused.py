@@ -20,11 +20,18 @@ batch). Measured on this graph with the default model (AVX-512 Zen 4, benchmarks
 every pass of 2 or more tokens gives each token exactly the same numbers, but a pass of a single
 token takes other kernels (MatMulNBits' and the fp32 GEMM's one-row paths, GroupQueryAttention's
 one-token path) and differs (fp32: 3.7e-5 in the logits; int4: 1.97, its one-row path quantizes the
-activations differently). So no sequence ever runs a single token: a lone token is padded with a
-second one, written past the sequence's end and never read (one slot of headroom in every cache
-this backend makes; 10-15 % on a one-token step). Whether the CPU at hand keeps rows invariant,
-alone and in a batch, is checked when the backend starts (check_row_invariance), not assumed:
-kernels are chosen by CPU features.
+activations differently). So no sequence ever runs a single token through one-token attention: a
+lone token is padded with a second one, written past the sequence's end and never read (one slot of
+headroom in every cache this backend makes). Whether the CPU at hand keeps rows invariant, alone
+and in a batch, is checked when the backend starts (check_row_invariance), not assumed: kernels are
+chosen by CPU features.
+
+The pad row is not free where the matmuls' cost grows with their rows (int4 with int8 activations:
+a 2-row pass costs about twice a 1-row one on an AVX-512 Xeon). On some CPUs the one-row matmul
+gives exactly the numbers of a row in a larger pass (measured: Xeon family 6 model 207); there a
+lone token runs the sessions graph as one session of one token (its attention still sees two
+rows), so its matmuls run one row. Checked at start-up (lone_rows_match), used only where exact;
+the export records the lone pass's cost beside the padded curve so the step planner prices it.
 """
 
 from __future__ import annotations
@@ -101,21 +108,32 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         self._bindings: dict[int, tuple[tuple, object]] = {}  # batch size -> (pool key, IOBinding): see _pool_binding
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._min_rows = MIN_PASS_ROWS if pad_single_tokens else 1
+        # Whether a lone token runs its matmuls as one row (lone_rows_match: kernels differ by CPU);
+        # never without the check, which needs the rest of the graph row-invariant first.
+        self.lone_rows_invariant = False
         log.info("onnxruntime backend: fused %s graph %s, %d threads, layers %s", self.precision, export.model_path,
                  self.threads, list(self.hidden_layer_ids))
         if check_rows and pad_single_tokens:
             check_row_invariance(self)
+            self.lone_rows_invariant = lone_rows_match(self)
+            log.info("a lone token's one-row matmuls give %s numbers on this CPU: lone tokens run %s",
+                     "the same" if self.lone_rows_invariant else "other",
+                     "unpadded" if self.lone_rows_invariant else "padded to two rows")
 
     # ---- the VerifierBackend surface ------------------------------------------------------------
 
     @property
     def verify_cost(self) -> dict[int, float] | None:
         """A verify pass of k tokens relative to one token, k = 1..12, as measured when this graph
-        was exported (None for an export without the measurement)."""
-        measured = self.export.metadata.verify_cost_ms
-        if not measured:
+        was exported (None for an export without the measurement); a lone token at its unpadded
+        cost when this backend runs it so (lone_rows_invariant) and the export measured that."""
+        metadata = self.export.metadata
+        if not metadata.verify_cost_ms:
             return None
-        return {int(k): v / measured["1"] for k, v in measured.items()}
+        measured = {int(k): v for k, v in metadata.verify_cost_ms.items()}
+        if self.lone_rows_invariant and metadata.lone_token_ms:
+            measured[1] = metadata.lone_token_ms
+        return {k: v / measured[1] for k, v in measured.items()}
 
     @property
     def device(self) -> torch.device:
@@ -169,7 +187,10 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         start = cache.reserve(steps)
         self._check_positions(positions, torch.arange(start, start + steps))
         wanted = steps if num_logits is None else min(max(num_logits, 1), steps)
-        out = self._run(tokens, cache, start, torch.arange(steps - wanted, steps))
+        if steps == 1 and self.lone_rows_invariant:  # no pad row through the matmuls (see lone_rows_match)
+            out = self._run_sessions(tokens, cache, [start], [1], torch.tensor([0, 1]), torch.arange(1))
+        else:
+            out = self._run(tokens, cache, start, torch.arange(steps - wanted, steps))
         cache.length = start + steps
         return ForwardOutput(logits=out["logits"][None] if num_logits != 0 else None,
                              hidden=out["hidden"][:, :steps] if hidden_layer_ids else None,
@@ -227,6 +248,15 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         if len(widths) != batch or min(widths) < 1 or max(widths) > steps:
             raise InvalidArgumentError(f"row_widths must give 1..{steps} tokens for each of the {batch} rows, got {widths}")
         starts = pool.reserve_rows(torch.tensor(widths))
+        if sum(widths) < self._min_rows and not self.lone_rows_invariant:
+            # One lone token in all: the matmuls would run one row (other kernels, other numbers),
+            # so it runs as a one-sequence pass on its pool row, padded (see the module docstring).
+            row = pool.row(0)
+            out = self._run(tokens[:1, :1], row, int(starts[0]), torch.arange(1))
+            pool.lengths[0] += 1
+            return ForwardOutput(logits=out["logits"][None] if num_logits != 0 else None,
+                                 hidden=out["hidden"][:, :1] if want_hidden and "hidden" in out else None,
+                                 final_state=out["final_state"][:, :1])
         # No padding: the sessions graph gives each session's attention a copy of its last token
         # (written past the row's end, never read; see fused_graph.sessions_graph).
         packed = torch.cat([tokens[b, : w] for b, w in enumerate(widths)])
@@ -258,7 +288,7 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
             log.info("onnxruntime backend: loaded the graph for %d sessions per pass", sessions)
         return session
 
-    def _run_sessions(self, tokens: torch.Tensor, pool: BatchKVCache, starts: list[int], widths: list[int],
+    def _run_sessions(self, tokens: torch.Tensor, pool: KVCache, starts: list[int], widths: list[int],
                       bounds: torch.Tensor, picks: torch.Tensor) -> dict[str, torch.Tensor]:
         """One run of the sessions graph: session b's widths[b] tokens (packed in `tokens` [1, N]
         at bounds[b]..bounds[b+1]) at slots starts[b].. of pool row b (and the copy of its last
@@ -346,3 +376,20 @@ def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5
             f"run the torch backend, or report this CPU"
         )
     log.info("row invariance checked: a block, its halves, single tokens and a batch of two sessions give identical logits")
+
+
+def lone_rows_match(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, block: int = 4) -> bool:
+    """Whether a lone token run with one-row matmuls (the sessions graph for one session of one
+    token: its attention still sees two rows) gives exactly the logits the same tokens get in a
+    block pass, on this CPU. Where it does, a one-token step need not pay for a pad row."""
+    generator = torch.Generator().manual_seed(4321)
+    vocab = backend.config.vocab_size
+    prompt = torch.randint(vocab, (1, prompt_len), generator=generator)
+    tokens = torch.randint(vocab, (1, block), generator=generator)
+    cache = backend.new_cache(prompt_len + block + 1)
+    backend(prompt, cache)
+    together = backend(tokens, cache).logits[0]
+    cache.truncate(prompt_len)  # token i goes to slot prompt_len + i, after the ones before it
+    lone = torch.cat([backend._run_sessions(tokens[:, i : i + 1], cache, [prompt_len + i], [1], torch.tensor([0, 1]),
+                                            torch.arange(1))["logits"] for i in range(block)])
+    return bool(torch.equal(lone, together))

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from blockpilot.decoding.load_cap import DraftRecord, PassCostModel, draft_pays
+from blockpilot.decoding.load_cap import DraftRecord, SpeculationGate
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
 from blockpilot.decoding.speculative import (DRAFT_SOURCES, BlockSizeHook, DecodeState, GenerationResult, SamplingParams,
                                              SpeculativeDecoder, StepEvent, StepPlan)
@@ -52,7 +52,7 @@ class BatchSession:
     owner: object | None = None
     load_cap: bool = True  # the load-aware cap may leave drafts out (False: the block size as given)
     # Load-aware cap: this session's drafted steps by draft source (see load_cap.py).
-    drafts: dict[str, DraftRecord] = field(default_factory=lambda: {s: DraftRecord() for s in DRAFT_SOURCES})
+    drafts: dict[str, DraftRecord] = field(default_factory=dict)
     pending_draft_s: float = 0.0  # drafter seconds of the step being verified
 
     @property
@@ -94,9 +94,6 @@ class BatchDecoder:
     result.capped_steps.
     """
 
-    PROBE_EVERY = 16  # a capped source is tried again after this many capped steps in a row
-    OWN_EVIDENCE = 3  # drafted steps of its own before a session is judged by them (before: the batch's)
-
     def __init__(self, decoder: SpeculativeDecoder, *, max_sessions: int, capacity: int, max_block_size: int = 16,
                  max_capacity: int | None = None, planner: Executor | None = None, passes: Executor | None = None,
                  load_aware: bool = False, ragged: bool = True) -> None:
@@ -109,10 +106,11 @@ class BatchDecoder:
         self.max_capacity = max(capacity, max_capacity or capacity)
         self.planner = planner
         self.passes = passes
-        self.costs = PassCostModel() if load_aware else None
-        self._last_step = (0.0, 0)  # (committed, verified tokens) of the last ragged step
-        self.pooled = {source: DraftRecord() for source in DRAFT_SOURCES}  # every session's drafted steps
         self.ragged = ragged and supports_ragged_batch(self.target)
+        # The cap prices one pass for all sessions (batch-1 backends run one per session), shaped
+        # by the backend's verify-cost curve where it has one (the matmuls' rows drive the cost).
+        self.gate = (SpeculationGate(DRAFT_SOURCES, getattr(self.target, "verify_cost", None))
+                     if load_aware and self.ragged else None)
         self.pool = self.target.new_batch_cache(capacity, max_sessions) if self.ragged else None
         self.sessions: list[BatchSession] = []  # ragged: sessions[i].row == i
 
@@ -176,6 +174,8 @@ class BatchDecoder:
         if self.active >= self.max_sessions:
             raise ResourceExhaustedError(f"the batch is full ({self.max_sessions} sessions)")
         session = BatchSession(state, cache, keep_cache=keep_cache, owner=owner, load_cap=load_cap)
+        if self.gate is not None:
+            session.drafts = self.gate.new_records()
         if self.ragged:
             need = self.needed_capacity(state.prompt_len, state.params)
             if need > self.pool.capacity:
@@ -210,34 +210,13 @@ class BatchDecoder:
             self.release(session)
         return outcomes
 
-    def _allowed_sources(self, session: BatchSession, cost) -> frozenset[str] | None:
-        """The draft sources that pay for this session now (None: all; see load_cap.py)."""
-        if self.costs is None or not self.ragged or cost is None or not session.load_cap:
-            return None
-        params = session.state.params
-        if params.temperature > 0 and params.seed is not None:
-            # Which uniforms a sampled step draws depends on its draft: a seeded request keeps
-            # its drafts so the same seed gives the same tokens under any load.
-            return None
-        committed, tokens = self._last_step
-        allowed = set()
-        for source, record in session.drafts.items():
-            # A new session is judged by what drafts from this source have done in the batch so far.
-            evidence = record if record.steps >= self.OWN_EVIDENCE else self.pooled[source]
-            if draft_pays(evidence, cost, committed, tokens) or record.capped_in_a_row >= self.PROBE_EVERY:
-                record.capped_in_a_row = 0
-                allowed.add(source)
-            else:
-                record.capped_in_a_row += 1
-        return frozenset(allowed)
-
     def _plan(self) -> list["StepPlan | BaseException"]:
-        cost = self.costs.fit() if self.costs is not None else None
-
         def plan(session: BatchSession):
             try:
-                sources = self._allowed_sources(session, cost)
                 state = session.state
+                params = state.params
+                sources = (self.gate.allowed(session.drafts, params.temperature, params.seed)
+                           if self.gate is not None and session.load_cap else None)
                 before = state.result.phase_s["draft"]
                 planned = self.decoder.plan_step(state, sources)
                 if sources is not None and len(sources) < len(DRAFT_SOURCES) and not planned.source:
@@ -273,12 +252,10 @@ class BatchDecoder:
             event = decoder.commit_step(state, plan, row_logits, hidden if state.feature_layers else None)
             self.pool.set_length(session.row, state.cache_length)
             outcomes.append((session, event))
-            if plan.source:
-                for record in (session.drafts[plan.source], self.pooled[plan.source]):
-                    record.add(event.drafted, len(event.token_ids), session.pending_draft_s)
-        if self.costs is not None:
-            self.costs.observe(sum(widths), passed)
-            self._last_step = (float(sum(len(e.token_ids) for _, e in outcomes)), sum(widths))
+            if plan.source and self.gate is not None:
+                self.gate.drafted(session.drafts, plan.source, event.drafted, len(event.token_ids), session.pending_draft_s)
+        if self.gate is not None:
+            self.gate.passed(sum(widths), passed, float(sum(len(e.token_ids) for _, e in outcomes)))
         return outcomes
 
     def _verify_each(self, planned: list[tuple[BatchSession, StepPlan]]) -> list[StepOutcome]:

@@ -31,6 +31,7 @@ import torch
 
 from blockpilot.decoding import acceptance
 from blockpilot.decoding.drafting import Draft, DraftProvider, DraftRequest, DraftSession
+from blockpilot.decoding.load_cap import SpeculationGate
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig, PromptLookupIndex
 from blockpilot.errors import DrafterUnavailableError, InvalidArgumentError, ResourceExhaustedError
 from blockpilot.models.kv_cache import KVCache
@@ -226,12 +227,18 @@ class SpeculativeDecoder:
         if block_size > 1 and block_size > drafter.max_block_size:
             raise InvalidArgumentError(f"block size must be <= {drafter.max_block_size}, got {block_size}")
 
+    def speed_gate(self) -> SpeculationGate:
+        """A gate that drops drafts which do not pay on this target (load_cap.py), priced by its
+        verify-cost curve where the backend measured one. One per caller: it learns from every
+        request it sees (share it across requests of one kind, not across kinds)."""
+        return SpeculationGate(DRAFT_SOURCES, getattr(self.target, "verify_cost", None))
+
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, block_size: int | BlockSizeHook = 1,
-        *, lookup: LookupConfig = LOOKUP_OFF,
+        *, lookup: LookupConfig = LOOKUP_OFF, gate: SpeculationGate | None = None,
     ) -> GenerationResult:
         result = GenerationResult(prompt_token_ids=list(prompt_ids))
-        for _ in self.stream(prompt_ids, params, block_size, result, lookup=lookup):
+        for _ in self.stream(prompt_ids, params, block_size, result, lookup=lookup, gate=gate):
             pass
         return result
 
@@ -247,6 +254,7 @@ class SpeculativeDecoder:
         prefix_features: torch.Tensor | None = None,
         collect_features: Sequence[int] = (),
         lookup: LookupConfig = LOOKUP_OFF,
+        gate: SpeculationGate | None = None,
     ) -> Iterator[StepEvent]:
         """Decode, yielding the tokens of each step as soon as they are committed. `result` (if
         given) is filled in as decoding goes and is complete when the iterator is exhausted.
@@ -265,6 +273,9 @@ class SpeculativeDecoder:
             `result.context_features`, even at block size 1 (the target pass returns them at almost no
             cost); must equal the drafter's target_layer_ids when there is a drafter.
         lookup: prompt-lookup drafting (off by default here; the CLI and the verifier turn it on).
+        gate: drop a step's draft where it does not pay for its cost (speed_gate(); a capped step
+            verifies the anchor alone, same output, counted in result.capped_steps); None: every
+            step drafts as the block size and lookup allow.
         A draft session that opens holding context already (`session.context_length`, a drafter
             cache resumed from an earlier turn) is sent context from that position on only.
         If the drafter fails (DrafterUnavailableError) the request continues at block size 1 with
@@ -282,14 +293,25 @@ class SpeculativeDecoder:
             if state.finished:
                 return
             self.open_drafting(state)
+            records = gate.new_records() if gate is not None else None
             while not state.finished:
-                plan = self.plan_step(state)
+                sources = gate.allowed(records, params.temperature, params.seed) if gate is not None else None
+                drafting = state.result.phase_s["draft"]
+                plan = self.plan_step(state, sources)
+                if sources is not None and len(sources) < len(DRAFT_SOURCES) and not plan.source:
+                    state.result.capped_steps += 1
                 began = time.perf_counter()
                 block = torch.tensor([plan.tokens], dtype=torch.long, device=self.target.device)
                 out = self.target(block, cache, num_logits=None, hidden_layer_ids=state.feature_layers)
-                state.result.phase_s["verify"] += time.perf_counter() - began
+                verified = time.perf_counter() - began
+                state.result.phase_s["verify"] += verified
                 event = self.commit_step(state, plan, out.logits[0], out.hidden[0] if out.hidden is not None else None)
                 cache.truncate(state.cache_length)
+                if gate is not None:
+                    gate.passed(len(plan.tokens), verified, len(event.token_ids))
+                    if plan.source:
+                        gate.drafted(records, plan.source, event.drafted, len(event.token_ids),
+                                     state.result.phase_s["draft"] - drafting)
                 yield event
         finally:
             self.finish(state)

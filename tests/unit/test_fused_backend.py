@@ -8,6 +8,8 @@ GGUF model's are), with a real GGUF file beside them."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -122,6 +124,31 @@ def test_a_lone_token_without_padding_would_break_row_invariance(backends, monke
     monkeypatch.setattr(onnxruntime_fused, "MIN_PASS_ROWS", 1)
     with pytest.raises(FailedPreconditionError, match="other logits in a pass of several tokens than alone"):
         FusedOnnxRuntimeTarget(backend.export, backend.torch_target, threads=1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_lone_token_runs_unpadded_only_where_its_one_row_numbers_are_exact(backends, precision):
+    """The start-up check decides per CPU; either way a lone token gets a block's numbers, and
+    the verify-cost curve prices a lone token as the backend runs it."""
+    backend = backends["llama", precision]
+    exact = onnxruntime_fused.lone_rows_match(backend)
+    assert backend.lone_rows_invariant == exact
+    meta = backend.export.metadata
+    assert (meta.lone_token_ms is not None) == exact  # measured on this CPU at export
+    prompt, block = torch.tensor([PROMPTS[0]]), torch.tensor([[5, 9, 2, 7]])
+    cache = backend.new_cache(32)
+    backend(prompt, cache)
+    together = backend(block, cache).logits[0]
+    cache.truncate(len(PROMPTS[0]))
+    alone = torch.cat([backend(block[:, i : i + 1], cache).logits[0] for i in range(4)])
+    assert torch.equal(alone, together)
+    unpadded = dataclasses.replace(meta, lone_token_ms=meta.verify_cost_ms["1"] / 2)
+    priced = FusedOnnxRuntimeTarget.__new__(FusedOnnxRuntimeTarget)
+    priced.export = dataclasses.replace(backend.export, metadata=unpadded)
+    for invariant, expected in ((True, meta.verify_cost_ms["2"] / (meta.verify_cost_ms["1"] / 2)),
+                                (False, meta.verify_cost_ms["2"] / meta.verify_cost_ms["1"])):
+        priced.lone_rows_invariant = invariant
+        assert priced.verify_cost[2] == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
@@ -257,6 +284,15 @@ def test_a_batch_of_sessions_gives_each_its_own_numbers(backends, name, precisio
         assert torch.equal(hidden, alone[row][1]), row
     with pytest.raises(InvalidArgumentError, match="one row per pool row in use"):
         backend(blocks[:2], pool, row_widths=[1, 1])
+    # One session with a lone token: still its one-session numbers (never a one-row matmul).
+    single = backend.new_batch_cache(24, 2)
+    cache = backend.new_cache(24)
+    backend(prompts[0], cache)
+    single.load_row(0, cache)
+    single.rows_in_use = 1
+    expected = backend(blocks[:1, :1], cache).logits[0]
+    assert torch.equal(backend(blocks[:1, :1], single, row_widths=[1]).logits[0], expected)
+    assert single.lengths[0].item() == cache.length
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])

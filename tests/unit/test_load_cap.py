@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blockpilot.decoding.batch import BatchDecoder
-from blockpilot.decoding.load_cap import DraftRecord, PassCostModel, draft_pays
+from blockpilot.decoding.load_cap import DraftRecord, PassCostModel, SpeculationGate, draft_pays
 from blockpilot.decoding.lookup import LookupConfig
 from blockpilot.decoding.speculative import SamplingParams
 
@@ -26,20 +26,24 @@ def test_the_pass_cost_fit_recovers_fixed_and_per_token_costs():
     assert fixed == pytest.approx(0.04, abs=1e-3) and per_token == pytest.approx(0.003, abs=1e-4)
 
 
+def line(fixed: float, per_token: float):
+    return lambda tokens: fixed + per_token * tokens
+
+
 def test_a_draft_pays_alone_but_not_in_a_compute_bound_batch():
     record = DraftRecord()
-    assert draft_pays(record, (0.04, 0.004), 1.0, 1)  # no evidence yet: try
+    assert draft_pays(record, line(0.04, 0.004), 1.0, 1)  # no evidence yet: try
     record.add(drafted=2, committed=2, draft_seconds=0.0)  # tau 2 over drafts of 2
     record.add(drafted=2, committed=1, draft_seconds=0.0)  # -> tau 1.5: half a token per 2 drafted
     # Alone: the step commits 1.5 tokens in 0.04 + 3 * 0.004 s (29 tok/s); the draft adds 0.5
     # tokens for 0.008 s (62 tok/s): it pays.
-    assert draft_pays(record, (0.04, 0.004), 1.5, 3)
+    assert draft_pays(record, line(0.04, 0.004), 1.5, 3)
     # 16 sessions of one token each: the batch makes 16 tokens in 0.104 s (154 tok/s); the same
     # draft still makes 62 tok/s: it does not.
-    assert not draft_pays(record, (0.04, 0.004), 16.0, 16)
+    assert not draft_pays(record, line(0.04, 0.004), 16.0, 16)
     # A drafter pass that costs time counts against it: alone, with a 50 ms drafter pass.
     slow = DraftRecord(steps=1, drafted=2, committed=2, draft_seconds=0.05)
-    assert not draft_pays(slow, (0.04, 0.004), 1.0, 1)
+    assert not draft_pays(slow, line(0.04, 0.004), 1.0, 1)
 
 
 def test_a_load_aware_batch_caps_drafts_and_keeps_the_outputs(tiny_decoder):
@@ -55,9 +59,78 @@ def test_a_load_aware_batch_caps_drafts_and_keeps_the_outputs(tiny_decoder):
     alone = [decoder.generate(p, params, b, lookup=LOOKUP).token_ids for p, params, b in work]
     batch = BatchDecoder(decoder, max_sessions=8, capacity=128, max_block_size=8, load_aware=True)
     # A compute-bound machine: every verified token costs as much as the whole fixed part.
-    batch.costs.fit = lambda: (0.001, 0.01)
+    batch.gate.costs.pass_seconds = lambda: line(0.001, 0.01)
     results = batch.run(work, lookup=LOOKUP)
     assert [r.token_ids for r in results] == alone
     assert sum(r.capped_steps for r in results) > 0
     # The untrained drafter's drafts never pay there; some lookup copies of repetitive text do.
     assert all(r.accepted_by_source["dflash"] <= 3 for r in results)
+
+
+def test_the_curve_cost_model_scales_the_exported_shape_by_the_observed_passes():
+    # A padded one-token pass costs about what a two-token one does; past that, rows add cost.
+    curve = {1: 1.0, 2: 1.1, 3: 1.5, 4: 1.9}
+    model = PassCostModel(relative_cost=curve)
+    assert model.pass_seconds() is None  # nothing observed yet
+    model.observe(1, 0.030)
+    model.observe(3, 0.045)
+    model.observe(1, 0.031)
+    seconds = model.pass_seconds()
+    assert seconds(1) == pytest.approx(0.030, rel=0.05)
+    assert seconds(2) == pytest.approx(0.033, rel=0.05)
+    assert seconds(6) == pytest.approx(0.030 * (1.9 + 2 * 0.4), rel=0.05)  # extended along the last segment
+    # The padded curve makes a one-token draft nearly free, which a straight line would not.
+    record = DraftRecord(steps=4, drafted=4, committed=6)  # tau 1.5 over one-token drafts
+    assert draft_pays(record, seconds, 1.0, 1)
+    assert not draft_pays(record, line(0.015, 0.015), 1.0, 1)  # unpadded, linear in rows: 2 x the cost
+
+
+def test_one_stream_with_a_gate_drops_drafts_that_do_not_pay_and_keeps_the_output(tiny_decoder):
+    decoder = tiny_decoder
+    vocab = decoder.target.config.vocab_size
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, vocab, (6,), generator=generator).tolist() * 4 for _ in range(3)]
+    params = SamplingParams(max_new_tokens=40)
+    plain = [decoder.generate(p, params, 1).token_ids for p in prompts]
+
+    free = decoder.speed_gate()
+    free.costs.pass_seconds = lambda: line(0.03, 0.0)  # verifying more rows costs nothing
+    for prompt, expected in zip(prompts, plain):
+        assert decoder.generate(prompt, params, 4, lookup=LOOKUP, gate=free).token_ids == expected
+        assert decoder.generate(prompt, params, 4, lookup=LOOKUP).capped_steps == 0  # no gate: never capped
+
+    dear = decoder.speed_gate()
+    dear.costs.pass_seconds = lambda: line(0.0, 0.03)  # every row costs a whole pass: nothing pays
+    results = [decoder.generate(p, params, 4, lookup=LOOKUP, gate=dear) for p in prompts]
+    assert [r.token_ids for r in results] == plain
+    assert all(r.capped_steps > 0 for r in results)
+    # Drafts came back only as probes (every PROBE_EVERY capped steps) once evidence existed.
+    drafted = sum(len(r.acceptance_lengths) for r in results) - sum(r.capped_steps for r in results)
+    assert drafted < sum(len(r.acceptance_lengths) for r in results) / 2
+
+
+def test_seeded_sampling_is_never_gated():
+    gate = SpeculationGate(("dflash", "lookup"))
+    gate.costs.pass_seconds = lambda: line(0.0, 1.0)
+    gate.passed(tokens=1, seconds=1.0, committed=1.0)
+    records = gate.new_records()
+    for _ in range(SpeculationGate.OWN_EVIDENCE):
+        gate.drafted(records, "dflash", drafted=3, committed=1, draft_seconds=0.0)
+    assert gate.allowed(records, 1.0, 123) is None
+    assert gate.allowed(records, 0.0, None) == frozenset({"lookup"})  # lookup: no evidence yet, tried
+
+
+def test_the_gate_judges_a_new_session_by_every_session_and_probes_a_capped_source():
+    gate = SpeculationGate(("dflash", "lookup"))
+    gate.costs.pass_seconds = lambda: line(0.01, 0.01)
+    gate.passed(tokens=1, seconds=0.02, committed=1.0)
+    veteran = gate.new_records()
+    for _ in range(SpeculationGate.OWN_EVIDENCE):
+        gate.drafted(veteran, "lookup", drafted=4, committed=5, draft_seconds=0.0)  # tau 5 for 4 rows: pays
+        gate.drafted(veteran, "dflash", drafted=4, committed=1, draft_seconds=0.0)  # tau 1: never pays
+    assert gate.allowed(veteran, 0.0, None) == frozenset({"lookup"})
+    newcomer = gate.new_records()  # no steps of its own: judged by the pooled records
+    assert gate.allowed(newcomer, 0.0, None) == frozenset({"lookup"})
+    for _ in range(SpeculationGate.PROBE_EVERY - 1):
+        assert "dflash" not in gate.allowed(newcomer, 0.0, None)
+    assert "dflash" in gate.allowed(newcomer, 0.0, None)  # the probe: tried again after PROBE_EVERY capped steps
