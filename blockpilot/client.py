@@ -8,6 +8,10 @@
         reply = client.generate(messages=[{"role": "user", "content": "Hi"}], new_session=True)
         again = client.generate(messages=[...whole conversation...], session_id=reply.session_id)
 
+    async with AsyncBlockPilotClient("127.0.0.1:50051") as client:   # the same, on an event loop
+        async for event in client.stream(token_ids=[1, 2, 3], max_new_tokens=32, timeout=30):
+            ...
+
 - Deadlines: `timeout` (seconds) bounds the whole stream and is propagated to every hop.
 - Retries only where safe: a call that fails UNAVAILABLE (or RESOURCE_EXHAUSTED: server busy)
   before its first message is retried with backoff, within the deadline; once a token was
@@ -18,10 +22,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
@@ -43,6 +48,20 @@ class StreamEvent:
     text: str = ""
     acceptance_length: int = 0
     final: verifier_pb2.GenerateFinal | None = None
+    # Set on the first delta only: prompt token count and the block size chosen, with the policy
+    # version and arm that chose it (a caller that ends the stream early still has them).
+    prompt_tokens: int = 0
+    block_size: int = 0
+    policy_version: str = ""
+    arm: str = ""
+
+    @classmethod
+    def of(cls, message: verifier_pb2.GenerateResponse) -> "StreamEvent":
+        if message.WhichOneof("payload") == "final":
+            return cls(message.index, message.session_id, final=message.final)
+        d = message.delta
+        return cls(message.index, message.session_id, tuple(d.token_ids), d.text, d.acceptance_length,
+                   prompt_tokens=d.prompt_tokens, block_size=d.block_size, policy_version=d.policy_version, arm=d.arm)
 
 
 @dataclass
@@ -150,12 +169,7 @@ class BlockPilotClient:
             try:
                 for message in call:
                     received = True
-                    kind = message.WhichOneof("payload")
-                    if kind == "delta":
-                        d = message.delta
-                        yield StreamEvent(message.index, message.session_id, tuple(d.token_ids), d.text, d.acceptance_length)
-                    elif kind == "final":
-                        yield StreamEvent(message.index, message.session_id, final=message.final)
+                    yield StreamEvent.of(message)
                 return
             except grpc.RpcError as err:
                 code = err.code()
@@ -174,3 +188,59 @@ class BlockPilotClient:
             if event.final is not None:
                 return Reply.from_final(event.session_id, event.final)
         raise RuntimeError("the stream ended without a final message")
+
+
+class AsyncBlockPilotClient:
+    """BlockPilotClient for asyncio callers (the HTTP gateway): the same requests, events, deadline
+    and retry rule, on a grpc.aio channel, so a stream needs no thread and cancelling the task
+    that iterates it cancels the call."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 300.0, retries: int = 3,
+                 backoff_s: float = 0.2, security: ClientSecurity = ClientSecurity()) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.security = security
+        self.channel = security.aio_channel(address, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self._stub = verifier_pb2_grpc.VerifierStub(self.channel)
+
+    async def __aenter__(self) -> "AsyncBlockPilotClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def stream(self, *, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = (),
+                     **request_args) -> AsyncIterator[StreamEvent]:
+        """Stream one generation (arguments as build_request). metadata: sent with the call besides
+        the configured token (the gateway forwards its caller's `authorization` this way). Closing
+        the iterator early, or cancelling its task, cancels the call."""
+        request = build_request(**request_args)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        metadata = tuple(metadata) + tuple(m for m in self.security.metadata() if m[0] not in {k for k, _ in metadata})
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
+            received = False
+            try:
+                async for message in call:
+                    received = True
+                    yield StreamEvent.of(message)
+                return
+            except grpc.RpcError as err:
+                code = err.code()
+                retry_left = attempt < self.retries and not received and code in _RETRYABLE
+                pause = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+                if not retry_left or (deadline is not None and time.monotonic() + pause >= deadline):
+                    raise from_rpc_error(err, "Generate") from None
+                attempt += 1
+                await asyncio.sleep(pause)
+            finally:
+                call.cancel()

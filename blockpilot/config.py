@@ -209,6 +209,27 @@ class PolicyServiceConfig(ServiceConfig):
     admin_token_file: str = opt("", "admin bearer tokens (admin RPCs, e.g. policy Reload; they may call the data plane too)", _file_or_empty)
 
 
+@dataclass(frozen=True)
+class GatewayServiceConfig(ServiceConfig):
+    """HTTP gateway (the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models) in front of the verifier."""
+
+    SERVICE = "gateway"
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 in containers)", _nonempty)
+    port: int = opt(8000, "HTTP port (serves /metrics and /health too)", _port())
+    verifier_address: str = opt("127.0.0.1:50051", "verifier service HOST:PORT", lambda v: _nonempty(v) or _address(v))
+    model_name: str = opt("blockpilot", "model id listed by /v1/models; requests must name it in `model`", _nonempty)
+    request_timeout_s: float = opt(300.0, "deadline of one generation, passed to the verifier (and on to every hop)",
+                                   _at_least(0.01))
+    grace_s: float = opt(10.0, "on SIGTERM: time in-flight requests get to finish", _at_least(0))
+    log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+    tls_cert: str = opt("", "PEM certificate chain: serve HTTPS (with tls_key)", _file_or_empty)
+    tls_key: str = opt("", "PEM private key of tls_cert", _file_or_empty)
+    client_tls_ca: str = opt("", "PEM CA this gateway trusts when it calls the verifier (TLS on)", _file_or_empty)
+    client_tls_cert: str = opt("", "PEM client certificate it presents to the verifier (mTLS, with client_tls_key)",
+                               _file_or_empty)
+    client_tls_key: str = opt("", "PEM key of client_tls_cert", _file_or_empty)
+
+
 C = TypeVar("C", bound=ServiceConfig)
 
 

@@ -71,6 +71,10 @@ class Service:
         self.flags = {"port": self.port, "metrics_port": self.metrics_port, "threads": 1, **flags}
         if name == "policy":
             self.flags.pop("threads")
+        if name == "gateway":  # HTTP: /metrics on its own port, no torch
+            self.metrics_port = self.port
+            self.flags.pop("threads")
+            self.flags.pop("metrics_port")
         if name == "verifier":
             # These stacks test the pipeline, so they keep the torch engine (no export per tiny
             # model); the default onnxruntime backend has its own stacks (test_backends_pipeline.py)
@@ -98,7 +102,10 @@ class Service:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log()[-2000:]}")
-            if health_status(self.address, f"blockpilot.v1.{self.name.capitalize()}", timeout_s=0.5) == "SERVING":
+            if self.name == "gateway":
+                if http_status(f"http://{self.address}/health") == 200:
+                    return self
+            elif health_status(self.address, f"blockpilot.v1.{self.name.capitalize()}", timeout_s=0.5) == "SERVING":
                 return self
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} not SERVING after {timeout} s: {self.log()[-2000:]}")
@@ -135,6 +142,19 @@ class Service:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     total += sample.value
         return total
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of a GET (None when nothing answers)."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1) -> bool:

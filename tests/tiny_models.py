@@ -112,3 +112,25 @@ def quantized_tiny_model(model_type: str, out_dir: Path, seed: int = 0, **overri
     writer.write_tensors_to_file()
     writer.close()
     return save_tiny_hf_model(model, out_dir / "hf"), gguf_path
+
+
+def add_char_chat_tokenizer(model_dir: Path) -> list[str]:
+    """A tokenizer with one character per id over the whole tiny vocabulary (every id the random
+    model can generate decodes to text) and a ChatML template; ids 0-4 are the special tokens
+    (end of turn: <|im_end|> = 4). Returns the vocabulary, id order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,?!:;'\"-_()[]{}<>/|@#$%^&*+=~"
+    vocab = specials + list(chars[:TINY_VOCAB - len(specials)])
+    assert len(vocab) == TINY_VOCAB
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # characters joined as they are (WordLevel's default puts spaces between)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.save_pretrained(model_dir)
+    return vocab

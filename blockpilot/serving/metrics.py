@@ -70,6 +70,17 @@ POLICY_LOAD_FAILURES = Counter("blockpilot_policy_load_failures",
                                "Policy versions that failed to load (not served; the version before keeps serving)",
                                ["policy_version"])
 
+# HTTP gateway (its own /metrics on its HTTP port).
+GATEWAY_REQUESTS = Counter("blockpilot_gateway_requests", "HTTP requests of the gateway, by endpoint and HTTP status",
+                           ["endpoint", "status"])
+GATEWAY_TTFT = Histogram("blockpilot_gateway_time_to_first_token_seconds",
+                         "Time from an HTTP request's arrival to its first generated text (through the verifier)",
+                         ["endpoint"], buckets=_TTFT_BUCKETS)
+GATEWAY_DISCONNECTS = Counter("blockpilot_gateway_disconnects",
+                              "Generations cut short because the HTTP client went away (the gRPC stream was cancelled)")
+GATEWAY_STOP_STRINGS = Counter("blockpilot_gateway_stop_strings",
+                               "Generations the gateway ended at a stop string (the gRPC stream was cancelled)")
+
 
 def start_metrics_server(port: int, host: str) -> None:
     """Serve /metrics on host:port (port 0 = disabled)."""

@@ -587,6 +587,11 @@ class VerifierCore:
             metrics.GENERATED_TOKENS.inc(len(tokens))
             delta = verifier_pb2.TokenDelta(token_ids=tokens, text=text.push(tokens) if text else "",
                                             acceptance_length=event.acceptance_length or 0)
+            if index == 0:
+                delta.prompt_tokens = len(turn.prompt_ids)
+                delta.block_size = turn.block_size
+                if turn.decision:
+                    delta.policy_version, delta.arm = turn.decision.policy_version, turn.decision.arm
             yield verifier_pb2.GenerateResponse(index=index, session_id=turn.session_id, delta=delta)
             index += 1
         resume = turn.recorder.resume if turn.recorder is not None else None

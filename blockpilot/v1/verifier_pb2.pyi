@@ -97,14 +97,22 @@ class GenerateRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., block_size_mode: _Optional[_Union[BlockSizeMode, str]] = ..., block_size: _Optional[int] = ..., policy: _Optional[str] = ..., session_id: _Optional[str] = ..., new_session: _Optional[bool] = ..., return_prompt_token_ids: _Optional[bool] = ..., prompt_lookup: _Optional[_Union[PromptLookup, str]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
-    __slots__ = ("token_ids", "text", "acceptance_length")
+    __slots__ = ("token_ids", "text", "acceptance_length", "prompt_tokens", "block_size", "policy_version", "arm")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     acceptance_length: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., acceptance_length: _Optional[int] = ...) -> None: ...
+    prompt_tokens: int
+    block_size: int
+    policy_version: str
+    arm: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., acceptance_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "cached_draft_tokens")

@@ -1,0 +1,307 @@
+"""The OpenAI API's request and response shapes, mapped onto the verifier's Generate (used by the
+HTTP gateway; no I/O here).
+
+Requests: the body of /v1/chat/completions or /v1/completions becomes `build_request` arguments
+(blockpilot.client) plus what the gateway itself does (stop strings, streaming, usage in the
+stream). What Generate cannot honour is refused with a message naming the field, never ignored:
+n > 1, top_p < 1, penalties, logprobs, tools. Extra fields of this server: block_size (a number,
+"auto" or "off"), policy, prompt_lookup, session_id, new_session.
+
+Responses: OpenAI's objects; `usage` carries the counts plus the acceptance record under the one
+extension key `blockpilot` (tau, block_size, policy_version, arm, ...).
+
+Errors: every failure becomes (HTTP status, {"error": {"message", "type", "code"}}) in
+`error_response`, the one place where gRPC status codes map to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from blockpilot.errors import BlockPilotError, InvalidArgumentError
+
+EXTENSION = "blockpilot"  # the one key under which responses carry this server's own fields
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+
+# gRPC status -> (HTTP status, OpenAI error type). The one mapping of the gateway.
+_HTTP_BY_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ABORTED: (409, "conflict_error"),  # a session used by two streams at once
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# OpenAI fields that Generate cannot honour, with the value that means "not used": any other value
+# is refused (a client asking for them would otherwise get something it did not ask for).
+_NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0,
+            "logit_bias": {}, "tools": [], "tool_choice": "none", "functions": [], "response_format": {"type": "text"},
+            "best_of": 1, "echo": False, "suffix": "", "store": False, "modalities": ["text"], "reasoning_effort": None,
+            "prediction": None, "audio": None, "web_search_options": None}
+
+
+def error_body(message: str, error_type: str, code: str | None) -> dict:
+    return {"error": {"message": message, "type": error_type, "code": code, "param": None}}
+
+
+def error_response(err: BaseException) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error body) of a failed request. A BlockPilotError keeps its message
+    (a client's typed error carries the verifier's status code); anything else is the caller's to
+    log, and the client gets a generic 500."""
+    if isinstance(err, BlockPilotError):
+        code = getattr(err, "status_code", None) or getattr(grpc.StatusCode, err.grpc_code, grpc.StatusCode.INTERNAL)
+        status, error_type = _HTTP_BY_CODE.get(code, (500, "internal_error"))
+        return status, error_body(str(err), error_type, code.name.lower())
+    return 500, error_body("internal error (details are in the gateway log)", "internal_error", "internal")
+
+
+@dataclass
+class Completion:
+    """One parsed request: what goes to Generate (`generate_args`) and what the gateway does."""
+
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool  # streams: a last chunk with usage (stream_options.include_usage)
+    stop: tuple[str, ...]
+    user: str
+    generate_args: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+
+def _expect(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise InvalidArgumentError(f"'{name}' must be {what}, got {value!r}")
+    return value
+
+
+def _int_in(body: dict, name: str, low: int, high: int | None = None) -> int | None:
+    value = _expect(body, name, (int,), "an integer")
+    if value is not None and (value < low or (high is not None and value > high)):
+        raise InvalidArgumentError(f"'{name}' must be {'>= ' + str(low) if high is None else f'in {low}..{high}'}, got {value}")
+    return value
+
+
+def _text_content(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of text parts (other part kinds are refused)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else part
+                raise InvalidArgumentError(f"{where}: only text content parts are supported, got {kind!r}")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise InvalidArgumentError(f"{where}: 'content' must be a string or a list of text parts")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgumentError("'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidArgumentError(f"{where} must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise InvalidArgumentError(f"{where}: role {role!r} is not supported (use one of {sorted(_ROLES)})")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise InvalidArgumentError(f"{where}: tool calls are not supported")
+        out.append({"role": _ROLES[role], "content": _text_content(message.get("content"), where)})
+    return out
+
+
+def _prompt(body: dict) -> dict:
+    """/v1/completions' prompt: a string, or token ids (a list of integers); one prompt only."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and prompt:
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return {"token_ids": prompt}
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise InvalidArgumentError("one prompt per request: 'prompt' lists several (send one request each)")
+    raise InvalidArgumentError("'prompt' must be a non-empty string or a non-empty list of token ids")
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise InvalidArgumentError("'stop' must be a non-empty string or a list of non-empty strings")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidArgumentError(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    return tuple(dict.fromkeys(stops))
+
+
+def parse(body: Any, *, chat: bool, model_name: str) -> Completion:
+    """A request body -> Completion; what is wrong raises InvalidArgumentError (a 400) naming the
+    field, or NotFoundError for another model."""
+    from blockpilot.errors import NotFoundError
+
+    if not isinstance(body, dict):
+        raise InvalidArgumentError("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidArgumentError("'model' is required (see GET /v1/models)")
+    if model != model_name:
+        raise NotFoundError(f"the model {model!r} does not exist here; this server serves {model_name!r}")
+    for name, neutral in _NEUTRAL.items():
+        value = body.get(name)
+        if value is not None and value != neutral and not (name == "tool_choice" and value == "auto" and not body.get("tools")):
+            raise InvalidArgumentError(f"'{name}' is not supported by this server (got {value!r})")
+    n = _int_in(body, "n", 1)
+    if n not in (None, 1):
+        raise InvalidArgumentError(f"'n' must be 1: this server returns one choice per request (got {n})")
+    max_tokens = _int_in(body, "max_tokens", 1)
+    max_completion = _int_in(body, "max_completion_tokens", 1)
+    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+        raise InvalidArgumentError("'max_tokens' and 'max_completion_tokens' disagree: give one")
+    temperature = _expect(body, "temperature", (int, float), "a number")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise InvalidArgumentError(f"'temperature' must be in 0..2, got {temperature}")
+    seed = _int_in(body, "seed", 0, 2 ** 64 - 1)
+    stream = _expect(body, "stream", (bool,), "true or false") or False
+    options = _expect(body, "stream_options", (dict,), "an object") or {}
+    include_usage = options.get("include_usage") is True
+    user = _expect(body, "user", (str,), "a string") or ""
+    args: dict[str, Any] = _prompt(body) if not chat else {"messages": _messages(body)}
+    args.update(max_new_tokens=max_tokens or max_completion or 0, temperature=float(temperature or 0.0), seed=seed)
+    block_size = body.get("block_size")
+    if block_size is not None:
+        if block_size not in ("auto", "off") and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+            raise InvalidArgumentError(f"'block_size' must be 'auto', 'off' or an integer >= 1, got {block_size!r}")
+        args["block_size"] = block_size
+    policy = _expect(body, "policy", (str,), "a policy name")
+    if policy:
+        args["policy"] = policy
+    lookup = _expect(body, "prompt_lookup", (bool,), "true or false")
+    if lookup is not None:
+        args["prompt_lookup"] = lookup
+    session_id = _expect(body, "session_id", (str,), "a session id string")
+    if session_id:
+        args["session_id"] = session_id
+    if _expect(body, "new_session", (bool,), "true or false"):
+        args["new_session"] = True
+    return Completion(chat=chat, model=model, stream=stream, include_usage=include_usage, stop=_stop(body), user=user,
+                      generate_args=args)
+
+
+class StopMatcher:
+    """Cuts generated text at the first stop string. push() returns the text that may be sent now:
+    it holds back the longest tail that could still begin a stop string, so a stop string split
+    across deltas is never sent in part."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""  # all text so far (up to the cut once stopped)
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        start = max(0, len(self.text) - self.hold)
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+            return self.flush()
+        ready = len(self.text) - self.hold
+        if ready <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:ready], ready
+        return out
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+@dataclass
+class Outcome:
+    """What a generation left for the response: counts and the acceptance record (from the final
+    message, or from the first delta and the deltas when a stop string ended it early)."""
+
+    text: str = ""
+    finish_reason: str = "length"
+    session_id: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    acceptance_lengths: list[int] = field(default_factory=list)
+    block_size: int = 0
+    policy_version: str = ""
+    arm: str = ""
+    fallback_reason: str = ""
+    cached_prompt_tokens: int = 0
+
+    def usage(self) -> dict:
+        steps = self.acceptance_lengths
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens},
+                EXTENSION: {"tau": sum(steps) / len(steps) if steps else 0.0, "block_size": self.block_size,
+                            "policy_version": self.policy_version, "arm": self.arm,
+                            "acceptance_lengths": steps, "fallback_reason": self.fallback_reason}}
+
+
+def response(c: Completion, outcome: Outcome) -> dict:
+    """The whole (non-streamed) response object."""
+    if c.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "finish_reason": outcome.finish_reason,
+                  "logprobs": None}
+    else:
+        choice = {"index": 0, "text": outcome.text, "finish_reason": outcome.finish_reason, "logprobs": None}
+    body = {"id": c.id, "object": "chat.completion" if c.chat else "text_completion", "created": c.created,
+            "model": c.model, "choices": [choice], "usage": outcome.usage()}
+    if outcome.session_id:
+        body[EXTENSION] = {"session_id": outcome.session_id}
+    return body
+
+
+def chunk(c: Completion, text: str | None = None, finish_reason: str | None = None, *, role: bool = False,
+          usage: dict | None = None, session_id: str = "") -> dict:
+    """One streamed chunk: text and/or a finish reason, the assistant role (chat's first chunk), or
+    the usage chunk (no choices)."""
+    if usage is not None:
+        choices = []
+    elif c.chat:
+        delta: dict = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+    else:
+        choices = [{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}]
+    body = {"id": c.id, "object": "chat.completion.chunk" if c.chat else "text_completion", "created": c.created,
+            "model": c.model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    if session_id:
+        body[EXTENSION] = {"session_id": session_id}
+    return body
