@@ -357,13 +357,16 @@ def _drafter_eval(args: argparse.Namespace) -> int:
 
 def _add_stack_parsers(sub) -> None:
     """`blockpilot up | down | status`: the local service stack (blockpilot/serving/stack.py)."""
-    up = sub.add_parser("up", help="start Redis (if needed) and the policy, drafter and verifier services on loopback")
+    up = sub.add_parser("up", help="start Redis (if needed), the policy, drafter and verifier services and the HTTP "
+                                   "gateway (OpenAI API) on loopback")
     up.add_argument("--target", default="default", help="target model of the verifier and drafter")
     up.add_argument("--drafter", default="", help="drafter of the drafter service ('' = the engine's default, 'random', 'none', a path)")
     up.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use (started when none answers and redis-server is installed)")
     for name, port, metrics_port in (("verifier", 50051, 9101), ("drafter", 50052, 9102), ("policy", 50053, 9103)):
         up.add_argument(f"--{name}-port", type=positive_int, default=port)
         up.add_argument(f"--{name}-metrics-port", type=int, default=metrics_port)
+    up.add_argument("--gateway-port", type=positive_int, default=8000, help="HTTP port of the gateway (the OpenAI API)")
+    up.add_argument("--gateway-metrics-port", type=int, default=9104)
     up.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per service")
     up.add_argument("--backend", choices=BACKENDS, default="",
                     help="the verifier's backend (default: its config's, i.e. BLOCKPILOT_VERIFIER_BACKEND, else onnxruntime)")
@@ -386,10 +389,12 @@ def _stack(args: argparse.Namespace) -> int:
         opts = stack.StackOptions(
             target=args.target, drafter=args.drafter, redis_url=args.redis_url, verifier_port=args.verifier_port,
             drafter_port=args.drafter_port, policy_port=args.policy_port, verifier_metrics_port=args.verifier_metrics_port,
-            drafter_metrics_port=args.drafter_metrics_port, policy_metrics_port=args.policy_metrics_port,
+            drafter_metrics_port=args.drafter_metrics_port, policy_metrics_port=args.policy_metrics_port, gateway_port=args.gateway_port,
+            gateway_metrics_port=args.gateway_metrics_port,
             threads=args.threads, timeout_s=args.timeout, backend=args.backend, precision=args.precision, secure=args.secure)
         state = stack.up(opts)
-        print(f"stack up: verifier at {state['services']['verifier']['address']} (logs in {state['run_dir']})")
+        print(f"stack up: verifier at {state['services']['verifier']['address']}, OpenAI API at "
+              f"{'https' if opts.secure else 'http'}://{state['services']['gateway']['address']}/v1 (logs in {state['run_dir']})")
         return 0
     if args.command == "down":
         return stack.down(args.grace)

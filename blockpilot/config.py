@@ -216,6 +216,8 @@ class GatewayServiceConfig(ServiceConfig):
     SERVICE = "gateway"
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 in containers)", _nonempty)
     port: int = opt(8000, "HTTP port (serves /metrics and /health too)", _port())
+    metrics_port: int = opt(0, "Prometheus /metrics on a port of its own too, as the other services have (0 = only on the "
+                               "HTTP port)", _port(True))
     verifier_address: str = opt("127.0.0.1:50051", "verifier service HOST:PORT", lambda v: _nonempty(v) or _address(v))
     model_name: str = opt("blockpilot", "model id listed by /v1/models; requests must name it in `model`", _nonempty)
     request_timeout_s: float = opt(300.0, "deadline of one generation, passed to the verifier (and on to every hop)",

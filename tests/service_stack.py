@@ -71,10 +71,8 @@ class Service:
         self.flags = {"port": self.port, "metrics_port": self.metrics_port, "threads": 1, **flags}
         if name == "policy":
             self.flags.pop("threads")
-        if name == "gateway":  # HTTP: /metrics on its own port, no torch
-            self.metrics_port = self.port
+        if name == "gateway":  # HTTP, no torch
             self.flags.pop("threads")
-            self.flags.pop("metrics_port")
         if name == "verifier":
             # These stacks test the pipeline, so they keep the torch engine (no export per tiny
             # model); the default onnxruntime backend has its own stacks (test_backends_pipeline.py)

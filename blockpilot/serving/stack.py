@@ -2,7 +2,7 @@
 
 `up` starts Redis (when none answers on the URL and `redis-server` is installed; otherwise the
 services use their in-memory store, with a warning), then the policy, drafter and verifier services
-on loopback, each as `python -m services.<name>` with its settings in BLOCKPILOT_<SERVICE>_* env
+and the HTTP gateway in front of the verifier on loopback, each as `python -m services.<name>` with its settings in BLOCKPILOT_<SERVICE>_* env
 variables; waits until every one is SERVING; prints the addresses. State (pids, addresses, logs)
 lives in the run folder: $BLOCKPILOT_RUN_DIR, else $BLOCKPILOT_CACHE/run (default
 ~/.cache/blockpilot/run).
@@ -24,7 +24,8 @@ from urllib.parse import urlparse
 
 from blockpilot.errors import FailedPreconditionError, UnavailableError
 
-SERVICES = ("policy", "drafter", "verifier")  # start order; stopped in reverse
+SERVICES = ("policy", "drafter", "verifier", "gateway")  # start order; stopped in reverse
+HTTP_SERVICES = ("gateway",)  # health at GET /health on their HTTP port, not gRPC health checking
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,11 @@ class StackOptions:
     verifier_port: int = 50051
     drafter_port: int = 50052
     policy_port: int = 50053
+    gateway_port: int = 8000  # HTTP: the OpenAI API, /health and /metrics
     verifier_metrics_port: int = 9101
     drafter_metrics_port: int = 9102
     policy_metrics_port: int = 9103
+    gateway_metrics_port: int = 9104
     threads: int = 1
     timeout_s: float = 600.0
     backend: str = ""  # the verifier's backend; '' = its config's (env BLOCKPILOT_VERIFIER_BACKEND, else onnxruntime)
@@ -225,7 +228,12 @@ def _start_redis(url: str, folder: Path, password: str | None = None) -> int:
 def _service_env(name: str, opts: StackOptions, redis_url: str, secure: dict[str, Path] | None = None) -> dict[str, str]:
     port = getattr(opts, f"{name}_port")
     values = {"host": opts.host, "port": port, "metrics_port": getattr(opts, f"{name}_metrics_port")}
-    if secure is not None:
+    if name == "gateway":  # HTTPS with the stack's server certificate; the verifier is called over TLS
+        values["verifier_address"] = f"{opts.host}:{opts.verifier_port}"
+        if secure is not None:
+            values.update(tls_cert=secure["server_cert"], tls_key=secure["server_key"], client_tls_ca=secure["ca"],
+                          client_tls_cert=secure["client_cert"], client_tls_key=secure["client_key"])
+    elif secure is not None:
         values.update(tls_cert=secure["server_cert"], tls_key=secure["server_key"], token_file=secure["token"],
                       admin_token_file=secure["admin_token"])
         if name != "verifier":  # internal services take only the services' client certificate
@@ -265,9 +273,42 @@ def _spawn(name: str, opts: StackOptions, redis_url: str, secure: dict[str, Path
             "metrics": f"http://{opts.host}:{getattr(opts, f'{name}_metrics_port')}/metrics"}
 
 
+def http_health(address: str, security=None, timeout_s: float = 2.0) -> str:
+    """SERVING (GET /health answers 200) / NOT_SERVING (another status) / DOWN (no answer) of an
+    HTTP service; over HTTPS when `security` (a ClientSecurity) has a CA."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    tls = security is not None and security.tls
+    context = ssl.create_default_context(cafile=security.tls_ca) if tls else None
+    try:
+        with urllib.request.urlopen(f"{'https' if tls else 'http'}://{address}/health", timeout=timeout_s, context=context):
+            return "SERVING"
+    except urllib.error.HTTPError:
+        return "NOT_SERVING"
+    except OSError:
+        return "DOWN"
+
+
+def service_health(name: str, address: str, security=None) -> str:
+    """SERVING / NOT_SERVING / UNKNOWN / DOWN of one of the stack's services."""
+    if name in HTTP_SERVICES:
+        return http_health(address, security)
+    return health_status(address, f"blockpilot.v1.{name.capitalize()}", security=security)
+
+
 def _wait_service(name: str, entry: dict, deadline: float, security) -> None:
     try:
-        wait_serving(entry["address"], f"blockpilot.v1.{name.capitalize()}", deadline, entry["pid"], security)
+        if name in HTTP_SERVICES:
+            while service_health(name, entry["address"], security) != "SERVING":
+                if not pid_alive(entry["pid"]):
+                    raise UnavailableError(f"{name} exited before it was SERVING")
+                if time.monotonic() > deadline:
+                    raise UnavailableError(f"{name} was not SERVING within the timeout")
+                time.sleep(0.3)
+        else:
+            wait_serving(entry["address"], f"blockpilot.v1.{name.capitalize()}", deadline, entry["pid"], security)
     except UnavailableError as err:
         tail = Path(entry["log"]).read_text(errors="replace").strip().splitlines()[-5:]
         raise UnavailableError(f"{err}; last lines of {entry['log']}: " + " | ".join(tail)) from None
@@ -368,7 +409,7 @@ def status(log=print) -> int:
             ok = False
             log(f"{name:<10} not started")
             continue
-        health = health_status(entry["address"], f"blockpilot.v1.{name.capitalize()}", security=stack_security(state))
+        health = service_health(name, entry["address"], stack_security(state))
         alive = pid_alive(entry["pid"])
         ok &= health == "SERVING"
         log(f"{name:<10} {entry['address']} {health} (pid {entry['pid']} {'alive' if alive else 'gone'})")

@@ -15,6 +15,7 @@ from blockpilot.client import AsyncBlockPilotClient
 from blockpilot.config import GatewayServiceConfig, load_config
 from blockpilot.errors import InvalidArgumentError, UnavailableError
 from blockpilot.serving.gateway import Gateway
+from blockpilot.serving.metrics import start_metrics_server
 from blockpilot.serving.security import ClientSecurity
 from blockpilot.serving.server import setup_logging
 
@@ -51,6 +52,7 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # the first one drains, a second one stops at once
         loop.add_signal_handler(sig, server.handle_exit, sig, None)
+    start_metrics_server(config.metrics_port, config.host)
     running = asyncio.ensure_future(server.serve())
     while not server.started and not running.done():
         await asyncio.sleep(0.05)

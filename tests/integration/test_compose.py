@@ -95,7 +95,7 @@ GAUGES = {"blockpilot_drafter_sessions", "blockpilot_drafter_cached_sessions", "
           "blockpilot_policy_served", "blockpilot_verifier_backend_info"}
 # Labels the contract's metrics carry, plus Prometheus' own (le of histograms, target labels).
 KNOWN_LABELS = {"service", "status", "position", "reason", "block_size", "policy_version", "arm", "experiment", "result", "source",
-                "backend", "precision", "le", "instance", "job"}
+                "backend", "precision", "endpoint", "le", "instance", "job"}
 # Metrics that are not the services' own but Prometheus' (scrape health).
 PROMETHEUS_BUILTINS = {"up"}
 
@@ -312,6 +312,21 @@ def test_service_config_accepts_the_compose_environment(compose, name):
     loaded = config.load_config(cls, [], env)
     assert loaded.host == "0.0.0.0"
     assert loaded.port == GRPC_PORT[name] and loaded.metrics_port == METRICS_PORT[name]
+
+
+def test_gateway_follows_the_contract(compose, prometheus):
+    """The HTTP gateway: its config takes the env, health over HTTP, API port published, waits for
+    a healthy verifier, scraped by Prometheus on its metrics port."""
+    config = pytest.importorskip("blockpilot.config")
+    service = compose["services"]["gateway"]
+    assert service["command"] == ["python", "-m", "services.gateway"]
+    loaded = config.load_config(config.GatewayServiceConfig, [], environment(service))
+    assert (loaded.host, loaded.port, loaded.metrics_port, loaded.verifier_address) == ("0.0.0.0", 8000, 9104, "verifier:50051")
+    assert {interpolate(str(p)).split(":")[-1] for p in service["ports"]} == {"8000"}
+    assert "http://127.0.0.1:8000/health" in " ".join(service["healthcheck"]["test"])
+    assert service["depends_on"]["verifier"]["condition"] == "service_healthy"
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert jobs["gateway"]["dns_sd_configs"][0]["port"] == 9104
 
 
 def test_service_metrics_match_the_contract():

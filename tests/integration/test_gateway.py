@@ -188,6 +188,8 @@ def test_models_health_and_metrics(stack):
     with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
         assert response.status == 200 and json.loads(response.read()) == {"status": "ok", "verifier": "SERVING"}
     assert stack["gateway"].metric("blockpilot_gateway_requests_total", endpoint="chat", status="200") > 0
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:  # on the API port too
+        assert b"blockpilot_gateway_requests_total" in response.read()
     assert stack["gateway"].metric("blockpilot_gateway_time_to_first_token_seconds_count", endpoint="chat") > 0
 
 

@@ -23,7 +23,24 @@ def stack_flags():
     flags = []
     for name in ("verifier", "drafter", "policy"):
         flags += [f"--{name}-port", str(free_port()), f"--{name}-metrics-port", str(free_port())]
-    return flags
+    return flags + ["--gateway-metrics-port", str(free_port()), "--gateway-port", str(free_port())]
+
+
+def gateway_call(flags, path, body=None, token=None, ca=None):
+    """(HTTP status, JSON body) of a gateway call (HTTPS when `ca` is given)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{flags[-1]}{path}"
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers)
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(request, timeout=60, context=context) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def test_up_status_generate_down_with_an_own_redis(tiny_llama_dir, tmp_path):
@@ -44,14 +61,17 @@ def test_up_status_generate_down_with_an_own_redis(tiny_llama_dir, tmp_path):
         again = cli("up", "--target", str(tiny_llama_dir), *flags, env=env)
         assert again.returncode != 0 and "already running" in again.stderr
         status = cli("status", env=env)
-        assert status.returncode == 0 and status.stdout.count("SERVING") == 3, status.stdout
+        assert status.returncode == 0 and status.stdout.count("SERVING") == 4 and "gateway" in status.stdout, status.stdout
+        # The gateway is up in front of the verifier: a token-id prompt through the OpenAI API.
+        code, reply = gateway_call(flags, "/v1/completions", {"model": "blockpilot", "prompt": [5, 6, 7], "max_tokens": 4})
+        assert code == 200 and reply["usage"]["completion_tokens"] == 4, reply
         # The tiny target has no tokenizer: a text prompt is refused with one clear line.
         refused = cli("generate", "--server", verifier, "--raw", "hello", env=env)
         assert refused.returncode == 1 and "no tokenizer" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
     finally:
         down = cli("down", env=env)
-    assert down.returncode == 0 and down.stdout.count("stopped") == 4, down.stdout  # 3 services + redis
+    assert down.returncode == 0 and down.stdout.count("stopped") == 5, down.stdout  # 4 services + redis
     assert cli("status", env=env).returncode == 1
     for pid in [s["pid"] for s in state["services"].values()] + [state["redis"]["pid"]]:
         with pytest.raises(ProcessLookupError):
@@ -72,13 +92,18 @@ def test_up_secure_runs_tls_tokens_and_a_redis_user(tiny_llama_dir, tmp_path):
     secure = tmp_path / "run" / "secure"
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        assert up.stdout.count("SERVING") == 3 and "--tls-ca" in up.stdout and "ACL user blockpilot" in up.stdout
+        assert up.stdout.count("SERVING") == 4 and "--tls-ca" in up.stdout and "ACL user blockpilot" in up.stdout
         files = sorted(p.name for p in secure.iterdir())
         assert {"ca.pem", "token", "admin-token", "redis-password"} <= set(files)
         assert all((secure / name).stat().st_mode & 0o777 == 0o600 for name in files)
         assert "password" not in up.stdout.replace("redis-password", "")  # the secret itself is never printed
         status = cli("status", env=env)
-        assert status.returncode == 0 and status.stdout.count("SERVING") == 3 and "answers" in status.stdout, status.stdout
+        assert status.returncode == 0 and status.stdout.count("SERVING") == 4 and "answers" in status.stdout, status.stdout
+        # The gateway serves HTTPS with the stack's certificate and forwards the caller's token.
+        request = {"model": "blockpilot", "prompt": [5, 6, 7], "max_tokens": 4}
+        token = (secure / "token").read_text().strip()
+        assert gateway_call(flags, "/v1/completions", request, token=token, ca=secure / "ca.pem")[0] == 200
+        assert gateway_call(flags, "/v1/completions", request, token="wrong", ca=secure / "ca.pem")[0] == 401
         client = ["--tls-ca", str(secure / "ca.pem"), "--token-file", str(secure / "token")]
         # The tiny target has no tokenizer: "no tokenizer" means the request passed TLS and the token check.
         through = cli("generate", "--server", verifier, *client, "--raw", "hello", env=env)
@@ -93,7 +118,7 @@ def test_up_secure_runs_tls_tokens_and_a_redis_user(tiny_llama_dir, tmp_path):
         assert redis.Redis(port=redis_port, username="blockpilot", password=password, socket_timeout=2).ping()
     finally:
         down = cli("down", env=env)
-    assert down.returncode == 0 and down.stdout.count("stopped") == 4, down.stdout
+    assert down.returncode == 0 and down.stdout.count("stopped") == 5, down.stdout
 
 
 @pytest.mark.default_model
