@@ -54,6 +54,7 @@ class BatchSession:
     # Load-aware cap: this session's drafted steps by draft source (see load_cap.py).
     drafts: dict[str, DraftRecord] = field(default_factory=dict)
     pending_draft_s: float = 0.0  # drafter seconds of the step being verified
+    last_step: tuple[float, int] = (0.0, 0)  # (committed, verified tokens) of its last step, for the gate
 
     @property
     def result(self) -> GenerationResult:
@@ -215,7 +216,7 @@ class BatchDecoder:
             try:
                 state = session.state
                 params = state.params
-                sources = (self.gate.allowed(session.drafts, params.temperature, params.seed)
+                sources = (self.gate.allowed(session.drafts, params.temperature, params.seed, session.last_step)
                            if self.gate is not None and session.load_cap else None)
                 before = state.result.phase_s["draft"]
                 planned = self.decoder.plan_step(state, sources)
@@ -252,6 +253,7 @@ class BatchDecoder:
             event = decoder.commit_step(state, plan, row_logits, hidden if state.feature_layers else None)
             self.pool.set_length(session.row, state.cache_length)
             outcomes.append((session, event))
+            session.last_step = (float(len(event.token_ids)), len(plan.tokens))
             if plan.source and self.gate is not None:
                 self.gate.drafted(session.drafts, plan.source, event.drafted, len(event.token_ids), session.pending_draft_s)
         if self.gate is not None:

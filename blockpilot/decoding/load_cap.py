@@ -5,18 +5,21 @@ pass_seconds(N). At batch 1 on a memory-bound engine a draft is nearly free; on 
 matmuls cost grows with their rows (int4 on a CPU) or in a large batch, every drafted token costs
 about as much as a committed one. Terms:
 - committed: tokens a step commits (the acceptance length, bonus included);
-- batch rate R = (sum of committed over the batch) / pass_seconds(N): tokens per second now;
-- a session's draft of d tokens adds pass_seconds(N) - pass_seconds(N - d) seconds (plus
+- the others: the rest of the batch in its last step (O tokens verified, C committed); with this
+  session's anchor the batch without its draft runs N0 = O + 1 tokens at the rate
+  R = (C + 1) / pass_seconds(N0) tokens per second;
+- a session's draft of d tokens adds pass_seconds(N0 + d) - pass_seconds(N0) seconds (plus
   draft_seconds, its drafter pass, which shares the machine) and commits (tau - 1) more tokens on
   average, tau being the session's own mean acceptance length over its drafted steps (until it has
-  a few, that of every drafted step from the same source so far).
-The draft pays iff its marginal rate beats the batch's:
-    (tau - 1) / (pass_seconds(N) - pass_seconds(N - d) + draft_seconds) > R.
-(Beating the rate with the draft is the same as beating the rate without it.) Alone (N = 1 + d)
-that is tau > pass_seconds(1 + d) / pass_seconds(1) (plus the drafter's share). Otherwise the
+  EVIDENCE of them, that of every drafted step from the same source so far).
+The draft pays iff its marginal rate beats the rate without it:
+    (tau - 1) / (pass_seconds(N0 + d) - pass_seconds(N0) + draft_seconds) > R.
+Alone (N0 = 1) that is tau > pass_seconds(1 + d) / pass_seconds(1) (plus the drafter's share).
+Otherwise the
 session verifies its anchor alone this step (block size 1, no lookup copy): the output is unchanged
-(lossless either way), only the speed differs. Without any evidence (the first drafts from a source)
-a draft is given the benefit of the doubt, so evidence builds up; a capped source is probed again
+(lossless either way), only the speed differs. Until a source has EVIDENCE drafted steps (a
+handful of steps says little: one rejected copy is tau 1) its drafts are given the benefit of the
+doubt, so evidence builds up; a capped source is probed again
 every few steps (SpeculationGate.PROBE_EVERY) so a session whose text turns repetitive can win its
 drafts back.
 
@@ -64,14 +67,17 @@ class PassCostModel:
         fixed = max(0.0, mean_y - per_token * mean_x)
         return fixed, per_token
 
-    def curve(self, tokens: int) -> float:
-        """relative_cost at `tokens`, extended past its end along its last segment."""
+    def curve(self, tokens: float) -> float:
+        """relative_cost at `tokens` (a mean draft may be fractional): linear between its points,
+        extended past its end along its last segment."""
         cost = self.relative_cost
-        if tokens in cost:
-            return cost[tokens]
         last = max(cost)
-        slope = cost[last] - cost.get(last - 1, cost[last])
-        return cost[last] + slope * (tokens - last)
+        if tokens >= last:
+            slope = cost[last] - cost.get(last - 1, cost[last])
+            return cost[last] + slope * (tokens - last)
+        low = max(1, int(tokens))
+        high = low + 1
+        return cost[low] + (cost[high] - cost[low]) * (tokens - low)
 
     def pass_seconds(self) -> Callable[[int], float] | None:
         """N -> estimated seconds of an N-token pass, or None until there is enough to estimate."""
@@ -118,43 +124,46 @@ class DraftRecord:
         return self.draft_seconds / self.steps if self.steps else 0.0
 
 
-def draft_pays(record: DraftRecord, pass_seconds: Callable[[int], float] | None, batch_committed: float,
-               batch_tokens: int) -> bool:
-    """Whether the session's next draft is worth its cost in a batch whose last step committed
-    `batch_committed` tokens over `batch_tokens` verified (see the module docstring)."""
-    if pass_seconds is None or record.steps == 0 or batch_tokens == 0:
+def draft_pays(record: DraftRecord, pass_seconds: Callable[[int], float] | None, others_committed: float,
+               others_tokens: int) -> bool:
+    """Whether the session's next draft is worth its cost beside the rest of the batch, whose
+    last step verified `others_tokens` tokens and committed `others_committed` (0, 0 alone; see
+    the module docstring)."""
+    if pass_seconds is None or record.steps == 0:
         return True
-    now = pass_seconds(batch_tokens)
-    batch_rate = batch_committed / now if now > 0 else 0.0
-    drafted = record.mean_draft
-    without = max(1.0, batch_tokens - drafted)  # the batch's tokens without this draft
-    marginal_cost = pass_seconds(without + drafted) - pass_seconds(without) + record.mean_draft_seconds
+    without = others_tokens + 1  # the others and this session's anchor
+    seconds = pass_seconds(without)
+    rate_without = (others_committed + 1.0) / seconds if seconds > 0 else 0.0
+    marginal_cost = pass_seconds(without + record.mean_draft) - seconds + record.mean_draft_seconds
     if marginal_cost <= 0:
         return True
-    return (record.tau - 1.0) / marginal_cost > batch_rate
+    return (record.tau - 1.0) / marginal_cost > rate_without
 
 
 class SpeculationGate:
     """Which draft sources each session may use on its next step (draft_pays per source), from
     the passes and drafted steps it is told about; one per decode loop (a batch, or one stream).
 
-    allowed(records, params) before planning a step; passed(tokens, seconds, committed) after each
+    allowed(records, ...) before planning a step; passed(tokens, seconds, committed) after each
     target pass; drafted(records, source, ...) after each drafted step."""
 
     PROBE_EVERY = 16  # a capped source is tried again after this many capped steps in a row
-    OWN_EVIDENCE = 3  # drafted steps of its own before a session is judged by them (before: all sessions')
+    EVIDENCE = 8  # drafted steps before a source is judged (a session's own, else every session's)
 
     def __init__(self, sources: Iterable[str], relative_cost: Mapping[int, float] | None = None) -> None:
         self.costs = PassCostModel(relative_cost=relative_cost)
         self.pooled = {source: DraftRecord() for source in sources}  # every session's drafted steps
-        self._last_step = (0.0, 0)  # (committed, verified tokens) of the last pass
+        self._last_pass = (0.0, 0)  # (committed, verified tokens) of the last pass
 
     def new_records(self) -> dict[str, DraftRecord]:
         """A session's own drafted steps by source, for allowed() and drafted()."""
         return {source: DraftRecord() for source in self.pooled}
 
-    def allowed(self, records: dict[str, DraftRecord], temperature: float, seed: int | None) -> frozenset[str] | None:
-        """The draft sources that pay for this session now (None: all)."""
+    def allowed(self, records: dict[str, DraftRecord], temperature: float, seed: int | None,
+                last_step: tuple[float, int] = (0.0, 0)) -> frozenset[str] | None:
+        """The draft sources that pay for this session now (None: all). last_step: what this
+        session's own last step committed and verified ((0, 0) before its first), which the last
+        pass's totals less it leave for the others."""
         if temperature > 0 and seed is not None:
             # Which uniforms a sampled step draws depends on its draft: a seeded request keeps
             # its drafts so the same seed gives the same tokens under any load.
@@ -162,12 +171,16 @@ class SpeculationGate:
         pass_seconds = self.costs.pass_seconds()
         if pass_seconds is None:
             return None
-        committed, tokens = self._last_step
+        committed, tokens = self._last_pass
+        others_committed = max(0.0, committed - last_step[0])
+        others_tokens = max(0, tokens - last_step[1])
         allowed = set()
         for source, record in records.items():
             # A new session is judged by what drafts from this source have done so far.
-            evidence = record if record.steps >= self.OWN_EVIDENCE else self.pooled[source]
-            if draft_pays(evidence, pass_seconds, committed, tokens) or record.capped_in_a_row >= self.PROBE_EVERY:
+            evidence = record if record.steps >= self.EVIDENCE else self.pooled[source]
+            judged = evidence.steps >= self.EVIDENCE
+            if (not judged or draft_pays(evidence, pass_seconds, others_committed, others_tokens)
+                    or record.capped_in_a_row >= self.PROBE_EVERY):
                 record.capped_in_a_row = 0
                 allowed.add(source)
             else:
@@ -177,7 +190,7 @@ class SpeculationGate:
     def passed(self, tokens: int, seconds: float, committed: float) -> None:
         """One target pass verified `tokens` tokens in `seconds`, committing `committed`."""
         self.costs.observe(tokens, seconds)
-        self._last_step = (committed, tokens)
+        self._last_pass = (committed, tokens)
 
     def drafted(self, records: dict[str, DraftRecord], source: str, drafted: int, committed: int, draft_seconds: float) -> None:
         for record in (records[source], self.pooled[source]):

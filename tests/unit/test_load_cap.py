@@ -32,18 +32,18 @@ def line(fixed: float, per_token: float):
 
 def test_a_draft_pays_alone_but_not_in_a_compute_bound_batch():
     record = DraftRecord()
-    assert draft_pays(record, line(0.04, 0.004), 1.0, 1)  # no evidence yet: try
+    assert draft_pays(record, line(0.04, 0.004), 0.0, 0)  # no evidence yet: try
     record.add(drafted=2, committed=2, draft_seconds=0.0)  # tau 2 over drafts of 2
     record.add(drafted=2, committed=1, draft_seconds=0.0)  # -> tau 1.5: half a token per 2 drafted
-    # Alone: the step commits 1.5 tokens in 0.04 + 3 * 0.004 s (29 tok/s); the draft adds 0.5
+    # Alone: a plain step commits 1 token in 0.04 + 0.004 s (23 tok/s); the draft adds 0.5
     # tokens for 0.008 s (62 tok/s): it pays.
-    assert draft_pays(record, line(0.04, 0.004), 1.5, 3)
-    # 16 sessions of one token each: the batch makes 16 tokens in 0.104 s (154 tok/s); the same
-    # draft still makes 62 tok/s: it does not.
-    assert not draft_pays(record, line(0.04, 0.004), 16.0, 16)
+    assert draft_pays(record, line(0.04, 0.004), 0.0, 0)
+    # Beside 15 sessions of one token each: the batch makes 16 tokens in 0.104 s (154 tok/s); the
+    # same draft still makes 62 tok/s: it does not.
+    assert not draft_pays(record, line(0.04, 0.004), 15.0, 15)
     # A drafter pass that costs time counts against it: alone, with a 50 ms drafter pass.
     slow = DraftRecord(steps=1, drafted=2, committed=2, draft_seconds=0.05)
-    assert not draft_pays(slow, line(0.04, 0.004), 1.0, 1)
+    assert not draft_pays(slow, line(0.04, 0.004), 0.0, 0)
 
 
 def test_a_load_aware_batch_caps_drafts_and_keeps_the_outputs(tiny_decoder):
@@ -79,10 +79,11 @@ def test_the_curve_cost_model_scales_the_exported_shape_by_the_observed_passes()
     assert seconds(1) == pytest.approx(0.030, rel=0.05)
     assert seconds(2) == pytest.approx(0.033, rel=0.05)
     assert seconds(6) == pytest.approx(0.030 * (1.9 + 2 * 0.4), rel=0.05)  # extended along the last segment
+    assert seconds(2.5) == pytest.approx(0.030 * 1.3, rel=0.05)  # a fractional mean draft: between the points
     # The padded curve makes a one-token draft nearly free, which a straight line would not.
     record = DraftRecord(steps=4, drafted=4, committed=6)  # tau 1.5 over one-token drafts
-    assert draft_pays(record, seconds, 1.0, 1)
-    assert not draft_pays(record, line(0.015, 0.015), 1.0, 1)  # unpadded, linear in rows: 2 x the cost
+    assert draft_pays(record, seconds, 0.0, 0)
+    assert not draft_pays(record, line(0.015, 0.015), 0.0, 0)  # unpadded, linear in rows: 2 x the cost
 
 
 def test_one_stream_with_a_gate_drops_drafts_that_do_not_pay_and_keeps_the_output(tiny_decoder):
@@ -114,7 +115,7 @@ def test_seeded_sampling_is_never_gated():
     gate.costs.pass_seconds = lambda: line(0.0, 1.0)
     gate.passed(tokens=1, seconds=1.0, committed=1.0)
     records = gate.new_records()
-    for _ in range(SpeculationGate.OWN_EVIDENCE):
+    for _ in range(SpeculationGate.EVIDENCE):
         gate.drafted(records, "dflash", drafted=3, committed=1, draft_seconds=0.0)
     assert gate.allowed(records, 1.0, 123) is None
     assert gate.allowed(records, 0.0, None) == frozenset({"lookup"})  # lookup: no evidence yet, tried
@@ -125,7 +126,7 @@ def test_the_gate_judges_a_new_session_by_every_session_and_probes_a_capped_sour
     gate.costs.pass_seconds = lambda: line(0.01, 0.01)
     gate.passed(tokens=1, seconds=0.02, committed=1.0)
     veteran = gate.new_records()
-    for _ in range(SpeculationGate.OWN_EVIDENCE):
+    for _ in range(SpeculationGate.EVIDENCE):
         gate.drafted(veteran, "lookup", drafted=4, committed=5, draft_seconds=0.0)  # tau 5 for 4 rows: pays
         gate.drafted(veteran, "dflash", drafted=4, committed=1, draft_seconds=0.0)  # tau 1: never pays
     assert gate.allowed(veteran, 0.0, None) == frozenset({"lookup"})
@@ -134,3 +135,15 @@ def test_the_gate_judges_a_new_session_by_every_session_and_probes_a_capped_sour
     for _ in range(SpeculationGate.PROBE_EVERY - 1):
         assert "dflash" not in gate.allowed(newcomer, 0.0, None)
     assert "dflash" in gate.allowed(newcomer, 0.0, None)  # the probe: tried again after PROBE_EVERY capped steps
+
+
+def test_a_few_failed_drafts_do_not_cap_a_source():
+    gate = SpeculationGate(("dflash", "lookup"))
+    gate.costs.pass_seconds = lambda: line(0.03, 0.0)
+    gate.passed(tokens=2, seconds=0.03, committed=1.0)
+    records = gate.new_records()
+    for _ in range(SpeculationGate.EVIDENCE - 1):
+        gate.drafted(records, "lookup", drafted=1, committed=1, draft_seconds=0.001)  # every copy rejected
+    assert gate.allowed(records, 0.0, None, (1.0, 2)) == frozenset({"dflash", "lookup"})
+    gate.drafted(records, "lookup", drafted=1, committed=1, draft_seconds=0.001)
+    assert gate.allowed(records, 0.0, None, (1.0, 2)) == frozenset({"dflash"})  # now judged: tau 1 never pays
