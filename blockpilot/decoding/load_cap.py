@@ -10,15 +10,17 @@ about as much as a committed one. Terms:
   R = (C + 1) / pass_seconds(N0) tokens per second;
 - a session's draft of d tokens adds pass_seconds(N0 + d) - pass_seconds(N0) seconds (plus
   draft_seconds, its drafter pass, which shares the machine) and commits (tau - 1) more tokens on
-  average, tau being the session's own mean acceptance length over its drafted steps (until it has
-  EVIDENCE of them, that of every drafted step from the same source so far).
+  average, tau being the session's mean acceptance length over its drafted steps, shrunk toward
+  that of every session's drafted steps from the same source (as if the session had EVIDENCE more
+  steps at the pooled mean: a few steps of one session say little, and a capped session only
+  learns from its probes).
 The draft pays iff its marginal rate beats the rate without it:
     (tau - 1) / (pass_seconds(N0 + d) - pass_seconds(N0) + draft_seconds) > R.
 Alone (N0 = 1) that is tau > pass_seconds(1 + d) / pass_seconds(1) (plus the drafter's share).
 Otherwise the
 session verifies its anchor alone this step (block size 1, no lookup copy): the output is unchanged
-(lossless either way), only the speed differs. Until a source has EVIDENCE drafted steps (a
-handful of steps says little: one rejected copy is tau 1) its drafts are given the benefit of the
+(lossless either way), only the speed differs. Until a source has EVIDENCE drafted steps in all
+(a handful says little: one rejected copy is tau 1) its drafts are given the benefit of the
 doubt, so evidence builds up; a capped source is probed again
 every few steps (SpeculationGate.PROBE_EVERY) so a session whose text turns repetitive can win its
 drafts back.
@@ -99,8 +101,8 @@ class DraftRecord:
     seconds spent in its drafter passes."""
 
     steps: int = 0
-    drafted: int = 0
-    committed: int = 0
+    drafted: float = 0
+    committed: float = 0
     draft_seconds: float = 0.0
     capped_in_a_row: int = 0
 
@@ -148,7 +150,7 @@ class SpeculationGate:
     target pass; drafted(records, source, ...) after each drafted step."""
 
     PROBE_EVERY = 16  # a capped source is tried again after this many capped steps in a row
-    EVIDENCE = 8  # drafted steps before a source is judged (a session's own, else every session's)
+    EVIDENCE = 8  # drafted steps (of every session) before a source is judged; the weight of the pooled mean
 
     def __init__(self, sources: Iterable[str], relative_cost: Mapping[int, float] | None = None) -> None:
         self.costs = PassCostModel(relative_cost=relative_cost)
@@ -176,16 +178,22 @@ class SpeculationGate:
         others_tokens = max(0, tokens - last_step[1])
         allowed = set()
         for source, record in records.items():
-            # A new session is judged by what drafts from this source have done so far.
-            evidence = record if record.steps >= self.EVIDENCE else self.pooled[source]
-            judged = evidence.steps >= self.EVIDENCE
-            if (not judged or draft_pays(evidence, pass_seconds, others_committed, others_tokens)
+            pooled = self.pooled[source]
+            judged = pooled.steps >= self.EVIDENCE
+            if (not judged or draft_pays(self._shrunk(record, pooled), pass_seconds, others_committed, others_tokens)
                     or record.capped_in_a_row >= self.PROBE_EVERY):
                 record.capped_in_a_row = 0
                 allowed.add(source)
             else:
                 record.capped_in_a_row += 1
         return frozenset(allowed)
+
+    def _shrunk(self, own: DraftRecord, pooled: DraftRecord) -> DraftRecord:
+        """The session's record with EVIDENCE steps at the pooled means added (see the module docstring)."""
+        weight = self.EVIDENCE
+        return DraftRecord(steps=own.steps + weight, drafted=own.drafted + weight * pooled.mean_draft,
+                           committed=own.committed + weight * pooled.tau,
+                           draft_seconds=own.draft_seconds + weight * pooled.mean_draft_seconds)
 
     def passed(self, tokens: int, seconds: float, committed: float) -> None:
         """One target pass verified `tokens` tokens in `seconds`, committing `committed`."""
