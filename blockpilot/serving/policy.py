@@ -38,10 +38,10 @@ from blockpilot.policy.experiments import ARM_NAME, Experiment, ExperimentStore,
 from blockpilot.policy.metadata import FEATURE_KINDS
 from blockpilot.policy.repository import POLICY_NAME, PolicyRepository, ServedPolicy
 from blockpilot.serving import metrics
+from blockpilot.serving.channels import MESSAGE_SIZE_OPTIONS
 from blockpilot.serving.security import ClientSecurity
 from blockpilot.serving.session_store import MemorySessionStore
 from blockpilot.serving.status import from_rpc_error, quoted
-from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 from blockpilot.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
 
 log = logging.getLogger(__name__)
@@ -564,8 +564,7 @@ class RemotePolicy:
         self.security = security
         self._channel = security.aio_channel(address, [("grpc.initial_reconnect_backoff_ms", 200),
                                                        ("grpc.max_reconnect_backoff_ms", 2000),
-                                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+                                                       *MESSAGE_SIZE_OPTIONS])
         self._stub = policy_pb2_grpc.PolicyStub(self._channel)
         self._specs: dict[str, tuple[float, PolicySpec]] = {}
 

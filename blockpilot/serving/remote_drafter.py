@@ -18,16 +18,15 @@ import grpc
 
 from blockpilot.decoding.drafting import Draft, DraftRequest, DraftResume
 from blockpilot.errors import DrafterUnavailableError
+from blockpilot.serving.channels import MESSAGE_SIZE_OPTIONS
 from blockpilot.serving.draft_wire import BlockAssembler, step_messages
 from blockpilot.serving.security import ClientSecurity
-from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 from blockpilot.v1 import drafter_pb2, drafter_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *MESSAGE_SIZE_OPTIONS,
     # A restarted drafter is found again quickly.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),

@@ -17,17 +17,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from blockpilot.serving.channels import MESSAGE_SIZE_OPTIONS
 from blockpilot.serving.metrics import start_metrics_server
 from blockpilot.serving.security import ServerSecurity, handler_like
-from blockpilot.serving.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
-]
+SERVER_OPTIONS = [*MESSAGE_SIZE_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 class UnparsableRequest:

@@ -413,10 +413,33 @@ def status(log=print) -> int:
         alive = pid_alive(entry["pid"])
         ok &= health == "SERVING"
         log(f"{name:<10} {entry['address']} {health} (pid {entry['pid']} {'alive' if alive else 'gone'})")
+        if name == "verifier" and health == "SERVING":
+            for line in server_info_lines(entry["address"], stack_security(state, token=True)):
+                log(f"{'':<10} {line}")
     url = stack_redis_url(state)
     redis_ok = url == "memory" or redis_answers(url)
     log(f"{'redis':<10} {state.get('redis', {}).get('url')} {'answers' if redis_ok else 'DOWN'}")
     return 0 if ok else 1
+
+
+def server_info_lines(address: str, security) -> list[str]:
+    """The verifier's GetServerInfo as `status` prints it (or the error that answered)."""
+    from blockpilot.client import BlockPilotClient
+    from blockpilot.errors import BlockPilotError
+
+    with BlockPilotClient(address, security=security) as client:
+        try:
+            i = client.server_info(timeout=5.0)
+        except BlockPilotError as err:
+            return [f"server info: {err}"]
+    drafter = (f"drafter {i.drafter} (block size {i.drafter_block_size}, max {i.drafter_max_block_size})" if i.drafter_block_size
+               else f"drafter {i.drafter or '(not answering)'}")
+    limits = i.limits
+    return [f"target {i.target} on {i.backend} ({i.precision}), {drafter}, default policy {i.default_policy or '(not answering)'}, "
+            f"blockpilot {i.version}",
+            f"limits: context {limits.context_length} tokens, prompt {limits.max_prompt_tokens}, max new tokens "
+            f"{limits.max_new_tokens} (default {limits.default_max_new_tokens}), {limits.max_streams} streams, "
+            f"block size <= {limits.max_block_size}"]
 
 
 def stack_redis_url(state: dict) -> str:

@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Protocol
 
 import torch
 
+from blockpilot import __version__
 from blockpilot.backends.base import backend_name, backend_precision
 from blockpilot.decoding.drafting import DraftProvider, DraftResume, DraftSession
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig, lookup_for
@@ -238,6 +239,33 @@ class VerifierCore:
                 task = asyncio.ensure_future(self._finish(turn, cancelled=True))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    async def server_info(self, timeout_s: float) -> verifier_pb2.GetServerInfoResponse:
+        """GetServerInfo. The drafter and the policy are asked within timeout_s each; one that does
+        not answer leaves its fields empty instead of failing the call, since the verifier still
+        serves without it (block size 1, or the drafter's size: counted fallbacks)."""
+        provider, drafter_down = None, False
+        if self.drafter is not None:
+            try:
+                provider = await asyncio.to_thread(self.drafter.provider, deadline=time.monotonic() + timeout_s)
+            except DrafterUnavailableError:
+                drafter_down = True
+        try:
+            default_policy = (await self.policy.describe("", timeout_s=timeout_s)).policy
+        except BlockPilotError as err:
+            log.warning("GetServerInfo: the policy did not describe its default (%s)", err)
+            default_policy = ""
+        # The largest fixed block size _prepare accepts in the same state.
+        max_block = provider.max_block_size if provider is not None else (BLOCK_SIZE_LIMIT if drafter_down else 1)
+        return verifier_pb2.GetServerInfoResponse(
+            version=__version__, target=self.target.target_dir.name, drafter="" if drafter_down else self.drafter_name(provider),
+            drafter_block_size=provider.block_size if provider is not None else 0,
+            drafter_max_block_size=provider.max_block_size if provider is not None else 0,
+            backend=self.backend, precision=self.precision, default_policy=default_policy, replica_id=self.replica_id,
+            limits=verifier_pb2.ServerLimits(
+                context_length=self.max_context, max_new_tokens=self.config.max_new_tokens_cap,
+                default_max_new_tokens=self.config.default_max_new_tokens, max_streams=self.config.max_streams,
+                max_block_size=max_block, max_prompt_tokens=self.config.max_prompt_tokens or self.max_context))
 
     async def drain(self) -> None:
         """Wait for background work (turn cleanup, outcome reports)."""

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from blockpilot.errors import InvalidArgumentError
+from blockpilot.serving.channels import MAX_MESSAGE_BYTES
 from blockpilot.v1 import tensor_pb2
 
-# No message on any stream may exceed 1 MiB; leave room for the other fields.
-MAX_MESSAGE_BYTES = 1 << 20
+# A tensor chunk leaves room for the message's other fields.
 CHUNK_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - 16 * 1024
 
 _TO_PROTO = {

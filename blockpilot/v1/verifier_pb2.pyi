@@ -206,3 +206,47 @@ class GenerateResponse(_message.Message):
     delta: TokenDelta
     final: GenerateFinal
     def __init__(self, index: _Optional[int] = ..., session_id: _Optional[str] = ..., delta: _Optional[_Union[TokenDelta, _Mapping]] = ..., final: _Optional[_Union[GenerateFinal, _Mapping]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("context_length", "max_new_tokens", "default_max_new_tokens", "max_streams", "max_block_size", "max_prompt_tokens")
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    context_length: int
+    max_new_tokens: int
+    default_max_new_tokens: int
+    max_streams: int
+    max_block_size: int
+    max_prompt_tokens: int
+    def __init__(self, context_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_block_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "target", "drafter", "drafter_block_size", "drafter_max_block_size", "backend", "precision", "default_policy", "limits", "replica_id")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_MAX_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    target: str
+    drafter: str
+    drafter_block_size: int
+    drafter_max_block_size: int
+    backend: str
+    precision: str
+    default_policy: str
+    limits: ServerLimits
+    replica_id: str
+    def __init__(self, version: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., drafter_block_size: _Optional[int] = ..., drafter_max_block_size: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., default_policy: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., replica_id: _Optional[str] = ...) -> None: ...

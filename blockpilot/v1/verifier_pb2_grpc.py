@@ -40,6 +40,11 @@ class VerifierStub:
                 request_serializer=blockpilot_dot_v1_dot_verifier__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=blockpilot_dot_v1_dot_verifier__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/blockpilot.v1.Verifier/GetServerInfo',
+                request_serializer=blockpilot_dot_v1_dot_verifier__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=blockpilot_dot_v1_dot_verifier__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class VerifierServicer:
@@ -56,6 +61,16 @@ class VerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """What this verifier serves: the target, the drafter and its block sizes, the backend and its
+        precision, the default policy and the limits a request must keep. A data-plane call like
+        Generate: with a token_file configured it needs a data (or admin) token, since it names the
+        models and the deployment (UNAUTHENTICATED without one). UNAVAILABLE until the models are loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +78,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=blockpilot_dot_v1_dot_verifier__pb2.GenerateRequest.FromString,
                     response_serializer=blockpilot_dot_v1_dot_verifier__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=blockpilot_dot_v1_dot_verifier__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=blockpilot_dot_v1_dot_verifier__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +113,33 @@ class Verifier:
             '/blockpilot.v1.Verifier/Generate',
             blockpilot_dot_v1_dot_verifier__pb2.GenerateRequest.SerializeToString,
             blockpilot_dot_v1_dot_verifier__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockpilot.v1.Verifier/GetServerInfo',
+            blockpilot_dot_v1_dot_verifier__pb2.GetServerInfoRequest.SerializeToString,
+            blockpilot_dot_v1_dot_verifier__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,6 +93,16 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             metrics.REQUESTS.labels("verifier", status).inc()
             metrics.INFLIGHT.labels("verifier").dec()
 
+    async def GetServerInfo(self, request, context):
+        try:
+            if not self.runner.ready or self.core is None:
+                raise UnavailableError(self.runner.not_ready_message("its model"))
+            remaining = context.time_remaining()
+            # Each part asked within the caller's deadline (leaving time to answer), at most 2 s.
+            return await self.core.server_info(min(2.0, remaining / 2) if remaining is not None else 2.0)
+        except Exception as err:  # noqa: BLE001 - mapped to a status in one place
+            await context.abort(*to_status(err))
+
 
 async def serve(argv: Sequence[str] | None = None) -> None:
     config = load_config(VerifierServiceConfig, argv)

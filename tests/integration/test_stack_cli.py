@@ -62,6 +62,8 @@ def test_up_status_generate_down_with_an_own_redis(tiny_llama_dir, tmp_path):
         assert again.returncode != 0 and "already running" in again.stderr
         status = cli("status", env=env)
         assert status.returncode == 0 and status.stdout.count("SERVING") == 4 and "gateway" in status.stdout, status.stdout
+        # What the verifier serves (GetServerInfo): its drafter and its limits.
+        assert "drafter random (block size" in status.stdout and "limits: context" in status.stdout, status.stdout
         # The gateway is up in front of the verifier: a token-id prompt through the OpenAI API.
         code, reply = gateway_call(flags, "/v1/completions", {"model": "blockpilot", "prompt": [5, 6, 7], "max_tokens": 4})
         assert code == 200 and reply["usage"]["completion_tokens"] == 4, reply
@@ -99,6 +101,8 @@ def test_up_secure_runs_tls_tokens_and_a_redis_user(tiny_llama_dir, tmp_path):
         assert "password" not in up.stdout.replace("redis-password", "")  # the secret itself is never printed
         status = cli("status", env=env)
         assert status.returncode == 0 and status.stdout.count("SERVING") == 4 and "answers" in status.stdout, status.stdout
+        # GetServerInfo needs the data token, which `status` takes from the stack's material.
+        assert "drafter random (block size" in status.stdout and "server info:" not in status.stdout, status.stdout
         # The gateway serves HTTPS with the stack's certificate and forwards the caller's token.
         request = {"model": "blockpilot", "prompt": [5, 6, 7], "max_tokens": 4}
         token = (secure / "token").read_text().strip()
