@@ -58,6 +58,11 @@ def _nonempty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
+def _otlp_endpoint(v: str) -> str | None:
+    return None if v == "" or v.startswith(("http://", "https://")) else \
+        "must be an http:// (plaintext) or https:// (TLS) URL of an OTLP/gRPC collector, e.g. http://jaeger:4317, or empty"
+
+
 def _policy_name(v: str) -> str | None:
     return None if POLICY_NAME.fullmatch(v) else f"must be a policy name ({POLICY_NAME.pattern})"
 
@@ -68,6 +73,11 @@ def opt(default: Any, help: str, check: Check | None = None) -> Any:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# Tracing (blockpilot.serving.tracing), the same two fields in every service.
+OTLP_HELP = ("OTLP/gRPC collector spans are exported to, e.g. http://jaeger:4317 ('' = no export; OTEL_EXPORTER_OTLP_* "
+             "variables set its headers, TLS files, timeout)")
+TRACE_FILE_HELP = "append finished spans to this file, one JSON object per line (debugging, tests; '' = none)"
 
 
 class ServiceConfig:
@@ -135,6 +145,8 @@ class VerifierServiceConfig(ServiceConfig):
                            else "must be layer ids separated by commas, e.g. '1,9,17'")
     replica_id: str = opt("", "this replica's id in Redis ('' = HOSTNAME:port)")
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+    otlp_endpoint: str = opt("", OTLP_HELP, _otlp_endpoint)
+    trace_file: str = opt("", TRACE_FILE_HELP)
     tls_cert: str = opt("", "PEM certificate chain: serve TLS (with tls_key; re-read when it changes)", _file_or_empty)
     tls_key: str = opt("", "PEM private key of tls_cert", _file_or_empty)
     tls_client_ca: str = opt("", "PEM CA: require client certificates it signed (mTLS)", _file_or_empty)
@@ -167,6 +179,8 @@ class DrafterServiceConfig(ServiceConfig):
     step_delay_s: float = opt(0.0, "artificial delay per draft step (fault-injection tests only)", _at_least(0))
     replica_id: str = opt("", "this replica's id ('' = HOSTNAME:port)")
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+    otlp_endpoint: str = opt("", OTLP_HELP, _otlp_endpoint)
+    trace_file: str = opt("", TRACE_FILE_HELP)
     tls_cert: str = opt("", "PEM certificate chain: serve TLS (with tls_key; re-read when it changes)", _file_or_empty)
     tls_key: str = opt("", "PEM private key of tls_cert", _file_or_empty)
     tls_client_ca: str = opt("", "PEM CA: require client certificates it signed (mTLS)", _file_or_empty)
@@ -202,6 +216,8 @@ class PolicyServiceConfig(ServiceConfig):
     grace_s: float = opt(5.0, "on SIGTERM: time in-flight calls get to finish", _at_least(0))
     decide_delay_s: float = opt(0.0, "artificial delay per Decide (fault-injection tests only)", _at_least(0))
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+    otlp_endpoint: str = opt("", OTLP_HELP, _otlp_endpoint)
+    trace_file: str = opt("", TRACE_FILE_HELP)
     tls_cert: str = opt("", "PEM certificate chain: serve TLS (with tls_key; re-read when it changes)", _file_or_empty)
     tls_key: str = opt("", "PEM private key of tls_cert", _file_or_empty)
     tls_client_ca: str = opt("", "PEM CA: require client certificates it signed (mTLS)", _file_or_empty)
@@ -224,6 +240,8 @@ class GatewayServiceConfig(ServiceConfig):
                                    _at_least(0.01))
     grace_s: float = opt(10.0, "on SIGTERM: time in-flight requests get to finish", _at_least(0))
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
+    otlp_endpoint: str = opt("", OTLP_HELP, _otlp_endpoint)
+    trace_file: str = opt("", TRACE_FILE_HELP)
     tls_cert: str = opt("", "PEM certificate chain: serve HTTPS (with tls_key)", _file_or_empty)
     tls_key: str = opt("", "PEM private key of tls_cert", _file_or_empty)
     client_tls_ca: str = opt("", "PEM CA this gateway trusts when it calls the verifier (TLS on)", _file_or_empty)

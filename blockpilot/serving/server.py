@@ -1,6 +1,7 @@
-"""What every service process shares: logging, the asyncio gRPC server with health checking and
-reflection, the metrics endpoint, readiness (SERVING only once models are loaded) and graceful
-drain on SIGTERM/SIGINT (NOT_SERVING, in-flight RPCs get `grace_s`, then stop)."""
+"""What every service process shares: logging (with the request's trace id), tracing, the asyncio
+gRPC server with health checking and reflection, the metrics endpoint, readiness (SERVING only
+once models are loaded) and graceful drain on SIGTERM/SIGINT (NOT_SERVING, in-flight RPCs get
+`grace_s`, then stop)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from blockpilot.serving.channels import MESSAGE_SIZE_OPTIONS
 from blockpilot.serving.metrics import start_metrics_server
 from blockpilot.serving.security import ServerSecurity, handler_like
+from blockpilot.serving.tracing import TraceIdFilter, server_interceptor, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,10 @@ def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Log lines of a request end with its trace id (` trace_id=<32 hex digits>`)."""
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s%(trace)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(TraceIdFilter())
 
 
 def default_replica_id(config) -> str:
@@ -118,7 +123,10 @@ class ServiceRunner:
         self.service_name = service_name
         self.full_name = full_name  # e.g. blockpilot.v1.Verifier
         self.security = ServerSecurity.of(config)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=self.security.interceptors())
+        self.tracer_provider = setup_tracing(service_name, config.otlp_endpoint, config.trace_file)
+        # Tracing outermost: calls the token check refuses are traced too.
+        self.server = grpc.aio.server(options=SERVER_OPTIONS,
+                                      interceptors=[server_interceptor(self.tracer_provider), *self.security.interceptors()])
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.draining = False

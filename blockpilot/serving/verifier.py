@@ -16,6 +16,7 @@ the batch at the scheduler's next iteration, freeing its row and its draft sessi
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import math
@@ -131,10 +132,13 @@ def token_digest(token_ids) -> str:
 
 class _Recorder:
     """Wraps a DraftProvider: opens its sessions with the turn's resume claim (a drafter cache
-    kept from the session's previous turn)."""
+    kept from the session's previous turn), in the request's context."""
 
     def __init__(self, inner: DraftProvider) -> None:
         self.inner = inner
+        # The scheduler thread opens the draft session; the request's context (its trace, so the
+        # Draft call joins the request's trace) is the one the turn was prepared in.
+        self.context = contextvars.copy_context()
         self.block_size = inner.block_size
         self.max_block_size = inner.max_block_size
         self.target_layer_ids = inner.target_layer_ids
@@ -142,10 +146,11 @@ class _Recorder:
         self.sessions: list[Any] = []
 
     def open_session(self, capacity: int) -> DraftSession:
+        # A copy per call: one Context cannot be entered by two threads at once.
         if self.resume is not None:
-            session = self.inner.open_session(capacity, resume=self.resume)
+            session = self.context.copy().run(self.inner.open_session, capacity, resume=self.resume)
         else:
-            session = self.inner.open_session(capacity)
+            session = self.context.copy().run(self.inner.open_session, capacity)
         self.sessions.append(session)
         return session
 

@@ -18,6 +18,7 @@ from blockpilot.serving.gateway import Gateway
 from blockpilot.serving.metrics import start_metrics_server
 from blockpilot.serving.security import ClientSecurity
 from blockpilot.serving.server import setup_logging
+from blockpilot.serving.tracing import asgi_app, setup_tracing
 
 log = logging.getLogger("services.gateway")
 
@@ -39,11 +40,13 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     setup_logging(config.log_level)
     if bool(config.tls_cert) != bool(config.tls_key):
         raise InvalidArgumentError("gateway config: tls_cert and tls_key go together: give both or neither")
+    # Before the client's channel opens: its calls carry the request's trace context to the verifier.
+    tracer_provider = setup_tracing("gateway", config.otlp_endpoint, config.trace_file)
     security = ClientSecurity(config.client_tls_ca, config.client_tls_cert, config.client_tls_key)
     client = AsyncBlockPilotClient(config.verifier_address, timeout=config.request_timeout_s, security=security)
     gateway = Gateway(config, client)
     server = _Server(uvicorn.Config(
-        gateway.app, host=config.host, port=config.port, log_level=config.log_level.lower(), access_log=False,
+        asgi_app(gateway.app, tracer_provider), host=config.host, port=config.port, log_level=config.log_level.lower(), access_log=False,
         lifespan="off", timeout_graceful_shutdown=config.grace_s, ssl_certfile=config.tls_cert or None,
         ssl_keyfile=config.tls_key or None))
     if not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):

@@ -22,6 +22,7 @@ from blockpilot.serving.security import ClientSecurity, caller_id
 from blockpilot.serving.server import ServiceRunner, add_servicer, default_replica_id, setup_logging
 from blockpilot.serving.session_store import open_store
 from blockpilot.serving.status import to_status
+from blockpilot.serving.tracing import TRACE_ID_KEY, current_trace_id
 from blockpilot.serving.verifier import GenerateSpec, VerifierCore
 from blockpilot.v1 import verifier_pb2, verifier_pb2_grpc
 
@@ -75,14 +76,20 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     async def Generate(self, request, context):
         metrics.INFLIGHT.labels("verifier").inc()
         status = "OK"
+        # The request's trace id ends the stream, errors included (GenerateFinal has no field for it).
+        trace_id = current_trace_id()
+        if trace_id:
+            context.set_trailing_metadata(((TRACE_ID_KEY, trace_id),))
         try:
             with self.runner.track():
                 if not self.runner.ready or self.core is None:
                     raise UnavailableError(self.runner.not_ready_message("its model"))
                 spec = replace(parse_request(request, context.time_remaining()), caller=caller_id(context.invocation_metadata()))
+                # Yielded, not context.write(): the tracing interceptor wraps streaming handlers
+                # that are async generators.
                 async for message in self.core.generate(spec):
-                    await context.write(message)
-        except asyncio.CancelledError:
+                    yield message
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: cancelled while grpc sent a message
             status = "CANCELLED"
             raise
         except Exception as err:  # noqa: BLE001 - mapped to a status in one place

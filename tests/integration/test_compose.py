@@ -349,6 +349,23 @@ def test_service_metrics_match_the_contract():
         assert labels <= KNOWN_LABELS, f"{name} has labels {labels - KNOWN_LABELS} the dashboard checker does not know"
 
 
+def test_tracing_profile_runs_jaeger_and_points_every_service_at_it(compose):
+    """Jaeger only with --profile tracing; BLOCKPILOT_OTLP_ENDPOINT sets every service's otlp_endpoint
+    (empty, the default: no export)."""
+    config = pytest.importorskip("blockpilot.config")
+    jaeger = compose["services"]["jaeger"]
+    assert jaeger["profiles"] == ["tracing"] and jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert "4317" in {str(p) for p in jaeger["expose"]}
+    assert all("profiles" not in compose["services"][name] for name in (*SERVICES, "gateway"))
+    for name in (*SERVICES, "gateway"):
+        raw = compose["services"][name]["environment"][config.env_name(name, "otlp_endpoint")]
+        assert interpolate(raw) == ""
+        cls = getattr(config, CONFIG_CLASSES.get(name, "GatewayServiceConfig"))
+        env = {k: interpolate(str(v), {"BLOCKPILOT_OTLP_ENDPOINT": "http://jaeger:4317"})
+               for k, v in compose["services"][name]["environment"].items()}
+        assert config.load_config(cls, [], env).otlp_endpoint == "http://jaeger:4317"
+
+
 def test_dependencies_wait_for_health(compose):
     services = compose["services"]
     assert services["verifier"]["depends_on"]["drafter"]["condition"] == "service_healthy"

@@ -98,3 +98,15 @@ def test_ragged_batches_auto_is_per_backend():
 
     assert ragged_batches("auto", "torch") and not ragged_batches("auto", "onnxruntime")
     assert ragged_batches("on", "onnxruntime") and not ragged_batches("off", "torch")
+
+
+def test_tracing_export_is_off_by_default_and_the_endpoint_is_checked():
+    from blockpilot.config import GatewayServiceConfig
+
+    for cls in (VerifierServiceConfig, DrafterServiceConfig, PolicyServiceConfig, GatewayServiceConfig):
+        cfg = load_config(cls, [], env={})
+        assert (cfg.otlp_endpoint, cfg.trace_file) == ("", "")
+        on = load_config(cls, [], env={env_name(cls.SERVICE, "otlp_endpoint"): "http://jaeger:4317"})
+        assert on.otlp_endpoint == "http://jaeger:4317"
+    with pytest.raises(InvalidArgumentError, match="otlp_endpoint must be an http:// .* got 'jaeger:4317'"):
+        load_config(PolicyServiceConfig, ["--otlp-endpoint", "jaeger:4317"], env={})
