@@ -111,9 +111,9 @@ class VerifierServiceConfig(ServiceConfig):
     max_prompt_tokens: int = opt(0, "longest prompt a request may send, in tokens (0 = the target's context)", _at_least(0))
     prefill_chunk_tokens: int = opt(512, "prompt tokens prefilled per scheduler iteration: a long prompt delays the other "
                                          "streams' steps by one chunk at a time", _at_least(1))
-    load_aware_drafts: bool = opt(True, "in a ragged batch (torch, onnxruntime), an AUTO request drafts only while its drafts pay for "
-                                        "their cost in the current batch (a measured pass-cost model and its own acceptance; "
-                                        "FIXED / OFF sizes and seeded sampling are left as given)")
+    load_aware_drafts: bool = opt(True, "an AUTO request drafts only while its drafts pay for their cost in the pass it runs in "
+                                        "(the speed gate: the backend's verify-cost curve scaled by measured passes, its own "
+                                        "acceptance; FIXED / OFF sizes and seeded sampling are left as given)")
     ragged_batches: str = opt("auto", "'on': one target pass per iteration over every session (torch, onnxruntime); 'off': one "
                               "pass per session, sessions' passes on different cores at once; 'auto': on for torch, off for "
                               "onnxruntime (measured: see README, Which backend to serve; rerun `blockpilot bench` to choose)",

@@ -89,10 +89,9 @@ class BatchDecoder:
     drafter's round trips overlap); None plans them one after another. passes: on a batch-1
     backend, an executor that runs the sessions' target passes in parallel (each on its own cache;
     ONNX Runtime releases the GIL, so passes on different cores overlap); None runs them in turn.
-    load_aware: in a ragged batch, a session drafts from a source only while its drafts pay for
-    their cost in the current batch (load_cap.py: measured pass costs, the session's own
-    acceptance); a capped step verifies the anchor alone (same output) and is counted in
-    result.capped_steps.
+    load_aware: a session drafts from a source only while its drafts pay for their cost in the
+    pass it runs in (load_cap.py: measured pass costs, the session's own acceptance); a capped
+    step verifies the anchor alone (same output) and is counted in result.capped_steps.
     """
 
     def __init__(self, decoder: SpeculativeDecoder, *, max_sessions: int, capacity: int, max_block_size: int = 16,
@@ -108,10 +107,11 @@ class BatchDecoder:
         self.planner = planner
         self.passes = passes
         self.ragged = ragged and supports_ragged_batch(self.target)
-        # The cap prices one pass for all sessions (batch-1 backends run one per session), shaped
-        # by the backend's verify-cost curve where it has one (the matmuls' rows drive the cost).
-        self.gate = (SpeculationGate(DRAFT_SOURCES, getattr(self.target, "verify_cost", None))
-                     if load_aware and self.ragged else None)
+        # The cap prices a session's draft in the pass it shares (ragged: all sessions'; else a
+        # pass of its own), shaped by the backend's verify-cost curve where it has one (the
+        # matmuls' rows drive the cost).
+        self.gate = SpeculationGate(DRAFT_SOURCES, getattr(self.target, "verify_cost", None)) if load_aware else None
+        self._last_pass = (0.0, 0)  # ragged: (committed, verified tokens) of the last shared pass
         self.pool = self.target.new_batch_cache(capacity, max_sessions) if self.ragged else None
         self.sessions: list[BatchSession] = []  # ragged: sessions[i].row == i
 
@@ -216,7 +216,7 @@ class BatchDecoder:
             try:
                 state = session.state
                 params = state.params
-                sources = (self.gate.allowed(session.drafts, params.temperature, params.seed, session.last_step)
+                sources = (self.gate.allowed(session.drafts, params.temperature, params.seed, self._others(session))
                            if self.gate is not None and session.load_cap else None)
                 before = state.result.phase_s["draft"]
                 planned = self.decoder.plan_step(state, sources)
@@ -257,26 +257,43 @@ class BatchDecoder:
             if plan.source and self.gate is not None:
                 self.gate.drafted(session.drafts, plan.source, event.drafted, len(event.token_ids), session.pending_draft_s)
         if self.gate is not None:
-            self.gate.passed(sum(widths), passed, float(sum(len(e.token_ids) for _, e in outcomes)))
+            self.gate.passed(sum(widths), passed)
+            self._last_pass = (float(sum(len(e.token_ids) for _, e in outcomes)), sum(widths))
         return outcomes
+
+    def _others(self, session: BatchSession) -> tuple[float, int]:
+        """What the rest of the session's pass committed and verified last step: the last shared
+        pass less the session's own step in a ragged batch; nothing for a pass of its own."""
+        if not self.ragged:
+            return 0.0, 0
+        committed, tokens = self._last_pass
+        return max(0.0, committed - session.last_step[0]), max(0, tokens - session.last_step[1])
 
     def _verify_each(self, planned: list[tuple[BatchSession, StepPlan]]) -> list[StepOutcome]:
         @torch.inference_mode()
-        def verify(item: tuple[BatchSession, StepPlan]) -> StepOutcome:
+        def verify(item: tuple[BatchSession, StepPlan]) -> tuple[BatchSession, StepEvent, float]:
             session, plan = item
             state = session.state
             began = time.perf_counter()
             block = torch.tensor([plan.tokens], dtype=torch.long, device=self.target.device)
             out = self.target(block, session.cache, num_logits=None, hidden_layer_ids=state.feature_layers)
-            state.result.phase_s["verify"] += time.perf_counter() - began
+            passed = time.perf_counter() - began
+            state.result.phase_s["verify"] += passed
             hidden = out.hidden[0] if out.hidden is not None else None
             event = self.decoder.commit_step(state, plan, out.logits[0], hidden)
             session.cache.truncate(state.cache_length)
-            return session, event
+            return session, event, passed
 
         if self.passes is None or len(planned) == 1:
-            return [verify(item) for item in planned]
-        return list(self.passes.map(verify, planned))
+            done = [verify(item) for item in planned]
+        else:
+            done = list(self.passes.map(verify, planned))
+        if self.gate is not None:  # here, not in the pass threads: the records are shared
+            for (session, event, passed), (_, plan) in zip(done, planned):
+                self.gate.passed(len(plan.tokens), passed)
+                if plan.source:
+                    self.gate.drafted(session.drafts, plan.source, event.drafted, len(event.token_ids), session.pending_draft_s)
+        return [(session, event) for session, event, _ in done]
 
     def release(self, session: BatchSession, *, keep_cache: bool = False) -> None:
         """Take a session out of the batch now (finished, cancelled or expired): its draft session

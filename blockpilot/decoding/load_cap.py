@@ -146,8 +146,8 @@ class SpeculationGate:
     """Which draft sources each session may use on its next step (draft_pays per source), from
     the passes and drafted steps it is told about; one per decode loop (a batch, or one stream).
 
-    allowed(records, ...) before planning a step; passed(tokens, seconds, committed) after each
-    target pass; drafted(records, source, ...) after each drafted step."""
+    allowed(records, ...) before planning a step; passed(tokens, seconds) after each target
+    pass; drafted(records, source, ...) after each drafted step."""
 
     PROBE_EVERY = 16  # a capped source is tried again after this many capped steps in a row
     EVIDENCE = 8  # drafted steps (of every session) before a source is judged; the weight of the pooled mean
@@ -155,17 +155,15 @@ class SpeculationGate:
     def __init__(self, sources: Iterable[str], relative_cost: Mapping[int, float] | None = None) -> None:
         self.costs = PassCostModel(relative_cost=relative_cost)
         self.pooled = {source: DraftRecord() for source in sources}  # every session's drafted steps
-        self._last_pass = (0.0, 0)  # (committed, verified tokens) of the last pass
 
     def new_records(self) -> dict[str, DraftRecord]:
         """A session's own drafted steps by source, for allowed() and drafted()."""
         return {source: DraftRecord() for source in self.pooled}
 
     def allowed(self, records: dict[str, DraftRecord], temperature: float, seed: int | None,
-                last_step: tuple[float, int] = (0.0, 0)) -> frozenset[str] | None:
-        """The draft sources that pay for this session now (None: all). last_step: what this
-        session's own last step committed and verified ((0, 0) before its first), which the last
-        pass's totals less it leave for the others."""
+                others: tuple[float, int] = (0.0, 0)) -> frozenset[str] | None:
+        """The draft sources that pay for this session now (None: all). others: what the rest of
+        its pass committed and verified last step ((0, 0) for a pass of its own)."""
         if temperature > 0 and seed is not None:
             # Which uniforms a sampled step draws depends on its draft: a seeded request keeps
             # its drafts so the same seed gives the same tokens under any load.
@@ -173,9 +171,7 @@ class SpeculationGate:
         pass_seconds = self.costs.pass_seconds()
         if pass_seconds is None:
             return None
-        committed, tokens = self._last_pass
-        others_committed = max(0.0, committed - last_step[0])
-        others_tokens = max(0, tokens - last_step[1])
+        others_committed, others_tokens = others
         allowed = set()
         for source, record in records.items():
             pooled = self.pooled[source]
@@ -195,10 +191,9 @@ class SpeculationGate:
                            committed=own.committed + weight * pooled.tau,
                            draft_seconds=own.draft_seconds + weight * pooled.mean_draft_seconds)
 
-    def passed(self, tokens: int, seconds: float, committed: float) -> None:
-        """One target pass verified `tokens` tokens in `seconds`, committing `committed`."""
+    def passed(self, tokens: int, seconds: float) -> None:
+        """One target pass verified `tokens` tokens in `seconds`."""
         self.costs.observe(tokens, seconds)
-        self._last_pass = (committed, tokens)
 
     def drafted(self, records: dict[str, DraftRecord], source: str, drafted: int, committed: int, draft_seconds: float) -> None:
         for record in (records[source], self.pooled[source]):

@@ -294,9 +294,8 @@ class SpeculativeDecoder:
                 return
             self.open_drafting(state)
             records = gate.new_records() if gate is not None else None
-            last_step = (0.0, 0)  # (committed, verified) of this request's last step, for the gate
             while not state.finished:
-                sources = gate.allowed(records, params.temperature, params.seed, last_step) if gate is not None else None
+                sources = gate.allowed(records, params.temperature, params.seed) if gate is not None else None
                 drafting = state.result.phase_s["draft"]
                 plan = self.plan_step(state, sources)
                 if sources is not None and len(sources) < len(DRAFT_SOURCES) and not plan.source:
@@ -309,8 +308,7 @@ class SpeculativeDecoder:
                 event = self.commit_step(state, plan, out.logits[0], out.hidden[0] if out.hidden is not None else None)
                 cache.truncate(state.cache_length)
                 if gate is not None:
-                    last_step = (float(len(event.token_ids)), len(plan.tokens))
-                    gate.passed(len(plan.tokens), verified, len(event.token_ids))
+                    gate.passed(len(plan.tokens), verified)
                     if plan.source:
                         gate.drafted(records, plan.source, event.drafted, len(event.token_ids),
                                      state.result.phase_s["draft"] - drafting)

@@ -46,7 +46,8 @@ def test_a_draft_pays_alone_but_not_in_a_compute_bound_batch():
     assert not draft_pays(slow, line(0.04, 0.004), 0.0, 0)
 
 
-def test_a_load_aware_batch_caps_drafts_and_keeps_the_outputs(tiny_decoder):
+@pytest.mark.parametrize("ragged", [True, False])  # one shared pass per step, or a pass per session
+def test_a_load_aware_batch_caps_drafts_and_keeps_the_outputs(tiny_decoder, ragged):
     decoder = tiny_decoder
     vocab = decoder.target.config.vocab_size
     generator = torch.Generator().manual_seed(5)
@@ -57,7 +58,7 @@ def test_a_load_aware_batch_caps_drafts_and_keeps_the_outputs(tiny_decoder):
             prompt = (prompt[:3] * 8)  # repetitive: lookup drafts get accepted
         work.append((prompt, SamplingParams(max_new_tokens=30), 4))
     alone = [decoder.generate(p, params, b, lookup=LOOKUP).token_ids for p, params, b in work]
-    batch = BatchDecoder(decoder, max_sessions=8, capacity=128, max_block_size=8, load_aware=True)
+    batch = BatchDecoder(decoder, max_sessions=8, capacity=128, max_block_size=8, load_aware=True, ragged=ragged)
     # A compute-bound machine: every verified token costs as much as the whole fixed part.
     batch.gate.costs.pass_seconds = lambda: line(0.001, 0.01)
     results = batch.run(work, lookup=LOOKUP)
@@ -113,7 +114,7 @@ def test_one_stream_with_a_gate_drops_drafts_that_do_not_pay_and_keeps_the_outpu
 def test_seeded_sampling_is_never_gated():
     gate = SpeculationGate(("dflash", "lookup"))
     gate.costs.pass_seconds = lambda: line(0.0, 1.0)
-    gate.passed(tokens=1, seconds=1.0, committed=1.0)
+    gate.passed(tokens=1, seconds=1.0)
     records = gate.new_records()
     for _ in range(SpeculationGate.EVIDENCE):
         gate.drafted(records, "dflash", drafted=3, committed=1, draft_seconds=0.0)
@@ -124,7 +125,7 @@ def test_seeded_sampling_is_never_gated():
 def test_the_gate_judges_a_new_session_by_every_session_and_probes_a_capped_source():
     gate = SpeculationGate(("dflash", "lookup"))
     gate.costs.pass_seconds = lambda: line(0.01, 0.01)
-    gate.passed(tokens=1, seconds=0.02, committed=1.0)
+    gate.passed(tokens=1, seconds=0.02)
     veteran = gate.new_records()
     for _ in range(SpeculationGate.EVIDENCE):
         gate.drafted(veteran, "lookup", drafted=4, committed=5, draft_seconds=0.0)  # tau 5 for 4 rows: pays
@@ -140,10 +141,10 @@ def test_the_gate_judges_a_new_session_by_every_session_and_probes_a_capped_sour
 def test_a_few_failed_drafts_do_not_cap_a_source():
     gate = SpeculationGate(("dflash", "lookup"))
     gate.costs.pass_seconds = lambda: line(0.03, 0.0)
-    gate.passed(tokens=2, seconds=0.03, committed=1.0)
+    gate.passed(tokens=2, seconds=0.03)
     records = gate.new_records()
     for _ in range(SpeculationGate.EVIDENCE - 1):
         gate.drafted(records, "lookup", drafted=1, committed=1, draft_seconds=0.001)  # every copy rejected
-    assert gate.allowed(records, 0.0, None, (1.0, 2)) == frozenset({"dflash", "lookup"})
+    assert gate.allowed(records, 0.0, None) == frozenset({"dflash", "lookup"})
     gate.drafted(records, "lookup", drafted=1, committed=1, draft_seconds=0.001)
-    assert gate.allowed(records, 0.0, None, (1.0, 2)) == frozenset({"dflash"})  # now judged: tau 1 never pays
+    assert gate.allowed(records, 0.0, None) == frozenset({"dflash"})  # now judged: tau 1 never pays
