@@ -2,7 +2,8 @@
 
 Contract of `blockpilot generate` (benchmarks and later services rely on it; extend, do not break):
     blockpilot generate [--target NAME_OR_PATH] [--drafter PATH|random|none] [--block-size N|auto]
-                        [--prompt-lookup on|off] [--temperature T] [--max-new-tokens N] [--seed S] [--raw]
+                        [--prompt-lookup on|off] [--temperature T] [--top-k K] [--top-p P] [--max-new-tokens N]
+                        [--seed S] [--raw]
                         [--json] PROMPT
     (also: --policy/--policies with --block-size auto, --backend/--onnx, --server HOST:PORT)
 `--json` prints exactly one JSON object on stdout. Bad arguments exit with status 2 and one line
@@ -21,7 +22,7 @@ from typing import Sequence
 
 from blockpilot.backends import BACKENDS, CPU_BACKENDS, DEFAULT_PRECISION, DEFAULT_VERIFIER_BACKEND, PRECISION_CHOICES, TORCH
 from blockpilot.cli_args import (AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, add_client_security_args, block_size_arg,
-                                 client_security, positive_int, temperature)
+                                 client_security, non_negative_int, positive_int, temperature, top_p)
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
 
 # Command groups kept beside their code: each module's add_parsers(sub) adds its subcommands and
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "policy's name, 'default' or 'fixed-<n>'; with --server also an experiment)")
     gen.add_argument("--policies", type=Path, default=None, help="with --block-size auto: policy repository folder (default: the shipped policies/)")
     gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=non_negative_int, default=0,
+                     help="at temperature > 0: sample from the K most likely tokens only (default 0 = off)")
+    gen.add_argument("--top-p", type=top_p, default=1.0,
+                     help="at temperature > 0: sample from the most likely tokens holding P of the mass (default 1 = off)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--seed", type=int, default=None, help="seed of the request's random stream (temperature > 0)")
     gen.add_argument("--draft-sampling", choices=("greedy", "sample"), default="greedy",
@@ -414,7 +419,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
     if args.target is not None or args.drafter is not None or args.threads is not None or args.policies is not None:
         raise InvalidArgumentError("--target, --drafter, --threads and --policies are the server's settings; not allowed with --server")
-    request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+    request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    draft_sampling=args.draft_sampling, block_size=args.block_size, policy=args.policy,
                    return_prompt_token_ids=True, prompt_lookup=args.prompt_lookup == "on")
     if args.raw:
@@ -440,6 +445,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
         "text": final.text,
         "block_size": final.block_size,
         "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
         "draft_sampling": args.draft_sampling,
         "seed": args.seed,
         "acceptance_lengths": list(final.acceptance_lengths),
@@ -522,6 +529,8 @@ def _generate(args: argparse.Namespace) -> int:
     lookup = lookup_for(engine.decoder.target) if args.prompt_lookup == "on" else LOOKUP_OFF
     params = SamplingParams(
         temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         stop_token_ids=tokenizer.stop_token_ids,
         seed=args.seed,
@@ -549,6 +558,8 @@ def _generate(args: argparse.Namespace) -> int:
         "text": tokenizer.decode(result.token_ids),
         "block_size": result.block_size,
         "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
         "draft_sampling": args.draft_sampling,
         "seed": args.seed,
         "acceptance_lengths": result.acceptance_lengths,

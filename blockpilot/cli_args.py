@@ -40,6 +40,10 @@ def temperature(text: str) -> float:
     return checked_number(text, float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
+def top_p(text: str) -> float:
+    return checked_number(text, float, "a number", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
+
+
 def fraction(text: str) -> float:
     return checked_number(text, float, "a number", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")
 

@@ -101,12 +101,13 @@ class Reply:
 
 
 def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None = None, token_ids: Sequence[int] | None = None,
-                  max_new_tokens: int = 0, temperature: float = 0.0, seed: int | None = None,
+                  max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                   stop_token_ids: Sequence[int] = (), draft_sampling: str = "greedy", block_size: int | str = "auto",
                   policy: str = "", session_id: str = "", new_session: bool = False,
                   return_prompt_token_ids: bool = False, prompt_lookup: bool | None = None) -> verifier_pb2.GenerateRequest:
     """block_size: "auto" (ask the policy), "off" (block size 1) or a fixed int. prompt_lookup:
-    True / False, or None for the server's default (on unless configured off)."""
+    True / False, or None for the server's default (on unless configured off). top_k (0 = off) and
+    top_p (1.0 = off) truncate the sampled distribution at temperature > 0."""
     lookup = {None: verifier_pb2.PROMPT_LOOKUP_UNSPECIFIED, True: verifier_pb2.PROMPT_LOOKUP_ON,
               False: verifier_pb2.PROMPT_LOOKUP_OFF}[prompt_lookup]
     request = verifier_pb2.GenerateRequest(policy=policy, session_id=session_id, new_session=new_session,
@@ -119,6 +120,8 @@ def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None 
         request.token_ids.ids.extend(int(t) for t in token_ids)
     s = request.sampling
     s.temperature = temperature
+    s.top_k = top_k
+    s.top_p = top_p
     s.max_new_tokens = max_new_tokens
     if seed is not None:
         s.seed = seed

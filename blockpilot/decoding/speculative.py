@@ -47,6 +47,10 @@ class SamplingParams:
     """How to decode one request.
 
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+    top_k / top_p: at temperature > 0, sample from the top_k most likely tokens (0 = all), then
+        from the smallest set of those holding top_p of their mass (1.0 = all), renormalised
+        (acceptance.truncate_probs). Lossless under speculation: verification uses the same
+        truncated distribution. Temperature 0 ignores them.
     max_new_tokens: upper bound on generated tokens (the stop token, if any, counts).
     stop_token_ids: generation ends after the first of these is committed.
     seed: seeds the request's own random stream (None = nondeterministic).
@@ -56,6 +60,8 @@ class SamplingParams:
     """
 
     temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
@@ -64,6 +70,10 @@ class SamplingParams:
     def validate(self, vocab_size: int) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidArgumentError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p!r}")
         if self.max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
@@ -353,7 +363,7 @@ class SpeculativeDecoder:
         if reused and prompt_features is not None:
             prompt_features = torch.cat([prefix_features.to(prompt_features)[None], prompt_features], dim=1)
         last_logits = out.logits[0, -1]
-        first = self._sample_one(last_logits, params.temperature, generator)
+        first = self._sample_one(last_logits, params, generator)
         last_hidden = out.hidden[0, -1] if out.hidden is not None else None
         final_hidden = self.target.norm(out.final_state[0, -1]) if out.final_state is not None else None
         result.token_ids.append(first)
@@ -538,7 +548,7 @@ class SpeculativeDecoder:
         # draft_tokens [n] (n = 0 for a one-token step), target_logits [n + 1, V]
         if params.temperature == 0:
             return acceptance.greedy_verify(draft_tokens, target_logits)
-        target_probs = acceptance.probs_from_logits(target_logits, params.temperature)
+        target_probs = SpeculativeDecoder._target_probs(target_logits, params)
         n = draft_tokens.shape[0]
         if draft is not None and draft.probs is not None:
             uniforms = acceptance.draw_uniforms(generator, n + 1)
@@ -548,8 +558,14 @@ class SpeculativeDecoder:
         return acceptance.sample_and_match_verify(draft_tokens, target_probs, acceptance.draw_uniforms(generator, n + 1))
 
     @staticmethod
-    def _sample_one(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
-        if temperature == 0:
+    def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+        if params.temperature == 0:
             return int(logits.argmax())
-        probs = acceptance.probs_from_logits(logits, temperature)
+        probs = SpeculativeDecoder._target_probs(logits, params)
         return int(acceptance.sample_categorical(probs, acceptance.draw_uniforms(generator, 1)[0]))
+
+    @staticmethod
+    def _target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """p at temperature > 0, truncated as the request asks: [..., V] -> [..., V]. The prefill's
+        token and every verify step take p from here, so all committed tokens follow one law."""
+        return acceptance.probs_from_logits(logits, params.temperature, top_k=params.top_k, top_p=params.top_p)

@@ -4,8 +4,9 @@ HTTP gateway; no I/O here).
 Requests: the body of /v1/chat/completions or /v1/completions becomes `build_request` arguments
 (blockpilot.client) plus what the gateway itself does (stop strings, streaming, usage in the
 stream). What Generate cannot honour is refused with a message naming the field, never ignored:
-n > 1, top_p < 1, penalties, logprobs, tools. Extra fields of this server: block_size (a number,
-"auto" or "off"), policy, prompt_lookup, session_id, new_session.
+n > 1, penalties, logprobs, tools. top_p is honoured (in (0, 1]). Extra fields of this server:
+top_k (0 = off), block_size (a number, "auto" or "off"), policy, prompt_lookup, session_id,
+new_session.
 
 Responses: OpenAI's objects; `usage` carries the counts plus the acceptance record under the one
 extension key `blockpilot` (tau, block_size, policy_version, arm, ...).
@@ -45,7 +46,7 @@ _HTTP_BY_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # OpenAI fields that Generate cannot honour, with the value that means "not used": any other value
 # is refused (a client asking for them would otherwise get something it did not ask for).
-_NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0,
+_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0,
             "logit_bias": {}, "tools": [], "tool_choice": "none", "functions": [], "response_format": {"type": "text"},
             "best_of": 1, "echo": False, "suffix": "", "store": False, "modalities": ["text"], "reasoning_effort": None,
             "prediction": None, "audio": None, "web_search_options": None}
@@ -186,13 +187,18 @@ def parse(body: Any, *, chat: bool, model_name: str) -> Completion:
     temperature = _expect(body, "temperature", (int, float), "a number")
     if temperature is not None and not 0 <= temperature <= 2:
         raise InvalidArgumentError(f"'temperature' must be in 0..2, got {temperature}")
+    top_p = _expect(body, "top_p", (int, float), "a number")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InvalidArgumentError(f"'top_p' must be in (0, 1] (1 = off), got {top_p}")
+    top_k = _int_in(body, "top_k", 0, 2 ** 32 - 1)
     seed = _int_in(body, "seed", 0, 2 ** 64 - 1)
     stream = _expect(body, "stream", (bool,), "true or false") or False
     options = _expect(body, "stream_options", (dict,), "an object") or {}
     include_usage = options.get("include_usage") is True
     user = _expect(body, "user", (str,), "a string") or ""
     args: dict[str, Any] = _prompt(body) if not chat else {"messages": _messages(body)}
-    args.update(max_new_tokens=max_tokens or max_completion or 0, temperature=float(temperature or 0.0), seed=seed)
+    args.update(max_new_tokens=max_tokens or max_completion or 0, temperature=float(temperature or 0.0), seed=seed,
+                top_k=top_k or 0, top_p=1.0 if top_p is None else float(top_p))
     block_size = body.get("block_size")
     if block_size is not None:
         if block_size not in ("auto", "off") and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):

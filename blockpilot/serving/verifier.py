@@ -78,6 +78,8 @@ class GenerateSpec:
     messages: tuple[dict[str, str], ...] | None = None
     token_ids: tuple[int, ...] | None = None
     temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
     seed: int | None = None
     max_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] | None = None
@@ -320,8 +322,8 @@ class VerifierCore:
         if not math.isfinite(spec.temperature) or spec.temperature < 0:
             raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {spec.temperature!r}")
         stop = spec.stop_token_ids if spec.stop_token_ids is not None else self.target.stop_token_ids
-        params = SamplingParams(temperature=spec.temperature, max_new_tokens=max_new, stop_token_ids=tuple(stop),
-                                seed=spec.seed, draft_sampling=spec.draft_sampling)
+        params = SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, max_new_tokens=max_new,
+                                stop_token_ids=tuple(stop), seed=spec.seed, draft_sampling=spec.draft_sampling)
         params.validate(self.vocab_size)
         if prompt_len + max_new > self.max_context:
             raise ResourceExhaustedError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the "

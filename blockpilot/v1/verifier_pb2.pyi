@@ -57,18 +57,22 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingOptions(_message.Message):
-    __slots__ = ("temperature", "seed", "max_new_tokens", "stop_token_ids", "draft_sampling")
+    __slots__ = ("temperature", "seed", "max_new_tokens", "stop_token_ids", "draft_sampling", "top_k", "top_p")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     seed: int
     max_new_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_sampling: DraftSampling
-    def __init__(self, temperature: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., draft_sampling: _Optional[_Union[DraftSampling, str]] = ...) -> None: ...
+    top_k: int
+    top_p: float
+    def __init__(self, temperature: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., draft_sampling: _Optional[_Union[DraftSampling, str]] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("text", "messages", "token_ids", "sampling", "block_size_mode", "block_size", "policy", "session_id", "new_session", "return_prompt_token_ids", "prompt_lookup")

@@ -60,6 +60,7 @@ def parse_request(request: verifier_pb2.GenerateRequest, time_remaining: float |
         raise InvalidArgumentError(f"block_size {request.block_size} is only allowed with BLOCK_SIZE_MODE_FIXED")
     return GenerateSpec(
         text=text, messages=messages, token_ids=token_ids, temperature=float(sampling.temperature),
+        top_k=int(sampling.top_k), top_p=float(sampling.top_p) if sampling.HasField("top_p") else 1.0,
         seed=int(sampling.seed) if sampling.HasField("seed") else None, max_new_tokens=int(sampling.max_new_tokens),
         stop_token_ids=tuple(int(t) for t in sampling.stop_token_ids) or None,
         draft_sampling=_DRAFT_SAMPLING[sampling.draft_sampling], mode=mode, block_size=int(request.block_size),

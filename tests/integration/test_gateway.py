@@ -76,6 +76,18 @@ def test_chat_completion_equals_the_grpc_result(stack):
     assert again.choices[0].message.content == reply.text
 
 
+def test_top_p_and_top_k_are_passed_through(stack):
+    """Sampled with a seed, the gateway's text equals the gRPC reply for the same top-p / top-k."""
+    client = stack["client"]
+    sampling = dict(temperature=1.0, seed=5, top_k=8, top_p=0.6)
+    reply = grpc_reply(stack, messages=MESSAGES, max_new_tokens=30, block_size=4, **sampling)
+    plain = grpc_reply(stack, messages=MESSAGES, max_new_tokens=30, block_size=4, temperature=1.0, seed=5)
+    assert reply.text != plain.text  # the truncation changed the sample: it was honoured
+    done = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, temperature=1.0, seed=5,
+                                          top_p=0.6, extra_body={"top_k": 8, "block_size": 4})
+    assert done.choices[0].message.content == reply.text
+
+
 def test_streamed_chat_equals_the_whole_reply(stack):
     client = stack["client"]
     whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30)
@@ -138,8 +150,8 @@ def test_errors_are_openai_bodies_with_mapped_statuses(stack):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
     assert info.value.status_code == 400 and "'n' must be 1" in info.value.body["message"]
     assert info.value.body["type"] == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError, match="top_p"):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, top_p=0.5)
+    with pytest.raises(openai.BadRequestError, match=r"'top_p' must be in \(0, 1\]"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, top_p=1.5)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     # The verifier's own refusals, mapped from their gRPC status.

@@ -4,10 +4,12 @@ Three layers:
 1. hand-built blocks whose verdicts can be read off by eye;
 2. slow references (plain Python loops over positions and vocabulary entries, python floats,
    sequential as the papers define the rules) that must return the same verdict as the
-   vectorized rules on hundreds of random blocks fed the same uniforms;
+   vectorized rules on hundreds of random blocks fed the same uniforms (top-k / top-p truncation
+   too);
 3. distribution tests, the losslessness claim at the math level: on a tiny vocabulary the tokens
-   committed by draft-then-verify must follow the target's law. The same chi-square checks are
-   run on deliberately broken rules to show that they can fail.
+   committed by draft-then-verify must follow the target's law, also when that law is truncated
+   by top-k / top-p. The same chi-square checks are run on deliberately broken rules to show
+   that they can fail.
 
 Everything is seeded; there is no randomness that can flake.
 """
@@ -32,6 +34,7 @@ from blockpilot.decoding.acceptance import (
     sample_and_match_verify,
     sample_categorical,
     speculative_sampling_verify,
+    truncate_probs,
 )
 
 
@@ -326,6 +329,57 @@ def test_speculative_rejects_bad_shapes():
         speculative_sampling_verify(_ids([0, 1]), draft, target[:2], _u([0.5, 0.5]), 0.5)
 
 
+def test_truncate_top_k_keeps_the_k_most_likely_renormalised():
+    probs = _probs([[0.1, 0.4, 0.2, 0.3], [0.5, 0.0, 0.25, 0.25]])
+    torch.testing.assert_close(truncate_probs(probs, top_k=2), _probs([[0.0, 4 / 7, 0.0, 3 / 7], [2 / 3, 0.0, 1 / 3, 0.0]]))
+    # k at or above V keeps everything; a zero-probability token stays at zero even when kept.
+    assert torch.equal(truncate_probs(probs, top_k=4), probs)
+    assert truncate_probs(probs, top_k=3)[1].tolist() == [0.5, 0.0, 0.25, 0.25]
+
+
+def test_truncate_ties_go_to_the_lowest_token_id():
+    probs = _probs([[0.1, 0.3, 0.3, 0.2, 0.1]])
+    assert truncate_probs(probs, top_k=1).tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]]  # = greedy's choice
+    assert truncate_probs(probs, top_k=4)[0].tolist() == pytest.approx([1 / 9, 1 / 3, 1 / 3, 2 / 9, 0.0])
+    assert truncate_probs(probs, top_p=1e-9).tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]]
+
+
+def test_truncate_top_p_keeps_the_shortest_prefix_that_reaches_it():
+    probs = _probs([[0.125, 0.25, 0.5, 0.125]])  # dyadic: the boundary sums are exact
+    torch.testing.assert_close(truncate_probs(probs, top_p=0.75), _probs([[0.0, 1 / 3, 2 / 3, 0.0]]))  # 0.5 + 0.25 reaches it
+    torch.testing.assert_close(truncate_probs(probs, top_p=0.7501), _probs([[1 / 7, 2 / 7, 4 / 7, 0.0]]))  # needs a third rank
+    assert truncate_probs(probs, top_p=0.5).tolist() == [[0.0, 0.0, 1.0, 0.0]]
+    assert truncate_probs(probs, top_p=1e-9).tolist() == [[0.0, 0.0, 1.0, 0.0]]  # tiny: the mode alone
+
+
+def test_truncate_top_k_then_top_p_of_the_renormalised_rest():
+    probs = _probs([[0.4, 0.1, 0.2, 0.2, 0.1]])
+    # top-k 3 keeps {0, 2, 3} = 0.5, 0.25, 0.25 after renormalising; top-p 0.6 of that needs two.
+    torch.testing.assert_close(truncate_probs(probs, top_k=3, top_p=0.6), _probs([[2 / 3, 0.0, 1 / 3, 0.0, 0.0]]))
+    # Top-p on the untruncated row would keep three tokens (0.4 + 0.2 = 0.6 does not exceed 0.6 here).
+    assert (truncate_probs(probs, top_p=0.61) > 0).sum().item() == 3
+
+
+def test_truncate_is_applied_by_probs_from_logits_and_rejects_bad_values():
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(probs_from_logits(logits, 0.8, top_k=3, top_p=0.7), truncate_probs(probs_from_logits(logits, 0.8), 3, 0.7))
+    for top_k in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"top_k must be an integer >= 0 \(0 = off\), got {top_k!r}"):
+            truncate_probs(logits.softmax(-1), top_k=top_k)
+    for top_p in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="top_p must be in"):
+            truncate_probs(logits.softmax(-1), top_p=top_p)
+
+
+def test_truncated_rows_verify_like_any_other_target():
+    # Top-k 1 at temperature > 0 is the greedy choice, so sample-and-match accepts exactly what
+    # greedy_verify accepts, whatever the uniforms.
+    logits = _peaked_logits([2, 0, 3], vocab=5)
+    target = probs_from_logits(logits, 1.0, top_k=1)
+    for u in ([0.0, 0.0, 0.0], [0.999, 0.5, 0.999]):
+        assert sample_and_match_verify(_ids([2, 1]), target, _u(u)) == greedy_verify(_ids([2, 1]), logits) == Verdict(1, 0)
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Slow references, compared verdict for verdict
 # --------------------------------------------------------------------------------------------
@@ -350,6 +404,26 @@ def ref_argmax(row: list[float]) -> int:
         if value > row[best]:
             best = index
     return best
+
+
+def ref_truncate(row: list[float], top_k: int, top_p: float) -> list[float]:
+    """Rank by (probability desc, id asc); keep top_k ranks (0 = all); keep ranks while the mass
+    before them is below top_p of the kept total (1 = all); renormalise."""
+    kept = sorted(range(len(row)), key=lambda t: (-row[t], t))
+    if top_k:
+        kept = kept[:top_k]
+    if top_p < 1:
+        total = 0.0
+        for t in kept:
+            total += row[t]
+        prefix, before = [], 0.0
+        for t in kept:
+            if before < top_p * total:
+                prefix.append(t)
+            before += row[t]
+        kept = prefix
+    mass = sum(row[t] for t in kept)
+    return [row[t] / mass if t in kept else 0.0 for t in range(len(row))]
 
 
 def ref_greedy(draft: list[int], logits: list[list[float]]) -> Verdict:
@@ -483,6 +557,23 @@ def test_speculative_matches_reference():
         assert verdict == expected, case
         coverage.add(n, verdict)
     coverage.assert_all_seen()
+
+
+def test_truncation_matches_reference():
+    rng, generator = random.Random(14), torch.Generator().manual_seed(14)
+    cut = 0
+    for case in range(CASES):
+        vocab = rng.randint(1, 50)
+        top_k = rng.choice([0, 1, rng.randint(1, vocab + 2)])
+        top_p = rng.choice([1.0, 1e-9, rng.uniform(0.05, 0.99)])
+        rows = probs_from_logits(_random_logits(rng, generator, 3, vocab), rng.choice([0.3, 1.0, 1.7]))
+        truncated = truncate_probs(rows, top_k, top_p)
+        for row, got in zip(rows.tolist(), truncated.tolist()):
+            expected = ref_truncate(row, top_k, top_p)
+            assert [p > 0 for p in got] == [p > 0 for p in expected], case  # the same support, exactly
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), case
+            cut += sum(p > 0 for p in got) < sum(p > 0 for p in row)
+    assert cut > CASES // 2  # most cases did cut something
 
 
 def test_rules_match_reference_at_full_vocabulary_size():
@@ -667,12 +758,12 @@ def chi_square_p_value(statistic: float, dof: int) -> float:
     ).item()
 
 
-def first_token_p_value(outcomes) -> float:
+def first_token_p_value(outcomes, p0: list[float] = P0) -> float:
     counts = Counter(first for first, _, _ in outcomes)
-    return chi_square_p_value(*chi_square([counts[t] for t in range(VOCAB)], P0))
+    return chi_square_p_value(*chi_square([counts[t] for t in range(VOCAB)], p0))
 
 
-def second_token_p_value(outcomes, only_accepted_first_draft: bool) -> float:
+def second_token_p_value(outcomes, only_accepted_first_draft: bool, p1: list[list[float]] = P1) -> float:
     """Second token given the first x ~ P1[x], pooled over x (statistics and dofs add up)."""
     by_first: dict[int, Counter[int]] = {}
     for first, second, accepted in outcomes:
@@ -680,7 +771,7 @@ def second_token_p_value(outcomes, only_accepted_first_draft: bool) -> float:
             by_first.setdefault(first, Counter())[second] += 1
     statistic, dof = 0.0, 0
     for first, counts in by_first.items():
-        part_statistic, part_dof = chi_square([counts[t] for t in range(VOCAB)], P1[first])
+        part_statistic, part_dof = chi_square([counts[t] for t in range(VOCAB)], p1[first])
         statistic, dof = statistic + part_statistic, dof + part_dof
     return chi_square_p_value(statistic, dof)
 
@@ -750,3 +841,33 @@ def test_sample_and_match_row_by_row_equals_the_vectorized_pass(seed):
         drafts = torch.where(torch.rand(n, generator=generator) < 0.7, probs[:n].argmax(-1),
                              torch.randint(vocab, (n,), generator=generator))
         assert _sample_and_match_rows(drafts, probs, uniforms) == _sample_and_match_vectorized(drafts, probs, uniforms)
+
+
+# Top-k / top-p: the target's law becomes the truncated one (reference truncation of P0 / P1);
+# the rules get the rows truncated by truncate_probs, the drafters stay untruncated.
+TRUNCATIONS = [(3, 1.0), (0, 0.72), (3, 0.83)]  # top-p away from the tables' exact partial sums
+
+
+def truncating(rule, top_k: int, top_p: float):
+    def truncated_rule(draft, draft_rows, target_rows, generator):
+        return rule(draft, draft_rows, truncate_probs(_probs(target_rows), top_k, top_p).tolist(), generator)
+
+    return truncated_rule
+
+
+@pytest.mark.parametrize("top_k, top_p", TRUNCATIONS)
+@pytest.mark.parametrize("rule, drafter, seed", [(sample_and_match_rule, _point_mass_drafter, 22),
+                                                 (speculative_rule, _sampling_drafter, 23)])
+def test_truncated_target_is_lossless(rule, drafter, seed, top_k, top_p):
+    p0, p1 = ref_truncate(P0, top_k, top_p), [ref_truncate(row, top_k, top_p) for row in P1]
+    outcomes = _decode_two_tokens(truncating(rule, top_k, top_p), drafter, seed)
+    assert sum(accepted for _, _, accepted in outcomes) > TRIALS // 20  # the a >= 1 path ran
+    assert all(p0[first] > 0 and p1[first][second] > 0 for first, second, _ in outcomes)  # nothing cut was committed
+    assert first_token_p_value(outcomes, p0) > P_VALUE_FLOOR
+    assert second_token_p_value(outcomes, True, p1) > P_VALUE_FLOOR
+    assert second_token_p_value(outcomes, False, p1) > P_VALUE_FLOOR
+
+
+def test_distribution_checks_catch_an_untruncated_target(match_outcomes):
+    """Verifying against the full p while the law asked for is truncated fails the same check."""
+    assert first_token_p_value(match_outcomes, ref_truncate(P0, *TRUNCATIONS[0])) < P_VALUE_FLOOR

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from blockpilot.decoding import acceptance
 from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.decoding.lookup import LookupConfig
 from blockpilot.decoding.speculative import PrefillInfo, SamplingParams, SpeculativeDecoder
@@ -119,6 +120,9 @@ def test_closing_the_stream_early_frees_the_draft_session(target):
         ([5], SamplingParams(temperature=float("nan")), 1, InvalidArgumentError),
         ([5], SamplingParams(temperature=float("inf")), 1, InvalidArgumentError),
         ([5], SamplingParams(stop_token_ids=(1000,)), 1, InvalidArgumentError),
+        ([5], SamplingParams(temperature=1.0, top_k=-1), 1, InvalidArgumentError),
+        ([5], SamplingParams(temperature=1.0, top_p=0.0), 1, InvalidArgumentError),
+        ([5], SamplingParams(temperature=1.0, top_p=1.5), 1, InvalidArgumentError),
         ([5], SamplingParams(), 0, InvalidArgumentError),
         ([5], SamplingParams(), 65, InvalidArgumentError),
         ([5], SamplingParams(max_new_tokens=600), 1, ResourceExhaustedError),
@@ -143,15 +147,17 @@ def small_vocab_target(tmp_path_factory):
     return TargetModel.from_pretrained(save_tiny_hf_model(hf, tmp_path_factory.mktemp("v5")))
 
 
-def exact_joint(target, prompt, length, temperature):
-    """P(first `length` generated tokens) by enumerating every sequence with the target itself."""
+def exact_joint(target, prompt, length, temperature, top_k=0, top_p=1.0):
+    """P(first `length` generated tokens) by enumerating every sequence with the target itself.
+    With top_k / top_p each step's law is truncated by acceptance.truncate_probs (checked against a
+    slow reference in test_acceptance.py; here the loop is under test)."""
     vocab = target.config.vocab_size
     probs = {}
     with torch.inference_mode():
         for seq in itertools.product(range(vocab), repeat=length):
             tokens = torch.tensor([list(prompt) + list(seq[:-1])])
             logits = target(tokens, target.new_cache(16)).logits[0, len(prompt) - 1 :]
-            step = torch.softmax(logits.double() / temperature, dim=-1)
+            step = acceptance.truncate_probs(torch.softmax(logits.double() / temperature, dim=-1), top_k, top_p)
             probs[seq] = math.prod(step[i, token].item() for i, token in enumerate(seq))
     return probs
 
@@ -159,7 +165,9 @@ def exact_joint(target, prompt, length, temperature):
 def chi_square_p_value(counts: dict, expected_probs: dict, trials: int) -> float:
     from scipy.stats import chisquare
 
-    cells = sorted(expected_probs)
+    # A sequence the law forbids (cut by top-k / top-p) must never occur; it has no cell.
+    assert all(expected_probs.get(c, 0) > 0 for c in counts), "a forbidden sequence was generated"
+    cells = sorted(c for c, p in expected_probs.items() if p > 0)
     observed = [counts.get(c, 0) for c in cells]
     expected = [expected_probs[c] * trials for c in cells]
     return float(chisquare(observed, expected).pvalue)
@@ -199,6 +207,57 @@ def test_distribution_test_detects_a_biased_sampler(small_vocab_target):
         key = tuple(decoder.generate(prompt, SamplingParams(temperature=0.8, max_new_tokens=length, seed=seed), 1).token_ids)
         counts[key] = counts.get(key, 0) + 1
     assert chi_square_p_value(counts, exact, trials) < 1e-3
+
+
+@pytest.mark.parametrize("draft_sampling", ["greedy", "sample"])
+def test_truncated_sampling_with_lookup_is_lossless_in_distribution(small_vocab_target, draft_sampling):
+    """Top-k / top-p: DFlash drafts (q untruncated) and lookup drafts (one-hot) verified against the
+    truncated p; the output law is the truncated target's."""
+    target = small_vocab_target
+    prompt, length, temperature, top_k, top_p, trials = [1, 3, 1, 3], 4, 1.3, 4, 0.85, 3000
+    exact = exact_joint(target, prompt, length, temperature, top_k, top_p)
+    assert sum(p == 0 for p in exact.values()) > len(exact) // 4  # the truncation cut many sequences
+    greedy = autoregressive(target, prompt, length).token_ids
+    decoder = SpeculativeDecoder(target, OracleDrafter(list(prompt) + greedy, target.config.vocab_size, 0.7, seed=1))
+    lookup = LookupConfig(min_ngram=1, max_ngram=2, max_tokens=3)
+    counts: dict[tuple[int, ...], int] = {}
+    accepted = {"dflash": 0, "lookup": 0}
+    for seed in range(trials):
+        result = decoder.generate(prompt, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=length,
+                                                         seed=seed, draft_sampling=draft_sampling), 3, lookup=lookup)
+        key = tuple(result.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+        for source in accepted:
+            accepted[source] += result.accepted_by_source[source] > 0
+    assert min(accepted.values()) > trials // 20  # both draft sources had drafts accepted
+    assert chi_square_p_value(counts, exact, trials) > 1e-3
+
+
+def test_top_k_1_is_greedy_at_every_block_size(target, random_drafter):
+    """Top-k 1 leaves the argmax alone (ties: the lowest id, as greedy), so sampling is greedy."""
+    reference = autoregressive(target, PROMPTS[2], 30).token_ids
+    decoder = SpeculativeDecoder(target, random_drafter)
+    for block_size, draft_sampling in itertools.product((1, 2, 5, 8), ("greedy", "sample")):
+        params = SamplingParams(temperature=1.5, top_k=1, top_p=0.9, max_new_tokens=30, seed=block_size,
+                                draft_sampling=draft_sampling)
+        assert decoder.generate(PROMPTS[2], params, block_size).token_ids == reference, (block_size, draft_sampling)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 1.0), (0, 0.8), (20, 0.9)])
+def test_block_size_1_with_a_seed_is_the_plain_truncated_sampler(target, top_k, top_p):
+    """The loop at block size 1 draws exactly what a plain sampler does: no cache, one uniform per
+    token from the request's seeded stream, the token by inverse CDF of the truncated p."""
+    prompt, length, temperature, seed = PROMPTS[0], 25, 1.2, 11
+    generator = torch.Generator().manual_seed(seed)
+    tokens: list[int] = []
+    with torch.inference_mode():
+        for _ in range(length):
+            ids = torch.tensor([list(prompt) + tokens])
+            logits = target(ids, target.new_cache(ids.shape[1] + 1)).logits[0, -1]
+            probs = acceptance.probs_from_logits(logits, temperature, top_k=top_k, top_p=top_p)
+            tokens.append(int(acceptance.sample_categorical(probs, acceptance.draw_uniforms(generator, 1)[0])))
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=length, seed=seed)
+    assert SpeculativeDecoder(target).generate(prompt, params, 1).token_ids == tokens
 
 
 def test_seeded_sampling_is_reproducible(target, random_drafter):
