@@ -234,10 +234,19 @@ def handler_like(handler: grpc.RpcMethodHandler, behavior, request_deserializer=
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that ends every call with `code`."""
+    """A handler of the same kind as `handler` that ends every call with `code` (an async
+    generator where the handler's behavior is one: gRPC's aio server, and the tracing
+    interceptor around it, iterate a streaming reply)."""
+    import inspect
 
-    async def refuse(_request, context):
-        await context.abort(code, message)
+    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    if inspect.isasyncgenfunction(behavior):
+        async def refuse(_request, context):
+            await context.abort(code, message)
+            yield  # never reached: makes this an async generator like the handler it stands for
+    else:
+        async def refuse(_request, context):
+            await context.abort(code, message)
 
     return handler_like(handler, refuse)
 
