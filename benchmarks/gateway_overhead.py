@@ -24,28 +24,14 @@ from pathlib import Path
 
 import openai
 
-from blockpilot.benchmarking import load_prompts, machine_info
+from blockpilot.benchmarking import load_prompts, machine_info, timed_generation
 from blockpilot.client import BlockPilotClient
 
 
 def via_grpc(client: BlockPilotClient, messages: list[dict], max_new_tokens: int) -> dict:
-    sent = time.perf_counter()
-    first = last = None
-    first_count = count = 0
-    final = None
-    for event in client.stream(messages=messages, max_new_tokens=max_new_tokens):
-        if event.final is not None:
-            final = event.final
-            break
-        if event.token_ids:
-            last = time.perf_counter()
-            if first is None:
-                first, first_count = last, len(event.token_ids)
-            count += len(event.token_ids)
-    if final is None or first is None:
-        raise RuntimeError("a gRPC stream ended without tokens or without a final message")
-    return {"text": final.text, "tokens": count, "ttft_s": first - sent,
-            "decode_tokens_per_s": (count - first_count) / (last - first) if last > first else None}
+    run = timed_generation(client, messages, max_new_tokens)
+    return {"text": run["final"].text, "tokens": len(run["token_ids"]), "ttft_s": run["ttft_s"],
+            "decode_tokens_per_s": run["decode_tokens_per_s"]}
 
 
 def via_http(client: openai.OpenAI, model: str, messages: list[dict], max_new_tokens: int) -> dict:

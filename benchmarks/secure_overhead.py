@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from blockpilot.benchmarking import load_prompts, machine_info
+from blockpilot.benchmarking import load_prompts, machine_info, timed_generation
 from blockpilot.client import BlockPilotClient
 from blockpilot.serving import stack
 from blockpilot.serving.security import ClientSecurity
@@ -54,25 +54,10 @@ def run_dir(folder: Path):
 
 
 def measure(client: BlockPilotClient, messages: list[dict], max_new_tokens: int) -> dict:
-    sent = time.monotonic()
-    first = last = None
-    first_count = 0
-    tokens: list[int] = []
-    final = None
-    for event in client.stream(messages=messages, max_new_tokens=max_new_tokens):
-        if event.final is not None:
-            final = event.final
-            break
-        if event.token_ids:
-            last = time.monotonic()
-            if first is None:
-                first, first_count = last, len(event.token_ids)
-            tokens += event.token_ids
-    if final is None or first is None:
-        raise RuntimeError("a stream ended without tokens or without a final message")
-    return {"tokens": tokens, "ttft_s": first - sent, "total_s": time.monotonic() - sent,
-            # the tokens after the first message over the time they took to arrive
-            "decode_tokens_per_s": (len(tokens) - first_count) / (last - first) if last > first else None,
+    run = timed_generation(client, messages, max_new_tokens)
+    final = run["final"]
+    return {"tokens": run["token_ids"], "ttft_s": run["ttft_s"], "total_s": run["total_s"],
+            "decode_tokens_per_s": run["decode_tokens_per_s"],
             "server_ttft_s": final.timings.ttft_s, "server_decode_tokens_per_s": final.timings.decode_tokens_per_s,
             "fallback_reason": final.fallback_reason, "block_size": final.block_size}
 

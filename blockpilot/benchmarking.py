@@ -1,8 +1,10 @@
-"""Helpers shared by the benchmark scripts: prompt sets in the project's JSONL format."""
+"""Helpers shared by the benchmark scripts: prompt sets in the project's JSONL format, one
+generation timed as a client sees it."""
 
 from __future__ import annotations
 
 import json
+import time
 from itertools import zip_longest
 from pathlib import Path
 
@@ -76,3 +78,28 @@ def machine_info() -> dict:
     except ImportError:
         pass
     return info
+
+
+def timed_generation(client, messages: list[dict], max_new_tokens: int) -> dict:
+    """One greedy-by-default generation through a BlockPilotClient, timed as the client sees it:
+    {"token_ids", "final" (the GenerateFinal message), "ttft_s" (sent -> first tokens), "total_s",
+    "decode_tokens_per_s" (the tokens after the first message over the time they took to arrive;
+    None when all came in one message)}."""
+    sent = time.perf_counter()
+    first = last = None
+    first_count = 0
+    token_ids: list[int] = []
+    final = None
+    for event in client.stream(messages=messages, max_new_tokens=max_new_tokens):
+        if event.final is not None:
+            final = event.final
+            break
+        if event.token_ids:
+            last = time.perf_counter()
+            if first is None:
+                first, first_count = last, len(event.token_ids)
+            token_ids += event.token_ids
+    if final is None or first is None:
+        raise RuntimeError("a stream ended without tokens or without a final message")
+    return {"token_ids": token_ids, "final": final, "ttft_s": first - sent, "total_s": time.perf_counter() - sent,
+            "decode_tokens_per_s": (len(token_ids) - first_count) / (last - first) if last > first else None}

@@ -137,6 +137,19 @@ def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None 
     return request
 
 
+def _retry_pause(err: grpc.RpcError, attempt: int, retries: int, backoff_s: float, received: bool,
+                 deadline: float | None) -> float:
+    """Seconds to wait before retrying a failed Generate (exponential back-off with jitter); raises
+    its typed error instead when it must not be retried: out of attempts, a status that is not
+    transient, tokens already received (a retry would repeat them), or no time left before the
+    deadline."""
+    pause = backoff_s * (2 ** attempt) * (0.5 + random.random())
+    retry_left = attempt < retries and not received and err.code() in _RETRYABLE
+    if not retry_left or (deadline is not None and time.monotonic() + pause >= deadline):
+        raise from_rpc_error(err, "Generate") from None
+    return pause
+
+
 class BlockPilotClient:
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 300.0, retries: int = 3,
                  backoff_s: float = 0.2, security: ClientSecurity = ClientSecurity()) -> None:
@@ -175,11 +188,7 @@ class BlockPilotClient:
                     yield StreamEvent.of(message)
                 return
             except grpc.RpcError as err:
-                code = err.code()
-                retry_left = attempt < self.retries and not received and code in _RETRYABLE
-                pause = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
-                if not retry_left or (deadline is not None and time.monotonic() + pause >= deadline):
-                    raise from_rpc_error(err, "Generate") from None
+                pause = _retry_pause(err, attempt, self.retries, self.backoff_s, received, deadline)
                 attempt += 1
                 time.sleep(pause)
             finally:
@@ -246,11 +255,7 @@ class AsyncBlockPilotClient:
                     yield StreamEvent.of(message)
                 return
             except grpc.RpcError as err:
-                code = err.code()
-                retry_left = attempt < self.retries and not received and code in _RETRYABLE
-                pause = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
-                if not retry_left or (deadline is not None and time.monotonic() + pause >= deadline):
-                    raise from_rpc_error(err, "Generate") from None
+                pause = _retry_pause(err, attempt, self.retries, self.backoff_s, received, deadline)
                 attempt += 1
                 await asyncio.sleep(pause)
             finally:

@@ -342,13 +342,11 @@ def _bind(binding, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor])
         binding.bind_output(name, "cpu", 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
 
 
-@torch.inference_mode()
-def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, block: int = 4) -> None:
-    """Refuse to run when a token's logits depend on the pass it shares (see the module docstring):
-    a block of `block` tokens after a prefill must give exactly the logits of the same tokens one
-    at a time, in two halves, and beside another session's single token in a batch of two. About
-    a dozen small passes (and the two-session graph loaded once)."""
-    generator = torch.Generator().manual_seed(1234)
+def _block_after_prompt(backend: FusedOnnxRuntimeTarget, prompt_len: int, block: int, *,
+                        seed: int) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+    """A random prompt prefilled into a new cache and a random block passed after it: (the block's
+    tokens [1, block], the cache truncated back to the prompt, the block's logits [block, V])."""
+    generator = torch.Generator().manual_seed(seed)
     vocab = backend.config.vocab_size
     prompt = torch.randint(vocab, (1, prompt_len), generator=generator)
     tokens = torch.randint(vocab, (1, block), generator=generator)
@@ -356,6 +354,16 @@ def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5
     backend(prompt, cache)
     together = backend(tokens, cache).logits[0]
     cache.truncate(prompt_len)
+    return tokens, cache, together
+
+
+@torch.inference_mode()
+def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, block: int = 4) -> None:
+    """Refuse to run when a token's logits depend on the pass it shares (see the module docstring):
+    a block of `block` tokens after a prefill must give exactly the logits of the same tokens one
+    at a time, in two halves, and beside another session's single token in a batch of two. About
+    a dozen small passes (and the two-session graph loaded once)."""
+    tokens, cache, together = _block_after_prompt(backend, prompt_len, block, seed=1234)
     alone = torch.cat([backend(tokens[:, i : i + 1], cache).logits[0] for i in range(block)])
     cache.truncate(prompt_len)
     half = block // 2
@@ -382,14 +390,8 @@ def lone_rows_match(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, blo
     """Whether a lone token run with one-row matmuls (the sessions graph for one session of one
     token: its attention still sees two rows) gives exactly the logits the same tokens get in a
     block pass, on this CPU. Where it does, a one-token step need not pay for a pad row."""
-    generator = torch.Generator().manual_seed(4321)
-    vocab = backend.config.vocab_size
-    prompt = torch.randint(vocab, (1, prompt_len), generator=generator)
-    tokens = torch.randint(vocab, (1, block), generator=generator)
-    cache = backend.new_cache(prompt_len + block + 1)
-    backend(prompt, cache)
-    together = backend(tokens, cache).logits[0]
-    cache.truncate(prompt_len)  # token i goes to slot prompt_len + i, after the ones before it
+    tokens, cache, together = _block_after_prompt(backend, prompt_len, block, seed=4321)
+    # token i goes to slot prompt_len + i, after the ones before it
     lone = torch.cat([backend._run_sessions(tokens[:, i : i + 1], cache, [prompt_len + i], [1], torch.tensor([0, 1]),
                                             torch.arange(1))["logits"] for i in range(block)])
     return bool(torch.equal(lone, together))

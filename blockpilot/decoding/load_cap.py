@@ -155,6 +155,10 @@ class SpeculationGate:
     def __init__(self, sources: Iterable[str], relative_cost: Mapping[int, float] | None = None) -> None:
         self.costs = PassCostModel(relative_cost=relative_cost)
         self.pooled = {source: DraftRecord() for source in sources}  # every session's drafted steps
+        # costs.pass_seconds() as of the last pass: every session of a step prices with the same
+        # estimate, fitted once per pass rather than once per session.
+        self._estimate: Callable[[int], float] | None = None
+        self._estimate_stale = True
 
     def new_records(self) -> dict[str, DraftRecord]:
         """A session's own drafted steps by source, for allowed() and drafted()."""
@@ -168,7 +172,9 @@ class SpeculationGate:
             # Which uniforms a sampled step draws depends on its draft: a seeded request keeps
             # its drafts so the same seed gives the same tokens under any load.
             return None
-        pass_seconds = self.costs.pass_seconds()
+        if self._estimate_stale:
+            self._estimate, self._estimate_stale = self.costs.pass_seconds(), False
+        pass_seconds = self._estimate
         if pass_seconds is None:
             return None
         others_committed, others_tokens = others
@@ -194,6 +200,7 @@ class SpeculationGate:
     def passed(self, tokens: int, seconds: float) -> None:
         """One target pass verified `tokens` tokens in `seconds`."""
         self.costs.observe(tokens, seconds)
+        self._estimate_stale = True
 
     def drafted(self, records: dict[str, DraftRecord], source: str, drafted: int, committed: int, draft_seconds: float) -> None:
         for record in (records[source], self.pooled[source]):
