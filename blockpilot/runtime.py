@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from blockpilot.backends.base import VerifierBackend, backend_name, backend_precision
+from blockpilot.backends.base import TORCH, VerifierBackend, backend_name, backend_precision
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend, place_beside
-from blockpilot.decoding.drafting import DraftProvider, LocalDrafter, draft_precision
+from blockpilot.decoding.drafting import DraftProvider, LocalDrafter
 from blockpilot.decoding.speculative import SpeculativeDecoder
-from blockpilot.errors import InvalidArgumentError, NotFoundError
+from blockpilot.errors import InvalidArgumentError
 from blockpilot.models.drafter import DFlashDrafter
-from blockpilot.models.store import is_default_target, resolve_target
+from blockpilot.models.placement import Placement, drafter_run_precision
+from blockpilot.models.store import is_default_target, resolve_drafter, resolve_target
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
 
@@ -49,6 +50,7 @@ class Engine:
     drafter_name: str
     decoder: SpeculativeDecoder
     verifier_target: VerifierBackend | None = None
+    placement: Placement = Placement()
 
     @property
     def default_block_size(self) -> int:
@@ -67,19 +69,28 @@ class Engine:
 
 
 def load_engine(target: str | None = None, drafter: str | None = None, *, random_drafter_block_size: int = 8,
-                backend: BackendOptions | None = None) -> Engine:
+                backend: BackendOptions | None = None, placement: Placement | None = None) -> Engine:
     """Load a target, its drafter and the backend that verifies.
 
-    target: None/"default" (SmolLM2-135M-Instruct), a Hugging Face directory or a GGUF file.
+    target: None/"default" (SmolLM2-135M-Instruct), a Hugging Face directory, a GGUF file or a
+        Hugging Face repository id (see blockpilot.models.store.resolve_target).
     drafter: None = the shipped drafter when the target is the default one, else no drafter;
         "none" = no drafter; "random" = a randomly initialised drafter (testing); else a DFlash
-        checkpoint directory.
+        checkpoint directory or Hugging Face repository id.
     backend: which verifier backend runs the target (default: the torch engine); a graph backend's
         export must return the drafter's target layers (checked; exported on demand if none given).
+    placement: dtype and device of the torch engine (target, drafter, KV caches); default float32
+        on the CPU. A graph backend runs its export's precision on its own device, so it takes the
+        default placement only.
     """
     backend = backend or BackendOptions()
+    placement = placement or Placement()
+    if not placement.is_default and backend.name != TORCH:
+        raise InvalidArgumentError(f"dtype and device ({placement.describe()}) set the torch backend; the {backend.name} "
+                                   f"backend runs its export's precision on its own device (use backend torch)")
+    device = placement.torch_device()  # before any download or load: a missing GPU is said at once
     target_dir = resolve_target(target)
-    target_model = TargetModel.from_pretrained(target_dir)
+    target_model = TargetModel.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)
     tokenizer = ChatTokenizer(target_dir)
     is_default = is_default_target(target)
 
@@ -90,14 +101,12 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
         if shipped is not None:
             drafter, name = str(shipped), SHIPPED_DRAFTER_NAME
     if drafter == RANDOM_DRAFTER:
-        model = DFlashDrafter.random(target_model.config, block_size=random_drafter_block_size, mask_token_id=untrained_mask_token(tokenizer))
+        model = DFlashDrafter.random(target_model.config, block_size=random_drafter_block_size,
+                                     mask_token_id=untrained_mask_token(tokenizer)).to(device=device, dtype=placement.torch_dtype)
         name = RANDOM_DRAFTER
     elif drafter not in (None, NO_DRAFTER):
-        path = Path(drafter).expanduser()
-        if not path.exists():
-            raise NotFoundError(f"drafter path '{drafter}' does not exist (give a DFlash checkpoint directory or 'random')")
-        model = DFlashDrafter.from_pretrained(path)
-        name = name if name != NO_DRAFTER else str(path)
+        model = DFlashDrafter.from_pretrained(resolve_drafter(drafter), dtype=placement.torch_dtype, device=device)
+        name = name if name != NO_DRAFTER else str(Path(drafter).expanduser())
     if model is not None:
         model.config.check_target(target_model.config)
     layers = model.config.target_layer_ids if model is not None else None
@@ -105,10 +114,10 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
                             default_layers=default_export_layers(target_model, is_default) if layers is None else ())
     place_beside(verifier, target_model, *([model] if model is not None else []))
     # Drafts never change the output: the drafter may run in a cheaper precision (see LocalDrafter).
-    precision = draft_precision(target_model.device)
+    precision = drafter_run_precision(placement, target_model.device)
     provider: DraftProvider | None = LocalDrafter(model, target_model, precision=precision) if model is not None else None
     return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(verifier, provider),
-                  verifier_target=verifier)
+                  verifier_target=verifier, placement=placement)
 
 
 def untrained_mask_token(tokenizer: ChatTokenizer) -> int:

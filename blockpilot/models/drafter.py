@@ -326,7 +326,9 @@ class DFlashDrafter(nn.Module):
         return out_dir
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "DFlashDrafter":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> "DFlashDrafter":
+        """A DFlash checkpoint directory, its weights cast to `dtype` on `device` (its draft caches follow)."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise NotFoundError(f"no drafter at '{path}': expected a directory with config.json and model.safetensors")
@@ -349,7 +351,7 @@ class DFlashDrafter(nn.Module):
             raise ModelFormatError(f"drafter '{path}' has draft_vocab ids outside [0, {cfg.vocab_size})")
         if missing or unexpected:
             raise ModelFormatError(f"drafter weights do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return model.to(dtype).eval().requires_grad_(False)
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @classmethod
     def random(cls, target: TargetConfig, *, seed: int = 0, draft_vocab: torch.Tensor | None = None,

@@ -146,7 +146,9 @@ class FastLinear(nn.Linear):
         self.layouts: MatmulLayouts | None = None
 
     def prepare_for_inference(self, layouts: MatmulLayouts) -> None:
-        self.weight_t = self.weight.detach().t().contiguous()
+        # Off the CPU every product is F.linear (MatmulLayouts.product): a transposed copy there
+        # would only double the weights' GPU memory.
+        self.weight_t = self.weight.detach().t().contiguous() if self.weight.device.type == "cpu" else None
         self.layouts = layouts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,18 @@ The engine loads plain Hugging Face directories (``config.json`` + ``*.safetenso
 * a directory holding ``config.json`` and safetensors weights: returned as is.
 * a ``.gguf`` file: de-quantized once into ``<cache>/models/<stem>-<key>/`` where ``<key>`` hashes the
   file's absolute path, size and modification time.
+* a Hugging Face repository id (``Qwen/Qwen3-4B``) that is not a local path: its snapshot in the Hugging
+  Face cache (``$HF_HOME/hub``), which ``huggingface_hub`` fills on first use; the cache is looked at
+  first, so a cached model never contacts the hub, and ``HF_HUB_OFFLINE=1`` forbids downloading.
+  Tokenizer, chat template and generation config come from the same snapshot.
+
+``resolve_drafter`` does the same for DFlash drafter checkpoints (a directory or a repository id).
 
 Conversions are atomic and safe under concurrency: they are written into a temporary sibling directory
 that is renamed into place last, a ``.complete`` marker (written before the rename) tells a finished
 directory from anything else, and an exclusive ``fcntl`` lock (``<cache>/locks/<name>.lock``) makes a
-second process wait for the first one's result instead of converting again. Nothing here ever
-downloads: every transformers call is ``local_files_only``.
+second process wait for the first one's result instead of converting again. The only downloads are
+the Hugging Face snapshots above; every transformers call is ``local_files_only``.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from blockpilot.errors import FailedPreconditionError, ModelFormatError, NotFoundError
+from blockpilot.errors import FailedPreconditionError, ModelFormatError, NotFoundError, UnavailableError
 
 try:  # POSIX only; without it (Windows) conversions are still atomic, just not mutually excluded.
     import fcntl
@@ -46,6 +53,8 @@ __all__ = [
     "cache_root",
     "default_gguf_path",
     "resolve_target",
+    "resolve_drafter",
+    "is_hub_repo_id",
     "convert_gguf",
     "is_complete",
 ]
@@ -125,11 +134,14 @@ def resolve_target(
     """Return a local Hugging Face model directory for ``name_or_path`` (converting a GGUF once).
 
     Raises:
-        NotFoundError: the value is neither the default name, a directory nor a GGUF file (or the
-            default model's package is not installed).
+        NotFoundError: the value is neither the default name, a directory, a GGUF file nor a Hugging
+            Face repository in the cache or on a reachable hub (or the default model's package is not
+            installed).
         ModelFormatError: the path exists but is not a usable model (no config.json, no safetensors
             weights, not a GGUF file, or a GGUF transformers cannot convert).
-        FailedPreconditionError: the cache cannot be written, or a conversion dependency is missing.
+        FailedPreconditionError: the cache cannot be written, a conversion dependency is missing, or
+            the repository is gated.
+        UnavailableError: the hub answered with an error other than "not found".
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     models = cache / "models"
@@ -165,7 +177,25 @@ def resolve_target(
             what=f"GGUF model '{raw}'",
         )
 
+    if is_hub_repo_id(raw):
+        return _hub_target(raw.strip())
     raise NotFoundError(_not_found_message(raw))
+
+
+def resolve_drafter(name_or_path: str | os.PathLike[str]) -> Path:
+    """Return the local directory of a DFlash drafter checkpoint (config.json + model.safetensors):
+    an existing directory as is, else a Hugging Face repository id through the Hugging Face cache
+    (downloaded on first use unless HF_HUB_OFFLINE=1), with the errors of `resolve_target`."""
+    raw = os.fspath(name_or_path)
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        return path.absolute()
+    if path.exists():
+        raise ModelFormatError(f"drafter '{raw}' is a file; give a DFlash checkpoint directory (config.json + model.safetensors)")
+    if not is_hub_repo_id(raw):
+        raise NotFoundError(f"drafter '{raw}' does not exist: give a DFlash checkpoint directory (config.json + "
+                            f"model.safetensors), a Hugging Face repository id (ORG/NAME), 'random' or 'none'")
+    return _hub_snapshot(raw.strip(), _DRAFTER_FILES, required=("config.json", "model.safetensors"), what="drafter")
 
 
 def convert_gguf(
@@ -213,8 +243,113 @@ def is_complete(model_dir: Path | str, gguf_path: Path | str | None = None) -> b
 def _not_found_message(raw: str) -> str:
     return (
         f"no such model directory or GGUF file: '{raw}'; use a Hugging Face directory "
-        f"(config.json + safetensors), a .gguf file, or 'default'"
+        f"(config.json + safetensors), a .gguf file, a Hugging Face repository id (ORG/NAME), or 'default'"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face repositories
+# --------------------------------------------------------------------------------------------------
+
+# ORG/NAME as the hub spells repository ids; a value that names an existing path is a path first.
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
+# What a target snapshot needs besides its weights: config, generation config, tokenizer and chat
+# template files (the weights follow in a second step, so that only the shards the index names
+# are fetched, not every *.safetensors a repository may also hold).
+_TARGET_METADATA_FILES = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
+# A DFlash checkpoint; README.md is the model card (it may name the chat-template options the
+# drafter was trained with).
+_DRAFTER_FILES = ("*.json", "*.safetensors", "README.md")
+
+
+def is_hub_repo_id(text: str) -> bool:
+    """True for a value shaped like a Hugging Face repository id (ORG/NAME) that is no GGUF file name."""
+    text = text.strip()
+    return bool(_HUB_REPO_ID.fullmatch(text)) and not text.lower().endswith(".gguf")
+
+
+def _hub_target(repo_id: str) -> Path:
+    folder = _hub_snapshot(repo_id, _TARGET_METADATA_FILES, required=("config.json",), what="model")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = tuple(sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelFormatError(f"Hugging Face repository '{repo_id}' has an unreadable model.safetensors.index.json") from None
+        folder = _hub_snapshot(repo_id, shards, required=shards, what="model")
+    else:
+        folder = _hub_snapshot(repo_id, ("*.safetensors",), required=("*.safetensors",), what="model")
+    return _check_hf_dir(folder)
+
+
+def _missing_files(folder: Path, required: tuple[str, ...]) -> list[str]:
+    return [name for name in required if not any(folder.glob(name))]
+
+
+def _hub_snapshot(repo_id: str, patterns: tuple[str, ...], *, required: tuple[str, ...], what: str) -> Path:
+    """The snapshot folder of `repo_id` holding the files `patterns` match, `required` among them.
+
+    The local cache first: a snapshot that has the required files is used without contacting the
+    hub. Otherwise the files are downloaded, unless HF_HUB_OFFLINE=1 (huggingface_hub's own
+    setting) forbids it. Every failure is one line that names the repository."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    cache = constants.HF_HUB_CACHE
+    missing = list(required)
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=True))
+        missing = _missing_files(folder, required)
+        if not missing:
+            return folder
+    except (LocalEntryNotFoundError, IncompleteSnapshotError):
+        pass
+    except HFValidationError:
+        raise NotFoundError(_not_found_message(repo_id)) from None
+    cached = "" if missing == list(required) else f" with {', '.join(missing)}"
+    if constants.HF_HUB_OFFLINE:
+        raise NotFoundError(
+            f"{what} '{repo_id}' is neither a local path nor in the Hugging Face cache{cached} ({cache}), and "
+            f"HF_HUB_OFFLINE=1 forbids downloading it; fix: download it once online (hf download {repo_id}) "
+            f"or pass a local directory"
+        )
+    logger.info("fetching %s '%s' from the Hugging Face Hub into %s", what, repo_id, cache)
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
+    except GatedRepoError:
+        raise FailedPreconditionError(
+            f"Hugging Face repository '{repo_id}' is gated: accept its terms on https://huggingface.co/{repo_id} "
+            f"and set HF_TOKEN (or log in with `hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise NotFoundError(
+            f"{what} '{repo_id}' is neither a local path nor a Hugging Face repository (a private one needs HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise NotFoundError(f"Hugging Face repository '{repo_id}' has no main revision") from None
+    except LocalEntryNotFoundError as err:
+        raise NotFoundError(
+            f"{what} '{repo_id}' is neither a local path nor in the Hugging Face cache{cached} ({cache}), and the "
+            f"Hugging Face Hub cannot be reached ({_first_line(err.__cause__ or err)}); fix: connect, or download it "
+            f"where the hub is reachable and copy the cache, or pass a local directory"
+        ) from None
+    except HfHubHTTPError as err:
+        raise UnavailableError(f"the Hugging Face Hub refused {what} '{repo_id}': {_first_line(err)}") from None
+    except OSError as err:
+        raise FailedPreconditionError(
+            f"cannot write {what} '{repo_id}' into the Hugging Face cache {cache}: {err.strerror or _first_line(err)}; "
+            f"set HF_HOME to a writable directory"
+        ) from None
+    missing = _missing_files(folder, required)
+    if missing:
+        raise ModelFormatError(f"Hugging Face repository '{repo_id}' has no {', '.join(missing)}")
+    return folder
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no reason given"
 
 
 def _check_hf_dir(path: Path) -> Path:

@@ -260,13 +260,16 @@ class TargetModel(nn.Module):
     # ---- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "TargetModel":
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> "TargetModel":
+        """The model of a Hugging Face directory, its weights cast to `dtype` and moved to `device`
+        (its KV caches follow them: see new_cache)."""
         model_dir = Path(model_dir)
         cfg = TargetConfig.from_dir(model_dir)
         state = load_hf_state_dict(model_dir)
         model = cls(cfg)
         model.load_state_dict(fuse_hf_weights(cfg, state), strict=True)
-        model = model.to(dtype).eval().requires_grad_(False)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         model.prepare_for_inference()
         return model
 
@@ -280,8 +283,8 @@ class TargetModel(nn.Module):
                 module.prepare_for_inference(self.matmul_layouts)
 
 
-def load_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Read every safetensors shard of a Hugging Face model directory."""
+def hf_weight_files(model_dir: Path) -> list[str]:
+    """The safetensors shards of a Hugging Face model directory (those its index names, if it has one)."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -289,10 +292,77 @@ def load_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(f"no *.safetensors weights in '{model_dir}'")
+    return files
+
+
+def load_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Read every safetensors shard of a Hugging Face model directory."""
     state: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in hf_weight_files(model_dir):
         state.update(load_file(str(model_dir / name)))
     return state
+
+
+def load_hf_tensors(model_dir: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Read only the named tensors (Hugging Face names, with or without the 'model.' prefix) of a
+    model directory: each one from its shard through safetensors' lazy reader, so nothing else of
+    the checkpoint is read into memory. Names the checkpoint lacks are left out of the result."""
+    from safetensors import safe_open
+
+    wanted = set(names)
+    found: dict[str, torch.Tensor] = {}
+    for file in hf_weight_files(model_dir):
+        with safe_open(str(model_dir / file), framework="pt") as shard:
+            for key in shard.keys():
+                name = key.removeprefix("model.")
+                if name in wanted and name not in found:
+                    found[name] = shard.get_tensor(key)
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+class TargetEmbedHead(nn.Module):
+    """The target's token embedding and output projection (lm_head), loaded without the rest of it:
+    all a DFlash drafter uses of its target (LocalDrafter reads `config`, `device`, `embed` and
+    `lm_head.weight`). The drafter service holds this instead of the whole TargetModel.
+
+    A tied checkpoint (tie_word_embeddings) holds one matrix that serves as both."""
+
+    def __init__(self, cfg: TargetConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding.from_pretrained(embed_weight, freeze=True)
+        self.lm_head = nn.Module()
+        self.lm_head.weight = self.embed_tokens.weight if lm_head_weight is embed_weight else nn.Parameter(lm_head_weight, requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> "TargetEmbedHead":
+        """Read the two matrices of a Hugging Face directory (the same tensors TargetModel.from_pretrained
+        loads for them, cast and moved the same way)."""
+        model_dir = Path(model_dir)
+        cfg = TargetConfig.from_dir(model_dir)
+        names = ["embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+        tensors = load_hf_tensors(model_dir, names)
+        if "embed_tokens.weight" not in tensors:
+            raise ModelFormatError(f"weights in '{model_dir}' lack the tensor 'embed_tokens.weight'")
+        if not cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
+            raise ModelFormatError(f"weights in '{model_dir}' lack 'lm_head.weight' and the config does not tie embeddings")
+        embed = tensors["embed_tokens.weight"].to(device=device, dtype=dtype)
+        head = embed if cfg.tie_word_embeddings else tensors["lm_head.weight"].to(device=device, dtype=dtype)
+        return cls(cfg, embed, head).eval()
 
 
 def fuse_hf_weights(cfg: TargetConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
