@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from blockpilot.errors import InvalidArgumentError
+from blockpilot.models.placement import DEFAULT_DEVICE, DEFAULT_DTYPE, device_problem, dtype_problem
 from blockpilot.policy.repository import POLICY_NAME, SHIPPED_POLICY_NAME
 
 Check = Callable[[Any], str | None]  # returns what is wrong, or None
@@ -98,7 +99,9 @@ class VerifierServiceConfig(ServiceConfig):
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 in containers)", _nonempty)
     port: int = opt(50051, "gRPC port", _port())
     metrics_port: int = opt(9101, "Prometheus /metrics HTTP port (0 = no metrics server)", _port(True))
-    target: str = opt("default", "target model: 'default', a Hugging Face directory or a .gguf file", _nonempty)
+    target: str = opt("default", "target model: 'default', a Hugging Face directory, a .gguf file or a Hugging Face "
+                                 "repository id (ORG/NAME: from the Hugging Face cache, downloaded into it unless "
+                                 "HF_HUB_OFFLINE=1)", _nonempty)
     drafter_address: str = opt("127.0.0.1:50052", "drafter service HOST:PORT ('' = no drafter, block size 1)", _address)
     policy_address: str = opt("127.0.0.1:50053", "policy service HOST:PORT ('' = in-process fixed policy)", _address)
     redis_url: str = opt("redis://127.0.0.1:6379/0", "session store: redis:// URL or 'memory' (in-process, one replica only)", _redis_url)
@@ -143,6 +146,12 @@ class VerifierServiceConfig(ServiceConfig):
                                "('' = the shipped drafter's for the default target, else DFlash's one-layer default)",
                            lambda v: None if all(p.isdigit() for p in v.replace(",", " ").split())
                            else "must be layer ids separated by commas, e.g. '1,9,17'")
+    dtype: str = opt(DEFAULT_DTYPE, "backend torch: precision of the target's weights and KV caches, 'float32', 'bfloat16' "
+                                    "or 'float16' (output equals the same dtype's own block-size-1 output; the graph "
+                                    "backends take 'float32' only and run their export's precision)", dtype_problem)
+    device: str = opt(DEFAULT_DEVICE, "backend torch: where the target's weights and KV caches live, 'cpu', 'cuda' or "
+                                      "'cuda:N' (a GPU torch does not see is refused at start; the graph backends take "
+                                      "'cpu' only and pick their own device)", device_problem)
     replica_id: str = opt("", "this replica's id in Redis ('' = HOSTNAME:port)")
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
     otlp_endpoint: str = opt("", OTLP_HELP, _otlp_endpoint)
@@ -166,9 +175,10 @@ class DrafterServiceConfig(ServiceConfig):
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 in containers)", _nonempty)
     port: int = opt(50052, "gRPC port", _port())
     metrics_port: int = opt(9102, "Prometheus /metrics HTTP port (0 = no metrics server)", _port(True))
-    target: str = opt("default", "target model the drafter is bound to (same value as the verifier's)", _nonempty)
+    target: str = opt("default", "target model the drafter is bound to (same value as the verifier's); only its "
+                                 "embedding and lm_head are loaded", _nonempty)
     drafter: str = opt("", "'' = the engine's default (the shipped drafter of the default target, else none), "
-                           "'random', 'none' or a DFlash checkpoint directory")
+                           "'random', 'none', a DFlash checkpoint directory or a Hugging Face repository id (ORG/NAME)")
     random_block_size: int = opt(8, "block size of the 'random' drafter", _at_least(2))
     max_sessions: int = opt(64, "concurrent draft sessions; more are refused RESOURCE_EXHAUSTED", _at_least(1))
     max_kept_sessions: int = opt(64, "draft caches kept after a session's stream ends, for its next turn "
@@ -176,6 +186,11 @@ class DrafterServiceConfig(ServiceConfig):
     kept_session_ttl_s: float = opt(600.0, "idle time after which a kept draft cache is freed", _at_least(0.1))
     grace_s: float = opt(10.0, "on SIGTERM: time in-flight streams get to finish", _at_least(0))
     threads: int = opt(1, "torch CPU threads", _at_least(1))
+    dtype: str = opt(DEFAULT_DTYPE, "precision of the drafter, its draft caches and the target's embedding and lm_head: "
+                                    "'float32' (on the CPU the drafter then runs in the machine's cheaper draft precision, "
+                                    "int8 or bf16), 'bfloat16' or 'float16' (the drafter runs as loaded)", dtype_problem)
+    device: str = opt(DEFAULT_DEVICE, "where the drafter and its caches live: 'cpu', 'cuda' or 'cuda:N' (a GPU torch "
+                                      "does not see is refused at start)", device_problem)
     step_delay_s: float = opt(0.0, "artificial delay per draft step (fault-injection tests only)", _at_least(0))
     replica_id: str = opt("", "this replica's id ('' = HOSTNAME:port)")
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))

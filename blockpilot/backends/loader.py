@@ -179,10 +179,12 @@ def place_beside(backend: VerifierBackend, target: TargetModel, *modules: torch.
 
 
 def drafter_checkpoint_layers(path: str | Path) -> tuple[int, ...]:
-    """The target layers a DFlash checkpoint reads (its config.json), without loading its weights."""
+    """The target layers a DFlash checkpoint (a directory or a Hugging Face repository id) reads (its
+    config.json), without loading its weights."""
     from blockpilot.models.drafter import DrafterConfig
+    from blockpilot.models.store import resolve_drafter
 
-    config = Path(path).expanduser() / "config.json"
+    config = resolve_drafter(path) / "config.json"
     if not config.is_file():
         raise NotFoundError(f"no drafter at '{config.parent}': expected a DFlash checkpoint directory with config.json")
     try:
@@ -194,7 +196,8 @@ def drafter_checkpoint_layers(path: str | Path) -> tuple[int, ...]:
 
 def served_drafter_layers(target: str, drafter: str) -> tuple[int, ...] | None:
     """The target layers the drafter service will read, as `blockpilot up` starts it: its
-    --target and --drafter ('' = the shipped drafter, 'none', 'random' or a checkpoint folder).
+    --target and --drafter ('' = the shipped drafter, 'none', 'random', a checkpoint folder or a
+    Hugging Face repository id).
     None when the verifier's own rule already gives them ('' and 'none'). `up` hands them to the
     verifier (onnx_layers), so a graph backend exports what the drafter reads."""
     if drafter in ("", "none"):

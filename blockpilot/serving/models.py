@@ -1,6 +1,6 @@
 """Model loading for the services: like runtime.load_engine, but a target without a tokenizer is
 allowed (prompts then come as token ids), and the target and the drafter load in different
-processes (the drafter service needs the target's embedding and lm_head too).
+processes: the drafter service holds only the target's embedding and lm_head (load_drafter_target).
 
 The verifier may run its target on another backend (VerifierServiceConfig.backend: ONNX Runtime or
 TensorRT over an ONNX export); its drafter is remote, so the layers the export returns come from
@@ -16,11 +16,12 @@ from pathlib import Path
 
 from blockpilot.backends.base import VerifierBackend
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend
-from blockpilot.decoding.drafting import LocalDrafter, draft_precision
-from blockpilot.errors import InvalidArgumentError, ModelFormatError, NotFoundError
+from blockpilot.decoding.drafting import LocalDrafter
+from blockpilot.errors import InvalidArgumentError, ModelFormatError
 from blockpilot.models.drafter import DFlashDrafter
-from blockpilot.models.store import is_default_target, resolve_target
-from blockpilot.models.target import TargetModel
+from blockpilot.models.placement import Placement, check_backend_placement, drafter_run_precision
+from blockpilot.models.store import is_default_target, resolve_drafter, resolve_target
+from blockpilot.models.target import TargetEmbedHead, TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
 from blockpilot.runtime import NO_DRAFTER, RANDOM_DRAFTER, SHIPPED_DRAFTER_NAME, untrained_mask_token, shipped_drafter_dir
 
@@ -29,14 +30,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServedTarget:
     """model: what the verifier verifies with (the torch TargetModel, or an ONNX Runtime / TensorRT
-    backend over an export of it); torch_model: the torch TargetModel itself (the drafter's
-    embedding and output projection). Both are the same object on the torch backend."""
+    backend over an export of it), or in the drafter service the target's embedding and lm_head
+    alone (TargetEmbedHead); torch_model: the torch module the drafter's embedding and output
+    projection come from. Both are the same object unless a graph backend verifies.
+    placement: the dtype and device of the torch module (and of a drafter loaded beside it)."""
 
     name: str
     target_dir: Path
-    model: TargetModel | VerifierBackend
+    model: TargetModel | TargetEmbedHead | VerifierBackend
     tokenizer: ChatTokenizer | None
-    torch_model: TargetModel | None = None
+    torch_model: TargetModel | TargetEmbedHead | None = None
+    placement: Placement = Placement()
 
     def __post_init__(self) -> None:
         if self.torch_model is None:
@@ -54,24 +58,43 @@ class ServedTarget:
 
 
 def load_served_target(name: str = "default", *, backend: BackendOptions | None = None,
-                       drafter_layers: tuple[int, ...] | None = None) -> ServedTarget:
+                       drafter_layers: tuple[int, ...] | None = None, placement: Placement | None = None) -> ServedTarget:
     """backend: the verifier backend (default: torch). drafter_layers: the target layers the
     (remote) drafter reads, which a graph backend's export must return (None: not known; an
-    on-demand export then returns blockpilot.backends.loader.default_export_layers)."""
-    target_dir = resolve_target(None if is_default_target(name) else name)
-    model = TargetModel.from_pretrained(target_dir)
-    try:
-        tokenizer = ChatTokenizer(target_dir)
-    except ModelFormatError as err:
-        log.warning("target %s has no usable tokenizer (%s): prompts must be token ids", target_dir, str(err).splitlines()[0])
-        tokenizer = None
+    on-demand export then returns blockpilot.backends.loader.default_export_layers).
+    placement: dtype and device of the torch backend (default float32 on the CPU)."""
     backend = backend or BackendOptions()
+    placement = placement or Placement()
+    check_backend_placement(placement, backend.name)
+    device = placement.torch_device()  # before any download or load: a missing GPU is said at once
+    target_dir = resolve_target(None if is_default_target(name) else name)
+    model = TargetModel.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)
+    tokenizer = _served_tokenizer(target_dir)
     if backend.name == "torch":
-        return ServedTarget(name, target_dir, model, tokenizer)
+        return ServedTarget(name, target_dir, model, tokenizer, placement=placement)
     verifier = load_backend(model, backend, drafter_layers=drafter_layers, source=str(target_dir),
                             default_layers=default_export_layers(model, is_default_target(name)))
     log.info("verifier backend %s (%s), export layers %s", backend.name, backend.precision, list(verifier.hidden_layer_ids))
     return ServedTarget(name, target_dir, verifier, tokenizer, torch_model=model)
+
+
+def load_drafter_target(name: str = "default", *, placement: Placement | None = None) -> ServedTarget:
+    """The target as the drafter service needs it: its embedding and lm_head only (TargetEmbedHead,
+    read alone from the safetensors files; the decoder layers are never loaded), and its tokenizer
+    (the 'random' drafter's mask token)."""
+    placement = placement or Placement()
+    device = placement.torch_device()
+    target_dir = resolve_target(None if is_default_target(name) else name)
+    heads = TargetEmbedHead.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)
+    return ServedTarget(name, target_dir, heads, _served_tokenizer(target_dir), placement=placement)
+
+
+def _served_tokenizer(target_dir: Path) -> ChatTokenizer | None:
+    try:
+        return ChatTokenizer(target_dir)
+    except ModelFormatError as err:
+        log.warning("target %s has no usable tokenizer (%s): prompts must be token ids", target_dir, str(err).splitlines()[0])
+        return None
 
 
 def load_verifier_target(config) -> ServedTarget:
@@ -79,7 +102,8 @@ def load_verifier_target(config) -> ServedTarget:
     layers = parse_layers(config.onnx_layers) if config.onnx_layers else None
     options = BackendOptions(name=config.backend, precision=config.precision, onnx=config.onnx_path or None,
                              threads=config.threads)
-    return load_served_target(config.target, backend=options, drafter_layers=layers)
+    return load_served_target(config.target, backend=options, drafter_layers=layers,
+                              placement=Placement(config.dtype, config.device))
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -102,18 +126,21 @@ def random_mask_token(target: ServedTarget) -> int:
 
 def load_served_drafter(target: ServedTarget, drafter: str = "", *, random_block_size: int = 8) -> tuple[LocalDrafter | None, str]:
     """'' = the engine's default (the shipped drafter of the default target, else none); 'none';
-    'random'; or a DFlash checkpoint directory. Returns (drafter or None, name)."""
+    'random'; or a DFlash checkpoint directory or Hugging Face repository id. The drafter takes
+    the target's placement. Returns (drafter or None, name)."""
+    placement, head = target.placement, target.torch_model
+    dtype = placement.torch_dtype
     if drafter == "":
         shipped = shipped_drafter_dir() if target.is_default else None
         if shipped is None:
             return None, NO_DRAFTER
-        return LocalDrafter(DFlashDrafter.from_pretrained(shipped), target.torch_model, precision=draft_precision(target.torch_model.device)), SHIPPED_DRAFTER_NAME
-    if drafter == NO_DRAFTER:
+        model, name = DFlashDrafter.from_pretrained(shipped, dtype=dtype, device=head.device), SHIPPED_DRAFTER_NAME
+    elif drafter == NO_DRAFTER:
         return None, NO_DRAFTER
-    if drafter == RANDOM_DRAFTER:
-        model = DFlashDrafter.random(target.torch_model.config, block_size=random_block_size, mask_token_id=random_mask_token(target))
-        return LocalDrafter(model, target.torch_model, precision=draft_precision(target.torch_model.device)), RANDOM_DRAFTER
-    path = Path(drafter).expanduser()
-    if not path.exists():
-        raise NotFoundError(f"drafter path '{drafter}' does not exist (give a DFlash checkpoint directory, 'random' or 'none')")
-    return LocalDrafter(DFlashDrafter.from_pretrained(path), target.torch_model, precision=draft_precision(target.torch_model.device)), str(path)
+    elif drafter == RANDOM_DRAFTER:
+        model = DFlashDrafter.random(head.config, block_size=random_block_size, mask_token_id=random_mask_token(target))
+        model, name = model.to(device=head.device, dtype=dtype), RANDOM_DRAFTER
+    else:
+        model = DFlashDrafter.from_pretrained(resolve_drafter(drafter), dtype=dtype, device=head.device)
+        name = str(Path(drafter).expanduser())
+    return LocalDrafter(model, head, precision=drafter_run_precision(placement, head.device)), name

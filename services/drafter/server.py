@@ -18,7 +18,8 @@ from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, Res
 from blockpilot.serving import metrics
 from blockpilot.serving.draft_cache import DraftCachePool
 from blockpilot.serving.draft_wire import StepAssembler, block_messages
-from blockpilot.serving.models import load_served_drafter, load_served_target
+from blockpilot.models.placement import Placement
+from blockpilot.serving.models import load_drafter_target, load_served_drafter
 from blockpilot.serving.server import ServiceRunner, add_servicer, default_replica_id, setup_logging
 from blockpilot.serving.status import to_status
 from blockpilot.v1 import drafter_pb2, drafter_pb2_grpc
@@ -41,11 +42,13 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     def load(self) -> None:
         torch.set_num_threads(self.config.threads)
-        target = load_served_target(self.config.target)
+        # Only the target's embedding and lm_head: the drafter uses nothing else of it.
+        target = load_drafter_target(self.config.target, placement=Placement(self.config.dtype, self.config.device))
         self.drafter, self.name = load_served_drafter(target, self.config.drafter, random_block_size=self.config.random_block_size)
         if self.drafter is not None:
             self.feature_size = len(self.drafter.target_layer_ids) * target.model.config.hidden_size
-        log.info("drafter %s (%s) for target %s", self.name, self.drafter.precision if self.drafter else "-", target.target_dir)
+        log.info("drafter %s (%s, %s) for target %s", self.name, self.drafter.precision if self.drafter else "-",
+                 target.placement.describe(), target.target_dir)
 
     async def Describe(self, request, context) -> drafter_pb2.DescribeResponse:
         if not self.runner.ready:
