@@ -1,11 +1,12 @@
 """`blockpilot` command line.
 
 Contract of `blockpilot generate` (benchmarks and later services rely on it; extend, do not break):
-    blockpilot generate [--target NAME_OR_PATH] [--drafter PATH|random|none] [--block-size N|auto]
+    blockpilot generate [--target NAME_OR_PATH] [--drafter PATH|ORG/NAME|random|none] [--block-size N|auto]
                         [--prompt-lookup on|off] [--temperature T] [--top-k K] [--top-p P] [--max-new-tokens N]
                         [--seed S] [--raw]
                         [--json] PROMPT
-    (also: --policy/--policies with --block-size auto, --backend/--onnx, --server HOST:PORT)
+    (also: --policy/--policies with --block-size auto, --backend/--onnx, --dtype/--device with --backend torch,
+    --server HOST:PORT)
 `--json` prints exactly one JSON object on stdout. Bad arguments exit with status 2 and one line
 on stderr; no traceback reaches the user for an expected failure.
 """
@@ -24,6 +25,7 @@ from blockpilot.backends import BACKENDS, CPU_BACKENDS, DEFAULT_PRECISION, DEFAU
 from blockpilot.cli_args import (AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, add_client_security_args, block_size_arg,
                                  client_security, non_negative_int, positive_int, temperature, top_p)
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
+from blockpilot.models.placement import DEFAULT_DEVICE, DEFAULT_DTYPE, DTYPE_NAMES, Placement
 
 # Command groups kept beside their code: each module's add_parsers(sub) adds its subcommands and
 # sets `handler` (args -> exit status) on them with set_defaults.
@@ -37,8 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate a reply with speculative decoding (in-process)")
     gen.add_argument("prompt", metavar="PROMPT", help="one user message (wrapped in the chat template unless --raw)")
-    gen.add_argument("--target", default=None, help="'default' (SmolLM2-135M-Instruct), a Hugging Face model directory, or a .gguf file")
-    gen.add_argument("--drafter", default=None, help="DFlash checkpoint directory, 'random' (untrained, for testing) or 'none'; default: the shipped drafter of the default target")
+    gen.add_argument("--target", default=None, help="'default' (SmolLM2-135M-Instruct), a Hugging Face model directory, a .gguf file, "
+                                                    "or a Hugging Face repository id such as Qwen/Qwen3-4B (from the Hugging Face "
+                                                    "cache, downloaded into it unless HF_HUB_OFFLINE=1)")
+    gen.add_argument("--drafter", default=None, help="DFlash checkpoint directory or Hugging Face repository id (e.g. "
+                                                     "z-lab/Qwen3-4B-DFlash-b16), 'random' (untrained, for testing) or 'none'; "
+                                                     "default: the shipped drafter of the default target")
     gen.add_argument("--block-size", type=block_size_arg, default=AUTO,
                      help="DFlash block: tokens per verify step of a drafter draft; 1 = no drafter pass (with "
                           "--prompt-lookup off: plain autoregressive decoding); 'auto' (default) = the block-size "
@@ -70,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="onnxruntime on the CPU: 'int4' runs the GGUF's own 4-bit codes, 'fp32' the de-quantized weights; "
                           "'auto' (default): int4 for a target converted from a GGUF of Q4_1/Q8_0 codes (the default model), "
                           "else fp32 (with --onnx: the export's)")
+    gen.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                     help=f"with --backend torch: precision of the target's and the drafter's weights and KV caches "
+                          f"(default {DEFAULT_DTYPE}); output equals the same dtype's own --block-size 1 output")
+    gen.add_argument("--device", default=None,
+                     help=f"with --backend torch: 'cpu', 'cuda' or 'cuda:N', where the target, the drafter and their "
+                          f"caches live (default {DEFAULT_DEVICE})")
     gen.add_argument("--server", metavar="HOST:PORT", default=None,
                      help="generate through a verifier service (e.g. 127.0.0.1:50051) instead of in-process")
     gen.add_argument("--timeout", type=float, default=600.0, help="with --server: deadline of the request in seconds")
@@ -79,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="make the default model ready: de-quantize it once into the cache, and export it "
                                           "to ONNX for the default verifier backend")
     prep.add_argument("--target", default=None)
+    prep.add_argument("--drafter", default=None,
+                      help="also fetch this drafter (a Hugging Face repository id, or a checkpoint directory to check); "
+                           "the export then returns the target layers it reads")
     prep.add_argument("--backend", choices=CPU_BACKENDS, default=DEFAULT_VERIFIER_BACKEND,
                       help="the verifier backend to prepare for (default: onnxruntime, which needs the export; torch needs none)")
     prep.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
@@ -210,6 +225,13 @@ def _prepare(args: argparse.Namespace) -> int:
     logging.getLogger("blockpilot").setLevel(logging.INFO)
     target_dir = resolve_target(args.target)
     print(target_dir)
+    drafter_layers = None
+    if args.drafter is not None:
+        from blockpilot.backends.loader import drafter_checkpoint_layers
+        from blockpilot.models.store import resolve_drafter
+
+        print(resolve_drafter(args.drafter))
+        drafter_layers = drafter_checkpoint_layers(args.drafter)
     if args.backend != TORCH:
         # The export the verifier would otherwise make on its first start (and time out a client on).
         from blockpilot.backends import AUTO
@@ -218,7 +240,7 @@ def _prepare(args: argparse.Namespace) -> int:
         from blockpilot.models.target import TargetModel
 
         target = TargetModel.from_pretrained(target_dir)
-        layers = default_export_layers(target, is_default_target(args.target))
+        layers = drafter_layers or default_export_layers(target, is_default_target(args.target))
         precision = auto_precision(target, layers, target_dir) if args.precision == AUTO else args.precision
         print(cached_export(target, layers, source=str(target_dir), graph=FUSED, precision=precision).directory)
     return 0
@@ -419,6 +441,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
     if args.target is not None or args.drafter is not None or args.threads is not None or args.policies is not None:
         raise InvalidArgumentError("--target, --drafter, --threads and --policies are the server's settings; not allowed with --server")
+    if args.dtype is not None or args.device is not None:
+        raise InvalidArgumentError("--dtype and --device are the server's settings (verifier config 'dtype', 'device'); "
+                                   "not allowed with --server")
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    draft_sampling=args.draft_sampling, block_size=args.block_size, policy=args.policy,
                    return_prompt_token_ids=True, prompt_lookup=args.prompt_lookup == "on")
@@ -492,8 +517,13 @@ def _generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     if args.onnx is not None and args.backend == "torch":
         raise InvalidArgumentError(f"--onnx '{args.onnx}' needs --backend onnxruntime or tensorrt")
-    if args.drafter not in (None, "none", "random") and not Path(args.drafter).expanduser().exists():
-        raise InvalidArgumentError(f"--drafter '{args.drafter}' does not exist (give a DFlash checkpoint directory, 'random' or 'none')")
+    from blockpilot.models.store import is_hub_repo_id
+
+    if args.drafter not in (None, "none", "random") and not Path(args.drafter).expanduser().exists() \
+            and not is_hub_repo_id(args.drafter):
+        raise InvalidArgumentError(f"--drafter '{args.drafter}' does not exist (give a DFlash checkpoint directory, a Hugging "
+                                   f"Face repository id ORG/NAME, 'random' or 'none')")
+    placement = Placement(args.dtype or DEFAULT_DTYPE, args.device or DEFAULT_DEVICE)
     auto = args.block_size == AUTO
     if not auto and (args.policy or args.policies is not None):
         raise InvalidArgumentError("--policy and --policies need --block-size auto")
@@ -514,7 +544,7 @@ def _generate(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     backend = args.backend or DEFAULT_VERIFIER_BACKEND
     precision = args.precision or DEFAULT_PRECISION
-    engine = load_engine(args.target, args.drafter,
+    engine = load_engine(args.target, args.drafter, placement=placement,
                          backend=BackendOptions(name=backend, precision=precision, onnx=args.onnx, threads=args.threads))
     tokenizer = engine.tokenizer
     prompt_ids = tokenizer.encode_raw(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
@@ -575,6 +605,8 @@ def _generate(args: argparse.Namespace) -> int:
         "capped_steps": result.capped_steps,
         "backend": engine.backend,
         "precision": engine.precision,
+        "dtype": engine.placement.dtype,
+        "device": engine.placement.device,
         "policy_version": policy.decision.policy_version if policy and policy.decision else "",
         "arm": policy.decision.arm if policy and policy.decision else "",
         "fallback_reason": ",".join(r for r in (policy.decision.fallback_reason if policy and policy.decision else "",
