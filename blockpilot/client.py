@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
+from google.protobuf import json_format
 
 from blockpilot.serving.security import ClientSecurity
 from blockpilot.serving.status import from_rpc_error
@@ -55,6 +56,8 @@ class StreamEvent:
     block_size: int = 0
     policy_version: str = ""
     arm: str = ""
+    # With logprobs=True: (token id, log-probability, token text) per token_ids entry.
+    logprobs: tuple[tuple[int, float, str], ...] = ()
 
     @classmethod
     def of(cls, message: verifier_pb2.GenerateResponse) -> "StreamEvent":
@@ -62,7 +65,8 @@ class StreamEvent:
             return cls(message.index, message.session_id, final=message.final)
         d = message.delta
         return cls(message.index, message.session_id, tuple(d.token_ids), d.text, d.acceptance_length,
-                   prompt_tokens=d.prompt_tokens, block_size=d.block_size, policy_version=d.policy_version, arm=d.arm)
+                   prompt_tokens=d.prompt_tokens, block_size=d.block_size, policy_version=d.policy_version, arm=d.arm,
+                   logprobs=tuple((lp.token_id, lp.logprob, lp.text) for lp in d.logprobs))
 
 
 @dataclass
@@ -86,6 +90,10 @@ class Reply:
     target: str = ""
     drafter: str = ""
     experiment: str = ""  # A/B experiment that chose the block size ("" = none)
+    # With logprobs=True: (token id, log-probability, token text) per token_ids entry.
+    logprobs: list[tuple[int, float, str]] = field(default_factory=list)
+    trace_id: str = ""  # the request's trace id ("" when the verifier does not trace)
+    chat_template_kwargs: dict = field(default_factory=dict)  # what a messages prompt was rendered with
 
     @classmethod
     def from_final(cls, session_id: str, final: verifier_pb2.GenerateFinal) -> "Reply":
@@ -97,17 +105,22 @@ class Reply:
                     "cached_draft_tokens": final.usage.cached_draft_tokens},
                    {"ttft_s": final.timings.ttft_s, "decode_s": final.timings.decode_s,
                     "decode_tokens_per_s": final.timings.decode_tokens_per_s, "total_s": final.timings.total_s},
-                   final.target, final.drafter, final.experiment)
+                   final.target, final.drafter, final.experiment,
+                   [(lp.token_id, lp.logprob, lp.text) for lp in final.logprobs], final.trace_id,
+                   json_format.MessageToDict(final.chat_template_kwargs))
 
 
 def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None = None, token_ids: Sequence[int] | None = None,
                   max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                   stop_token_ids: Sequence[int] = (), draft_sampling: str = "greedy", block_size: int | str = "auto",
                   policy: str = "", session_id: str = "", new_session: bool = False,
-                  return_prompt_token_ids: bool = False, prompt_lookup: bool | None = None) -> verifier_pb2.GenerateRequest:
+                  return_prompt_token_ids: bool = False, prompt_lookup: bool | None = None, logprobs: bool = False,
+                  chat_template_kwargs: dict | None = None) -> verifier_pb2.GenerateRequest:
     """block_size: "auto" (ask the policy), "off" (block size 1) or a fixed int. prompt_lookup:
     True / False, or None for the server's default (on unless configured off). top_k (0 = off) and
-    top_p (1.0 = off) truncate the sampled distribution at temperature > 0."""
+    top_p (1.0 = off) truncate the sampled distribution at temperature > 0. logprobs: report each
+    token's log-probability under the target's raw distribution. chat_template_kwargs: extra chat
+    template arguments of a messages prompt, e.g. {"enable_thinking": False}."""
     lookup = {None: verifier_pb2.PROMPT_LOOKUP_UNSPECIFIED, True: verifier_pb2.PROMPT_LOOKUP_ON,
               False: verifier_pb2.PROMPT_LOOKUP_OFF}[prompt_lookup]
     request = verifier_pb2.GenerateRequest(policy=policy, session_id=session_id, new_session=new_session,
@@ -116,6 +129,8 @@ def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None 
         request.text = prompt
     elif messages is not None:
         request.messages.messages.extend(verifier_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    if chat_template_kwargs:
+        request.chat_template_kwargs.update(chat_template_kwargs)
     elif token_ids is not None:
         request.token_ids.ids.extend(int(t) for t in token_ids)
     s = request.sampling
@@ -123,6 +138,7 @@ def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None 
     s.top_k = top_k
     s.top_p = top_p
     s.max_new_tokens = max_new_tokens
+    s.logprobs = logprobs
     if seed is not None:
         s.seed = seed
     s.stop_token_ids.extend(int(t) for t in stop_token_ids)

@@ -51,6 +51,16 @@ def _address(v: str) -> str | None:
     return "must be HOST:PORT (or empty)"
 
 
+def _json_object(v: str) -> str | None:
+    if not v.strip():
+        return None
+    try:
+        value = json.loads(v)
+    except json.JSONDecodeError:
+        return "must be a JSON object, e.g. '{\"enable_thinking\": false}'"
+    return None if isinstance(value, dict) else "must be a JSON object, e.g. '{\"enable_thinking\": false}'"
+
+
 def _file_or_empty(v: str) -> str | None:
     return None if v == "" or Path(v).expanduser().is_file() else "is not a readable file"
 
@@ -108,6 +118,9 @@ class VerifierServiceConfig(ServiceConfig):
     default_block_size: int = opt(0, "block size when the policy is unreachable (0 = the drafter's trained size)", _at_least(0))
     prompt_lookup: bool = opt(True, "verify prompt-lookup drafts (a copy of what followed an earlier occurrence of the "
                                     "last tokens) instead of a drafter pass when a request leaves prompt_lookup unset")
+    chat_template_kwargs: str = opt("", "JSON object of chat-template arguments for `messages` prompts, under a request's own "
+                                        "(e.g. '{\"enable_thinking\": false}' for a Qwen3 target whose drafter was trained "
+                                        "on non-thinking replies; '' = none)", _json_object)
     default_max_new_tokens: int = opt(128, "max_new_tokens when a request leaves it unset", _at_least(1))
     max_new_tokens_cap: int = opt(4096, "largest max_new_tokens a request may ask for", _at_least(1))
     max_streams: int = opt(16, "concurrent Generate streams (all decoded in one batch); more are refused RESOURCE_EXHAUSTED", _at_least(1))

@@ -131,6 +131,8 @@ def add_char_chat_tokenizer(model_dir: Path) -> list[str]:
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+                          "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                          # A template variable, as Qwen3's enable_thinking (tests of chat_template_kwargs).
+                          "{% if enable_thinking is defined and not enable_thinking %}nothink\n{% endif %}{% endif %}")
     fast.save_pretrained(model_dir)
     return vocab

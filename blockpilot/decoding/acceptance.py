@@ -107,6 +107,16 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, *, top_k: int = 
     return truncate_probs(probs, top_k, top_p)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities of ``tokens`` under the raw rows ``log_softmax(logits)``
+    (temperature 1, no truncation: what a caller's ``logprobs`` reports, whatever law sampled the
+    tokens): logits [m, V], tokens [m] -> [m]."""
+    if logits.dim() != 2 or tokens.shape != (logits.shape[0],):
+        raise ValueError(f"expected logits [m, V] and tokens [m], got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+    rows = torch.log_softmax(logits.to(torch.float32), dim=-1)  # [m, V]
+    return rows.gather(1, tokens.to(device=rows.device, dtype=torch.long)[:, None])[:, 0]
+
+
 def truncate_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Top-k then top-p truncation, renormalised (see "truncation" above): [..., V] -> [..., V].
 

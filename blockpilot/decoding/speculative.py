@@ -57,6 +57,8 @@ class SamplingParams:
     draft_sampling: at temperature > 0, "greedy" drafts the argmax and accepts by sample-and-match
         (DFlash's rule); "sample" samples the draft from the drafter's distribution q and accepts
         with min(1, p/q) plus residual resampling (accepts more; needs q at the verifier).
+    logprobs: also report each committed token's log-probability under the target's raw
+        distribution (acceptance.token_logprobs) in StepEvent.logprobs and GenerationResult.logprobs.
     """
 
     temperature: float = 0.0
@@ -66,6 +68,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     draft_sampling: str = "greedy"
+    logprobs: bool = False
 
     def validate(self, vocab_size: int) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -117,12 +120,15 @@ class StepEvent:
     acceptance_length: int | None  # None for the prefill's token
     source: str = ""  # the step's draft source (DRAFT_SOURCES), "" for a one-token step or the prefill
     drafted: int = 0  # draft tokens the step verified (accepted or not)
+    logprobs: tuple[float, ...] = ()  # with SamplingParams.logprobs: one per token_ids, else empty
 
 
 @dataclass
 class GenerationResult:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
+    # With SamplingParams.logprobs: each token_ids entry's log-probability (else empty).
+    logprobs: list[float] = field(default_factory=list)
     block_size: int = 1
     acceptance_lengths: list[int] = field(default_factory=list)
     finish_reason: str = ""
@@ -367,6 +373,8 @@ class SpeculativeDecoder:
         last_hidden = out.hidden[0, -1] if out.hidden is not None else None
         final_hidden = self.target.norm(out.final_state[0, -1]) if out.final_state is not None else None
         result.token_ids.append(first)
+        if params.logprobs:
+            result.logprobs.extend(acceptance.token_logprobs(last_logits[None], torch.tensor([first])).tolist())
         result.ttft_s = time.perf_counter() - started
         state = DecodeState(
             params=params, result=result, generator=generator, prompt_len=prompt_len,
@@ -389,7 +397,7 @@ class SpeculativeDecoder:
         if first in state.stop_ids or state.params.max_new_tokens == 1:
             result.finish_reason = "stop" if first in state.stop_ids else "length"
             state.finished = True
-        return StepEvent((first,), None)
+        return StepEvent((first,), None, logprobs=tuple(result.logprobs[:1]))
 
     def open_drafting(self, state: "DecodeState") -> None:
         """Open the drafter session (block size > 1) and the prompt-lookup index. A drafter that
@@ -490,6 +498,11 @@ class SpeculativeDecoder:
             state.kept.append(hidden[: len(committed)])
         if state.index is not None:
             state.index.extend(committed)
+        logprobs: tuple[float, ...] = ()
+        if state.params.logprobs:
+            # Committed token i follows block position i: row i of the pass scored it.
+            logprobs = tuple(acceptance.token_logprobs(logits[: len(committed)], torch.tensor(committed)).tolist())
+            result.logprobs.extend(logprobs)
         state.generated += len(committed)
         result.token_ids.extend(committed)
         result.acceptance_lengths.append(len(committed))
@@ -505,7 +518,7 @@ class SpeculativeDecoder:
             state.finished = True
         state.anchor = committed[-1]
         phase["bookkeeping"] += time.perf_counter() - accepted
-        return StepEvent(tuple(committed), len(committed), plan.source, len(plan.tokens) - 1)
+        return StepEvent(tuple(committed), len(committed), plan.source, len(plan.tokens) - 1, logprobs)
 
     @staticmethod
     def finish(state: "DecodeState") -> None:

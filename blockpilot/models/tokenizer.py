@@ -5,13 +5,28 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from blockpilot.errors import InvalidArgumentError, ModelFormatError
 
 log = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant")
+# Arguments of apply_chat_template that this class sets itself or that would change what it returns;
+# a caller's chat-template kwargs may not name them.
+RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "add_generation_prompt", "tokenize", "return_dict",
+                                    "return_tensors", "return_assistant_tokens_mask", "continue_final_message",
+                                    "chat_template", "padding", "truncation", "max_length", "tokenizer_kwargs"})
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Refuse chat-template arguments that are not identifiers or that this class sets itself."""
+    bad = sorted(k for k in kwargs if not (isinstance(k, str) and k.isidentifier()))
+    if bad:
+        raise InvalidArgumentError(f"chat template argument names must be identifiers, got {bad}")
+    reserved = sorted(RESERVED_TEMPLATE_ARGS.intersection(kwargs))
+    if reserved:
+        raise InvalidArgumentError(f"chat template arguments {reserved} are set by the server and cannot be passed")
 
 
 class ChatTokenizer:
@@ -48,8 +63,9 @@ class ChatTokenizer:
         token_id = self._tok.convert_tokens_to_ids(token)
         return int(token_id) if isinstance(token_id, int) and token_id != self._tok.unk_token_id else None
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation, ending with the prompt for the assistant's next turn."""
+    def encode_chat(self, messages: Sequence[dict[str, str]], template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+        """Token ids of a conversation, ending with the prompt for the assistant's next turn.
+        template_kwargs: extra variables of the chat template (e.g. enable_thinking=False)."""
         if not messages:
             raise InvalidArgumentError("the conversation has no messages")
         for i, message in enumerate(messages):
@@ -59,7 +75,9 @@ class ChatTokenizer:
                 raise InvalidArgumentError(f"message {i} ({message['role']}) is empty")
         if not self.has_chat_template:
             raise InvalidArgumentError("this model has no chat template; send the prompt as raw text")
-        ids = self._tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        template_kwargs = dict(template_kwargs or {})
+        check_template_kwargs(template_kwargs)
+        ids = self._tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **template_kwargs)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]

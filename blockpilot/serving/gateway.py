@@ -35,8 +35,8 @@ from blockpilot.client import AsyncBlockPilotClient
 from blockpilot.config import GatewayServiceConfig
 from blockpilot.errors import InvalidArgumentError, UnavailableError
 from blockpilot.serving import metrics
-from blockpilot.serving.openai_api import (Completion, Outcome, StopMatcher, chunk, error_body, error_response, parse,
-                                           response)
+from blockpilot.serving.openai_api import (Completion, LogprobTrail, Outcome, StopMatcher, chunk, error_body, error_response,
+                                           logprobs_json, parse, response)
 
 log = logging.getLogger("services.gateway")
 
@@ -198,6 +198,8 @@ class Gateway:
         """The text of each delta that may be sent ("" when a stop string holds it back), filling
         `outcome`; ends at the final message or at a stop string (cancelling the call)."""
         matcher = StopMatcher(c.stop) if c.stop else None
+        outcome.logprobs = LogprobTrail() if c.logprobs else None
+        received = 0  # characters of text received so far (before any stop-string cut)
         stream = self.client.stream(timeout=self.config.request_timeout_s, metadata=auth, **c.generate_args)
         try:
             async for event in stream:
@@ -210,9 +212,12 @@ class Gateway:
                     outcome.completion_tokens += len(event.token_ids)
                     if event.acceptance_length:
                         outcome.acceptance_lengths.append(event.acceptance_length)
+                    if outcome.logprobs is not None:
+                        outcome.logprobs.add(received, event.logprobs)
+                    received += len(event.text)
                     yield matcher.push(event.text) if matcher else event.text
                     if matcher is not None and matcher.stopped:
-                        outcome.finish_reason = "stop"
+                        outcome.finish_reason, outcome.stopped = "stop", True
                         metrics.GATEWAY_STOP_STRINGS.inc()
                         return
                     continue
@@ -233,14 +238,18 @@ class Gateway:
         try:
             if c.chat:
                 yield _sse(chunk(c, "", role=True, session_id=outcome.session_id))
+            sent = 0  # characters of text sent
             async for piece in _prepend(first, pieces):
                 if not piece:
                     continue
                 if not timed:
                     timed = True
                     metrics.GATEWAY_TTFT.labels(endpoint).observe(time.perf_counter() - started)
-                yield _sse(chunk(c, piece))
-            yield _sse(chunk(c, None if c.chat else "", outcome.finish_reason))
+                sent += len(piece)
+                yield _sse(chunk(c, piece, logprobs=logprobs_json(c, outcome, sent)))
+            # The tokens whose text was held back or empty (an end-of-turn token), unless a stop string cut them off.
+            yield _sse(chunk(c, None if c.chat else "", outcome.finish_reason,
+                             logprobs=logprobs_json(c, outcome, sent if outcome.stopped else None)))
             if c.include_usage:
                 yield _sse(chunk(c, usage=outcome.usage()))
             yield _sse("[DONE]")

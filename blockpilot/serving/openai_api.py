@@ -4,9 +4,11 @@ HTTP gateway; no I/O here).
 Requests: the body of /v1/chat/completions or /v1/completions becomes `build_request` arguments
 (blockpilot.client) plus what the gateway itself does (stop strings, streaming, usage in the
 stream). What Generate cannot honour is refused with a message naming the field, never ignored:
-n > 1, penalties, logprobs, tools. top_p is honoured (in (0, 1]). Extra fields of this server:
-top_k (0 = off), block_size (a number, "auto" or "off"), policy, prompt_lookup, session_id,
-new_session.
+n > 1, penalties, top_logprobs > 0 (alternatives), tools. top_p is honoured (in (0, 1]), and so are
+logprobs (chat: `logprobs: true`; completions: `logprobs: 0`): the chosen tokens' log-probabilities
+under the target's raw distribution (LogprobTrail). Extra fields of this server: top_k (0 = off),
+block_size (a number, "auto" or "off"), policy, prompt_lookup, session_id, new_session, and
+chat_template_kwargs (chat only, e.g. {"enable_thinking": false}).
 
 Responses: OpenAI's objects; `usage` carries the counts plus the acceptance record under the one
 extension key `blockpilot` (tau, block_size, policy_version, arm, ...).
@@ -20,7 +22,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import grpc
 
@@ -46,7 +48,7 @@ _HTTP_BY_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # OpenAI fields that Generate cannot honour, with the value that means "not used": any other value
 # is refused (a client asking for them would otherwise get something it did not ask for).
-_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0,
+_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "top_logprobs": 0,
             "logit_bias": {}, "tools": [], "tool_choice": "none", "functions": [], "response_format": {"type": "text"},
             "best_of": 1, "echo": False, "suffix": "", "store": False, "modalities": ["text"], "reasoning_effort": None,
             "prediction": None, "audio": None, "web_search_options": None}
@@ -78,6 +80,7 @@ class Completion:
     stop: tuple[str, ...]
     user: str
     generate_args: dict[str, Any] = field(default_factory=dict)
+    logprobs: bool = False  # report the chosen tokens' log-probabilities
     id: str = ""
     created: int = 0
 
@@ -215,8 +218,28 @@ def parse(body: Any, *, chat: bool, model_name: str) -> Completion:
         args["session_id"] = session_id
     if _expect(body, "new_session", (bool,), "true or false"):
         args["new_session"] = True
+    template_kwargs = _expect(body, "chat_template_kwargs", (dict,), "an object of chat template arguments")
+    if template_kwargs:
+        if not chat:
+            raise InvalidArgumentError("'chat_template_kwargs' applies to /v1/chat/completions only")
+        args["chat_template_kwargs"] = template_kwargs
+    logprobs = _logprobs_asked(body, chat)
+    if logprobs:
+        args["logprobs"] = True
     return Completion(chat=chat, model=model, stream=stream, include_usage=include_usage, stop=_stop(body), user=user,
-                      generate_args=args)
+                      generate_args=args, logprobs=logprobs)
+
+
+def _logprobs_asked(body: dict, chat: bool) -> bool:
+    """Chat asks with `logprobs: true`; completions with `logprobs: N`, of which only 0 (the chosen
+    tokens, no alternatives) is served."""
+    if chat:
+        return bool(_expect(body, "logprobs", (bool,), "true or false"))
+    count = _int_in(body, "logprobs", 0)
+    if count:
+        raise InvalidArgumentError(f"'logprobs' must be 0 (the chosen tokens' log-probabilities): this server does not "
+                                   f"report alternative tokens (got {count})")
+    return count == 0
 
 
 class StopMatcher:
@@ -250,6 +273,46 @@ class StopMatcher:
         return out
 
 
+class LogprobTrail:
+    """The chosen tokens' log-probabilities of one generation, handed out as the text they belong to
+    is sent. Log-probabilities come per verifier delta (a step's tokens); `add` records each delta's
+    entries with the offset of its text in the whole generated text, `take(upto)` returns the
+    entries of the deltas whose text starts before `upto` (None: all) that were not taken yet. So a
+    stop string that cuts the text drops the tokens after the cut, and a streamed chunk carries the
+    tokens of the text it sends (a delta's text held back by a partial stop string waits for the
+    chunk that sends it)."""
+
+    def __init__(self) -> None:
+        self._deltas: list[tuple[int, list[tuple[int, float, str]]]] = []
+        self._taken = 0
+        self._next_offset = 0  # offset in the text of each entry taken so far (completions' text_offset)
+
+    def add(self, text_offset: int, entries: Sequence[tuple[int, float, str]]) -> None:
+        self._deltas.append((text_offset, list(entries)))
+
+    def take(self, upto: int | None) -> list[tuple[int, float, str]]:
+        out: list[tuple[int, float, str]] = []
+        while self._taken < len(self._deltas) and (upto is None or self._deltas[self._taken][0] < upto):
+            out.extend(self._deltas[self._taken][1])
+            self._taken += 1
+        return out
+
+    @staticmethod
+    def chat_json(entries: list[tuple[int, float, str]]) -> dict:
+        """Chat's `logprobs` object: one content entry per token, no alternatives."""
+        return {"content": [{"token": text, "logprob": lp, "bytes": list(text.encode("utf-8")), "top_logprobs": []}
+                            for _, lp, text in entries]}
+
+    def completion_json(self, entries: list[tuple[int, float, str]]) -> dict:
+        """Completions' `logprobs` object (tokens, token_logprobs, text_offset; no alternatives)."""
+        offsets = []
+        for _, _, text in entries:
+            offsets.append(self._next_offset)
+            self._next_offset += len(text)
+        return {"tokens": [text for _, _, text in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": None, "text_offset": offsets}
+
+
 @dataclass
 class Outcome:
     """What a generation left for the response: counts and the acceptance record (from the final
@@ -266,6 +329,8 @@ class Outcome:
     arm: str = ""
     fallback_reason: str = ""
     cached_prompt_tokens: int = 0
+    logprobs: LogprobTrail | None = None  # requests that asked for them
+    stopped: bool = False  # a stop string cut the text
 
     def usage(self) -> dict:
         steps = self.acceptance_lengths
@@ -277,13 +342,23 @@ class Outcome:
                             "acceptance_lengths": steps, "fallback_reason": self.fallback_reason}}
 
 
+def logprobs_json(c: Completion, outcome: Outcome, upto: int | None) -> dict | None:
+    """The `logprobs` of a choice: the entries not sent yet whose text starts before `upto`."""
+    trail = outcome.logprobs
+    if trail is None:
+        return None
+    entries = trail.take(upto)
+    return trail.chat_json(entries) if c.chat else trail.completion_json(entries)
+
+
 def response(c: Completion, outcome: Outcome) -> dict:
     """The whole (non-streamed) response object."""
+    logprobs = logprobs_json(c, outcome, len(outcome.text) if outcome.stopped else None)
     if c.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "finish_reason": outcome.finish_reason,
-                  "logprobs": None}
+                  "logprobs": logprobs}
     else:
-        choice = {"index": 0, "text": outcome.text, "finish_reason": outcome.finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": outcome.text, "finish_reason": outcome.finish_reason, "logprobs": logprobs}
     body = {"id": c.id, "object": "chat.completion" if c.chat else "text_completion", "created": c.created,
             "model": c.model, "choices": [choice], "usage": outcome.usage()}
     if outcome.session_id:
@@ -292,18 +367,18 @@ def response(c: Completion, outcome: Outcome) -> dict:
 
 
 def chunk(c: Completion, text: str | None = None, finish_reason: str | None = None, *, role: bool = False,
-          usage: dict | None = None, session_id: str = "") -> dict:
-    """One streamed chunk: text and/or a finish reason, the assistant role (chat's first chunk), or
-    the usage chunk (no choices)."""
+          usage: dict | None = None, session_id: str = "", logprobs: dict | None = None) -> dict:
+    """One streamed chunk: text and/or a finish reason (with the logprobs of its tokens when
+    asked), the assistant role (chat's first chunk), or the usage chunk (no choices)."""
     if usage is not None:
         choices = []
     elif c.chat:
         delta: dict = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
-        choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
     else:
-        choices = [{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}]
+        choices = [{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}]
     body = {"id": c.id, "object": "chat.completion.chunk" if c.chat else "text_completion", "created": c.created,
             "model": c.model, "choices": choices}
     if usage is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import json
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ import time
 import uuid
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Mapping, Protocol
 
 import torch
 
@@ -38,7 +39,7 @@ from blockpilot.errors import (AbortedError, BlockPilotError, DeadlineExceededEr
                                FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
                                UnavailableError)
 from blockpilot.models.kv_cache import KVCache
-from blockpilot.models.tokenizer import IncrementalDecoder
+from blockpilot.models.tokenizer import IncrementalDecoder, check_template_kwargs
 from blockpilot.policy.features import policy_features
 from blockpilot.serving import metrics
 from blockpilot.serving.models import ServedTarget
@@ -46,6 +47,7 @@ from blockpilot.serving.policy import Decision, Outcome, Policy, PolicyFeatures
 from blockpilot.serving.scheduler import DecodeScheduler, ScheduledRequest
 from blockpilot.serving.session_cache import KeptSession, SessionCaches
 from blockpilot.serving.session_store import new_session_id
+from blockpilot.serving.tracing import current_trace_id
 from blockpilot.v1 import verifier_pb2
 from blockpilot.serving.status import quoted
 
@@ -72,6 +74,8 @@ class GenerateSpec:
     prompt: exactly one of text / messages / token_ids. max_new_tokens 0 = the server default;
     stop_token_ids None = the target's own stop tokens. mode: "auto" | "fixed" | "off".
     deadline: time.monotonic() by which the request must end (None = no deadline).
+    logprobs: report each committed token's log-probability (SamplingParams.logprobs).
+    chat_template_kwargs: chat-template arguments over the config's (messages only; None = none).
     """
 
     text: str | None = None
@@ -84,6 +88,8 @@ class GenerateSpec:
     max_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] | None = None
     draft_sampling: str = "greedy"
+    logprobs: bool = False
+    chat_template_kwargs: Mapping[str, Any] | None = None
     mode: str = "auto"
     block_size: int = 0
     policy: str = ""
@@ -193,6 +199,9 @@ class VerifierCore:
         self.store = store
         self.replica_id = replica_id
         self.vocab_size = target.model.config.vocab_size
+        # Chat-template arguments of every messages prompt unless the request names them itself.
+        self.template_defaults: dict[str, Any] = json.loads(config.chat_template_kwargs) if config.chat_template_kwargs else {}
+        check_template_kwargs(self.template_defaults)
         self.backend, self.precision = backend_name(target.model), backend_precision(target.model)
         self.lookup = lookup_for(target.model)  # proposal lengths for this backend's verify costs
         metrics.VERIFIER_BACKEND.labels(self.backend, self.precision).set(1)
@@ -308,10 +317,19 @@ class VerifierCore:
                 raise InvalidArgumentError("the prompt is empty (no messages)")
             if tokenizer is None:
                 raise FailedPreconditionError("this target has no tokenizer: send the prompt as token_ids")
-            ids = tokenizer.encode_chat(list(spec.messages))
+            ids = tokenizer.encode_chat(list(spec.messages), self.template_kwargs(spec))
         if not ids:
             raise InvalidArgumentError("the prompt is empty after tokenization")
         return ids
+
+    def template_kwargs(self, spec: GenerateSpec) -> dict[str, Any]:
+        """The chat-template arguments a request's prompt is rendered with: the config's, then the
+        request's over them ({} unless the prompt is messages)."""
+        if spec.messages is None:
+            if spec.chat_template_kwargs:
+                raise InvalidArgumentError("chat_template_kwargs apply to a messages prompt only")
+            return {}
+        return {**self.template_defaults, **(spec.chat_template_kwargs or {})}
 
     def _params(self, spec: GenerateSpec, prompt_len: int) -> SamplingParams:
         cap = self.config.max_new_tokens_cap
@@ -323,7 +341,8 @@ class VerifierCore:
             raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {spec.temperature!r}")
         stop = spec.stop_token_ids if spec.stop_token_ids is not None else self.target.stop_token_ids
         params = SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, max_new_tokens=max_new,
-                                stop_token_ids=tuple(stop), seed=spec.seed, draft_sampling=spec.draft_sampling)
+                                stop_token_ids=tuple(stop), seed=spec.seed, draft_sampling=spec.draft_sampling,
+                                logprobs=spec.logprobs)
         params.validate(self.vocab_size)
         if prompt_len + max_new > self.max_context:
             raise ResourceExhaustedError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the "
@@ -621,7 +640,8 @@ class VerifierCore:
             last_emit = now
             metrics.GENERATED_TOKENS.inc(len(tokens))
             delta = verifier_pb2.TokenDelta(token_ids=tokens, text=text.push(tokens) if text else "",
-                                            acceptance_length=event.acceptance_length or 0)
+                                            acceptance_length=event.acceptance_length or 0,
+                                            logprobs=self._logprobs(tokens, event.logprobs))
             if index == 0:
                 delta.prompt_tokens = len(turn.prompt_ids)
                 delta.block_size = turn.block_size
@@ -641,6 +661,12 @@ class VerifierCore:
         metrics.CAPPED_STEPS.inc(result.capped_steps)
         await self._finish(turn, cancelled=False)
         yield verifier_pb2.GenerateResponse(index=index, session_id=turn.session_id, final=self._final(turn))
+
+    def _logprobs(self, tokens: list[int], logprobs: tuple[float, ...] | list[float]) -> list[verifier_pb2.TokenLogprob]:
+        """TokenLogprob messages of committed tokens (none when the request did not ask)."""
+        tokenizer = self.target.tokenizer
+        return [verifier_pb2.TokenLogprob(token_id=t, logprob=lp, text=tokenizer.decode([t], skip_special_tokens=False) if tokenizer else "")
+                for t, lp in zip(tokens, logprobs)]
 
     def _final(self, turn: _Turn) -> verifier_pb2.GenerateFinal:
         result = turn.result
@@ -662,7 +688,9 @@ class VerifierCore:
             target=str(self.target.target_dir), drafter=self.drafter_name(turn.recorder.inner if turn.recorder else None),
             accepted_by_source=result.accepted_by_source, drafter_passes_skipped=result.drafter_passes_skipped,
             prompt_lookup=turn.lookup.enabled, batch_sessions=turn.request.batch_sessions if turn.request else 0,
-            capped_steps=result.capped_steps, backend=self.backend, precision=self.precision)
+            capped_steps=result.capped_steps, backend=self.backend, precision=self.precision,
+            logprobs=self._logprobs(result.token_ids, result.logprobs), trace_id=current_trace_id())
+        final.chat_template_kwargs.update(self.template_kwargs(turn.spec))
         if turn.spec.return_prompt_token_ids:
             final.prompt_token_ids.extend(turn.prompt_ids)
         return final

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62lockpilot/v1/verifier.proto\x12\rblockpilot.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.blockpilot.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xd5\x01\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x03\x12\x34\n\x0e\x64raft_sampling\x18\x05 \x01(\x0e\x32\x1c.blockpilot.v1.DraftSampling\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_top_p\"\x95\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12/\n\x08messages\x18\x02 \x01(\x0b\x32\x1b.blockpilot.v1.ChatMessagesH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.blockpilot.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.blockpilot.v1.SamplingOptions\x12\x35\n\x0f\x62lock_size_mode\x18\x05 \x01(\x0e\x32\x1c.blockpilot.v1.BlockSizeMode\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x13\n\x0bnew_session\x18\t \x01(\x08\x12\x1f\n\x17return_prompt_token_ids\x18\n \x01(\x08\x12\x32\n\rprompt_lookup\x18\x0b \x01(\x0e\x32\x1b.blockpilot.v1.PromptLookupB\x08\n\x06prompt\"\x98\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65ptance_length\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12\x0b\n\x03\x61rm\x18\x07 \x01(\t\"t\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x1b\n\x13\x63\x61\x63hed_draft_tokens\x18\x04 \x01(\r\"Y\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\x86\x05\n\rGenerateFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.blockpilot.v1.Usage\x12\x1a\n\x12\x61\x63\x63\x65ptance_lengths\x18\x03 \x03(\r\x12\x0b\n\x03tau\x18\x04 \x01(\x01\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12\x0b\n\x03\x61rm\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x08 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\t \x01(\t\x12\'\n\x07timings\x18\n \x01(\x0b\x32\x16.blockpilot.v1.Timings\x12\x11\n\ttoken_ids\x18\x0b \x03(\x03\x12\x18\n\x10prompt_token_ids\x18\x0c \x03(\x03\x12\x0c\n\x04text\x18\r \x01(\t\x12\x0e\n\x06target\x18\x0e \x01(\t\x12\x0f\n\x07\x64rafter\x18\x0f \x01(\t\x12\x12\n\nexperiment\x18\x10 \x01(\t\x12N\n\x12\x61\x63\x63\x65pted_by_source\x18\x11 \x03(\x0b\x32\x32.blockpilot.v1.GenerateFinal.AcceptedBySourceEntry\x12\x1e\n\x16\x64rafter_passes_skipped\x18\x12 \x01(\r\x12\x15\n\rprompt_lookup\x18\x13 \x01(\x08\x12\x16\n\x0e\x62\x61tch_sessions\x18\x14 \x01(\r\x12\x14\n\x0c\x63\x61pped_steps\x18\x15 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x16 \x01(\t\x12\x11\n\tprecision\x18\x17 \x01(\t\x1a\x37\n\x15\x41\x63\x63\x65ptedBySourceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x9b\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.blockpilot.v1.TokenDeltaH\x00\x12-\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x1c.blockpilot.v1.GenerateFinalH\x00\x42\t\n\x07payload\"\x16\n\x14GetServerInfoRequest\"\xa6\x01\n\x0cServerLimits\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0bmax_streams\x18\x04 \x01(\r\x12\x16\n\x0emax_block_size\x18\x05 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x06 \x01(\r\"\x82\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x03 \x01(\t\x12\x1a\n\x12\x64rafter_block_size\x18\x04 \x01(\r\x12\x1e\n\x16\x64rafter_max_block_size\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x08 \x01(\t\x12+\n\x06limits\x18\t \x01(\x0b\x32\x1b.blockpilot.v1.ServerLimits\x12\x12\n\nreplica_id\x18\n \x01(\t*e\n\rDraftSampling\x12\x1e\n\x1a\x44RAFT_SAMPLING_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44RAFT_SAMPLING_GREEDY\x10\x01\x12\x19\n\x15\x44RAFT_SAMPLING_SAMPLE\x10\x02*~\n\rBlockSizeMode\x12\x1f\n\x1b\x42LOCK_SIZE_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42LOCK_SIZE_MODE_AUTO\x10\x01\x12\x19\n\x15\x42LOCK_SIZE_MODE_FIXED\x10\x02\x12\x17\n\x13\x42LOCK_SIZE_MODE_OFF\x10\x03*Z\n\x0cPromptLookup\x12\x1d\n\x19PROMPT_LOOKUP_UNSPECIFIED\x10\x00\x12\x14\n\x10PROMPT_LOOKUP_ON\x10\x01\x12\x15\n\x11PROMPT_LOOKUP_OFF\x10\x02\x32\xb5\x01\n\x08Verifier\x12M\n\x08Generate\x12\x1e.blockpilot.v1.GenerateRequest\x1a\x1f.blockpilot.v1.GenerateResponse0\x01\x12Z\n\rGetServerInfo\x12#.blockpilot.v1.GetServerInfoRequest\x1a$.blockpilot.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62lockpilot/v1/verifier.proto\x12\rblockpilot.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.blockpilot.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xe7\x01\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x03\x12\x34\n\x0e\x64raft_sampling\x18\x05 \x01(\x0e\x32\x1c.blockpilot.v1.DraftSampling\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x07\n\x05_seedB\x08\n\x06_top_p\"\xcc\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12/\n\x08messages\x18\x02 \x01(\x0b\x32\x1b.blockpilot.v1.ChatMessagesH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.blockpilot.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.blockpilot.v1.SamplingOptions\x12\x35\n\x0f\x62lock_size_mode\x18\x05 \x01(\x0e\x32\x1c.blockpilot.v1.BlockSizeMode\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x13\n\x0bnew_session\x18\t \x01(\x08\x12\x1f\n\x17return_prompt_token_ids\x18\n \x01(\x08\x12\x32\n\rprompt_lookup\x18\x0b \x01(\x0e\x32\x1b.blockpilot.v1.PromptLookup\x12\x35\n\x14\x63hat_template_kwargs\x18\x0c \x01(\x0b\x32\x17.google.protobuf.StructB\x08\n\x06prompt\"\xc7\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x19\n\x11\x61\x63\x63\x65ptance_length\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12\x0b\n\x03\x61rm\x18\x07 \x01(\t\x12-\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1b.blockpilot.v1.TokenLogprob\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"t\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x1b\n\x13\x63\x61\x63hed_draft_tokens\x18\x04 \x01(\r\"Y\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\xfe\x05\n\rGenerateFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.blockpilot.v1.Usage\x12\x1a\n\x12\x61\x63\x63\x65ptance_lengths\x18\x03 \x03(\r\x12\x0b\n\x03tau\x18\x04 \x01(\x01\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12\x0b\n\x03\x61rm\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x08 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\t \x01(\t\x12\'\n\x07timings\x18\n \x01(\x0b\x32\x16.blockpilot.v1.Timings\x12\x11\n\ttoken_ids\x18\x0b \x03(\x03\x12\x18\n\x10prompt_token_ids\x18\x0c \x03(\x03\x12\x0c\n\x04text\x18\r \x01(\t\x12\x0e\n\x06target\x18\x0e \x01(\t\x12\x0f\n\x07\x64rafter\x18\x0f \x01(\t\x12\x12\n\nexperiment\x18\x10 \x01(\t\x12N\n\x12\x61\x63\x63\x65pted_by_source\x18\x11 \x03(\x0b\x32\x32.blockpilot.v1.GenerateFinal.AcceptedBySourceEntry\x12\x1e\n\x16\x64rafter_passes_skipped\x18\x12 \x01(\r\x12\x15\n\rprompt_lookup\x18\x13 \x01(\x08\x12\x16\n\x0e\x62\x61tch_sessions\x18\x14 \x01(\r\x12\x14\n\x0c\x63\x61pped_steps\x18\x15 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x16 \x01(\t\x12\x11\n\tprecision\x18\x17 \x01(\t\x12-\n\x08logprobs\x18\x18 \x03(\x0b\x32\x1b.blockpilot.v1.TokenLogprob\x12\x10\n\x08trace_id\x18\x19 \x01(\t\x12\x35\n\x14\x63hat_template_kwargs\x18\x1a \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x37\n\x15\x41\x63\x63\x65ptedBySourceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x9b\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12*\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x19.blockpilot.v1.TokenDeltaH\x00\x12-\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x1c.blockpilot.v1.GenerateFinalH\x00\x42\t\n\x07payload\"\x16\n\x14GetServerInfoRequest\"\xa6\x01\n\x0cServerLimits\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0bmax_streams\x18\x04 \x01(\r\x12\x16\n\x0emax_block_size\x18\x05 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x06 \x01(\r\"\x82\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x03 \x01(\t\x12\x1a\n\x12\x64rafter_block_size\x18\x04 \x01(\r\x12\x1e\n\x16\x64rafter_max_block_size\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x08 \x01(\t\x12+\n\x06limits\x18\t \x01(\x0b\x32\x1b.blockpilot.v1.ServerLimits\x12\x12\n\nreplica_id\x18\n \x01(\t*e\n\rDraftSampling\x12\x1e\n\x1a\x44RAFT_SAMPLING_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44RAFT_SAMPLING_GREEDY\x10\x01\x12\x19\n\x15\x44RAFT_SAMPLING_SAMPLE\x10\x02*~\n\rBlockSizeMode\x12\x1f\n\x1b\x42LOCK_SIZE_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42LOCK_SIZE_MODE_AUTO\x10\x01\x12\x19\n\x15\x42LOCK_SIZE_MODE_FIXED\x10\x02\x12\x17\n\x13\x42LOCK_SIZE_MODE_OFF\x10\x03*Z\n\x0cPromptLookup\x12\x1d\n\x19PROMPT_LOOKUP_UNSPECIFIED\x10\x00\x12\x14\n\x10PROMPT_LOOKUP_ON\x10\x01\x12\x15\n\x11PROMPT_LOOKUP_OFF\x10\x02\x32\xb5\x01\n\x08Verifier\x12M\n\x08Generate\x12\x1e.blockpilot.v1.GenerateRequest\x1a\x1f.blockpilot.v1.GenerateResponse0\x01\x12Z\n\rGetServerInfo\x12#.blockpilot.v1.GetServerInfoRequest\x1a$.blockpilot.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,40 +34,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEFINAL_ACCEPTEDBYSOURCEENTRY']._loaded_options = None
   _globals['_GENERATEFINAL_ACCEPTEDBYSOURCEENTRY']._serialized_options = b'8\001'
-  _globals['_DRAFTSAMPLING']._serialized_start=2429
-  _globals['_DRAFTSAMPLING']._serialized_end=2530
-  _globals['_BLOCKSIZEMODE']._serialized_start=2532
-  _globals['_BLOCKSIZEMODE']._serialized_end=2658
-  _globals['_PROMPTLOOKUP']._serialized_start=2660
-  _globals['_PROMPTLOOKUP']._serialized_end=2750
-  _globals['_CHATMESSAGE']._serialized_start=47
-  _globals['_CHATMESSAGE']._serialized_end=91
-  _globals['_CHATMESSAGES']._serialized_start=93
-  _globals['_CHATMESSAGES']._serialized_end=153
-  _globals['_TOKENIDS']._serialized_start=155
-  _globals['_TOKENIDS']._serialized_end=178
-  _globals['_SAMPLINGOPTIONS']._serialized_start=181
-  _globals['_SAMPLINGOPTIONS']._serialized_end=394
-  _globals['_GENERATEREQUEST']._serialized_start=397
-  _globals['_GENERATEREQUEST']._serialized_end=802
-  _globals['_TOKENDELTA']._serialized_start=805
-  _globals['_TOKENDELTA']._serialized_end=957
-  _globals['_USAGE']._serialized_start=959
-  _globals['_USAGE']._serialized_end=1075
-  _globals['_TIMINGS']._serialized_start=1077
-  _globals['_TIMINGS']._serialized_end=1166
-  _globals['_GENERATEFINAL']._serialized_start=1169
-  _globals['_GENERATEFINAL']._serialized_end=1815
-  _globals['_GENERATEFINAL_ACCEPTEDBYSOURCEENTRY']._serialized_start=1760
-  _globals['_GENERATEFINAL_ACCEPTEDBYSOURCEENTRY']._serialized_end=1815
-  _globals['_GENERATERESPONSE']._serialized_start=1818
-  _globals['_GENERATERESPONSE']._serialized_end=1973
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1975
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1997
-  _globals['_SERVERLIMITS']._serialized_start=2000
-  _globals['_SERVERLIMITS']._serialized_end=2166
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=2169
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2427
-  _globals['_VERIFIER']._serialized_start=2753
-  _globals['_VERIFIER']._serialized_end=2934
+  _globals['_DRAFTSAMPLING']._serialized_start=2764
+  _globals['_DRAFTSAMPLING']._serialized_end=2865
+  _globals['_BLOCKSIZEMODE']._serialized_start=2867
+  _globals['_BLOCKSIZEMODE']._serialized_end=2993
+  _globals['_PROMPTLOOKUP']._serialized_start=2995
+  _globals['_PROMPTLOOKUP']._serialized_end=3085
+  _globals['_CHATMESSAGE']._serialized_start=77
+  _globals['_CHATMESSAGE']._serialized_end=121
+  _globals['_CHATMESSAGES']._serialized_start=123
+  _globals['_CHATMESSAGES']._serialized_end=183
+  _globals['_TOKENIDS']._serialized_start=185
+  _globals['_TOKENIDS']._serialized_end=208
+  _globals['_SAMPLINGOPTIONS']._serialized_start=211
+  _globals['_SAMPLINGOPTIONS']._serialized_end=442
+  _globals['_GENERATEREQUEST']._serialized_start=445
+  _globals['_GENERATEREQUEST']._serialized_end=905
+  _globals['_TOKENDELTA']._serialized_start=908
+  _globals['_TOKENDELTA']._serialized_end=1107
+  _globals['_TOKENLOGPROB']._serialized_start=1109
+  _globals['_TOKENLOGPROB']._serialized_end=1172
+  _globals['_USAGE']._serialized_start=1174
+  _globals['_USAGE']._serialized_end=1290
+  _globals['_TIMINGS']._serialized_start=1292
+  _globals['_TIMINGS']._serialized_end=1381
+  _globals['_GENERATEFINAL']._serialized_start=1384
+  _globals['_GENERATEFINAL']._serialized_end=2150
+  _globals['_GENERATEFINAL_ACCEPTEDBYSOURCEENTRY']._serialized_start=2095
+  _globals['_GENERATEFINAL_ACCEPTEDBYSOURCEENTRY']._serialized_end=2150
+  _globals['_GENERATERESPONSE']._serialized_start=2153
+  _globals['_GENERATERESPONSE']._serialized_end=2308
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2310
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2332
+  _globals['_SERVERLIMITS']._serialized_start=2335
+  _globals['_SERVERLIMITS']._serialized_end=2501
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2504
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2762
+  _globals['_VERIFIER']._serialized_start=3088
+  _globals['_VERIFIER']._serialized_end=3269
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -57,7 +58,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingOptions(_message.Message):
-    __slots__ = ("temperature", "seed", "max_new_tokens", "stop_token_ids", "draft_sampling", "top_k", "top_p")
+    __slots__ = ("temperature", "seed", "max_new_tokens", "stop_token_ids", "draft_sampling", "top_k", "top_p", "logprobs")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +66,7 @@ class SamplingOptions(_message.Message):
     DRAFT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     seed: int
     max_new_tokens: int
@@ -72,10 +74,11 @@ class SamplingOptions(_message.Message):
     draft_sampling: DraftSampling
     top_k: int
     top_p: float
-    def __init__(self, temperature: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., draft_sampling: _Optional[_Union[DraftSampling, str]] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ...) -> None: ...
+    logprobs: bool
+    def __init__(self, temperature: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., draft_sampling: _Optional[_Union[DraftSampling, str]] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., logprobs: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "messages", "token_ids", "sampling", "block_size_mode", "block_size", "policy", "session_id", "new_session", "return_prompt_token_ids", "prompt_lookup")
+    __slots__ = ("text", "messages", "token_ids", "sampling", "block_size_mode", "block_size", "policy", "session_id", "new_session", "return_prompt_token_ids", "prompt_lookup", "chat_template_kwargs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +90,7 @@ class GenerateRequest(_message.Message):
     NEW_SESSION_FIELD_NUMBER: _ClassVar[int]
     RETURN_PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOOKUP_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_FIELD_NUMBER: _ClassVar[int]
     text: str
     messages: ChatMessages
     token_ids: TokenIds
@@ -98,10 +102,11 @@ class GenerateRequest(_message.Message):
     new_session: bool
     return_prompt_token_ids: bool
     prompt_lookup: PromptLookup
-    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., block_size_mode: _Optional[_Union[BlockSizeMode, str]] = ..., block_size: _Optional[int] = ..., policy: _Optional[str] = ..., session_id: _Optional[str] = ..., new_session: _Optional[bool] = ..., return_prompt_token_ids: _Optional[bool] = ..., prompt_lookup: _Optional[_Union[PromptLookup, str]] = ...) -> None: ...
+    chat_template_kwargs: _struct_pb2.Struct
+    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., block_size_mode: _Optional[_Union[BlockSizeMode, str]] = ..., block_size: _Optional[int] = ..., policy: _Optional[str] = ..., session_id: _Optional[str] = ..., new_session: _Optional[bool] = ..., return_prompt_token_ids: _Optional[bool] = ..., prompt_lookup: _Optional[_Union[PromptLookup, str]] = ..., chat_template_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
-    __slots__ = ("token_ids", "text", "acceptance_length", "prompt_tokens", "block_size", "policy_version", "arm")
+    __slots__ = ("token_ids", "text", "acceptance_length", "prompt_tokens", "block_size", "policy_version", "arm", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +114,7 @@ class TokenDelta(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     acceptance_length: int
@@ -116,7 +122,18 @@ class TokenDelta(_message.Message):
     block_size: int
     policy_version: str
     arm: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., acceptance_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., acceptance_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob", "text")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    text: str
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "cached_draft_tokens")
@@ -143,7 +160,7 @@ class Timings(_message.Message):
     def __init__(self, ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "acceptance_lengths", "tau", "block_size", "policy_version", "arm", "decision_id", "fallback_reason", "timings", "token_ids", "prompt_token_ids", "text", "target", "drafter", "experiment", "accepted_by_source", "drafter_passes_skipped", "prompt_lookup", "batch_sessions", "capped_steps", "backend", "precision")
+    __slots__ = ("finish_reason", "usage", "acceptance_lengths", "tau", "block_size", "policy_version", "arm", "decision_id", "fallback_reason", "timings", "token_ids", "prompt_token_ids", "text", "target", "drafter", "experiment", "accepted_by_source", "drafter_passes_skipped", "prompt_lookup", "batch_sessions", "capped_steps", "backend", "precision", "logprobs", "trace_id", "chat_template_kwargs")
     class AcceptedBySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +191,9 @@ class GenerateFinal(_message.Message):
     CAPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     usage: Usage
     acceptance_lengths: _containers.RepeatedScalarFieldContainer[int]
@@ -197,7 +217,10 @@ class GenerateFinal(_message.Message):
     capped_steps: int
     backend: str
     precision: str
-    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., acceptance_lengths: _Optional[_Iterable[int]] = ..., tau: _Optional[float] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ..., decision_id: _Optional[str] = ..., fallback_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., experiment: _Optional[str] = ..., accepted_by_source: _Optional[_Mapping[str, int]] = ..., drafter_passes_skipped: _Optional[int] = ..., prompt_lookup: _Optional[bool] = ..., batch_sessions: _Optional[int] = ..., capped_steps: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    trace_id: str
+    chat_template_kwargs: _struct_pb2.Struct
+    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., acceptance_lengths: _Optional[_Iterable[int]] = ..., tau: _Optional[float] = ..., block_size: _Optional[int] = ..., policy_version: _Optional[str] = ..., arm: _Optional[str] = ..., decision_id: _Optional[str] = ..., fallback_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., experiment: _Optional[str] = ..., accepted_by_source: _Optional[_Mapping[str, int]] = ..., drafter_passes_skipped: _Optional[int] = ..., prompt_lookup: _Optional[bool] = ..., batch_sessions: _Optional[int] = ..., capped_steps: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., trace_id: _Optional[str] = ..., chat_template_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("index", "session_id", "delta", "final")

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import grpc
 import torch
+from google.protobuf import json_format
 
 from blockpilot.config import VerifierServiceConfig, load_config
 from blockpilot.errors import InvalidArgumentError, UnavailableError
@@ -66,6 +67,9 @@ def parse_request(request: verifier_pb2.GenerateRequest, time_remaining: float |
         draft_sampling=_DRAFT_SAMPLING[sampling.draft_sampling], mode=mode, block_size=int(request.block_size),
         policy=request.policy, session_id=request.session_id, new_session=request.new_session,
         return_prompt_token_ids=request.return_prompt_token_ids, prompt_lookup=_PROMPT_LOOKUP[request.prompt_lookup],
+        logprobs=sampling.logprobs,
+        chat_template_kwargs=json_format.MessageToDict(request.chat_template_kwargs)
+        if request.HasField("chat_template_kwargs") else None,
         deadline=None if time_remaining is None else time.monotonic() + time_remaining)
 
 

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.timeout(300)
 MODEL = "tiny-chat"
 TOKEN = "gateway-test-token"
 MESSAGES = [{"role": "user", "content": "tell me a story about the sea"}]
+SERVER_TEMPLATE_KWARGS = {"style": "plain"}  # the verifier's default chat-template arguments (unused by the template)
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,8 @@ def stack(tiny_llama_dir, tmp_path_factory):
     (folder / "tokens").write_text(TOKEN + "\n")
     drafter = Service("drafter", folder, target=model, drafter="random", random_block_size=4).start()
     verifier = Service("verifier", folder, target=model, drafter_address=f"127.0.0.1:{drafter.port}", policy_address="",
-                       redis_url="memory", token_file=folder / "tokens", load_aware_drafts=False).start()
+                       redis_url="memory", token_file=folder / "tokens", load_aware_drafts=False,
+                       chat_template_kwargs=json.dumps(SERVER_TEMPLATE_KWARGS)).start()
     gateway = Service("gateway", folder, verifier_address=verifier.address, model_name=MODEL, request_timeout_s=60).start()
     try:
         for service in (drafter, verifier, gateway):
@@ -255,3 +258,63 @@ def test_health_is_503_when_the_verifier_is_gone_and_the_gateway_drains(stack, t
         assert http_status(f"http://{gateway.address}/health") == 503
     finally:
         assert gateway.stop() == 0  # SIGTERM: uvicorn's graceful shutdown, exit status 0
+
+
+def test_logprobs_of_the_chosen_tokens(stack):
+    client = stack["client"]
+    reply = grpc_reply(stack, messages=MESSAGES, max_new_tokens=30, block_size=4, logprobs=True)
+    assert [t for t, _, _ in reply.logprobs] == reply.token_ids and all(lp <= 0 for _, lp, _ in reply.logprobs)
+    done = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, logprobs=True,
+                                          extra_body={"block_size": 4})
+    content = done.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx([lp for _, lp, _ in reply.logprobs], abs=1e-6)
+    assert "".join(e.token for e in content if e.token not in SPECIAL_TOKENS) == done.choices[0].message.content
+    assert all(bytes(e.bytes) == e.token.encode() and e.top_logprobs == [] for e in content)
+    # Streamed: the chunks carry the same entries, each with the text it sends.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, logprobs=True, stream=True,
+                                                 extra_body={"block_size": 4}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # A stop string drops the tokens after the cut (one token per step here: exactly the cut text's).
+    cut_at = done.choices[0].message.content[10:12]
+    for stream in (False, True):
+        answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, logprobs=True, stop=cut_at,
+                                                stream=stream, extra_body={"block_size": "off", "prompt_lookup": False})
+        parts = list(answer) if stream else [answer]
+        entries = [e for c in parts if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        cut = done.choices[0].message.content.split(cut_at)[0]
+        assert "".join(e.token for e in entries if e.token not in SPECIAL_TOKENS) == cut
+    # Completions: logprobs=0 is the chosen tokens; alternatives are refused.
+    text = client.completions.create(model=MODEL, prompt="once upon", max_tokens=12, logprobs=0,
+                                     extra_body={"block_size": 4}).choices[0]
+    assert len(text.logprobs.token_logprobs) == len(text.logprobs.tokens) == len(text.logprobs.text_offset) > 0
+    assert text.logprobs.text_offset[0] == 0
+    with pytest.raises(openai.BadRequestError, match="alternative tokens"):
+        client.completions.create(model=MODEL, prompt="once upon", max_tokens=4, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=2)
+
+
+def test_chat_template_kwargs_reach_the_rendered_prompt(stack):
+    client = stack["client"]
+    plain = grpc_reply(stack, messages=MESSAGES, max_new_tokens=4, return_prompt_token_ids=True)
+    assert plain.chat_template_kwargs == SERVER_TEMPLATE_KWARGS  # the verifier's default, reported
+    asked = grpc_reply(stack, messages=MESSAGES, max_new_tokens=4, return_prompt_token_ids=True,
+                       chat_template_kwargs={"enable_thinking": False})
+    assert asked.chat_template_kwargs == {**SERVER_TEMPLATE_KWARGS, "enable_thinking": False}
+    assert len(asked.prompt_token_ids) == len(plain.prompt_token_ids) + len("nothink\n")  # the template's branch
+    http = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert http.usage.prompt_tokens == len(asked.prompt_token_ids)
+    with pytest.raises(openai.BadRequestError, match="set by the server"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                       extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
+    with pytest.raises(openai.BadRequestError, match="chat/completions only"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={"chat_template_kwargs": {"x": 1}})
+    with pytest.raises(BlockPilotError, match="messages prompt only"):
+        grpc_reply(stack, prompt="hi", max_new_tokens=4, chat_template_kwargs={"enable_thinking": False})
+
+
+def test_the_final_message_names_the_trace(stack):
+    reply = grpc_reply(stack, messages=MESSAGES, max_new_tokens=4)
+    assert len(reply.trace_id) == 32 and int(reply.trace_id, 16) != 0

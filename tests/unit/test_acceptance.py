@@ -34,6 +34,7 @@ from blockpilot.decoding.acceptance import (
     sample_and_match_verify,
     sample_categorical,
     speculative_sampling_verify,
+    token_logprobs,
     truncate_probs,
 )
 
@@ -871,3 +872,19 @@ def test_truncated_target_is_lossless(rule, drafter, seed, top_k, top_p):
 def test_distribution_checks_catch_an_untruncated_target(match_outcomes):
     """Verifying against the full p while the law asked for is truncated fails the same check."""
     assert first_token_p_value(match_outcomes, ref_truncate(P0, *TRUNCATIONS[0])) < P_VALUE_FLOOR
+
+
+def test_token_logprobs_hand_built_and_against_a_slow_reference():
+    # Hand-built: two equal logits -> log(1/2); a -inf logit's token -> -inf.
+    logits = torch.tensor([[0.0, 0.0, -math.inf], [math.log(3.0), 0.0, 0.0]])
+    got = token_logprobs(logits, torch.tensor([1, 0]))
+    assert got.tolist() == pytest.approx([math.log(0.5), math.log(3 / 5)])
+    assert token_logprobs(logits, torch.tensor([2, 2]))[0] == -math.inf
+    # Slow reference: log(exp(l_t) / sum exp(l)) row by row in float64.
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen) * 4
+    tokens = torch.randint(0, 50, (6,), generator=gen)
+    slow = [math.log(math.exp(float(row[t])) / sum(math.exp(float(v)) for v in row)) for row, t in zip(logits.double(), tokens)]
+    assert token_logprobs(logits, tokens).tolist() == pytest.approx(slow, abs=1e-5)
+    with pytest.raises(ValueError):
+        token_logprobs(logits, tokens[:3])

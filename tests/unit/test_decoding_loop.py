@@ -357,3 +357,37 @@ def test_temperature_sampling_with_lookup_is_lossless_in_distribution(small_voca
     # Lookup drafts were verified in most requests, accepted in some (and rejected in others).
     assert lookup_steps > trials // 5 and copied > trials // 20
     assert chi_square_p_value(counts, exact, trials) > 1e-3
+
+
+# ---- logprobs of the committed tokens -----------------------------------------------------------
+
+def transformers_logprobs(model_dir, prompt, tokens) -> list[float]:
+    """Reference: log_softmax of transformers' own logits over prompt + tokens, at each token."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(tokens)])).logits[0].float()
+    rows = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)], dim=-1)
+    return rows.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_are_the_targets_raw_ones_at_every_block_size_and_source(tiny_llama_dir, target, random_drafter, temperature):
+    prompt, max_new_tokens = REPETITIVE_PROMPTS[2], 30
+    full_reference = None
+    decoder = SpeculativeDecoder(target, random_drafter)
+    for block_size, lookup in ((1, LookupConfig(enabled=False)), (4, LookupConfig(enabled=False)), (8, LOOKUP_CONFIGS[1])):
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=5, logprobs=True)
+        result = decoder.generate(prompt, params, block_size, lookup=lookup)
+        events = list(decoder.stream(prompt, params, block_size, lookup=lookup))
+        assert [lp for e in events for lp in e.logprobs] == pytest.approx(result.logprobs, abs=1e-6)
+        assert all(len(e.logprobs) == len(e.token_ids) for e in events)
+        assert len(result.logprobs) == len(result.token_ids) and all(lp <= 0 for lp in result.logprobs)
+        # Raw log-probabilities (temperature 1, untruncated) of exactly the committed tokens.
+        expected = transformers_logprobs(tiny_llama_dir, prompt, result.token_ids)
+        assert result.logprobs == pytest.approx(expected, abs=1e-4), block_size
+        if temperature == 0:
+            full_reference = full_reference or result.token_ids
+            assert result.token_ids == full_reference
+    assert decoder.generate(prompt, SamplingParams(max_new_tokens=5), 4).logprobs == []  # not asked: none
