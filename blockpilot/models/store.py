@@ -297,22 +297,20 @@ def _hub_snapshot(repo_id: str, patterns: tuple[str, ...], *, required: tuple[st
                                         LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     cache = constants.HF_HUB_CACHE
-    missing = list(required)
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=True))
         missing = _missing_files(folder, required)
         if not missing:
             return folder
+        where = f"is in the Hugging Face cache ({cache}) without {', '.join(missing)}"
     except (LocalEntryNotFoundError, IncompleteSnapshotError):
-        pass
+        where = f"is neither a local path nor in the Hugging Face cache ({cache})"
     except HFValidationError:
         raise NotFoundError(_not_found_message(repo_id)) from None
-    cached = "" if missing == list(required) else f" with {', '.join(missing)}"
     if constants.HF_HUB_OFFLINE:
         raise NotFoundError(
-            f"{what} '{repo_id}' is neither a local path nor in the Hugging Face cache{cached} ({cache}), and "
-            f"HF_HUB_OFFLINE=1 forbids downloading it; fix: download it once online (hf download {repo_id}) "
-            f"or pass a local directory"
+            f"{what} '{repo_id}' {where}, and HF_HUB_OFFLINE=1 forbids downloading it; fix: download it once "
+            f"online (hf download {repo_id}) or pass a local directory"
         )
     logger.info("fetching %s '%s' from the Hugging Face Hub into %s", what, repo_id, cache)
     try:
@@ -330,9 +328,9 @@ def _hub_snapshot(repo_id: str, patterns: tuple[str, ...], *, required: tuple[st
         raise NotFoundError(f"Hugging Face repository '{repo_id}' has no main revision") from None
     except LocalEntryNotFoundError as err:
         raise NotFoundError(
-            f"{what} '{repo_id}' is neither a local path nor in the Hugging Face cache{cached} ({cache}), and the "
-            f"Hugging Face Hub cannot be reached ({_first_line(err.__cause__ or err)}); fix: connect, or download it "
-            f"where the hub is reachable and copy the cache, or pass a local directory"
+            f"{what} '{repo_id}' {where}, and the Hugging Face Hub cannot be reached "
+            f"({_first_line(err.__cause__ or err)}); fix: connect, or download it where the hub is reachable and "
+            f"copy the cache, or pass a local directory"
         ) from None
     except HfHubHTTPError as err:
         raise UnavailableError(f"the Hugging Face Hub refused {what} '{repo_id}': {_first_line(err)}") from None
@@ -343,7 +341,10 @@ def _hub_snapshot(repo_id: str, patterns: tuple[str, ...], *, required: tuple[st
         ) from None
     missing = _missing_files(folder, required)
     if missing:
-        raise ModelFormatError(f"Hugging Face repository '{repo_id}' has no {', '.join(missing)}")
+        # huggingface_hub returns a cached snapshot as it is when the hub cannot be reached, so
+        # either may be the reason.
+        raise NotFoundError(f"{what} '{repo_id}' has no {', '.join(missing)} in the Hugging Face cache ({cache}) "
+                            f"after fetching it: the repository lacks it, or the hub could not be reached")
     return folder
 
 
