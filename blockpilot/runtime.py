@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from blockpilot.backends.base import TORCH, VerifierBackend, backend_name, backend_precision
+from blockpilot.backends.base import VerifierBackend, backend_name, backend_precision
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend, place_beside
 from blockpilot.decoding.drafting import DraftProvider, LocalDrafter
 from blockpilot.decoding.speculative import SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError
 from blockpilot.models.drafter import DFlashDrafter
-from blockpilot.models.placement import Placement, drafter_run_precision
+from blockpilot.models.placement import Placement, check_backend_placement, drafter_run_precision
 from blockpilot.models.store import is_default_target, resolve_drafter, resolve_target
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
@@ -85,9 +85,7 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
     """
     backend = backend or BackendOptions()
     placement = placement or Placement()
-    if not placement.is_default and backend.name != TORCH:
-        raise InvalidArgumentError(f"dtype and device ({placement.describe()}) set the torch backend; the {backend.name} "
-                                   f"backend runs its export's precision on its own device (use backend torch)")
+    check_backend_placement(placement, backend.name)
     device = placement.torch_device()  # before any download or load: a missing GPU is said at once
     target_dir = resolve_target(target)
     target_model = TargetModel.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)

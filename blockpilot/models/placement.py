@@ -95,3 +95,11 @@ def drafter_run_precision(placement: Placement, device: "torch.device") -> str |
     from blockpilot.decoding.drafting import draft_precision
 
     return draft_precision(device) if placement.dtype == DEFAULT_DTYPE else None
+
+
+def check_backend_placement(placement: Placement, backend: str) -> None:
+    """dtype and device set the torch engine; a graph backend (onnxruntime, tensorrt) runs its
+    export's precision on the device it picks itself, so it takes the default placement only."""
+    if not placement.is_default and backend != "torch":
+        raise InvalidArgumentError(f"dtype and device ({placement.describe()}) set the torch backend; the {backend} "
+                                   f"backend runs its export's precision on its own device (use backend torch)")
