@@ -11,7 +11,7 @@ request at a time at block size 1, prompt lookup off; then runs, in this order:
   restart verifier      and retry (the client retries before the first token only; a stream cut
                       after tokens is reissued by the thread, and that retry must be identical)
   verifier retry      the verifier stopped, a client call started, the verifier started again: the
-                      client's own retries carry the call over the restart
+                      client (gRPC wait_for_ready) carries the call over the restart
   drafter killed      SIGKILL mid-stream, then started again
   policy down         stopped while requests arrive, then started again
   redis down          the stack's Redis stopped with streams in flight, requests while it is down,
@@ -83,8 +83,11 @@ class Runner:
     # ---- requests -------------------------------------------------------------------------
 
     def client(self, retries: int | None = None) -> BlockPilotClient:
-        return BlockPilotClient(self.address, retries=self.args.retries if retries is None else retries,
-                                backoff_s=self.args.backoff_s, timeout=self.args.request_timeout_s)
+        """A client that waits for a restarting verifier (gRPC wait_for_ready, within the request
+        timeout) and retries busy refusals; retries=0: neither (a refusal is the observation)."""
+        retries = self.args.retries if retries is None else retries
+        return BlockPilotClient(self.address, retries=retries, backoff_s=self.args.backoff_s, wait_for_ready=retries > 0,
+                                timeout=self.args.request_timeout_s)
 
     def request_args(self, prompt: int, **extra) -> dict:
         return {**self.prompts[prompt]["request"], "max_new_tokens": self.args.max_new_tokens, **extra}
@@ -257,8 +260,8 @@ class Runner:
 
     def verifier_retry(self) -> Fault:
         fault = Fault("verifier restarted while a client retries",
-                      "the call, started while the verifier is down, is carried over the restart by the client's retries "
-                      "(UNAVAILABLE before a first token) and returns the identical output")
+                      "the call, started while the verifier is down, is carried over the restart by the client (gRPC "
+                      "wait_for_ready: it waits for the channel within its deadline) and returns the identical output")
         stack.stop_service("verifier", grace_s=60)
         result: dict = {}
         started = threading.Event()
@@ -280,7 +283,7 @@ class Runner:
         fault.outcomes.append(outcome)
         identical = outcome.status == "OK" and outcome.tokens == self.references[0]
         fault.details.update(restart_s=round(restart_s, 2), call_s=round(outcome.seconds, 2), retries=self.args.retries,
-                             backoff_s=self.args.backoff_s)
+                             backoff_s=self.args.backoff_s, wait_for_ready=True)
         fault.checks = {"the call outlived the restart": outcome.seconds > restart_s, "identical": identical}
         fault.observed = (f"call returned {outcome.status} after {outcome.seconds:.1f} s (verifier down, then {restart_s:.1f} s "
                           f"to SERVING); output {'identical' if identical else 'DIFFERENT'}")
@@ -458,8 +461,10 @@ def main(argv=None) -> int:
     parser.add_argument("--verifier-grace-s", type=float, default=1.0,
                         help="the verifier's drain grace: short, so that a restart cuts streams (its default, 10 s, "
                              "lets most finish)")
-    parser.add_argument("--retries", type=int, default=10, help="client retries before a first token (UNAVAILABLE, busy)")
-    parser.add_argument("--backoff-s", type=float, default=0.25, help="client back-off, doubled per retry")
+    parser.add_argument("--retries", type=int, default=4, help="client retries before a first token (UNAVAILABLE, busy; "
+                                                               "gRPC allows 0..4); with retries the client also waits for "
+                                                               "an unreachable verifier (wait_for_ready)")
+    parser.add_argument("--backoff-s", type=float, default=0.25, help="client back-off, doubled per retry (gRPC's jitter)")
     parser.add_argument("--request-timeout-s", type=float, default=240.0)
     parser.add_argument("--threads", type=int, default=1, help="threads per service")
     parser.add_argument("--max-minutes", type=float, default=12.0, help="bound of the whole run")

@@ -14,18 +14,17 @@
         info = await client.server_info()   # target, drafter, backend, default policy, limits, version
 
 - Deadlines: `timeout` (seconds) bounds the whole stream and is propagated to every hop.
-- Retries only where safe: a call that fails UNAVAILABLE (or RESOURCE_EXHAUSTED: server busy)
-  before its first message is retried with backoff, within the deadline; once a token was
-  received nothing is retried (the caller would see tokens twice).
+- Retries only where safe, by gRPC itself (the channel's service config, `retry_service_config`):
+  a call that fails UNAVAILABLE (or RESOURCE_EXHAUSTED: server busy) before the server answered
+  is retried with exponential backoff and jitter, within the deadline; once the server sent its
+  first message the call is committed and nothing is retried (the caller would see tokens twice).
 - Errors are typed (blockpilot.errors): InvalidArgumentError, NotFoundError, AbortedError, ...;
   `err.status_code` holds the grpc.StatusCode.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
-import time
+import json
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
@@ -37,7 +36,7 @@ from blockpilot.serving.status import from_rpc_error
 from blockpilot.serving.channels import MESSAGE_SIZE_OPTIONS
 from blockpilot.v1 import verifier_pb2, verifier_pb2_grpc
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+MAX_RETRIES = 4  # gRPC caps a retry policy at 5 attempts
 
 
 @dataclass(frozen=True)
@@ -153,29 +152,40 @@ def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None 
     return request
 
 
-def _retry_pause(err: grpc.RpcError, attempt: int, retries: int, backoff_s: float, received: bool,
-                 deadline: float | None) -> float:
-    """Seconds to wait before retrying a failed Generate (exponential back-off with jitter); raises
-    its typed error instead when it must not be retried: out of attempts, a status that is not
-    transient, tokens already received (a retry would repeat them), or no time left before the
-    deadline."""
-    pause = backoff_s * (2 ** attempt) * (0.5 + random.random())
-    retry_left = attempt < retries and not received and err.code() in _RETRYABLE
-    if not retry_left or (deadline is not None and time.monotonic() + pause >= deadline):
-        raise from_rpc_error(err, "Generate") from None
-    return pause
+def retry_service_config(retries: int, backoff_s: float, wait_for_ready: bool = False) -> str:
+    """The gRPC service config of the verifier's channel: up to `retries` retries of a Verifier
+    call that fails UNAVAILABLE or RESOURCE_EXHAUSTED before the server answered. gRPC waits a
+    random time in [0, backoff_s * 2^(n-1)] before retry n (capped at 30 * backoff_s), keeps to
+    the call's deadline, and commits a call when its first response arrives, so a stream that
+    already delivered tokens is never replayed. wait_for_ready: a call made while the verifier
+    cannot be reached (down, restarting) waits for it, up to the call's deadline, instead of
+    failing UNAVAILABLE at once (for callers that would rather wait out a restart)."""
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be an integer in 0..{MAX_RETRIES} (gRPC's limit), got {retries!r}")
+    if not backoff_s > 0:
+        raise ValueError(f"backoff_s must be > 0, got {backoff_s!r}")
+    method: dict = {"name": [{"service": "blockpilot.v1.Verifier"}], "waitForReady": bool(wait_for_ready)}
+    if retries:
+        method["retryPolicy"] = {"maxAttempts": retries + 1, "initialBackoff": f"{backoff_s:.3f}s",
+                                 "maxBackoff": f"{30 * backoff_s:.3f}s", "backoffMultiplier": 2,
+                                 "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
+    return json.dumps({"methodConfig": [method]})
+
+
+def _channel_options(retries: int, backoff_s: float, wait_for_ready: bool) -> list[tuple[str, object]]:
+    return [*MESSAGE_SIZE_OPTIONS, ("grpc.enable_retries", 1),
+            ("grpc.service_config", retry_service_config(retries, backoff_s, wait_for_ready))]
 
 
 class BlockPilotClient:
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 300.0, retries: int = 3,
-                 backoff_s: float = 0.2, security: ClientSecurity = ClientSecurity()) -> None:
-        """security: TLS (the CA to trust, a client certificate) and the bearer token to send."""
+                 backoff_s: float = 0.2, wait_for_ready: bool = False, security: ClientSecurity = ClientSecurity()) -> None:
+        """security: TLS (the CA to trust, a client certificate) and the bearer token to send.
+        retries / backoff_s / wait_for_ready: see retry_service_config."""
         self.address = address
         self.timeout = timeout
-        self.retries = retries
-        self.backoff_s = backoff_s
         self.security = security
-        self._channel = security.channel(address, MESSAGE_SIZE_OPTIONS)
+        self._channel = security.channel(address, _channel_options(retries, backoff_s, wait_for_ready))
         self._stub = verifier_pb2_grpc.VerifierStub(self._channel)
 
     def __enter__(self) -> "BlockPilotClient":
@@ -191,24 +201,15 @@ class BlockPilotClient:
         """Stream one generation (arguments as build_request). Closing the iterator early cancels
         the call; the server stops within one step and frees the request's caches."""
         request = build_request(**request_args)
-        timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            call = self._stub.Generate(request, timeout=remaining, metadata=self.security.metadata())
-            received = False
-            try:
-                for message in call:
-                    received = True
-                    yield StreamEvent.of(message)
-                return
-            except grpc.RpcError as err:
-                pause = _retry_pause(err, attempt, self.retries, self.backoff_s, received, deadline)
-                attempt += 1
-                time.sleep(pause)
-            finally:
-                call.cancel()
+        call = self._stub.Generate(request, timeout=self.timeout if timeout is None else timeout,
+                                   metadata=self.security.metadata())
+        try:
+            for message in call:
+                yield StreamEvent.of(message)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, "Generate") from None
+        finally:
+            call.cancel()
 
     def generate(self, *, timeout: float | None = None, **request_args) -> Reply:
         """The whole generation as one Reply."""
@@ -233,13 +234,11 @@ class AsyncBlockPilotClient:
     that iterates it cancels the call."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 300.0, retries: int = 3,
-                 backoff_s: float = 0.2, security: ClientSecurity = ClientSecurity()) -> None:
+                 backoff_s: float = 0.2, wait_for_ready: bool = False, security: ClientSecurity = ClientSecurity()) -> None:
         self.address = address
         self.timeout = timeout
-        self.retries = retries
-        self.backoff_s = backoff_s
         self.security = security
-        self.channel = security.aio_channel(address, MESSAGE_SIZE_OPTIONS)
+        self.channel = security.aio_channel(address, _channel_options(retries, backoff_s, wait_for_ready))
         self._stub = verifier_pb2_grpc.VerifierStub(self.channel)
 
     async def __aenter__(self) -> "AsyncBlockPilotClient":
@@ -257,25 +256,15 @@ class AsyncBlockPilotClient:
         the configured token (the gateway forwards its caller's `authorization` this way). Closing
         the iterator early, or cancelling its task, cancels the call."""
         request = build_request(**request_args)
-        timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        metadata = self._metadata(metadata)
-        attempt = 0
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
-            received = False
-            try:
-                async for message in call:
-                    received = True
-                    yield StreamEvent.of(message)
-                return
-            except grpc.RpcError as err:
-                pause = _retry_pause(err, attempt, self.retries, self.backoff_s, received, deadline)
-                attempt += 1
-                await asyncio.sleep(pause)
-            finally:
-                call.cancel()
+        call = self._stub.Generate(request, timeout=self.timeout if timeout is None else timeout,
+                                   metadata=self._metadata(metadata))
+        try:
+            async for message in call:
+                yield StreamEvent.of(message)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, "Generate") from None
+        finally:
+            call.cancel()
 
     async def server_info(self, *, timeout: float | None = None,
                           metadata: Sequence[tuple[str, str]] = ()) -> verifier_pb2.GetServerInfoResponse:
