@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from blockpilot.errors import InvalidArgumentError
 from blockpilot.models.placement import DEFAULT_DEVICE, DEFAULT_DTYPE, device_problem, dtype_problem
-from blockpilot.policy.repository import POLICY_NAME, SHIPPED_POLICY_NAME
+from blockpilot.policy.metadata import POLICY_NAME, SHIPPED_POLICY_NAME
 
 Check = Callable[[Any], str | None]  # returns what is wrong, or None
 

@@ -15,11 +15,19 @@ candidates[argmax(logits)] (ties go to the lower index, i.e. the smaller block s
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from blockpilot.errors import InvalidArgumentError
+
+# Names of policies and experiments: one folder / key component, no separators or spaces. (Here,
+# not in repository.py, so that the service configs read them without numpy.)
+POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# The name the project's own trained policy for the default target ships under (policies/<name>/<version>/);
+# the policy service's default_policy.
+SHIPPED_POLICY_NAME = "blockpilot"
 
 METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.onnx"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,15 +31,10 @@ from typing import Any, Callable
 import numpy as np
 
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError
-from blockpilot.policy.metadata import METADATA_FILE, MODEL_FILE, PolicyMetadata
+from blockpilot.policy.metadata import METADATA_FILE, MODEL_FILE, POLICY_NAME, SHIPPED_POLICY_NAME, PolicyMetadata
 
 log = logging.getLogger(__name__)
 
-# Names of policies and experiments: one folder / key component, no separators or spaces.
-POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-# The name the project's own trained policy for the default target ships under (policies/<name>/<version>/);
-# the policy service's default_policy.
-SHIPPED_POLICY_NAME = "blockpilot"
 PROVIDER_MODES = ("auto", "cpu", "cuda")
 
 

@@ -38,3 +38,9 @@ def test_base_dependencies_are_the_client_s():
     names = {dep.split(">")[0].split("=")[0].split("<")[0].strip() for dep in project["dependencies"]}
     assert names == {"grpcio", "protobuf"}
     assert any(dep.startswith("torch") for dep in project["optional-dependencies"]["server"])
+
+
+def test_the_gateway_runs_without_torch_or_numpy():
+    """The HTTP gateway only relays Generate: its process loads neither torch nor numpy."""
+    loaded = _third_party_after("import services.gateway.server")
+    assert {"torch", "numpy", "transformers"}.isdisjoint(loaded), sorted(loaded)
