@@ -75,7 +75,13 @@ def test_nonexistent_path_is_not_found(tmp_path):
     assert not (tmp_path / "cache").exists()  # a failed lookup writes nothing
 
 
-def test_unknown_name_is_not_found(tmp_path):
+def test_unknown_name_is_not_found(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    # A repository id is looked up in the Hugging Face cache (an empty one here), offline: the test
+    # never depends on the hub (tests/unit/test_hub_models.py covers repository ids in full).
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(NotFoundError, match="'HuggingFaceTB/SmolLM2-360M'"):
         resolve_target("HuggingFaceTB/SmolLM2-360M", cache_dir=tmp_path)
     with pytest.raises(NotFoundError):
