@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--target", default=None)
     prep.add_argument("--drafter", default=None,
                       help="also fetch this drafter (a Hugging Face repository id, or a checkpoint directory to check); "
-                           "the export then returns the target layers it reads")
+                           "the export then returns the target layers it reads ('', 'none', 'random': nothing to fetch)")
     prep.add_argument("--backend", choices=CPU_BACKENDS, default=DEFAULT_VERIFIER_BACKEND,
                       help="the verifier backend to prepare for (default: onnxruntime, which needs the export; torch needs none)")
     prep.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
@@ -226,7 +226,7 @@ def _prepare(args: argparse.Namespace) -> int:
     target_dir = resolve_target(args.target)
     print(target_dir)
     drafter_layers = None
-    if args.drafter is not None:
+    if args.drafter not in (None, "", "none", "random"):  # '' = the engine's default, as the services take it
         from blockpilot.backends.loader import drafter_checkpoint_layers
         from blockpilot.models.store import resolve_drafter
 

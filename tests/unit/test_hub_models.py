@@ -124,3 +124,16 @@ def test_cli_process_missing_target_repository_is_one_line_and_nonzero(offline_h
     assert done.returncode == 1 and done.stdout == ""
     line = _one_line(done.stderr.strip())
     assert "'Qwen/Qwen3-4B'" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_prepare_fetches_the_target_and_the_drafter_by_id(offline_hub, capsys):
+    """`blockpilot prepare`, as compose's model-prepare runs it (here offline: both are cached)."""
+    from blockpilot.cli import main
+
+    code = main(["prepare", "--target", "tiny-org/tiny-qwen3", "--drafter", "tiny-org/tiny-qwen3-dflash", "--backend", "torch"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    target, drafter = out.out.split()
+    assert target == str(resolve_target("tiny-org/tiny-qwen3")) and drafter == str(resolve_drafter("tiny-org/tiny-qwen3-dflash"))
+    assert main(["prepare", "--target", "tiny-org/tiny-qwen3", "--drafter", "", "--backend", "torch"]) == 0
+    assert capsys.readouterr().out.split() == [target]
