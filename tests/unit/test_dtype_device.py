@@ -8,6 +8,7 @@ import torch
 
 from blockpilot.backends.loader import BackendOptions
 from blockpilot.config import DrafterServiceConfig, VerifierServiceConfig
+from blockpilot.decoding.drafting import DraftRequest
 from blockpilot.decoding.lookup import LOOKUP_OFF
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError
@@ -113,3 +114,25 @@ def test_the_verifier_config_places_the_torch_target(offline_hub):
 
     served = load_verifier_target(VerifierServiceConfig(target="tiny-org/tiny-qwen3", backend="torch", dtype="bfloat16"))
     assert served.model.dtype == torch.bfloat16 and served.placement == Placement("bfloat16", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the GPU check of a lent machine)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_placement_is_lossless_and_the_slim_drafter_target_drafts_the_same(offline_hub, dtype):
+    from blockpilot.serving.models import load_drafter_target, load_served_drafter, load_served_target
+
+    placement = Placement(dtype, "cuda")
+    engine = load_engine("tiny-org/tiny-qwen3", "tiny-org/tiny-qwen3-dflash", backend=TORCH_BACKEND, placement=placement)
+    assert engine.target.device.type == "cuda" and engine.target.new_cache(8).keys.is_cuda
+    assert next(engine.drafter.drafter.parameters()).is_cuda
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me about block diffusion."}])
+    params = SamplingParams(max_new_tokens=40)
+    plain = engine.decoder.generate(prompt, params, 1, lookup=LOOKUP_OFF)
+    for block_size in (4, 8):
+        assert engine.decoder.generate(prompt, params, block_size, lookup=LOOKUP_OFF).token_ids == plain.token_ids
+    slim, _ = load_served_drafter(load_drafter_target("tiny-org/tiny-qwen3", placement=placement), "tiny-org/tiny-qwen3-dflash")
+    full, _ = load_served_drafter(load_served_target("tiny-org/tiny-qwen3", placement=placement), "tiny-org/tiny-qwen3-dflash")
+    width = len(slim.target_layer_ids) * slim.target.config.hidden_size
+    context = torch.randn(9, width, generator=torch.Generator().manual_seed(0))
+    step = DraftRequest(anchor=7, start=9, num_draft=7, context=context, context_start=0)
+    assert slim.open_session(64).propose(step).tokens.tolist() == full.open_session(64).propose(step).tokens.tolist()
