@@ -339,6 +339,12 @@ def _hub_snapshot(repo_id: str, patterns: tuple[str, ...], *, required: tuple[st
             f"cannot write {what} '{repo_id}' into the Hugging Face cache {cache}: {err.strerror or _first_line(err)}; "
             f"set HF_HOME to a writable directory"
         ) from None
+    except Exception as err:  # noqa: BLE001 - the transfer's own errors (connection lost mid-file, Xet storage)
+        logger.debug("fetching %s '%s' failed", what, repo_id, exc_info=True)
+        raise UnavailableError(
+            f"fetching {what} '{repo_id}' from the Hugging Face Hub failed partway ({_first_line(err)}); run it again "
+            f"to resume the download"
+        ) from None
     missing = _missing_files(folder, required)
     if missing:
         # huggingface_hub returns a cached snapshot as it is when the hub cannot be reached, so
