@@ -31,6 +31,12 @@ def test_repository_ids_resolve_to_their_cached_snapshots_offline(offline_hub):
         assert (target / "tokenizer.json").is_file()  # tokenizer and chat template come from the repository
         drafter = resolve_drafter(f"{repo_id}-dflash")
         assert (drafter / "model.safetensors").is_file() and drafter.name == REVISION
+    # What `blockpilot up` hands the verifier for the drafter service (and `export onnx --drafter`).
+    from blockpilot.backends.loader import served_drafter_layers
+
+    checkpoint = json.loads((resolve_drafter("tiny-org/tiny-qwen3-dflash") / "config.json").read_text())
+    assert served_drafter_layers("tiny-org/tiny-qwen3", "tiny-org/tiny-qwen3-dflash") == \
+        tuple(checkpoint["dflash_config"]["target_layer_ids"])
 
 
 def test_a_cached_snapshot_is_used_without_contacting_the_hub(offline_hub, monkeypatch):
