@@ -85,8 +85,8 @@ def load_drafter_target(name: str = "default", *, placement: Placement | None = 
     placement = placement or Placement()
     device = placement.torch_device()
     target_dir = resolve_target(None if is_default_target(name) else name)
-    heads = TargetEmbedHead.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)
-    return ServedTarget(name, target_dir, heads, _served_tokenizer(target_dir), placement=placement)
+    embed_head = TargetEmbedHead.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)
+    return ServedTarget(name, target_dir, embed_head, _served_tokenizer(target_dir), placement=placement)
 
 
 def _served_tokenizer(target_dir: Path) -> ChatTokenizer | None:
