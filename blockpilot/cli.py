@@ -23,7 +23,7 @@ from typing import Sequence
 
 from blockpilot.backends import BACKENDS, CPU_BACKENDS, DEFAULT_PRECISION, DEFAULT_VERIFIER_BACKEND, PRECISION_CHOICES, TORCH
 from blockpilot.cli_args import (AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, add_client_security_args, block_size_arg,
-                                 client_security, non_negative_int, positive_int, temperature, top_p)
+                                 client_security, json_object, non_negative_int, positive_int, temperature, top_p)
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
 from blockpilot.models.placement import DEFAULT_DEVICE, DEFAULT_DTYPE, DTYPE_NAMES, Placement
 
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-sampling", choices=("greedy", "sample"), default="greedy",
                      help="at temperature > 0: 'greedy' drafts + sample-and-match (DFlash), 'sample' drafts + min(1, p/q)")
     gen.add_argument("--raw", action="store_true", help="send PROMPT as plain text, without the chat template")
+    gen.add_argument("--chat-template-kwargs", type=json_object, default=None, metavar="JSON",
+                     help='extra chat-template arguments, e.g. \'{"enable_thinking": false}\' for Qwen3 (not with --raw)')
+    gen.add_argument("--logprobs", action="store_true",
+                     help="report each token's log-probability under the target's raw distribution (in --json, else on stderr)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the tokens and statistics")
     gen.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     gen.add_argument("--backend", choices=BACKENDS, default=None,
@@ -437,6 +441,8 @@ def _stack(args: argparse.Namespace) -> int:
 
 def _generate_remote(args: argparse.Namespace) -> int:
     """`generate --server`: the same output contract, through the verifier service."""
+    from google.protobuf import json_format
+
     from blockpilot.client import BlockPilotClient
 
     if args.target is not None or args.drafter is not None or args.threads is not None or args.policies is not None:
@@ -446,7 +452,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
                                    "not allowed with --server")
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    draft_sampling=args.draft_sampling, block_size=args.block_size, policy=args.policy,
-                   return_prompt_token_ids=True, prompt_lookup=args.prompt_lookup == "on")
+                   return_prompt_token_ids=True, prompt_lookup=args.prompt_lookup == "on", logprobs=args.logprobs,
+                   chat_template_kwargs=args.chat_template_kwargs)
     if args.raw:
         request["prompt"] = args.prompt
     else:
@@ -491,7 +498,12 @@ def _generate_remote(args: argparse.Namespace) -> int:
         "arm": final.arm,
         "fallback_reason": final.fallback_reason,
         "total_s": round(timings.total_s, 4),
+        "trace_id": final.trace_id,
+        "chat_template_kwargs": json_format.MessageToDict(final.chat_template_kwargs),
     }
+    if args.logprobs:
+        report["logprobs"] = [[lp.token_id, lp.logprob, lp.text] for lp in final.logprobs]
+        _print_logprobs(report["logprobs"], args.json)
     if args.json:
         print(json.dumps(report))
     else:
@@ -507,9 +519,18 @@ def _generate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_logprobs(rows: list, as_json: bool) -> None:
+    """Without --json: one line per token on stderr (id, log-probability, text as a Python literal)."""
+    if not as_json:
+        for token_id, logprob, text in rows:
+            print(f"{token_id:>8} {logprob:10.4f} {text!r}", file=sys.stderr)
+
+
 def _generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise InvalidArgumentError("the prompt is empty")
+    if args.raw and args.chat_template_kwargs:
+        raise InvalidArgumentError("--chat-template-kwargs applies to the chat template; not with --raw")
     if args.server:
         if args.backend is not None or args.onnx is not None or args.precision is not None:
             raise InvalidArgumentError("--backend, --precision and --onnx are the server's settings (verifier config "
@@ -547,7 +568,8 @@ def _generate(args: argparse.Namespace) -> int:
     engine = load_engine(args.target, args.drafter, placement=placement,
                          backend=BackendOptions(name=backend, precision=precision, onnx=args.onnx, threads=args.threads))
     tokenizer = engine.tokenizer
-    prompt_ids = tokenizer.encode_raw(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    prompt_ids = (tokenizer.encode_raw(args.prompt) if args.raw
+                  else tokenizer.encode_chat([{"role": "user", "content": args.prompt}], args.chat_template_kwargs))
     policy = None
     if auto and engine.drafter is not None:
         from blockpilot.policy.in_process import InProcessPolicy
@@ -565,6 +587,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop_token_ids=tokenizer.stop_token_ids,
         seed=args.seed,
         draft_sampling=args.draft_sampling,
+        logprobs=args.logprobs,
     )
     result = GenerationResult(prompt_token_ids=prompt_ids)
     # A chosen block size drops the drafts that do not pay on this engine (the verifier's load cap
@@ -612,6 +635,12 @@ def _generate(args: argparse.Namespace) -> int:
         "fallback_reason": ",".join(r for r in (policy.decision.fallback_reason if policy and policy.decision else "",
                                                  result.fallback_reason or "") if r),
     }
+    if not args.raw:
+        report["chat_template_kwargs"] = args.chat_template_kwargs or {}
+    if args.logprobs:
+        report["logprobs"] = [[t, lp, tokenizer.decode([t], skip_special_tokens=False)]
+                              for t, lp in zip(result.token_ids, result.logprobs)]
+        _print_logprobs(report["logprobs"], args.json)
     if policy is not None:
         policy.close()
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 EXIT_USAGE = 2
@@ -50,6 +51,17 @@ def fraction(text: str) -> float:
 
 def positive_float(text: str) -> float:
     return checked_number(text, float, "a number", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def json_object(text: str) -> dict:
+    """A JSON object given on the command line, e.g. '{"enable_thinking": false}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 AUTO = "auto"

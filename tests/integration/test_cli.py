@@ -26,6 +26,8 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         (["generate", "--drafter", "/nonexistent/drafter", "hi"], "does not exist"),
         (["generate", "--drafter", "none", "--block-size", "4", "hi"], "needs a drafter"),
         (["generate"], "required"),
+        (["generate", "--raw", "--chat-template-kwargs", '{"a": 1}', "hi"], "not with --raw"),
+        (["generate", "--chat-template-kwargs", "[1]", "hi"], "expected a JSON object"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_one_line(args, fragment):
@@ -47,7 +49,7 @@ def test_unknown_target_is_one_line_error():
 def test_json_output_contract_and_lossless_across_block_sizes():
     reports = []
     for extra in (["--drafter", "none"], ["--drafter", "random", "--block-size", "5"]):
-        done = run_cli("generate", "--json", "--max-new-tokens", "24", *extra, "Name three primary colors.")
+        done = run_cli("generate", "--json", "--logprobs", "--max-new-tokens", "24", *extra, "Name three primary colors.")
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)  # exactly one JSON object on stdout
         for key in ("prompt_token_ids", "token_ids", "text", "block_size", "acceptance_lengths", "tau",
@@ -60,6 +62,9 @@ def test_json_output_contract_and_lossless_across_block_sizes():
     assert plain["block_size"] == 1 and speculative["block_size"] == 5
     assert speculative["token_ids"] == plain["token_ids"]
     assert speculative["text"] == plain["text"] and plain["text"].strip()
+    # Each token's log-probability, the same whichever block size committed it (up to rounding).
+    assert [row[0] for row in speculative["logprobs"]] == speculative["token_ids"]
+    assert [row[1] for row in speculative["logprobs"]] == pytest.approx([row[1] for row in plain["logprobs"]], abs=1e-3)
 
 
 @pytest.mark.default_model
