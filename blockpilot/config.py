@@ -90,6 +90,13 @@ OTLP_HELP = ("OTLP/gRPC collector spans are exported to, e.g. http://jaeger:4317
              "variables set its headers, TLS files, timeout)")
 TRACE_FILE_HELP = "append finished spans to this file, one JSON object per line (debugging, tests; '' = none)"
 
+# gRPC connection age (drafter, policy): clients hold one connection each, so a replica added by a
+# scale-up gets work only from connections opened after it; ending connections by age re-balances.
+MAX_CONNECTION_AGE_HELP = ("close each client connection after about this long (GOAWAY, +-10 % jitter; the client "
+                           "reconnects, through a load-balanced address possibly to a newer replica; 0 = never)")
+MAX_CONNECTION_AGE_GRACE_HELP = ("after that, time the connection's calls in flight get to finish before it is cut "
+                                 "(a cut Draft stream continues at block size 1)")
+
 
 class ServiceConfig:
     """Base of the service configs: `SERVICE` names the env prefix; fields are checked on creation."""
@@ -141,6 +148,12 @@ class VerifierServiceConfig(ServiceConfig):
     session_lease_s: float = opt(30.0, "a running turn holds its session this long past its last renewal (renewed every third "
                                  "of it): a crashed verifier's sessions can be continued elsewhere within it", _at_least(1))
     drafter_timeout_s: float = opt(10.0, "longest wait for one draft step or for opening a draft stream", _at_least(0.01))
+    drafter_connect_timeout_s: float = opt(1.0, "longest wait for a connection to the drafter replica a session's record "
+                                                "names (its kept draft cache); past it the turn drafts through "
+                                                "drafter_address and the cache is rebuilt", _at_least(0.01))
+    drafter_replica_channels: int = opt(16, "connections kept open to individual drafter replicas for session routing "
+                                            "(least recently used closed first; one still carrying a stream closes "
+                                            "when it ends)", _at_least(1))
     policy_timeout_s: float = opt(2.0, "longest wait for a policy decision", _at_least(0.01))
     redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (the store fails open after it)", _at_least(0.01))
     grace_s: float = opt(10.0, "on SIGTERM: time in-flight streams get to finish", _at_least(0))
@@ -206,6 +219,12 @@ class DrafterServiceConfig(ServiceConfig):
                                       "does not see is refused at start)", device_problem)
     step_delay_s: float = opt(0.0, "artificial delay per draft step (fault-injection tests only)", _at_least(0))
     replica_id: str = opt("", "this replica's id ('' = HOSTNAME:port)")
+    advertise_address: str = opt("", "HOST:PORT at which other services reach this replica directly, not through a "
+                                     "load-balanced address: verifiers record it with a session's kept draft cache and "
+                                     "open the session's next Draft stream there ('' = not routable)", _address)
+    max_connection_age_s: float = opt(300.0, MAX_CONNECTION_AGE_HELP, _at_least(0))
+    # A Draft stream lives as long as its generation: the grace matches the gateway's request_timeout_s.
+    max_connection_age_grace_s: float = opt(300.0, MAX_CONNECTION_AGE_GRACE_HELP, _at_least(0))
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
     otlp_endpoint: str = opt("", OTLP_HELP, _otlp_endpoint)
     trace_file: str = opt("", TRACE_FILE_HELP)
@@ -243,6 +262,8 @@ class PolicyServiceConfig(ServiceConfig):
     redis_timeout_s: float = opt(0.5, "socket timeout of Redis calls (statistics fail open)", _at_least(0.01))
     grace_s: float = opt(5.0, "on SIGTERM: time in-flight calls get to finish", _at_least(0))
     decide_delay_s: float = opt(0.0, "artificial delay per Decide (fault-injection tests only)", _at_least(0))
+    max_connection_age_s: float = opt(300.0, MAX_CONNECTION_AGE_HELP, _at_least(0))
+    max_connection_age_grace_s: float = opt(30.0, MAX_CONNECTION_AGE_GRACE_HELP, _at_least(0))
     log_level: str = opt("INFO", "logging level", _one_of(*LOG_LEVELS))
     otlp_endpoint: str = opt("", OTLP_HELP, _otlp_endpoint)
     trace_file: str = opt("", TRACE_FILE_HELP)

@@ -59,12 +59,15 @@ class DraftResume:
     a drafter that keeps caches keeps it under this tag). resume_tag / resume_length: the tag of
     the cache the previous turn left and how many of its context tokens the new prompt shares
     ("" / 0: nothing to resume). The drafter holds min(resume_length, what it kept) afterwards.
+    address: where the drafter replica that kept that cache is reached directly ("" = unknown; a
+    remote drafter client opens the session there, in-process drafters ignore it).
     """
 
     session_id: str
     cache_tag: str
     resume_tag: str = ""
     resume_length: int = 0
+    address: str = ""
 
 
 class DraftSession(Protocol):

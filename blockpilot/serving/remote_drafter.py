@@ -4,6 +4,13 @@ Synchronous on purpose: the decoding loop runs in a worker thread and calls `pro
 step. Every failure becomes DrafterUnavailableError, which the loop turns into "continue at block
 size 1" (same output, `fallback_reason` reported): a dead, unreachable or slow drafter degrades
 speed, never output.
+
+Session routing: a drafter replica advertises an address of its own (DraftOpened.advertise_address);
+the verifier records it with the session's kept draft cache, and the session's next Draft stream
+opens there (ReplicaChannels: one pooled channel per replica) instead of on the configured address,
+which through a load balancer reaches any replica. A replica that cannot be reached within
+`connect_timeout_s`, or refuses the stream, costs the cache, not the turn: the stream opens on the
+configured address and the cache is rebuilt there (`fallback_reason` "drafter_replica_unavailable").
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -35,6 +44,109 @@ CHANNEL_OPTIONS = [
 
 _END = object()
 
+# How long a replica whose connection failed is skipped without a new attempt: the sessions it held
+# fall back at once instead of each waiting out connect_timeout_s on an address that does not answer.
+REPLICA_DOWN_S = 10.0
+
+
+def _connected(channel: grpc.Channel, timeout_s: float) -> bool:
+    """Whether `channel` is READY within timeout_s. A connection attempt that fails (a refused port,
+    an unknown name) answers False at once; only an address that does not answer at all waits."""
+    settled = threading.Event()
+    states: list[grpc.ChannelConnectivity] = []
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            states.append(state)
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        settled.wait(timeout_s)
+    finally:
+        channel.unsubscribe(watch)
+    return bool(states) and states[0] == grpc.ChannelConnectivity.READY
+
+
+class ReplicaChannel:
+    """One pooled channel to one drafter replica; `users`: streams running on it."""
+
+    def __init__(self, address: str, channel: grpc.Channel) -> None:
+        self.address = address
+        self.channel = channel
+        self.stub = drafter_pb2_grpc.DrafterStub(channel)
+        self.users = 0
+        self.evicted = False
+        self.down_until = 0.0  # time.monotonic() before which a connection is not tried again
+
+
+class ReplicaChannels:
+    """Channels to individual drafter replicas, keyed by address: at most `capacity` in the pool,
+    the least recently used evicted first. Closing a channel ends the calls on it, so an evicted
+    channel that still carries a stream is closed when that stream lets go of it (release)."""
+
+    def __init__(self, capacity: int, open_channel: Callable[[str], grpc.Channel], *, down_s: float = REPLICA_DOWN_S) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.down_s = down_s
+        self._open_channel = open_channel
+        self._entries: OrderedDict[str, ReplicaChannel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def addresses(self) -> list[str]:
+        """The pooled addresses, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def acquire(self, address: str, timeout_s: float) -> ReplicaChannel:
+        """A connected channel to `address`, held until release(). Raises DrafterUnavailableError
+        ("drafter_replica_unavailable") when it does not connect within timeout_s, or failed to
+        within the last `down_s`."""
+        with self._lock:
+            if self._closed:
+                raise DrafterUnavailableError("the drafter client is closed", "drafter_replica_unavailable")
+            entry = self._entries.get(address)
+            if entry is None:
+                entry = self._entries[address] = ReplicaChannel(address, self._open_channel(address))
+                while len(self._entries) > self.capacity:
+                    _, oldest = self._entries.popitem(last=False)
+                    oldest.evicted = True
+                    self._close_if_unused(oldest)
+            else:
+                self._entries.move_to_end(address)
+            entry.users += 1
+            down = entry.down_until > time.monotonic()
+        if down or not _connected(entry.channel, timeout_s):
+            with self._lock:
+                if not down:
+                    entry.down_until = time.monotonic() + self.down_s
+            self.release(entry)
+            raise DrafterUnavailableError(f"the drafter replica at {address} is unreachable"
+                                          + (" (it failed recently)" if down else f" (no connection within {timeout_s} s)"),
+                                          "drafter_replica_unavailable")
+        return entry
+
+    def release(self, entry: ReplicaChannel) -> None:
+        with self._lock:
+            entry.users -= 1
+            self._close_if_unused(entry)
+
+    def _close_if_unused(self, entry: ReplicaChannel) -> None:
+        if entry.evicted and entry.users == 0:
+            entry.channel.close()
+
+    def close(self) -> None:
+        """Close every channel now (ending the calls on them), and refuse new ones."""
+        with self._lock:
+            self._closed = True
+            entries, self._entries = list(self._entries.values()), OrderedDict()
+        for entry in entries:
+            entry.evicted = True
+            entry.channel.close()
+
 
 @dataclass(frozen=True)
 class DrafterInfo:
@@ -45,19 +157,25 @@ class DrafterInfo:
     vocab_size: int
     name: str
     replica_id: str
+    advertise_address: str
 
 
 class RemoteDrafter:
-    """A connection to the drafter service; `provider()` gives a per-request DraftProvider."""
+    """A connection to the drafter service; `provider()` gives a per-request DraftProvider.
+    address: the service's (load-balanced) address; a session's stream goes to the replica its
+    previous turn drafted on when that one advertised an address (see the module's docstring)."""
 
     def __init__(self, address: str, *, step_timeout_s: float = 10.0, describe_timeout_s: float = 1.0,
+                 connect_timeout_s: float = 1.0, replica_channels: int = 16,
                  security: ClientSecurity = ClientSecurity()) -> None:
         self.address = address
         self.step_timeout_s = step_timeout_s
         self.describe_timeout_s = describe_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.security = security
         self._channel = security.channel(address, CHANNEL_OPTIONS)
         self._stub = drafter_pb2_grpc.DrafterStub(self._channel)
+        self.replicas = ReplicaChannels(replica_channels, lambda replica: security.channel(replica, CHANNEL_OPTIONS))
         self._info: DrafterInfo | None = None
         self._has_drafter: bool | None = None
         self._lock = threading.Lock()
@@ -77,7 +195,7 @@ class RemoteDrafter:
         info = None
         if reply.has_drafter:
             info = DrafterInfo(reply.block_size, reply.max_block_size, tuple(reply.target_layer_ids), reply.feature_size,
-                               reply.vocab_size, reply.drafter_name, reply.replica_id)
+                               reply.vocab_size, reply.drafter_name, reply.replica_id, reply.advertise_address)
         with self._lock:
             self._info, self._has_drafter = info, reply.has_drafter
         return info
@@ -98,6 +216,7 @@ class RemoteDrafter:
         return RemoteDraftProvider(self, info, deadline=deadline, session_id=session_id)
 
     def close(self) -> None:
+        self.replicas.close()
         self._channel.close()
 
 
@@ -131,14 +250,14 @@ class RemoteDraftSession:
         self._closed = False
         self._step = 0
         self.replica_id = ""
+        self.address = self.client.address  # where the stream runs
+        self.advertise_address = ""  # the serving replica's own address, recorded for the session's next turn
+        self.fallback_reason = ""  # "drafter_replica_unavailable": the recorded replica could not take the stream
+        self._replica: ReplicaChannel | None = None  # the pooled channel the stream runs on, if routed
         self.cache_length = 0  # context tokens the drafter holds (as last reported)
         self.context_length = 0  # context tokens it held when the stream opened (a resumed cache)
         self.resume = resume
         self.cache_tag = resume.cache_tag if resume is not None else ""
-        timeout = None
-        if provider.deadline is not None:
-            timeout = max(0.001, provider.deadline - time.monotonic())
-        self._call = self.client._stub.Draft(iter(self._requests.get, _END), timeout=timeout, metadata=self.client.security.metadata())
         opening = drafter_pb2.DraftOpen(session_id=provider.session_id, capacity=capacity,
                                         target_layer_ids=list(provider.target_layer_ids))
         if resume is not None:
@@ -146,6 +265,27 @@ class RemoteDraftSession:
             opening.cache_tag = resume.cache_tag
             if resume.resume_tag:
                 opening.resume_tag, opening.resume_length = resume.resume_tag, resume.resume_length
+        # Only a kept cache is worth a connection of its own: without one any replica will do.
+        routed = resume.address if resume is not None and resume.resume_tag else ""
+        if routed and routed != self.client.address:
+            try:
+                self._replica = self.client.replicas.acquire(routed, self.client.connect_timeout_s)
+                self._open(self._replica.stub, routed, opening)
+                return
+            except DrafterUnavailableError as err:
+                self.fallback_reason = "drafter_replica_unavailable"
+                log.warning("session %s: %s; drafting through %s, the draft cache is rebuilt", opening.session_id, err,
+                            self.client.address)
+                self._closed = False  # that attempt is closed; the stream opens anew below
+        self._open(self.client._stub, self.client.address, opening)
+
+    def _open(self, stub: drafter_pb2_grpc.DrafterStub, address: str, opening: drafter_pb2.DraftOpen) -> None:
+        self.address = address
+        self._requests = queue.SimpleQueue()
+        timeout = None
+        if self.provider.deadline is not None:
+            timeout = max(0.001, self.provider.deadline - time.monotonic())
+        self._call = stub.Draft(iter(self._requests.get, _END), timeout=timeout, metadata=self.client.security.metadata())
         self._requests.put(drafter_pb2.DraftRequest(open=opening))
         reply = self._next("drafter_unavailable", "opening a draft stream")
         if not reply.HasField("opened"):
@@ -154,12 +294,12 @@ class RemoteDraftSession:
         if held > opening.resume_length:
             self._fail("drafter_unavailable", f"the drafter claims {held} context tokens; at most {opening.resume_length} were asked")
         self.replica_id = reply.opened.replica_id
+        self.advertise_address = reply.opened.advertise_address
         self.context_length = self.cache_length = int(held)
 
     def _fail(self, reason: str, message: str):
         self.close()
-        log.warning("drafter %s: %s (%s); continuing at block size 1", self.client.address, message, reason)
-        log.warning("drafter at %s: %s", self.client.address, message)
+        log.warning("drafter at %s: %s (%s)", self.address, message, reason)
         raise DrafterUnavailableError(f"the drafter service: {message}", reason)
 
     def _next(self, reason: str, what: str) -> drafter_pb2.DraftResponse:
@@ -213,3 +353,6 @@ class RemoteDraftSession:
         self._closed = True
         self._requests.put(_END)
         self._call.cancel()
+        if self._replica is not None:  # the call is over: an evicted channel may close now
+            self.client.replicas.release(self._replica)
+            self._replica = None

@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 SERVER_OPTIONS = [*MESSAGE_SIZE_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
+def connection_age_options(max_age_s: float, grace_s: float) -> list[tuple[str, int]]:
+    """Server options that end each client connection after `max_age_s` (GOAWAY; calls in flight
+    get `grace_s`, then the connection is cut); none when max_age_s is 0. A client reconnects on
+    its next call, and through a load-balanced address it may land on a replica added since."""
+    if max_age_s <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", round(max_age_s * 1000)), ("grpc.max_connection_age_grace_ms", round(grace_s * 1000))]
+
+
 class UnparsableRequest:
     """Stands for a request message whose bytes did not parse (a corrupt wire format, a string
     field that is not UTF-8): the handler never sees it, the client gets INVALID_ARGUMENT."""
@@ -118,14 +127,14 @@ def default_replica_id(config) -> str:
 class ServiceRunner:
     """Runs one service: `load` (in a thread) loads the models and registers the servicers."""
 
-    def __init__(self, config, service_name: str, full_name: str) -> None:
+    def __init__(self, config, service_name: str, full_name: str, server_options: Sequence[tuple[str, int]] = ()) -> None:
         self.config = config
         self.service_name = service_name
         self.full_name = full_name  # e.g. blockpilot.v1.Verifier
         self.security = ServerSecurity.of(config)
         self.tracer_provider = setup_tracing(service_name, config.otlp_endpoint, config.trace_file)
         # Tracing outermost: calls the token check refuses are traced too.
-        self.server = grpc.aio.server(options=SERVER_OPTIONS,
+        self.server = grpc.aio.server(options=[*SERVER_OPTIONS, *server_options],
                                       interceptors=[server_interceptor(self.tracer_provider), *self.security.interceptors()])
         self.health = health.aio.HealthServicer()
         self.ready = False

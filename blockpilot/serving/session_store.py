@@ -6,9 +6,11 @@ Schema (every key has a TTL, refreshed on each write; one session's keys share t
     bp:{<session>}:meta   hash  state (idle|generating), lease_until, step (the fence), turns,
                                 committed_tokens, block_size, policy_version, arm, experiment,
                                 decision_id, verifier_replica, verifier_cache_len, drafter_replica,
-                                drafter_cache_len, drafter_cache_tag (the tag the drafter keeps
-                                that cache under), drafter_cache_digest (digest of the tokens it
-                                was built from), fallback_reason, created_at, updated_at
+                                drafter_replica_address (where that replica is dialed directly:
+                                the session's next Draft stream opens there), drafter_cache_len,
+                                drafter_cache_tag (the tag the drafter keeps that cache under),
+                                drafter_cache_digest (digest of the tokens it was built from),
+                                fallback_reason, created_at, updated_at
     bp:outcomes           stream of decision outcomes (bounded, MAXLEN ~), for offline training
     bp:arm:<version>:<arm> hash  per-arm counters: sessions, requests, tokens, steps,
                                 accepted_tokens, decode_seconds

@@ -402,8 +402,9 @@ class VerifierCore:
 
     def _resume_claim(self, turn: _Turn) -> DraftResume:
         """The drafter cache this turn asks to resume: the one the session's record says the last
-        drafting turn left (its tag and length), when the new prompt starts with the tokens it was
-        built from (their digest); else none. The drafter answers what it actually holds."""
+        drafting turn left (its tag, length and the address of the replica holding it), when the new
+        prompt starts with the tokens it was built from (their digest); else none. The drafter
+        answers what it actually holds."""
         resume = DraftResume(turn.session_id, uuid.uuid4().hex)
         record = turn.record or {}
         try:
@@ -412,7 +413,7 @@ class VerifierCore:
             length = 0
         tag, digest = record.get("drafter_cache_tag", ""), record.get("drafter_cache_digest", "")
         if 0 < length <= len(turn.prompt_ids) and tag and digest == token_digest(turn.prompt_ids[:length]):
-            resume = DraftResume(turn.session_id, resume.cache_tag, tag, length)
+            resume = DraftResume(turn.session_id, resume.cache_tag, tag, length, record.get("drafter_replica_address", ""))
         return resume
 
     async def _store_call(self, turn: _Turn, coro):
@@ -650,6 +651,10 @@ class VerifierCore:
             yield verifier_pb2.GenerateResponse(index=index, session_id=turn.session_id, delta=delta)
             index += 1
         resume = turn.recorder.resume if turn.recorder is not None else None
+        for session in turn.recorder.sessions if turn.recorder is not None else ():
+            if getattr(session, "fallback_reason", ""):  # the recorded drafter replica could not take the stream
+                self._count_fallback(turn, session.fallback_reason, f"session {turn.session_id}: drafted through "
+                                     f"{session.address}, not on the drafter replica its record names")
         if resume is not None and resume.resume_length and turn.recorder.sessions:
             held = turn.recorder.sessions[0].context_length
             if held < resume.resume_length:
@@ -742,14 +747,16 @@ class VerifierCore:
             "verifier_replica": self.replica_id, "verifier_cache_len": local.valid if local else 0,
             "fallback_reason": ",".join(turn.reasons),
         }
-        # Where this turn's draft cache lives (the drafter keeps it for the next turn): replica,
-        # context length, the tag it is kept under and the digest of the tokens it was built from.
+        # Where this turn's draft cache lives (the drafter keeps it for the next turn): replica and
+        # the address it is reached at directly ("" = not routable), context length, the tag it is
+        # kept under and the digest of the tokens it was built from.
         # A turn that opened no draft stream leaves the previous turn's entry (still valid) alone.
         if turn.recorder is not None and turn.recorder.sessions:
             session = turn.recorder.sessions[-1]
             length = min(int(getattr(session, "cache_length", 0) or 0), len(tokens))
             tag = getattr(session, "cache_tag", "")
-            fields.update(drafter_replica=getattr(session, "replica_id", "") or "local", drafter_cache_len=length,
+            fields.update(drafter_replica=getattr(session, "replica_id", "") or "local",
+                          drafter_replica_address=getattr(session, "advertise_address", ""), drafter_cache_len=length,
                           drafter_cache_tag=tag, drafter_cache_digest=token_digest(tokens[:length]) if tag else "")
         return fields
 

@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("has_drafter", "block_size", "max_block_size", "target_layer_ids", "feature_size", "vocab_size", "drafter_name", "replica_id")
+    __slots__ = ("has_drafter", "block_size", "max_block_size", "target_layer_ids", "feature_size", "vocab_size", "drafter_name", "replica_id", "advertise_address")
     HAS_DRAFTER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class DescribeResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     has_drafter: bool
     block_size: int
     max_block_size: int
@@ -29,7 +30,8 @@ class DescribeResponse(_message.Message):
     vocab_size: int
     drafter_name: str
     replica_id: str
-    def __init__(self, has_drafter: _Optional[bool] = ..., block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., target_layer_ids: _Optional[_Iterable[int]] = ..., feature_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., drafter_name: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    advertise_address: str
+    def __init__(self, has_drafter: _Optional[bool] = ..., block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., target_layer_ids: _Optional[_Iterable[int]] = ..., feature_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., drafter_name: _Optional[str] = ..., replica_id: _Optional[str] = ..., advertise_address: _Optional[str] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
     __slots__ = ("open", "context", "step")
@@ -92,14 +94,16 @@ class DraftResponse(_message.Message):
     def __init__(self, opened: _Optional[_Union[DraftOpened, _Mapping]] = ..., block: _Optional[_Union[DraftBlock, _Mapping]] = ...) -> None: ...
 
 class DraftOpened(_message.Message):
-    __slots__ = ("replica_id", "capacity", "context_length")
+    __slots__ = ("replica_id", "capacity", "context_length", "advertise_address")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     capacity: int
     context_length: int
-    def __init__(self, replica_id: _Optional[str] = ..., capacity: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
+    advertise_address: str
+    def __init__(self, replica_id: _Optional[str] = ..., capacity: _Optional[int] = ..., context_length: _Optional[int] = ..., advertise_address: _Optional[str] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
     __slots__ = ("step", "tokens", "probs", "probs_row", "final", "cache_length")

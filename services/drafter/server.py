@@ -20,7 +20,7 @@ from blockpilot.serving.draft_cache import DraftCachePool
 from blockpilot.serving.draft_wire import StepAssembler, block_messages
 from blockpilot.models.placement import Placement
 from blockpilot.serving.models import load_drafter_target, load_served_drafter
-from blockpilot.serving.server import ServiceRunner, add_servicer, default_replica_id, setup_logging
+from blockpilot.serving.server import ServiceRunner, add_servicer, connection_age_options, default_replica_id, setup_logging
 from blockpilot.serving.status import to_status
 from blockpilot.v1 import drafter_pb2, drafter_pb2_grpc
 
@@ -55,11 +55,12 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.runner.not_ready_message("its model"))
         d = self.drafter
         if d is None:
-            return drafter_pb2.DescribeResponse(has_drafter=False, drafter_name=self.name, replica_id=self.replica_id)
+            return drafter_pb2.DescribeResponse(has_drafter=False, drafter_name=self.name, replica_id=self.replica_id,
+                                                advertise_address=self.config.advertise_address)
         return drafter_pb2.DescribeResponse(has_drafter=True, block_size=d.block_size, max_block_size=d.max_block_size,
                                             target_layer_ids=list(d.target_layer_ids), feature_size=self.feature_size,
                                             vocab_size=d.target.config.vocab_size, drafter_name=self.name,
-                                            replica_id=self.replica_id)
+                                            replica_id=self.replica_id, advertise_address=self.config.advertise_address)
 
     async def Draft(self, request_iterator, context):
         metrics.INFLIGHT.labels("drafter").inc()
@@ -120,7 +121,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         busy = False  # a step runs in a worker thread (its cache cannot be kept if the stream ends now)
         try:
             yield drafter_pb2.DraftResponse(opened=drafter_pb2.DraftOpened(replica_id=self.replica_id, capacity=opening.capacity,
-                                                                           context_length=held))
+                                                                           context_length=held,
+                                                                           advertise_address=self.config.advertise_address))
             steps = StepAssembler(self.feature_size, self.drafter.max_block_size, opening.capacity, held)
             async for message in request_iterator:
                 kind = message.WhichOneof("payload")
@@ -157,7 +159,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 async def serve(argv: Sequence[str] | None = None) -> None:
     config = load_config(DrafterServiceConfig, argv)
     setup_logging(config.log_level)
-    runner = ServiceRunner(config, "drafter", "blockpilot.v1.Drafter")
+    runner = ServiceRunner(config, "drafter", "blockpilot.v1.Drafter",
+                           connection_age_options(config.max_connection_age_s, config.max_connection_age_grace_s))
 
     async def setup(server: grpc.aio.Server):
         servicer = DrafterServicer(config, runner)

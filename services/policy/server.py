@@ -22,7 +22,7 @@ from blockpilot.policy.repository import PolicyRepository, ServedPolicy, onnx_pr
 from blockpilot.serving import metrics
 from blockpilot.serving.policy import (LocalPolicy, decision_to_proto, features_from_proto, outcome_from_proto,
                                        spec_to_proto)
-from blockpilot.serving.server import ServiceRunner, add_servicer, setup_logging
+from blockpilot.serving.server import ServiceRunner, add_servicer, connection_age_options, setup_logging
 from blockpilot.serving.session_store import open_store
 from blockpilot.serving.status import to_status
 from blockpilot.v1 import policy_pb2, policy_pb2_grpc
@@ -118,7 +118,8 @@ class _ServedGauge:
 async def serve(argv: Sequence[str] | None = None) -> None:
     config = load_config(PolicyServiceConfig, argv)
     setup_logging(config.log_level)
-    runner = ServiceRunner(config, "policy", "blockpilot.v1.Policy")
+    runner = ServiceRunner(config, "policy", "blockpilot.v1.Policy",
+                           connection_age_options(config.max_connection_age_s, config.max_connection_age_grace_s))
     stop_polling = asyncio.Event()
     resources: dict = {}
 

@@ -143,7 +143,9 @@ async def serve(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(config.threads)
         target = await asyncio.to_thread(load_verifier_target, config)  # target + verifier backend
         internal = ClientSecurity(config.client_tls_ca, config.client_tls_cert, config.client_tls_key, config.client_token_file)
-        drafter = (RemoteDrafter(config.drafter_address, step_timeout_s=config.drafter_timeout_s, security=internal)
+        drafter = (RemoteDrafter(config.drafter_address, step_timeout_s=config.drafter_timeout_s,
+                                 connect_timeout_s=config.drafter_connect_timeout_s,
+                                 replica_channels=config.drafter_replica_channels, security=internal)
                    if config.drafter_address else None)
         policy = RemotePolicy(config.policy_address, timeout_s=config.policy_timeout_s, security=internal) if config.policy_address else \
             FixedPolicy(config.default_block_size)
