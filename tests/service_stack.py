@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -140,6 +141,76 @@ class Service:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     total += sample.value
         return total
+
+
+class TcpProxy:
+    """A load-balanced address in front of service replicas, as kube-proxy is for a ClusterIP
+    Service: each TCP connection is forwarded to the backend current when it opens, and stays there.
+    `point_to` switches the backend; with drop=True it also closes the open connections (as a
+    drained pod does), so their clients reconnect, to the new backend."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._backend: int | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def point_to(self, port: int, *, drop: bool = True) -> None:
+        with self._lock:
+            self._backend = port
+            dropped, self._open = (self._open, set()) if drop else (set(), self._open)
+        for sock in dropped:
+            _close_socket(sock)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self._backend), timeout=5)
+                upstream.settimeout(None)
+            except (OSError, TypeError):  # no backend, or it is down: refuse, as a Service without endpoints
+                _close_socket(client)
+                continue
+            with self._lock:
+                self._open |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):  # one side gone: the connection is over for both
+            _close_socket(sock)
+            with self._lock:
+                self._open.discard(sock)
+
+    def close(self) -> None:
+        _close_socket(self._listener)  # (a plain close would not wake the accept)
+        with self._lock:
+            dropped, self._open = self._open, set()
+        for sock in dropped:
+            _close_socket(sock)
+
+
+def _close_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:
