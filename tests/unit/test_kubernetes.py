@@ -52,6 +52,8 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")
 CONFIGS = {"verifier": bp_config.VerifierServiceConfig, "drafter": bp_config.DrafterServiceConfig,
            "policy": bp_config.PolicyServiceConfig, "gateway": bp_config.GatewayServiceConfig}
 GRPC_SERVICES = ("verifier", "drafter", "policy")
+# What the kubelet fills in through the downward API (fieldRef), for a pod in the test.
+POD_IP = "10.244.3.17"
 # Secrets the overlays reference but never render: created by the operator (components/external-redis).
 EXTERNAL_SECRETS = {"blockpilot-redis": {"url": "rediss://blockpilot:pw@redis.example:6379/0"}}
 # The HPA metrics with a hard limit in the service: (service, config field) the target must stay under.
@@ -156,7 +158,7 @@ def exported_series() -> dict[str, tuple[str, tuple[str, ...]]]:
 def health_name(service: str) -> str:
     """The grpc.health.v1 name a service reports, from its ServiceRunner(...) in services/<name>/server.py."""
     source = (ROOT / "services" / service / "server.py").read_text()
-    [name] = re.findall(rf'ServiceRunner\(config, "{service}", "([\w.]+)"\)', source)
+    [name] = re.findall(rf'ServiceRunner\(config, "{service}", "([\w.]+)"[,)]', source)
     return name
 
 
@@ -241,10 +243,15 @@ def pod_view(docs: list[dict], workload: dict, container: dict, root: Path) -> d
         for key, value in data.items():
             (target / key).write_text(value)
         moved[mount["mountPath"]] = str(target)
+    fields = {"status.podIP": POD_IP, "metadata.namespace": workload["metadata"].get("namespace", "default")}
     env = {}
     for item in container.get("env", []):
         if "valueFrom" in item:
-            ref = item["valueFrom"]["secretKeyRef"]
+            source = item["valueFrom"]
+            if "fieldRef" in source:
+                env[item["name"]] = fields[source["fieldRef"]["fieldPath"]]
+                continue
+            ref = source["secretKeyRef"]
             env[item["name"]] = secret_data(ref["name"])[ref["key"]]
             continue
         value = item["value"]
@@ -252,7 +259,27 @@ def pod_view(docs: list[dict], workload: dict, container: dict, root: Path) -> d
             if value.startswith(mount_path + "/"):
                 value = local + value[len(mount_path):]
         env[item["name"]] = value
-    return env
+    return {**env, **shell_exports(container, env, root)}
+
+
+def shell_exports(container: dict, env: dict[str, str], root: Path) -> dict[str, str]:
+    """A container whose command is `/bin/sh -c SCRIPT`: the variables SCRIPT adds before it execs
+    the service, found by running it with a stand-in `python` that prints its arguments and
+    environment (the script must end in `exec python -m services.<name>`)."""
+    command = container.get("command", [])
+    if command[:2] != ["/bin/sh", "-c"]:
+        return {}
+    stand_in = root / "bin" / "python"
+    stand_in.parent.mkdir(parents=True, exist_ok=True)
+    stand_in.write_text('#!/bin/sh\necho "ARGS $*"\nexec env\n')
+    stand_in.chmod(0o755)
+    ran = subprocess.run(command, env={**env, "PATH": f"{stand_in.parent}:/usr/bin:/bin"}, capture_output=True,
+                         text=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert lines[0] == f"ARGS -m services.{container['name']}", lines[0]
+    seen = dict(line.split("=", 1) for line in lines[1:] if "=" in line)
+    return {name: value for name, value in seen.items() if name.startswith("BLOCKPILOT_") and env.get(name) != value}
 
 
 def loaded_configs(docs: list[dict], root: Path) -> dict[str, bp_config.ServiceConfig]:
@@ -687,9 +714,26 @@ def test_drafter_has_a_headless_service_of_ready_pods(rendered):
     headless = services["drafter-pods"]
     assert headless["spec"]["clusterIP"] == "None" and not headless["spec"].get("publishNotReadyAddresses", False)
     assert headless["spec"]["selector"] == objects(rendered["cpu"], "Deployment")["drafter"]["spec"]["selector"]["matchLabels"]
-    # The verifier dials the ClusterIP Service (README.md, Routing: one connection per verifier).
+    # The verifier's drafter_address is the ClusterIP Service (first turns, fallbacks; README.md, Routing).
     assert services["drafter"]["spec"].get("clusterIP") != "None"
     assert services["verifier"]["spec"]["sessionAffinity"] == "ClientIP"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_drafter_pod_advertises_its_name_under_the_headless_service(rendered, variant, tmp_path):
+    """The address a drafter replica advertises (recorded with a session's draft cache, dialed by the
+    session's next turn) is the pod's DNS name under drafter-pods, on a port that Service serves;
+    drafter and policy end connections by age, the drafter only after a generation could finish."""
+    docs = rendered[variant]
+    configs = loaded_configs(docs, tmp_path)
+    namespace = objects(docs, "Deployment")["drafter"]["metadata"]["namespace"]
+    host, port = configs["drafter"].advertise_address.rsplit(":", 1)
+    assert host == f"{POD_IP.replace('.', '-')}.drafter-pods.{namespace}.svc"
+    headless = objects(docs, "Service")["drafter-pods"]
+    assert int(port) == configs["drafter"].port and int(port) in {p["port"] for p in headless["spec"]["ports"]}
+    for service in ("drafter", "policy"):
+        assert configs[service].max_connection_age_s > 0, f"{service}: new replicas would get no work from old clients"
+    assert configs["drafter"].max_connection_age_grace_s >= configs["gateway"].request_timeout_s
 
 
 # ------------------------------------------------------------------ secure component
@@ -705,6 +749,10 @@ def test_secure_material_covers_the_names_the_services_dial(tree, rendered, tmp_
         assert {host, f"{host}.{NAMESPACE}.svc", f"{host}.{NAMESPACE}.svc.cluster.local"} <= names
     assert "localhost" in names  # the exec probes dial the pod itself
     assert f"*.drafter-pods.{NAMESPACE}.svc.cluster.local" in names
+    # The name a drafter pod advertises (its session's next turns dial it) matches the wildcard.
+    advertised = configs["drafter"].advertise_address.rsplit(":", 1)[0]
+    first, rest = advertised.split(".", 1)
+    assert "." not in first and f"*.{rest}" in names
     assert oct((material / "server-key.pem").stat().st_mode & 0o777) == "0o600"
 
 
@@ -783,6 +831,43 @@ def test_secure_exec_probe_checks_a_tls_health_server(tree, rendered):
         servicer.set(command[3], health_pb2.HealthCheckResponse.NOT_SERVING)
         draining = subprocess.run(local, capture_output=True, text=True, timeout=60)
         assert draining.returncode == 1 and "NOT_SERVING" in draining.stdout
+    finally:
+        server.stop(None)
+
+
+def test_a_verifier_dials_a_drafter_pod_by_its_advertised_name_over_mtls(tree, rendered, tmp_path):
+    """gRPC's own TLS check accepts the secure certificate for the name a drafter pod advertises
+    (the wildcard *.drafter-pods.<namespace>.svc), with the verifier's client certificate, and
+    refuses a name outside it: a real mTLS server here, the name put on the connection."""
+    grpc = pytest.importorskip("grpc")
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from blockpilot.serving.security import ClientSecurity
+
+    material = tree / "components" / "secure" / "material"
+    configs = loaded_configs(rendered["cpu-secure-operator"], tmp_path)
+    verifier = configs["verifier"]
+    security = ClientSecurity(verifier.client_tls_ca, verifier.client_tls_cert, verifier.client_tls_key)
+    credentials = grpc.ssl_server_credentials([((material / "server-key.pem").read_bytes(), (material / "server.pem").read_bytes())],
+                                              root_certificates=(material / "ca.pem").read_bytes(), require_client_auth=True)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        advertised = configs["drafter"].advertise_address.rsplit(":", 1)[0]
+        for name, accepted in ((advertised, True), (advertised.replace(".drafter-pods.", ".elsewhere."), False)):
+            channel = security.channel(f"127.0.0.1:{port}", [("grpc.ssl_target_name_override", name)])
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert accepted, f"{name} is not in the certificate, yet TLS accepted it"
+            except grpc.RpcError as err:
+                assert not accepted and err.code() == grpc.StatusCode.UNAVAILABLE, (name, err)
+            finally:
+                channel.close()
     finally:
         server.stop(None)
 
