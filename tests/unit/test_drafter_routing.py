@@ -231,3 +231,11 @@ def test_streams_on_a_pooled_channel_keep_it_while_they_run(replicas):
         on_c.close()
     finally:
         client.close()
+
+
+# ------------------------------------------------------------------ connection age (re-balancing)
+def test_connection_age_options_are_off_at_zero_and_in_milliseconds():
+    from blockpilot.serving.server import connection_age_options
+
+    assert connection_age_options(0, 300) == []
+    assert connection_age_options(1.5, 0.25) == [("grpc.max_connection_age_ms", 1500), ("grpc.max_connection_age_grace_ms", 250)]
