@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from blockpilot.decoding.load_cap import DraftRecord, SpeculationGate
+from blockpilot.decoding.load_cap import ALONE, DraftRecord, Others, SpeculationGate
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
 from blockpilot.decoding.speculative import (DRAFT_SOURCES, BlockSizeHook, DecodeState, GenerationResult, SamplingParams,
                                              SpeculativeDecoder, StepEvent, StepPlan)
@@ -55,6 +55,7 @@ class BatchSession:
     drafts: dict[str, DraftRecord] = field(default_factory=dict)
     pending_draft_s: float = 0.0  # drafter seconds of the step being verified
     last_step: tuple[float, int] = (0.0, 0)  # (committed, verified tokens) of its last step, for the gate
+    last_pass_s: float = 0.0  # per-session passes: seconds of its last pass, for the gate
 
     @property
     def result(self) -> GenerationResult:
@@ -89,6 +90,8 @@ class BatchDecoder:
     drafter's round trips overlap); None plans them one after another. passes: on a batch-1
     backend, an executor that runs the sessions' target passes in parallel (each on its own cache;
     ONNX Runtime releases the GIL, so passes on different cores overlap); None runs them in turn.
+    parallel_passes: how many passes `passes` runs at once (its workers; the cap prices a draft
+    by its share of the iteration).
     load_aware: a session drafts from a source only while its drafts pay for their cost in the
     pass it runs in (load_cap.py: measured pass costs, the session's own acceptance); a capped
     step verifies the anchor alone (same output) and is counted in result.capped_steps.
@@ -96,7 +99,7 @@ class BatchDecoder:
 
     def __init__(self, decoder: SpeculativeDecoder, *, max_sessions: int, capacity: int, max_block_size: int = 16,
                  max_capacity: int | None = None, planner: Executor | None = None, passes: Executor | None = None,
-                 load_aware: bool = False, ragged: bool = True) -> None:
+                 parallel_passes: int = 1, load_aware: bool = False, ragged: bool = True) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.decoder = decoder
@@ -106,12 +109,15 @@ class BatchDecoder:
         self.max_capacity = max(capacity, max_capacity or capacity)
         self.planner = planner
         self.passes = passes
+        self.parallel_passes = max(1, parallel_passes) if passes is not None else 1
         self.ragged = ragged and supports_ragged_batch(self.target)
         # The cap prices a session's draft in the pass it shares (ragged: all sessions'; else a
         # pass of its own), shaped by the backend's verify-cost curve where it has one (the
         # matmuls' rows drive the cost).
         self.gate = SpeculationGate(DRAFT_SOURCES, getattr(self.target, "verify_cost", None)) if load_aware else None
         self._last_pass = (0.0, 0)  # ragged: (committed, verified tokens) of the last shared pass
+        # Per-session passes: (sessions, committed, verified tokens, pass seconds) of the last iteration.
+        self._last_iteration = (0, 0.0, 0, 0.0)
         self.pool = self.target.new_batch_cache(capacity, max_sessions) if self.ragged else None
         self.sessions: list[BatchSession] = []  # ragged: sessions[i].row == i
 
@@ -261,13 +267,19 @@ class BatchDecoder:
             self._last_pass = (float(sum(len(e.token_ids) for _, e in outcomes)), sum(widths))
         return outcomes
 
-    def _others(self, session: BatchSession) -> tuple[float, int]:
-        """What the rest of the session's pass committed and verified last step: the last shared
-        pass less the session's own step in a ragged batch; nothing for a pass of its own."""
-        if not self.ragged:
-            return 0.0, 0
-        committed, tokens = self._last_pass
-        return max(0.0, committed - session.last_step[0]), max(0, tokens - session.last_step[1])
+    def _others(self, session: BatchSession) -> Others:
+        """The rest of the session's iteration in the last step: the last shared pass less the
+        session's own step in a ragged batch; with per-session passes, the other sessions' steps
+        and the seconds of their passes (load_cap.Others)."""
+        committed, tokens = session.last_step
+        if self.ragged:
+            shared_committed, shared_tokens = self._last_pass
+            return Others(max(0.0, shared_committed - committed), max(0, shared_tokens - tokens))
+        sessions, all_committed, all_tokens, seconds = self._last_iteration
+        if sessions <= 1 or not session.last_pass_s:
+            return ALONE
+        return Others(max(0.0, all_committed - committed), max(0, all_tokens - tokens), sessions - 1,
+                      max(0.0, seconds - session.last_pass_s), self.parallel_passes)
 
     def _verify_each(self, planned: list[tuple[BatchSession, StepPlan]]) -> list[StepOutcome]:
         @torch.inference_mode()
@@ -291,8 +303,11 @@ class BatchDecoder:
         if self.gate is not None:  # here, not in the pass threads: the records are shared
             for (session, event, passed), (_, plan) in zip(done, planned):
                 self.gate.passed(len(plan.tokens), passed)
+                session.last_step, session.last_pass_s = (float(len(event.token_ids)), len(plan.tokens)), passed
                 if plan.source:
                     self.gate.drafted(session.drafts, plan.source, event.drafted, len(event.token_ids), session.pending_draft_s)
+            self._last_iteration = (len(done), float(sum(len(e.token_ids) for _, e, _ in done)),
+                                    sum(len(plan.tokens) for _, plan in planned), sum(passed for _, _, passed in done))
         return [(session, event) for session, event, _ in done]
 
     def release(self, session: BatchSession, *, keep_cache: bool = False) -> None:

@@ -17,6 +17,16 @@ about as much as a committed one. Terms:
 The draft pays iff its marginal rate beats the rate without it:
     (tau - 1) / (pass_seconds(N0 + d) - pass_seconds(N0) + draft_seconds) > R.
 Alone (N0 = 1) that is tau > pass_seconds(1 + d) / pass_seconds(1) (plus the drafter's share).
+
+Per-session passes (a backend that runs one pass per session, P of them at once on the cores)
+share the machine rather than a pass: the iteration verifies every session's block in passes
+that take S_o seconds for the others (measured in their last step) plus pass_seconds(1) for this
+session's anchor, spread over P' = min(P, sessions) cores, so R = (C + 1) / ((S_o +
+pass_seconds(1)) / P'); the draft adds pass_seconds(1 + d) - pass_seconds(1) of verify time (its
+pass is the iteration's longest while every pass has a core of its own; divided by P' once
+there are more passes than cores) and its drafter pass, which every session of the iteration
+waits for. Alone (no others,
+P' = 1) this is the rule above; with the cores busy a drafter pass costs the whole iteration.
 Otherwise the
 session verifies its anchor alone this step (block size 1, no lookup copy): the output is unchanged
 (lossless either way), only the speed differs. Until a source has EVIDENCE drafted steps in all
@@ -126,17 +136,42 @@ class DraftRecord:
         return self.draft_seconds / self.steps if self.steps else 0.0
 
 
-def draft_pays(record: DraftRecord, pass_seconds: Callable[[int], float] | None, others_committed: float,
-               others_tokens: int) -> bool:
-    """Whether the session's next draft is worth its cost beside the rest of the batch, whose
-    last step verified `others_tokens` tokens and committed `others_committed` (0, 0 alone; see
-    the module docstring)."""
+@dataclass(frozen=True)
+class Others:
+    """The rest of a session's iteration in its last step: the tokens its other sessions committed
+    and verified, and, for per-session passes, how many sessions, the seconds of their passes
+    and how many passes run at once (parallel). pass_seconds None: they shared this session's
+    pass (a ragged batch, or alone)."""
+
+    committed: float = 0.0
+    tokens: int = 0
+    sessions: int = 0
+    pass_seconds: float | None = None
+    parallel: int = 1
+
+
+ALONE = Others()
+
+
+def draft_pays(record: DraftRecord, pass_seconds: Callable[[int], float] | None, others: Others = ALONE) -> bool:
+    """Whether the session's next draft is worth its cost beside the rest of its iteration
+    (`others`; see the module docstring)."""
     if pass_seconds is None or record.steps == 0:
         return True
-    without = others_tokens + 1  # the others and this session's anchor
-    seconds = pass_seconds(without)
-    rate_without = (others_committed + 1.0) / seconds if seconds > 0 else 0.0
-    marginal_cost = pass_seconds(without + record.mean_draft) - seconds + record.mean_draft_seconds
+    if others.pass_seconds is None:  # one pass shared with the others
+        without = others.tokens + 1  # the others and this session's anchor
+        seconds = pass_seconds(without)
+        extra_verify = pass_seconds(without + record.mean_draft) - seconds
+    else:  # passes of their own on `parallel` cores
+        sessions = others.sessions + 1
+        cores = max(1, min(others.parallel, sessions))
+        anchor = pass_seconds(1)
+        seconds = (others.pass_seconds + anchor) / cores
+        extra_verify = pass_seconds(1 + record.mean_draft) - anchor
+        if sessions > others.parallel:  # more passes than cores: the extra rows delay each core's share
+            extra_verify /= cores
+    rate_without = (others.committed + 1.0) / seconds if seconds > 0 else 0.0
+    marginal_cost = extra_verify + record.mean_draft_seconds
     if marginal_cost <= 0:
         return True
     return (record.tau - 1.0) / marginal_cost > rate_without
@@ -165,9 +200,9 @@ class SpeculationGate:
         return {source: DraftRecord() for source in self.pooled}
 
     def allowed(self, records: dict[str, DraftRecord], temperature: float, seed: int | None,
-                others: tuple[float, int] = (0.0, 0)) -> frozenset[str] | None:
-        """The draft sources that pay for this session now (None: all). others: what the rest of
-        its pass committed and verified last step ((0, 0) for a pass of its own)."""
+                others: Others = ALONE) -> frozenset[str] | None:
+        """The draft sources that pay for this session now (None: all). others: the rest of its
+        iteration in the last step (ALONE when there is none)."""
         if temperature > 0 and seed is not None:
             # Which uniforms a sampled step draws depends on its draft: a seeded request keeps
             # its drafts so the same seed gives the same tokens under any load.
@@ -177,12 +212,11 @@ class SpeculationGate:
         pass_seconds = self._estimate
         if pass_seconds is None:
             return None
-        others_committed, others_tokens = others
         allowed = set()
         for source, record in records.items():
             pooled = self.pooled[source]
             judged = pooled.steps >= self.EVIDENCE
-            if (not judged or draft_pays(self._shrunk(record, pooled), pass_seconds, others_committed, others_tokens)
+            if (not judged or draft_pays(self._shrunk(record, pooled), pass_seconds, others)
                     or record.capped_in_a_row >= self.PROBE_EVERY):
                 record.capped_in_a_row = 0
                 allowed.add(source)

@@ -112,7 +112,7 @@ class DecodeScheduler:
                         if parallel_passes > 1 and not batched else None)
         self.batch = BatchDecoder(self.decoder, max_sessions=max_sessions, capacity=capacity, max_capacity=max_capacity,
                                   max_block_size=max_block_size, planner=self._planner, passes=self._passes,
-                                  load_aware=load_aware, ragged=ragged)
+                                  parallel_passes=parallel_passes, load_aware=load_aware, ragged=ragged)
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.on_iteration = on_iteration
         self.threads = threads

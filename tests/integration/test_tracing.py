@@ -116,6 +116,7 @@ def test_a_grpc_callers_trace_continues_and_the_verifier_names_it(stack):
         messages = list(call)
         assert messages[-1].WhichOneof("payload") == "final"
         assert dict(call.trailing_metadata())["x-trace-id"] == caller_trace
+        assert messages[-1].final.trace_id == caller_trace  # also a field of the final message
     assert wait_until(lambda: named(spans_of_trace(files, caller_trace)["verifier"], GENERATE, "SERVER"), timeout=10)
     found = spans_of_trace(files, caller_trace)
     assert named(found["verifier"], GENERATE, "SERVER")["parent_id"] == f"0x{caller_span}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blockpilot.decoding.batch import BatchDecoder
-from blockpilot.decoding.load_cap import DraftRecord, PassCostModel, SpeculationGate, draft_pays
+from blockpilot.decoding.load_cap import DraftRecord, Others, PassCostModel, SpeculationGate, draft_pays
 from blockpilot.decoding.lookup import LookupConfig
 from blockpilot.decoding.speculative import SamplingParams
 
@@ -32,18 +32,38 @@ def line(fixed: float, per_token: float):
 
 def test_a_draft_pays_alone_but_not_in_a_compute_bound_batch():
     record = DraftRecord()
-    assert draft_pays(record, line(0.04, 0.004), 0.0, 0)  # no evidence yet: try
+    assert draft_pays(record, line(0.04, 0.004))  # no evidence yet: try
     record.add(drafted=2, committed=2, draft_seconds=0.0)  # tau 2 over drafts of 2
     record.add(drafted=2, committed=1, draft_seconds=0.0)  # -> tau 1.5: half a token per 2 drafted
     # Alone: a plain step commits 1 token in 0.04 + 0.004 s (23 tok/s); the draft adds 0.5
     # tokens for 0.008 s (62 tok/s): it pays.
-    assert draft_pays(record, line(0.04, 0.004), 0.0, 0)
+    assert draft_pays(record, line(0.04, 0.004))
     # Beside 15 sessions of one token each: the batch makes 16 tokens in 0.104 s (154 tok/s); the
     # same draft still makes 62 tok/s: it does not.
-    assert not draft_pays(record, line(0.04, 0.004), 15.0, 15)
+    assert not draft_pays(record, line(0.04, 0.004), Others(15.0, 15))
     # A drafter pass that costs time counts against it: alone, with a 50 ms drafter pass.
     slow = DraftRecord(steps=1, drafted=2, committed=2, draft_seconds=0.05)
-    assert not draft_pays(slow, line(0.04, 0.004), 0.0, 0)
+    assert not draft_pays(slow, line(0.04, 0.004))
+
+
+def test_per_session_passes_price_a_draft_by_its_share_of_the_busy_cores():
+    # A drafter pass of 8 ms that adds 0.5 tokens; passes of 40 + 4 ms per token.
+    record = DraftRecord(steps=4, drafted=4, committed=6, draft_seconds=0.032)
+    cost = line(0.04, 0.004)
+    # Alone its rate (0.5 / (4 + 8) ms = 42 tok/s) beats a plain step's (1 / 44 ms = 23 tok/s).
+    assert draft_pays(record, cost)
+    # Beside one other session on 2 cores, each pass has a core: the iteration makes 2 tokens
+    # per 44 ms (45 tok/s) and the draft lengthens it by its whole 12 ms: it does not pay.
+    assert not draft_pays(record, cost, Others(committed=1.0, tokens=1, sessions=1, pass_seconds=0.044, parallel=2))
+    # The same on 4 cores with a faster drafter (1 ms): (0.5 / (4 + 1) ms = 100 tok/s) > 45 tok/s.
+    fast = DraftRecord(steps=4, drafted=4, committed=6, draft_seconds=0.004)
+    assert draft_pays(fast, cost, Others(committed=1.0, tokens=1, sessions=1, pass_seconds=0.044, parallel=4))
+    # Three others on 2 cores: 4 tokens per (3 x 44 + 44) / 2 ms = 45 tok/s; the fast draft's
+    # verify rows now delay one core's share by half their time ((48 - 44) / 2 + 1 ms):
+    # 0.5 / 3 ms = 167 tok/s: pays. A shared pass (ragged) of 8 tokens makes 8 / 72 ms = 111
+    # tok/s, which the same draft (0.5 / (4 + 1) ms = 100 tok/s) does not beat.
+    assert draft_pays(fast, cost, Others(3.0, 3, 3, 0.132, 2))
+    assert not draft_pays(fast, cost, Others(7.0, 7))
 
 
 @pytest.mark.parametrize("ragged", [True, False])  # one shared pass per step, or a pass per session
@@ -83,8 +103,8 @@ def test_the_curve_cost_model_scales_the_exported_shape_by_the_observed_passes()
     assert seconds(2.5) == pytest.approx(0.030 * 1.3, rel=0.05)  # a fractional mean draft: between the points
     # The padded curve makes a one-token draft nearly free, which a straight line would not.
     record = DraftRecord(steps=4, drafted=4, committed=6)  # tau 1.5 over one-token drafts
-    assert draft_pays(record, seconds, 0.0, 0)
-    assert not draft_pays(record, line(0.015, 0.015), 0.0, 0)  # unpadded, linear in rows: 2 x the cost
+    assert draft_pays(record, seconds)
+    assert not draft_pays(record, line(0.015, 0.015))  # unpadded, linear in rows: 2 x the cost
 
 
 def test_one_stream_with_a_gate_drops_drafts_that_do_not_pay_and_keeps_the_output(tiny_decoder):
