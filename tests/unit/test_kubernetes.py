@@ -165,7 +165,7 @@ def health_name(service: str) -> str:
 def inflight_label_values() -> set[str]:
     """The `service` label values of blockpilot_inflight_requests the services set."""
     values = set()
-    for path in (ROOT / "services").glob("*/server.py"):
+    for path in [*(ROOT / "services").glob("*/server.py"), *(ROOT / "blockpilot" / "serving").glob("*.py")]:
         values |= set(re.findall(r'metrics\.INFLIGHT\.labels\("(\w+)"\)', path.read_text()))
     return values
 
