@@ -32,8 +32,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies [D/2] for RoPE, with Llama-3.1 scaling when rope_type == 'llama3'."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    """Inverse frequencies [D/2] for RoPE, with Llama-3.1 scaling when rope_type == 'llama3'.
+
+    Computed on the CPU whatever the default device: a model built on the meta device to be
+    loaded (TargetModel.from_pretrained) keeps a real table, moved with the model."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
     if rope.rope_type != "llama3":
         return inv_freq
     # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, the band between smoothed.

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from blockpilot.errors import ModelFormatError
 from blockpilot.models.config import TargetConfig
@@ -262,14 +262,26 @@ class TargetModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu") -> "TargetModel":
-        """The model of a Hugging Face directory, its weights cast to `dtype` and moved to `device`
-        (its KV caches follow them: see new_cache)."""
+        """The model of a Hugging Face directory, its weights cast to `dtype` on `device` (its KV
+        caches follow them: see new_cache).
+
+        Built without an fp32 detour: the modules are made on the meta device (no memory), and
+        each weight is read alone from its shard and cast into its place on the device
+        (read_fused_weights), so a load peaks at what the model holds plus one tensor being read,
+        not at an fp32 model beside the file's tensors (a bf16 4B model: 8 GB, not 16 + 8). The
+        numbers are those of casting the fp32 model: a cast is per element, so cast-then-fuse
+        equals fuse-then-cast (benchmarks/target_load_memory.py compares the logits)."""
         model_dir = Path(model_dir)
         cfg = TargetConfig.from_dir(model_dir)
-        state = load_hf_state_dict(model_dir)
-        model = cls(cfg)
-        model.load_state_dict(fuse_hf_weights(cfg, state), strict=True)
-        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        with torch.device("meta"), _SkipInit():
+            model = cls(cfg)
+        model.load_state_dict(read_fused_weights(model_dir, cfg, dtype, device), strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight  # assign=True made two Parameters of the one tensor
+        # The RoPE table is computed on the CPU even on the meta device (rope_inv_freq); it takes
+        # the dtype as Module.to gave it, so the numbers stay what they were.
+        model.rotary.to(device=device, dtype=dtype)
+        model.eval().requires_grad_(False)
         model.prepare_for_inference()
         return model
 
@@ -281,6 +293,19 @@ class TargetModel(nn.Module):
         for module in self.modules():
             if isinstance(module, FastLinear):
                 module.prepare_for_inference(self.matmul_layouts)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Module construction without torch.nn.init's fills, for modules built on the meta device
+    whose every parameter is assigned from a checkpoint next: a random fill on the meta device
+    runs through torch's Python decompositions, whose import alone holds ~65 MB for the life of
+    the process."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs.get("tensor", args[0] if args else None)
+        return func(*args, **kwargs)
 
 
 def hf_weight_files(model_dir: Path) -> list[str]:
@@ -295,31 +320,60 @@ def hf_weight_files(model_dir: Path) -> list[str]:
     return files
 
 
-def load_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Read every safetensors shard of a Hugging Face model directory."""
-    state: dict[str, torch.Tensor] = {}
-    for name in hf_weight_files(model_dir):
-        state.update(load_file(str(model_dir / name)))
-    return state
+@dataclass(frozen=True)
+class HfTensor:
+    """Where one tensor of a Hugging Face checkpoint is: its shard file, its key there, its shape."""
+
+    file: str
+    key: str
+    shape: tuple[int, ...]
 
 
-def load_hf_tensors(model_dir: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Read only the named tensors (Hugging Face names, with or without the 'model.' prefix) of a
-    model directory: each one from its shard through safetensors' lazy reader, so nothing else of
-    the checkpoint is read into memory. Names the checkpoint lacks are left out of the result."""
+def hf_tensor_index(model_dir: Path) -> dict[str, HfTensor]:
+    """Every tensor of a Hugging Face model directory by its name without the 'model.' prefix,
+    from the shards' headers (no weights are read)."""
     from safetensors import safe_open
 
-    wanted = set(names)
-    found: dict[str, torch.Tensor] = {}
+    index: dict[str, HfTensor] = {}
     for file in hf_weight_files(model_dir):
         with safe_open(str(model_dir / file), framework="pt") as shard:
             for key in shard.keys():
-                name = key.removeprefix("model.")
-                if name in wanted and name not in found:
-                    found[name] = shard.get_tensor(key)
-        if len(found) == len(wanted):
-            break
-    return found
+                index.setdefault(key.removeprefix("model."), HfTensor(file, key, tuple(shard.get_slice(key).get_shape())))
+    return index
+
+
+def read_hf_tensor(model_dir: Path, parts: Sequence[HfTensor], dtype: torch.dtype,
+                   device: torch.device | str) -> torch.Tensor:
+    """The tensors `parts` concatenated along dim 0 (one part: that tensor), cast to `dtype`, as
+    one new tensor on `device`.
+
+    Each part is copied from the shard straight into its rows of the result: no intermediate
+    copies (whose freed holes would stay in the process's heap). safetensors maps a shard whole
+    while it is open, and every page read counts in this process's RSS until it is closed;
+    opening it per part keeps a load's peak at what it has loaded (the pages stay in the page
+    cache for the next read)."""
+    from safetensors import safe_open
+
+    tail = parts[0].shape[1:]
+    if any(part.shape[1:] != tail for part in parts):
+        raise ModelFormatError(f"tensors {[part.key for part in parts]} in '{model_dir}' cannot be fused: shapes "
+                               f"{[list(part.shape) for part in parts]}")
+    out = torch.empty((sum(part.shape[0] for part in parts), *tail), dtype=dtype, device=device)
+    row = 0
+    for part in parts:
+        with safe_open(str(model_dir / part.file), framework="pt") as shard:
+            out[row : row + part.shape[0]].copy_(shard.get_tensor(part.key))
+        row += part.shape[0]
+    return out
+
+
+def load_hf_tensors(model_dir: Path, names: Sequence[str], dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Only the named tensors (Hugging Face names without the 'model.' prefix) of a model
+    directory, each read alone (read_hf_tensor), so nothing else of the checkpoint is read into
+    memory. Names the checkpoint lacks are left out of the result."""
+    index = hf_tensor_index(model_dir)
+    return {name: read_hf_tensor(model_dir, [index[name]], dtype, device) for name in names if name in index}
 
 
 class TargetEmbedHead(nn.Module):
@@ -355,50 +409,59 @@ class TargetEmbedHead(nn.Module):
         model_dir = Path(model_dir)
         cfg = TargetConfig.from_dir(model_dir)
         names = ["embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
-        tensors = load_hf_tensors(model_dir, names)
+        tensors = load_hf_tensors(model_dir, names, dtype, device)
         if "embed_tokens.weight" not in tensors:
             raise ModelFormatError(f"weights in '{model_dir}' lack the tensor 'embed_tokens.weight'")
         if not cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
             raise ModelFormatError(f"weights in '{model_dir}' lack 'lm_head.weight' and the config does not tie embeddings")
-        embed = tensors["embed_tokens.weight"].to(device=device, dtype=dtype)
-        head = embed if cfg.tie_word_embeddings else tensors["lm_head.weight"].to(device=device, dtype=dtype)
+        embed = tensors["embed_tokens.weight"]
+        head = embed if cfg.tie_word_embeddings else tensors["lm_head.weight"]
         return cls(cfg, embed, head).eval()
 
 
-def fuse_hf_weights(cfg: TargetConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map transformers parameter names onto ours, fusing q/k/v and gate/up."""
-    hf = {name.removeprefix("model."): tensor for name, tensor in hf.items()}
-
-    def take(name: str) -> torch.Tensor:
-        try:
-            return hf.pop(name)
-        except KeyError:
-            raise ModelFormatError(f"weights lack the tensor {name!r}") from None
-
-    out: dict[str, torch.Tensor] = {"embed_tokens.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
-    lm_head = hf.pop("lm_head.weight", None)
-    if cfg.tie_word_embeddings:
-        out["lm_head.weight"] = out["embed_tokens.weight"]
-    elif lm_head is None:
-        raise ModelFormatError("weights lack 'lm_head.weight' and the config does not tie embeddings")
-    else:
-        out["lm_head.weight"] = lm_head
+def hf_weight_plan(cfg: TargetConfig) -> dict[str, tuple[str, ...]]:
+    """Each of our parameters and the transformers tensors (names without 'model.') it is made of,
+    concatenated along dim 0 in this order: q/k/v and gate/up are fused. A tied lm_head is the
+    embedding (not listed)."""
+    plan: dict[str, tuple[str, ...]] = {"embed_tokens.weight": ("embed_tokens.weight",), "norm.weight": ("norm.weight",)}
+    if not cfg.tie_word_embeddings:
+        plan["lm_head.weight"] = ("lm_head.weight",)
     for i in range(cfg.num_hidden_layers):
         src, dst = f"layers.{i}.", f"layers.{i}."
         attn = src + "self_attn."
-        out[dst + "attn.qkv.weight"] = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"])
+        plan[dst + "attn.qkv.weight"] = tuple(attn + f"{p}_proj.weight" for p in "qkv")
         if cfg.attention_bias:
-            out[dst + "attn.qkv.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
-            out[dst + "attn.o.bias"] = take(attn + "o_proj.bias")
-        out[dst + "attn.o.weight"] = take(attn + "o_proj.weight")
+            plan[dst + "attn.qkv.bias"] = tuple(attn + f"{p}_proj.bias" for p in "qkv")
+            plan[dst + "attn.o.bias"] = (attn + "o_proj.bias",)
+        plan[dst + "attn.o.weight"] = (attn + "o_proj.weight",)
         if cfg.qk_norm:
-            out[dst + "attn.q_norm.weight"] = take(attn + "q_norm.weight")
-            out[dst + "attn.k_norm.weight"] = take(attn + "k_norm.weight")
-        out[dst + "mlp.gate_up.weight"] = torch.cat([take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")])
-        out[dst + "mlp.down.weight"] = take(src + "mlp.down_proj.weight")
-        out[dst + "input_norm.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "post_attn_norm.weight"] = take(src + "post_attention_layernorm.weight")
-    hf.pop("rotary_emb.inv_freq", None)
-    if hf:
-        raise ModelFormatError(f"unexpected tensors in the weights: {sorted(hf)[:5]}")
-    return out
+            plan[dst + "attn.q_norm.weight"] = (attn + "q_norm.weight",)
+            plan[dst + "attn.k_norm.weight"] = (attn + "k_norm.weight",)
+        plan[dst + "mlp.gate_up.weight"] = (src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight")
+        plan[dst + "mlp.down.weight"] = (src + "mlp.down_proj.weight",)
+        plan[dst + "input_norm.weight"] = (src + "input_layernorm.weight",)
+        plan[dst + "post_attn_norm.weight"] = (src + "post_attention_layernorm.weight",)
+    return plan
+
+
+def read_fused_weights(model_dir: Path, cfg: TargetConfig, dtype: torch.dtype,
+                       device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Our state dict from a Hugging Face directory (hf_weight_plan), each tensor read alone, cast
+    to `dtype` on `device` into its place in the fused tensor."""
+    index = hf_tensor_index(model_dir)
+    plan = hf_weight_plan(cfg)
+    sources = {name for names in plan.values() for name in names}
+    missing = sorted(sources - index.keys())
+    if "lm_head.weight" in missing:
+        raise ModelFormatError("weights lack 'lm_head.weight' and the config does not tie embeddings")
+    if missing:
+        raise ModelFormatError(f"weights lack the tensor {missing[0]!r}")
+    # A tied checkpoint may still carry lm_head.weight, and old exports the rotary table: unused.
+    unused = {"rotary_emb.inv_freq"} | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    unexpected = sorted(index.keys() - sources - unused)
+    if unexpected:
+        raise ModelFormatError(f"unexpected tensors in the weights: {unexpected[:5]}")
+    state = {ours: read_hf_tensor(model_dir, [index[name] for name in names], dtype, device) for ours, names in plan.items()}
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
