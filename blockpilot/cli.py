@@ -5,8 +5,8 @@ Contract of `blockpilot generate` (benchmarks and later services rely on it; ext
                         [--prompt-lookup on|off] [--temperature T] [--top-k K] [--top-p P] [--max-new-tokens N]
                         [--seed S] [--raw]
                         [--json] PROMPT
-    (also: --policy/--policies with --block-size auto, --backend/--onnx, --dtype/--device with --backend torch,
-    --server HOST:PORT)
+    (also: --policy/--policies with --block-size auto, --backend/--onnx, --dtype (every backend), --device
+    (--backend torch), --server HOST:PORT)
 `--json` prints exactly one JSON object on stdout. Bad arguments exit with status 2 and one line
 on stderr; no traceback reaches the user for an expected failure.
 """
@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "'auto' (default): int4 for a target converted from a GGUF of Q4_1/Q8_0 codes (the default model), "
                           "else fp32 (with --onnx: the export's)")
     gen.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                     help=f"with --backend torch: precision of the target's and the drafter's weights and KV caches "
-                          f"(default {DEFAULT_DTYPE}); output equals the same dtype's own --block-size 1 output")
+                     help=f"precision of the target's and the drafter's weights and KV caches (default {DEFAULT_DTYPE}); "
+                          f"output equals the same dtype's own --block-size 1 output. --backend onnxruntime / tensorrt "
+                          f"run an export of this dtype (ONNX Runtime on the CPU: float32 or float16)")
     gen.add_argument("--device", default=None,
                      help=f"with --backend torch: 'cpu', 'cuda' or 'cuda:N', where the target, the drafter and their "
                           f"caches live (default {DEFAULT_DEVICE})")

@@ -172,9 +172,9 @@ class VerifierServiceConfig(ServiceConfig):
                                "('' = the shipped drafter's for the default target, else DFlash's one-layer default)",
                            lambda v: None if all(p.isdigit() for p in v.replace(",", " ").split())
                            else "must be layer ids separated by commas, e.g. '1,9,17'")
-    dtype: str = opt(DEFAULT_DTYPE, "backend torch: precision of the target's weights and KV caches, 'float32', 'bfloat16' "
-                                    "or 'float16' (output equals the same dtype's own block-size-1 output; the graph "
-                                    "backends take 'float32' only and run their export's precision)", dtype_problem)
+    dtype: str = opt(DEFAULT_DTYPE, "precision of the target's weights and KV caches, 'float32', 'bfloat16' or 'float16' "
+                                    "(output equals the same dtype's own block-size-1 output); the graph backends run an "
+                                    "export of this dtype (ONNX Runtime's CPU provider: float32 or float16)", dtype_problem)
     device: str = opt(DEFAULT_DEVICE, "backend torch: where the target's weights and KV caches live, 'cpu', 'cuda' or "
                                       "'cuda:N' (a GPU torch does not see is refused at start; the graph backends take "
                                       "'cpu' only and pick their own device)", device_problem)

@@ -80,8 +80,8 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
     backend: which verifier backend runs the target (default: the torch engine); a graph backend's
         export must return the drafter's target layers (checked; exported on demand if none given).
     placement: dtype and device of the torch engine (target, drafter, KV caches); default float32
-        on the CPU. A graph backend runs its export's precision on its own device, so it takes the
-        default placement only.
+        on the CPU. A graph backend runs an export of the dtype on the device its runtime picks, so
+        it takes the default device only.
     """
     backend = backend or BackendOptions()
     placement = placement or Placement()

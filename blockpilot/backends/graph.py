@@ -10,14 +10,16 @@ Graph contract (batch 1; S = P + T):
     inputs   input_ids      int64   [1, T]          new tokens (T >= 1)
              position_ids   int64   [1, T]          their absolute positions (RoPE)
              logit_index    int64   [N]             which of the T positions get logits (0 <= i < T)
-             past_keys      float32 [P, L, 1, K, D] K of the committed tokens, sequence-major
-             past_values    float32 [P, L, 1, K, D] V, same layout
-    outputs  logits         float32 [1, N, V]
-             hidden         float32 [1, T, len(layers) * C]   outputs of the drafter's target layers
+             past_keys      dtype   [P, L, 1, K, D] K of the committed tokens, sequence-major
+             past_values    dtype   [P, L, 1, K, D] V, same layout
+    outputs  logits         dtype   [1, N, V]
+             hidden         dtype   [1, T, len(layers) * C]   outputs of the drafter's target layers
                                                           (only when layers were given)
-             final_state    float32 [1, T, C]       residual stream after the last layer (pre norm)
-             new_keys       float32 [T, L, 1, K, D] K of the T new tokens
-             new_values     float32 [T, L, 1, K, D]
+             final_state    dtype   [1, T, C]       residual stream after the last layer (pre norm)
+             new_keys       dtype   [T, L, 1, K, D] K of the T new tokens
+             new_values     dtype   [T, L, 1, K, D]
+dtype: the target's (float32, or float16 / bfloat16 for GPU runtimes); a 16-bit graph computes
+its norms in float32 and everything else in its dtype, as the engine does at that dtype.
 
 The cache is sequence-major ([slot, layer, batch, head, dim]) so that both "the first P slots" and
 "the T slots after them" are contiguous ranges of one preallocated buffer: a runtime binds the graph's
@@ -46,7 +48,12 @@ def output_names(has_hidden: bool) -> tuple[str, ...]:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Spelled out (not F.rms_norm): opset-18 ops that both ONNX Runtime and TensorRT's parser know.
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+    if x.dtype == torch.float32:
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+    # A 16-bit graph normalises in float32 and scales in its own dtype, as the engine's RMSNorm
+    # does (a float16 square of a large activation would overflow).
+    wide = x.float()
+    return weight * (wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,7 +62,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class TargetGraph(nn.Module):
-    """Functional forward of a TargetModel (fp32, batch 1) with the KV cache as graph inputs/outputs."""
+    """Functional forward of a TargetModel (batch 1, in the target's dtype) with the KV cache as
+    graph inputs/outputs."""
 
     def __init__(self, target: TargetModel, hidden_layer_ids: Sequence[int] = ()) -> None:
         super().__init__()
@@ -77,6 +85,8 @@ class TargetGraph(nn.Module):
         freqs = position_ids.to(torch.float32)[..., None] * target.rotary.inv_freq  # [1, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [1, 1, T, D]
+        if target.dtype != torch.float32:  # computed in float32, used in the activations' dtype (apply_rotary)
+            cos, sin = cos.to(target.dtype), sin.to(target.dtype)
         query_slot = torch.arange(steps, device=input_ids.device)[:, None] + past
         key_slot = torch.arange(past + steps, device=input_ids.device)[None, :]
         visible = key_slot <= query_slot  # [T, S]

@@ -33,12 +33,14 @@ class BackendOptions:
         blockpilot.backends.fused_graph) | 'auto' (int4 for a target converted from a GGUF file of
         Q4_1 / Q8_0 codes, else fp32; with `onnx`, the export's). On the CPU the onnxruntime
         backend runs the fused graph at either precision; its GPU providers and TensorRT run the
-        portable fp32 export.
+        portable export. The float type is the target's dtype (load_backend): a float16 / bfloat16
+        target runs a portable export of its own dtype, unquantized ('auto' or 'fp32').
     onnx: an export folder (`blockpilot export onnx`); None = export on demand into the cache.
     threads: ONNX Runtime intra-op threads (None: torch's thread count).
     ort_provider: 'auto' | 'cpu' | 'cuda' | 'tensorrt' (ONNX Runtime execution provider).
-    trt_precision / trt_max_block_size / trt_max_context: the TensorRT engine's precision, largest
-        verify block and largest cache length (None: the model's context).
+    trt_precision / trt_max_block_size / trt_max_context: the TensorRT engine's precision (None:
+        the export's dtype, fp16 for a float32 export; see tensorrt_backend.engine_precision),
+        largest verify block and largest cache length (None: the model's context).
     side_threads: torch's intra-op threads once ONNX Runtime runs the target on the CPU: the
         torch work beside it (drafter pass, acceptance, the policy feature) is small, and two
         thread pools spinning on the same cores slow each other down. Measured on a 2-core
@@ -52,7 +54,7 @@ class BackendOptions:
     onnx: str | Path | None = None
     threads: int | None = None
     ort_provider: str = "auto"
-    trt_precision: str = "fp16"
+    trt_precision: str | None = None
     trt_max_block_size: int = 16
     trt_max_context: int | None = None
     side_threads: int | None = None
@@ -63,6 +65,8 @@ class BackendOptions:
             raise InvalidArgumentError(f"unknown precision {self.precision!r} (choose one of {', '.join(PRECISION_CHOICES)})")
         if self.precision == INT4 and self.name != ONNXRUNTIME:
             raise InvalidArgumentError(f"precision {self.precision} runs on the onnxruntime backend, not {self.name!r}")
+        if self.trt_precision not in (None, "fp16", "bf16", "fp32"):
+            raise InvalidArgumentError(f"unknown TensorRT precision {self.trt_precision!r} (choose one of fp16, bf16, fp32)")
         if self.side_threads is not None and self.side_threads < 1:
             raise InvalidArgumentError(f"side_threads must be >= 1, got {self.side_threads!r}")
         if self.name == TORCH and self.onnx:
@@ -76,22 +80,27 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
     drafter_layers: the target layers the drafter reads (None: no drafter here, or not known).
     default_layers: the layers an on-demand export returns when drafter_layers is None (so one
         export serves block size 1 and the usual drafter alike).
-    source: where the target came from (recorded in on-demand exports)."""
+    source: where the target came from (recorded in on-demand exports).
+    The export is of the target's dtype (the placement's): one of another dtype is refused, an
+    on-demand one made in it."""
     if options.name == TORCH:
         return target
-    from blockpilot.backends.onnx_export import FUSED, PORTABLE, cached_export, check_export_matches, read_export, weights_digest
+    from blockpilot.backends.onnx_export import (FUSED, PORTABLE, cached_export, check_export_matches, dtype_name,
+                                                 read_export, weights_digest)
 
     if options.name == TENSORRT:
         from blockpilot.backends.tensorrt_backend import require_tensorrt
 
         require_tensorrt()  # before a minute of exporting, not after
     provider = None
+    dtype = dtype_name(target.dtype)
     if options.name == ONNXRUNTIME:
-        from blockpilot.backends.onnxruntime_backend import choose_provider
+        from blockpilot.backends.onnxruntime_backend import check_provider_dtype, choose_provider
 
         provider = choose_provider(options.ort_provider)
         if provider != "cpu" and options.precision == INT4:
             raise InvalidArgumentError(f"precision {options.precision} runs on the CPU; the {provider} provider runs fp32")
+        check_provider_dtype(provider, dtype)  # before an export that could not run
     digest = weights_digest(target)
     precision = options.precision
     if options.onnx:
@@ -100,7 +109,7 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
         if drafter_layers is not None:
             check_layers_match(export.hidden_layer_ids, drafter_layers, str(export.directory))
         meta = export.metadata
-        if precision not in (AUTO, meta.precision):
+        if precision != AUTO and (precision == INT4) != (meta.precision == INT4):
             raise InvalidArgumentError(
                 f"the ONNX export at '{export.directory}' is {meta.precision}, but precision {options.precision} was asked for"
             )
@@ -109,7 +118,8 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
                                        f"{options.name} {provider or ''} needs a portable one (export onnx --graph portable)")
     else:
         layers = drafter_layers if drafter_layers is not None else default_layers
-        graph = FUSED if provider == "cpu" else PORTABLE
+        # The fused graph is ONNX Runtime's float32 CPU ops; a 16-bit target exports the portable one.
+        graph = FUSED if provider == "cpu" and dtype == "float32" else PORTABLE
         if graph == FUSED:
             from blockpilot.backends.fused_graph import fused_unsupported_reason
 
@@ -139,9 +149,9 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
                          "would compete for the same cores", side, backend.threads)
                 torch.set_num_threads(side)
         return backend
-    from blockpilot.backends.tensorrt_backend import EngineSpec, TensorRTTarget
+    from blockpilot.backends.tensorrt_backend import EngineSpec, TensorRTTarget, engine_precision
 
-    spec = EngineSpec(max_block_size=options.trt_max_block_size, precision=options.trt_precision,
+    spec = EngineSpec(max_block_size=options.trt_max_block_size, precision=engine_precision(export, options.trt_precision),
                       max_context=options.trt_max_context)
     return TensorRTTarget(export, target, spec=spec, verify_weights=False)
 

@@ -4,23 +4,29 @@ An export is a folder:
     model.onnx, model.onnx.data   the graph (weights as external data so the 2 GB protobuf limit
                                   never applies), one of two kinds (`graph` in export.json):
                                   "portable": blockpilot.backends.graph.TargetGraph through
-                                      torch.onnx.export, standard ops only, fp32 (ONNX Runtime's GPU
-                                      providers and TensorRT read it);
+                                      torch.onnx.export, standard ops only, in the dtype the target
+                                      was loaded in: float32, or float16 / bfloat16 exported from a
+                                      target loaded so (no fp32 detour), for ONNX Runtime's GPU
+                                      providers and TensorRT (ONNX Runtime's CPU provider runs
+                                      float32 and float16 graphs, not bfloat16: it lacks the kernels);
                                   "fused": blockpilot.backends.fused_graph, ONNX Runtime's fused CPU
                                       ops, fp32 or int4 (the GGUF's own codes), what the onnxruntime
                                       backend runs on the CPU
     export.json                   what it was made from: target, architecture, the hidden layers it
-                                  returns, graph, precision, opset, a digest of the weights, the
-                                  numeric check (and for int4: where the codes came from, the compute
-                                  precision chosen and the timings it was chosen by)
+                                  returns, graph, dtype, precision, opset, a digest of the weights,
+                                  the numeric check (and for int4: where the codes came from, the
+                                  compute precision chosen and the timings it was chosen by)
 
-Why the metadata: an export returns the hidden states of fixed layers and bakes in fixed weights. A
-runtime must refuse an export of other weights (the output would silently be another model's) or of
-other layers than its drafter reads, and say so; export.json is what it checks against.
+Why the metadata: an export returns the hidden states of fixed layers and bakes in fixed weights at
+a fixed dtype. A runtime must refuse an export of other weights (the output would silently be
+another model's), of another dtype than it was asked to run, or of other layers than its drafter
+reads, and say so; export.json is what it checks against.
 
 Every export is checked twice before it is published: `onnx.checker` (full check, shape inference
-included) and a numeric check (ONNX Runtime vs the torch engine on a prefill and a block step after
-a rollback). Exports are written to a temporary sibling folder and renamed into place, so a crash
+included) and a numeric check (ONNX Runtime vs the torch engine at the same dtype on a prefill and a
+block step after a rollback), the latter where ONNX Runtime here runs the dtype (a bfloat16 export
+on a machine without a GPU provider is published unchecked, said in the log and by a null
+check_max_error). Exports are written to a temporary sibling folder and renamed into place, so a crash
 never leaves a half-written export where a runtime would find it.
 """
 
@@ -73,6 +79,11 @@ EXPORT_CHECK_TOLERANCE = 1e-4
 INT4_CHECK_TOLERANCE = 0.5
 PORTABLE, FUSED = "portable", "fused"
 GRAPHS = (PORTABLE, FUSED)
+# A 16-bit export is held to its own rounding: ONNX Runtime and torch sum in other orders, and one
+# ulp of a logit is ~1e-3 (float16) or ~8e-3 (bfloat16) of its size.
+CHECK_TOLERANCE_16BIT = {"float16": 2e-2, "bfloat16": 1e-1}
+# export.json's dtype -> the precision name the backends report (backends.base.backend_precision).
+DTYPE_PRECISION = {"float32": FP32, "float16": "fp16", "bfloat16": "bf16"}
 INT4_ACCURACY_LEVELS = (4, 1)  # MatMulNBits compute precisions tried for int4 (see _write_fused)
 INT4_EXACT_LEVEL = 1  # fp32 activations: the level whose output must match the fp32 engine
 
@@ -191,9 +202,25 @@ def read_export(directory: str | Path) -> OnnxExport:
     return OnnxExport(directory, metadata)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32', 'float16' or 'bfloat16' (export.json's and the placement's spelling)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_export_dtype(export: OnnxExport, dtype: str) -> None:
+    """Refuse an export of another dtype than the one asked for, saying how to make the right one."""
+    have = export.metadata.dtype
+    if have != dtype:
+        fix = (f"blockpilot export onnx --dtype {dtype}" + (" --graph portable" if dtype != "float32" else "")
+               + f" --out DIR, or run with --dtype {have}")
+        raise FailedPreconditionError(f"the ONNX export at '{export.directory}' is {have}, but {dtype} was asked for; "
+                                      f"export the target in {dtype} ({fix})")
+
+
 def check_export_matches(export: OnnxExport, target: TargetModel, digest: str | None = None) -> None:
-    """Refuse an export made from another model: architecture first (a clear message), then the
-    weights digest (same architecture, other weights)."""
+    """Refuse an export made from another model: dtype and architecture first (clear messages),
+    then the weights digest (same architecture, other weights)."""
+    check_export_dtype(export, dtype_name(target.dtype))
     meta, cfg = export.metadata, target.config
     expected = {
         "model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
@@ -224,19 +251,20 @@ def export_onnx(
     precision: str = FP32,
     codes: "GgufCodes | None" = None,
 ) -> OnnxExport:
-    """Export `target` (fp32 weights) into `out_dir`, check it, and publish it atomically.
+    """Export `target` into `out_dir` at the dtype it was loaded in, check it, and publish it atomically.
 
     hidden_layer_ids: the drafter's target layers, returned as the `hidden` output (may be empty for
         a target served without a drafter).
     source: where the target came from (recorded in export.json).
     overwrite: replace an existing export in `out_dir` (a folder with other files is never replaced).
-    graph: 'portable' (standard ops, fp32) or 'fused' (ONNX Runtime's CPU ops; see the module docstring).
-    precision: 'fp32' or 'int4' (fused only; `codes` are the GGUF's own, from backends.gguf_codes).
+    graph: 'portable' (standard ops, the target's dtype) or 'fused' (ONNX Runtime's CPU ops, a
+        float32 target; see the module docstring).
+    precision: 'fp32' or 'int4' (fused only; `codes` are the GGUF's own, from backends.gguf_codes);
+        a float16 / bfloat16 target exports its own dtype (recorded as precision fp16 / bf16).
     """
     out_dir = Path(out_dir).expanduser()
-    if target.dtype != torch.float32:
-        raise InvalidArgumentError(f"ONNX export needs the float32 target, got {target.dtype}")
-    check_graph_precision(graph, precision)
+    dtype = dtype_name(target.dtype)
+    check_graph_precision(graph, precision, dtype)
     if precision == INT4 and codes is None:
         raise InvalidArgumentError("an int4 export needs the GGUF's codes (backends.gguf_codes.read_gguf_codes)")
     if graph == FUSED:
@@ -262,14 +290,16 @@ def export_onnx(
     tmp.mkdir()
     try:
         started = time.monotonic()
-        log.info("exporting the target to ONNX (%s graph, %s, layers %s) into %s ...", graph, precision, list(layers), out_dir)
+        log.info("exporting the target to ONNX (%s graph, %s, layers %s) into %s ...", graph,
+                 precision if dtype == "float32" else DTYPE_PRECISION[dtype], list(layers), out_dir)
         import onnx
 
         metadata = ExportMetadata(
             target=source, model_type=cfg.model_type, num_hidden_layers=cfg.num_hidden_layers,
             hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_key_value_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings, hidden_layer_ids=layers,
-            weights_digest=digest or weights_digest(target), opset=opset, graph=graph, precision=precision,
+            weights_digest=digest or weights_digest(target), opset=opset, graph=graph, dtype=dtype,
+            precision=precision if dtype == "float32" else DTYPE_PRECISION[dtype],
             torch_version=torch.__version__, onnx_version=onnx.__version__,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
@@ -280,12 +310,19 @@ def export_onnx(
             metadata = _write_fused(target, layers, precision, codes, tmp, metadata)
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         (tmp / METADATA_FILE).write_text(metadata.to_json())
-        diff = numeric_check(OnnxExport(tmp, metadata), target)
-        tolerance = EXPORT_CHECK_TOLERANCE if precision == FP32 else INT4_CHECK_TOLERANCE
-        if diff > tolerance:
-            raise ModelFormatError(
-                f"the ONNX export disagrees with the torch engine (scaled error {diff:.3g} > {tolerance}); not published"
-            )
+        unchecked = numeric_check_unavailable(dtype)
+        if unchecked:
+            diff = None
+            log.warning("the %s ONNX export is not checked numerically here (%s): onnx.checker passed; it is "
+                        "published with check_max_error null", dtype, unchecked)
+        else:
+            diff = numeric_check(OnnxExport(tmp, metadata), target)
+            tolerance = (INT4_CHECK_TOLERANCE if precision == INT4
+                         else CHECK_TOLERANCE_16BIT.get(dtype, EXPORT_CHECK_TOLERANCE))
+            if diff > tolerance:
+                raise ModelFormatError(
+                    f"the ONNX export disagrees with the torch engine (scaled error {diff:.3g} > {tolerance}); not published"
+                )
         metadata = dataclasses.replace(metadata, check_max_error=diff)
         (tmp / METADATA_FILE).write_text(metadata.to_json())
         if out_dir.exists():
@@ -293,20 +330,37 @@ def export_onnx(
             out_dir.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         tmp.rename(out_dir)
-        log.info("ONNX export done in %.1f s (ORT vs torch: scaled error %.2g): %s", time.monotonic() - started, diff, out_dir)
+        log.info("ONNX export done in %.1f s (ORT vs torch: scaled error %s): %s", time.monotonic() - started,
+                 "not checked" if diff is None else f"{diff:.2g}", out_dir)
         return OnnxExport(out_dir, metadata)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_graph_precision(graph: str, precision: str) -> None:
+def check_graph_precision(graph: str, precision: str, dtype: str = "float32") -> None:
     if graph not in GRAPHS:
         raise InvalidArgumentError(f"unknown ONNX graph {graph!r} (choose one of {', '.join(GRAPHS)})")
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISIONS)})")
+    if dtype not in DTYPE_PRECISION:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r} (choose one of {', '.join(DTYPE_PRECISION)})")
+    if dtype != "float32" and precision == INT4:
+        raise InvalidArgumentError(f"int4 quantizes the float32 weights of the fused CPU graph; a {dtype} export "
+                                   f"keeps its {dtype} weights (precision fp32 or auto)")
     if precision == INT4 and graph != FUSED:
         raise InvalidArgumentError("int4 runs on the fused graph (ONNX Runtime's MatMulNBits), not the portable one")
+    if dtype != "float32" and graph == FUSED:
+        raise InvalidArgumentError(f"the fused graph runs ONNX Runtime's float32 CPU ops; a {dtype} export is the "
+                                   f"portable graph (--graph portable)")
+
+
+def numeric_check_unavailable(dtype: str) -> str | None:
+    """Why ONNX Runtime cannot run a `dtype` export on this machine (the numeric check is then
+    skipped), or None: it runs on the GPU provider when there is one, else on the CPU's."""
+    from blockpilot.backends.onnxruntime_backend import choose_provider, provider_dtype_problem
+
+    return provider_dtype_problem(choose_provider("auto"), dtype)
 
 
 def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, codes, folder: Path,
@@ -420,9 +474,11 @@ def _torch_export(graph: TargetGraph, path: Path, opset: int, max_positions: int
     past = Dim("past", min=0, max=limit)
     num_logits = Dim("num_logits", min=1, max=limit)
     kv = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim)
+    device, dtype = graph.target.device, graph.target.dtype  # the cache inputs take the target's dtype
     example = (
-        torch.tensor([[1, 2, 3]]), torch.tensor([[5, 6, 7]]), torch.tensor([1, 2]),
-        torch.zeros(5, *kv), torch.zeros(5, *kv),
+        torch.tensor([[1, 2, 3]], device=device), torch.tensor([[5, 6, 7]], device=device),
+        torch.tensor([1, 2], device=device), torch.zeros(5, *kv, dtype=dtype, device=device),
+        torch.zeros(5, *kv, dtype=dtype, device=device),
     )
     dynamic = {"input_ids": {1: steps}, "position_ids": {1: steps}, "logit_index": {0: num_logits},
                "past_keys": {0: past}, "past_values": {0: past}}
@@ -480,6 +536,8 @@ def numeric_check(export: OnnxExport, target: TargetModel, *, prompt_len: int = 
         pairs += [(getattr(caches[0], name)[:, :, :, start : start + count], getattr(caches[1], name)[:, :, :, start : start + count])
                   for name in ("keys", "values")]
         for a, b in pairs:
+            # In float32 on the torch side's device: a 16-bit difference would round the error itself.
+            a, b = a.float(), b.to(a.device).float()
             worst = max(worst, float((a - b).abs().max()) / max(1.0, float(a.abs().max())))
         if rollback is not None:
             for cache in caches:
@@ -493,11 +551,14 @@ def numeric_check(export: OnnxExport, target: TargetModel, *, prompt_len: int = 
 def export_key(target: TargetModel, hidden_layer_ids: Sequence[int], digest: str, opset: int = DEFAULT_OPSET,
                graph: str = PORTABLE, precision: str = FP32) -> str:
     """Cache folder name of an on-demand export: model type, weights digest, layers, opset, format
-    (and graph and precision for a fused graph)."""
+    (and graph and precision for a fused graph, the dtype for a 16-bit one; the digest differs by
+    dtype too, the name says it)."""
     layers = "-".join(str(i) for i in hidden_layer_ids) or "none"
     if graph == FUSED:
         return f"{target.config.model_type}-{digest[:16]}-layers{layers}-fused-{precision}-v{FORMAT_VERSION}"
-    return f"{target.config.model_type}-{digest[:16]}-layers{layers}-opset{opset}-v{FORMAT_VERSION}"
+    dtype = dtype_name(target.dtype)
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    return f"{target.config.model_type}-{digest[:16]}-layers{layers}-opset{opset}{suffix}-v{FORMAT_VERSION}"
 
 
 def cached_export_dir(target: TargetModel, hidden_layer_ids: Sequence[int], digest: str, *, graph: str = PORTABLE,
@@ -525,7 +586,7 @@ def cached_export(
     """The export of this target with these layers (graph, precision) from `$BLOCKPILOT_CACHE/onnx/`,
     made (once, under a lock, so concurrent services do not export twice) when it is not there yet.
     An int4 export needs `codes` only when it has to be made."""
-    check_graph_precision(graph, precision)
+    check_graph_precision(graph, precision, dtype_name(target.dtype))
     digest = digest or weights_digest(target)
     out = cached_export_dir(target, hidden_layer_ids, digest, graph=graph, precision=precision, cache_dir=cache_dir)
     if is_cached(out):

@@ -15,6 +15,11 @@ unavailable.)
 
 The embedding table, the final norm and the output projection that the drafter and the policy
 feature use outside the graph stay those of the torch TargetModel this backend was built from.
+
+Dtypes: the export's (export.json), for the cache, the step's outputs and the bindings. ONNX
+Runtime's CPU provider runs float32 and float16 graphs but has no bfloat16 kernels (1.32: not even
+Mul); a bfloat16 export is refused there with what runs it instead (CPU_DTYPES, checked by
+tests/unit/test_export_dtype.py against the installed onnxruntime).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 
 from blockpilot.backends.base import ONNXRUNTIME, BackendUnavailableError, TorchTargetParts, check_layers_match
 from blockpilot.backends.cache import SeqMajorKVCache
-from blockpilot.backends.onnx_export import OnnxExport, check_export_matches
+from blockpilot.backends.onnx_export import DTYPE_PRECISION, OnnxExport, check_export_matches
 from blockpilot.errors import InvalidArgumentError
 from blockpilot.models.kv_cache import KVCache
 from blockpilot.models.target import ForwardOutput, TargetModel
@@ -37,6 +42,25 @@ log = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 _ORT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+CPU_DTYPES = ("float32", "float16")
+# onnx.TensorProto's element types, which IO binding takes for any dtype (numpy has no bfloat16).
+_ONNX_ELEMENT_TYPE = {"float32": 1, "float16": 10, "bfloat16": 16}
+
+
+def provider_dtype_problem(provider: str, dtype: str) -> str | None:
+    """Why ONNX Runtime's `provider` cannot run a `dtype` graph, or None."""
+    if provider == "cpu" and dtype not in CPU_DTYPES:
+        return f"ONNX Runtime's CPU provider has no {dtype} kernels (it runs {' and '.join(CPU_DTYPES)} graphs)"
+    return None
+
+
+def check_provider_dtype(provider: str, dtype: str) -> None:
+    """BackendUnavailableError when `provider` cannot run a `dtype` graph, saying what runs it."""
+    problem = provider_dtype_problem(provider, dtype)
+    if problem:
+        raise BackendUnavailableError(f"the onnxruntime backend cannot run a {dtype} graph here: {problem}; run it with "
+                                      f"provider cuda (onnxruntime-gpu on an NVIDIA GPU), backend tensorrt, or backend "
+                                      f"torch with dtype {dtype}")
 
 
 def _import_ort():
@@ -76,7 +100,6 @@ class OnnxRuntimeTarget(TorchTargetParts):
     """A VerifierBackend over an ONNX export (see blockpilot.backends.base)."""
 
     backend = ONNXRUNTIME
-    precision = "fp32"
 
     def __init__(
         self,
@@ -105,6 +128,13 @@ class OnnxRuntimeTarget(TorchTargetParts):
         self.config = target.config
         self.hidden_layer_ids = export.hidden_layer_ids
         self.provider = choose_provider(provider)
+        dtype = export.metadata.dtype
+        check_provider_dtype(self.provider, dtype)
+        if dtype == "bfloat16" and not io_binding:
+            raise InvalidArgumentError("a bfloat16 export runs with IO binding only (numpy, which session.run takes, "
+                                       "has no bfloat16)")
+        self._dtype, self._element_type = getattr(torch, dtype), _ONNX_ELEMENT_TYPE[dtype]
+        self.precision = DTYPE_PRECISION[dtype]
         self._device = torch.device("cuda" if self.provider in ("cuda", "tensorrt") else "cpu")
         self._ort_device = "cuda" if self._device.type == "cuda" else "cpu"
         self.io_binding = io_binding
@@ -120,7 +150,14 @@ class OnnxRuntimeTarget(TorchTargetParts):
         cfg = self.config
         self._kv_shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim)
         providers = self._providers(max_block_size, trt_cache_dir)
-        self.session = ort.InferenceSession(str(export.model_path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(export.model_path), options, providers=providers)
+        except ort.capi.onnxruntime_pybind11_state.NotImplemented as err:
+            # A provider without a kernel for one of the graph's ops at its dtype (said per node).
+            raise BackendUnavailableError(
+                f"ONNX Runtime {ort.__version__} cannot run the {dtype} export at '{export.directory}' on the "
+                f"{self.provider} provider: {str(err).strip().splitlines()[0]}; use backend tensorrt or torch"
+            ) from None
         wanted = _ORT_PROVIDER[self.provider]
         if wanted not in self.session.get_providers():
             # ONNX Runtime only warns when a GPU provider fails to load (missing CUDA / cuDNN /
@@ -168,14 +205,14 @@ class OnnxRuntimeTarget(TorchTargetParts):
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float32
+        return self._dtype
 
     def new_cache(self, capacity: int, batch_size: int = 1) -> SeqMajorKVCache:
         if batch_size != 1:
             raise InvalidArgumentError(f"the {self.backend} backend runs batch 1, got batch_size {batch_size}")
         cfg = self.config
         return SeqMajorKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity,
-                               dtype=torch.float32, device=self._device)
+                               dtype=self._dtype, device=self._device)
 
     def __call__(
         self,
@@ -194,9 +231,10 @@ class OnnxRuntimeTarget(TorchTargetParts):
                                                             hidden_layer_ids, key_valid)
         cfg = self.config
         device = self._device
-        logits = torch.empty((1, logit_index.shape[0], cfg.vocab_size), dtype=torch.float32, device=device)
-        final = torch.empty((1, steps, cfg.hidden_size), dtype=torch.float32, device=device)
-        hidden = (torch.empty((1, steps, len(self.hidden_layer_ids) * cfg.hidden_size), dtype=torch.float32, device=device)
+        dtype = self._dtype
+        logits = torch.empty((1, logit_index.shape[0], cfg.vocab_size), dtype=dtype, device=device)
+        final = torch.empty((1, steps, cfg.hidden_size), dtype=dtype, device=device)
+        hidden = (torch.empty((1, steps, len(self.hidden_layer_ids) * cfg.hidden_size), dtype=dtype, device=device)
                   if self.hidden_layer_ids else None)
         tokens = tokens.to(device=device, dtype=torch.long).contiguous()
         if self.io_binding:
@@ -226,12 +264,13 @@ class OnnxRuntimeTarget(TorchTargetParts):
         binding.bind_input("logit_index", dev, index, np.int64, tuple(logit_index.shape), logit_index.data_ptr())
         # The committed slots start at the buffer's start; binding the buffer (not the slice) also
         # gives an empty past (prefill) a valid address (an empty tensor's data_ptr() is 0).
-        binding.bind_input("past_keys", dev, index, np.float32, (start, *self._kv_shape), cache.key_buffer.data_ptr())
-        binding.bind_input("past_values", dev, index, np.float32, (start, *self._kv_shape), cache.value_buffer.data_ptr())
+        element = self._element_type
+        binding.bind_input("past_keys", dev, index, element, (start, *self._kv_shape), cache.key_buffer.data_ptr())
+        binding.bind_input("past_values", dev, index, element, (start, *self._kv_shape), cache.value_buffer.data_ptr())
         outputs = {"logits": logits, "hidden": hidden, "final_state": final, "new_keys": new_k, "new_values": new_v}
         for name in self._outputs:
             tensor = outputs[name]
-            binding.bind_output(name, dev, index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_output(name, dev, index, element, tuple(tensor.shape), tensor.data_ptr())
         if dev == "cuda":
             # Inputs were written by torch on its current stream; ONNX Runtime runs on its own.
             torch.cuda.current_stream().synchronize()

@@ -5,7 +5,9 @@ optimization profiles cover what the loop runs — "decode" (1 .. max_block_size
 blocks) and "prefill" (1 .. prefill_chunk tokens; longer prompts run in chunks) — each for cache
 lengths 0 .. the context size. Precision fp16 or bf16 (the norms' squares, their means and the
 softmax are pinned to fp32: an fp16 square of a large activation would overflow) or fp32 (TF32
-off). Engines are cached on disk under `$BLOCKPILOT_CACHE/trt/<key>/`, the key a SHA-256 of the
+off). The export's dtype sets it (engine_precision): a float16 / bfloat16 export (made from a target
+loaded in that dtype, no fp32 detour) builds at fp16 / bf16 only; a float32 one at any of the three
+(fp16 unless asked). Engines are cached on disk under `$BLOCKPILOT_CACHE/trt/<key>/`, the key a SHA-256 of the
 ONNX files, the GPU (name and compute capability), the TensorRT version, the precision and the
 profile shapes, so a different GPU, TensorRT or export never loads a stale engine.
 
@@ -39,7 +41,7 @@ from blockpilot.backends.base import TENSORRT, BackendUnavailableError
 from blockpilot.backends.cache import SeqMajorKVCache
 from blockpilot.backends.onnx_export import OnnxExport, _lock, check_export_matches
 from blockpilot.backends.onnxruntime_backend import prepare_step
-from blockpilot.errors import BlockPilotError, InvalidArgumentError, ModelFormatError
+from blockpilot.errors import BlockPilotError, FailedPreconditionError, InvalidArgumentError, ModelFormatError
 from blockpilot.models.kv_cache import KVCache
 from blockpilot.models.store import cache_root
 from blockpilot.models.target import ForwardOutput, TargetModel
@@ -47,6 +49,10 @@ from blockpilot.models.target import ForwardOutput, TargetModel
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp16", "bf16", "fp32")
+# The precision a 16-bit export builds at: its own (its weights are already rounded to it).
+EXPORT_PRECISION = {"float16": "fp16", "bfloat16": "bf16"}
+FP32_EXPORT_PRECISION = "fp16"  # a float32 export's engine when none is asked for (TensorRT's usual choice)
+_PRECISION_DTYPE = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 ENGINE_FILE = "engine.plan"
 ENGINE_INFO = "engine.json"
 UNAVAILABLE_HINT = ("install the gpu extra (pip install -e '.[gpu]') with a CUDA build of torch, on a machine "
@@ -107,6 +113,23 @@ class EngineSpec:
             raise InvalidArgumentError(f"workspace_gb must be > 0, got {self.workspace_gb!r}")
 
 
+def engine_precision(export: OnnxExport, requested: str | None = None) -> str:
+    """The precision an engine of `export` is built at: `requested`, or when None the export's own
+    (fp16 for a float32 export). A 16-bit export builds at its own precision only."""
+    own = EXPORT_PRECISION.get(export.metadata.dtype)
+    if requested is None:
+        return own or FP32_EXPORT_PRECISION
+    if requested not in PRECISIONS:
+        raise InvalidArgumentError(f"TensorRT precision must be one of {list(PRECISIONS)}, got {requested!r}")
+    if own is not None and requested != own:
+        raise FailedPreconditionError(
+            f"the ONNX export at '{export.directory}' is {export.metadata.dtype}, so its TensorRT engine is {own}, but "
+            f"precision {requested} was asked for; export the target in {_PRECISION_DTYPE[requested]} (blockpilot export "
+            f"onnx --graph portable --dtype {_PRECISION_DTYPE[requested]} --out DIR), or in float32 to build at any precision"
+        )
+    return requested
+
+
 def _profiles(export: OnnxExport, spec: EngineSpec) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
     """min/opt/max shapes of every input, per profile: [decode, prefill]."""
     meta = export.metadata
@@ -157,6 +180,7 @@ def build_engine(export: OnnxExport, spec: EngineSpec = EngineSpec(), *, cache_d
     """Path of the serialized engine for this export and spec, built (once, under a lock) if the
     cache does not hold it."""
     trt = require_tensorrt()
+    engine_precision(export, spec.precision)  # a 16-bit export at another precision is refused, before a build
     key, parts = engine_key(export, spec, trt)
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "trt"
     folder = root / key

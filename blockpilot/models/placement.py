@@ -40,7 +40,7 @@ class Placement:
     """The torch engine's placement: the target's and the drafter's weights and KV caches.
 
     dtype: 'float32' (default), 'bfloat16' or 'float16': the precision the weights are cast to at
-        load time and the caches are allocated in.
+        load time and the caches are allocated in (a graph backend runs an export of this dtype).
     device: 'cpu' (default), 'cuda' (the current GPU) or 'cuda:N': where the weights and caches live.
     """
 
@@ -98,8 +98,10 @@ def drafter_run_precision(placement: Placement, device: "torch.device") -> str |
 
 
 def check_backend_placement(placement: Placement, backend: str) -> None:
-    """dtype and device set the torch engine; a graph backend (onnxruntime, tensorrt) runs its
-    export's precision on the device it picks itself, so it takes the default placement only."""
-    if not placement.is_default and backend != "torch":
-        raise InvalidArgumentError(f"dtype and device ({placement.describe()}) set the torch backend; the {backend} "
-                                   f"backend runs its export's precision on its own device (use backend torch)")
+    """dtype sets every backend's precision: a graph backend (onnxruntime, tensorrt) runs an export
+    of that dtype, made from the target loaded in it. device sets the torch backend's: a graph
+    backend runs on the device its runtime picks (ONNX Runtime's provider, TensorRT's GPU), so it
+    takes the default device only."""
+    if placement.device != DEFAULT_DEVICE and backend != "torch":
+        raise InvalidArgumentError(f"device {placement.device!r} sets the torch backend; the {backend} backend runs on "
+                                   f"the device its runtime picks (use backend torch, or leave device at {DEFAULT_DEVICE!r})")

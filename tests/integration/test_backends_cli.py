@@ -43,12 +43,13 @@ def test_export_onnx_writes_a_checked_export(tiny_llama_dir, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["export", "onnx", "--hidden-layers", "40", "--out", "{tmp}/x"], "must be distinct and within [0, 4)"),
     (["export", "onnx", "--hidden-layers", "1", "--drafter", "random", "--out", "{tmp}/x"], "not both"),
-    (["export", "onnx", "--drafter", "{tmp}/no-drafter", "--out", "{tmp}/x"], "no drafter at"),
+    (["export", "onnx", "--drafter", "{tmp}/no-drafter", "--out", "{tmp}/x"], "no-drafter' does not exist"),
+    (["export", "onnx", "--dtype", "float16", "--graph", "fused", "--out", "{tmp}/x"], "a float16 export is the portable graph"),
 ])
 def test_export_onnx_bad_arguments_are_one_line_errors(tiny_llama_dir, tmp_path, args, fragment):
     args = [a.format(tmp=tmp_path) for a in args]
     done = run_cli(*args[:2], "--target", str(tiny_llama_dir), *args[2:])
-    status = 1 if "no drafter at" in fragment else 2
+    status = 1 if "does not exist" in fragment else 2
     one_line_error(done, status, fragment)
 
 

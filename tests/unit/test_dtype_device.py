@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blockpilot.backends.base import BackendUnavailableError
 from blockpilot.backends.loader import BackendOptions
 from blockpilot.config import DrafterServiceConfig, VerifierServiceConfig
 from blockpilot.decoding.drafting import DraftRequest
@@ -78,7 +79,7 @@ def test_cli_cuda_without_a_gpu_is_one_line_and_nonzero(capsys):
 @pytest.mark.parametrize("argv, fragment", [
     (["--dtype", "fp16"], "invalid choice: 'fp16'"),
     (["--device", "gpu", "--backend", "torch"], "device must be 'cpu', 'cuda' or 'cuda:N' (N = the GPU's index), got 'gpu'"),
-    (["--dtype", "bfloat16"], "dtype and device (bfloat16 on cpu) set the torch backend; the onnxruntime backend"),
+    (["--device", "cuda:0"], "device 'cuda:0' sets the torch backend; the onnxruntime backend runs on the device its runtime picks"),
     (["--device", "cpu", "--server", "127.0.0.1:1"], "--dtype and --device are the server's settings"),
 ])
 def test_cli_bad_placements_are_usage_errors(capsys, argv, fragment):
@@ -102,11 +103,27 @@ def test_service_configs_check_dtype_and_device_quoting_the_value():
         load_config(VerifierServiceConfig, [], env={"BLOCKPILOT_VERIFIER_DEVICE": "cuda:x"})
 
 
-def test_a_graph_backend_takes_the_default_placement_only(offline_hub):
+def test_a_graph_backend_takes_the_dtype_but_not_the_device(offline_hub, monkeypatch):
+    from blockpilot.backends import onnx_export
     from blockpilot.serving.models import load_verifier_target
 
-    with pytest.raises(InvalidArgumentError, match="the onnxruntime backend runs its export's precision"):
+    with pytest.raises(InvalidArgumentError, match="device 'cuda' sets the torch backend; the tensorrt backend runs on the "
+                                                   "device its runtime picks"):
+        load_verifier_target(VerifierServiceConfig(target="tiny-org/tiny-llama", backend="tensorrt", device="cuda"))
+    # The dtype picks the export's: bfloat16 has no kernels on ONNX Runtime's CPU provider, which is
+    # said before anything is exported (tests/unit/test_export_dtype.py runs float16 there).
+    monkeypatch.setattr(onnx_export, "cached_export", lambda *a, **k: pytest.fail("exported before refusing"))
+    with pytest.raises(BackendUnavailableError, match="cannot run a bfloat16 graph here: ONNX Runtime's CPU provider"):
         load_verifier_target(VerifierServiceConfig(target="tiny-org/tiny-llama", backend="onnxruntime", dtype="bfloat16"))
+
+
+@no_gpu
+def test_cli_bfloat16_on_the_default_backend_without_a_gpu_is_one_line(offline_hub, capsys):
+    from blockpilot.cli import main
+
+    code = main(["generate", "--target", "tiny-org/tiny-llama", "--drafter", "none", "--dtype", "bfloat16", "hi"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and "cannot run a bfloat16 graph here" in err and "backend torch" in err, err
 
 
 def test_the_verifier_config_places_the_torch_target(offline_hub):
