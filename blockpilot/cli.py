@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=positive_int, default=None)
 
     evaluate = drafter_sub.add_parser("eval", help="τ per dataset and block size on evaluation prompts")
-    evaluate.add_argument("--drafter", type=Path, default=None, help="DFlash checkpoint (default: the shipped drafter)")
+    evaluate.add_argument("--drafter", default=None, help="DFlash checkpoint directory or Hugging Face repository id, e.g. "
+                                                          "z-lab/Qwen3-4B-DFlash-b16 (default: the shipped drafter)")
     evaluate.add_argument("--datasets-dir", type=Path, default=None, help="folder with the evaluation *.jsonl files (required unless --merge)")
     evaluate.add_argument("--merge", type=Path, nargs="+", default=None, metavar="REPORT",
                           help="evaluate nothing: merge the JSON reports of runs over disjoint --datasets (one process per core) into one")
@@ -359,7 +360,7 @@ def default_mask_token(tokenizer) -> int:
 
 def _drafter_eval(args: argparse.Namespace) -> int:
     from blockpilot.models.drafter import DFlashDrafter
-    from blockpilot.models.store import resolve_target
+    from blockpilot.models.store import resolve_drafter, resolve_target
     from blockpilot.models.target import TargetModel
     from blockpilot.models.tokenizer import ChatTokenizer
     from blockpilot.runtime import shipped_drafter_dir
@@ -372,7 +373,7 @@ def _drafter_eval(args: argparse.Namespace) -> int:
         return 0
     if args.datasets_dir is None:
         raise InvalidArgumentError("--datasets-dir is required (or --merge REPORT ...)")
-    drafter_dir = args.drafter or shipped_drafter_dir()
+    drafter_dir = resolve_drafter(args.drafter) if args.drafter else shipped_drafter_dir()
     if drafter_dir is None:
         raise InvalidArgumentError("no --drafter given and this checkout ships none")
     target_dir = resolve_target(args.target)
@@ -387,7 +388,7 @@ def _drafter_eval(args: argparse.Namespace) -> int:
     verifier = load_backend(target, BackendOptions(name=args.backend, threads=args.threads),
                             drafter_layers=drafter.target_layer_ids, source=str(target_dir))
     report = evaluate_drafter(target, ChatTokenizer(target_dir), drafter, args.datasets_dir, cfg, verifier=verifier)
-    report["drafter"] = str(drafter_dir)
+    report["drafter"] = args.drafter or str(drafter_dir)  # a repository id as given, not its snapshot folder
     report["backend"] = args.backend
     write_report(report, args.out)
     print(format_table(report))
@@ -399,7 +400,8 @@ def _add_stack_parsers(sub) -> None:
     up = sub.add_parser("up", help="start Redis (if needed), the policy, drafter and verifier services and the HTTP "
                                    "gateway (OpenAI API) on loopback")
     up.add_argument("--target", default="default", help="target model of the verifier and drafter")
-    up.add_argument("--drafter", default="", help="drafter of the drafter service ('' = the engine's default, 'random', 'none', a path)")
+    up.add_argument("--drafter", default="", help="drafter of the drafter service ('' = the engine's default, 'random', 'none', "
+                                                  "a checkpoint directory or a Hugging Face repository id)")
     up.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use (started when none answers and redis-server is installed)")
     for name, port, metrics_port in (("verifier", 50051, 9101), ("drafter", 50052, 9102), ("policy", 50053, 9103)):
         up.add_argument(f"--{name}-port", type=positive_int, default=port)
@@ -412,6 +414,12 @@ def _add_stack_parsers(sub) -> None:
     up.add_argument("--precision", choices=PRECISION_CHOICES, default="",
                     help="the verifier's onnxruntime precision (default: its config's, i.e. BLOCKPILOT_VERIFIER_PRECISION, "
                          f"else {DEFAULT_PRECISION})")
+    up.add_argument("--dtype", choices=DTYPE_NAMES, default="",
+                    help="the verifier's and the drafter's precision (default: their configs', i.e. BLOCKPILOT_VERIFIER_DTYPE "
+                         f"and BLOCKPILOT_DRAFTER_DTYPE, else {DEFAULT_DTYPE}); a graph backend runs an export of it")
+    up.add_argument("--device", default="",
+                    help="where the verifier (--backend torch) and the drafter run: 'cpu', 'cuda' or 'cuda:N' (default: their "
+                         f"configs', i.e. BLOCKPILOT_VERIFIER_DEVICE and BLOCKPILOT_DRAFTER_DEVICE, else {DEFAULT_DEVICE})")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all services to be SERVING")
     up.add_argument("--secure", action="store_true",
                     help="TLS on every service (mTLS between them), a data and an admin token, a Redis user with a password "
@@ -430,7 +438,8 @@ def _stack(args: argparse.Namespace) -> int:
             drafter_port=args.drafter_port, policy_port=args.policy_port, verifier_metrics_port=args.verifier_metrics_port,
             drafter_metrics_port=args.drafter_metrics_port, policy_metrics_port=args.policy_metrics_port, gateway_port=args.gateway_port,
             gateway_metrics_port=args.gateway_metrics_port,
-            threads=args.threads, timeout_s=args.timeout, backend=args.backend, precision=args.precision, secure=args.secure)
+            threads=args.threads, timeout_s=args.timeout, backend=args.backend, precision=args.precision, dtype=args.dtype,
+            device=args.device, secure=args.secure)
         state = stack.up(opts)
         print(f"stack up: verifier at {state['services']['verifier']['address']}, OpenAI API at "
               f"{'https' if opts.secure else 'http'}://{state['services']['gateway']['address']}/v1 (logs in {state['run_dir']})")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from blockpilot.errors import FailedPreconditionError, UnavailableError
+from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 
 SERVICES = ("policy", "drafter", "verifier", "gateway")  # start order; stopped in reverse
 HTTP_SERVICES = ("gateway",)  # health at GET /health on their HTTP port, not gRPC health checking
@@ -46,7 +46,21 @@ class StackOptions:
     timeout_s: float = 600.0
     backend: str = ""  # the verifier's backend; '' = its config's (env BLOCKPILOT_VERIFIER_BACKEND, else onnxruntime)
     precision: str = ""  # the verifier's onnxruntime precision; '' = its config's (env BLOCKPILOT_VERIFIER_PRECISION)
+    # The verifier's and the drafter's dtype and device ('' = each one's config: env
+    # BLOCKPILOT_VERIFIER_DTYPE, BLOCKPILOT_DRAFTER_DEVICE, ...): one placement for both, as the
+    # drafter drafts with the target's embedding and lm_head at the verifier's precision.
+    dtype: str = ""
+    device: str = ""
     secure: bool = False  # TLS, mTLS between services, tokens, a Redis password (see secure_material)
+
+    def __post_init__(self) -> None:
+        from blockpilot.models.placement import device_problem, dtype_problem
+
+        for name, problem in (("dtype", dtype_problem), ("device", device_problem)):
+            value = getattr(self, name)
+            wrong = problem(value) if value else None
+            if wrong:
+                raise InvalidArgumentError(f"up --{name} {wrong}, got {value!r}")
 
 
 SECURE_FILES = {  # what `up --secure` makes under <run dir>/secure/ (mode 0600)
@@ -241,6 +255,8 @@ def _service_env(name: str, opts: StackOptions, redis_url: str, secure: dict[str
         else:
             values.update(client_tls_ca=secure["ca"], client_tls_cert=secure["client_cert"], client_tls_key=secure["client_key"],
                           client_token_file=secure["token"])
+    if name in ("verifier", "drafter"):
+        values.update({key: getattr(opts, key) for key in ("dtype", "device") if getattr(opts, key)})
     if name == "verifier":
         values.update(target=opts.target, redis_url=redis_url, threads=opts.threads,
                       drafter_address=f"{opts.host}:{opts.drafter_port}", policy_address=f"{opts.host}:{opts.policy_port}")
@@ -314,8 +330,22 @@ def _wait_service(name: str, entry: dict, deadline: float, security) -> None:
         raise UnavailableError(f"{err}; last lines of {entry['log']}: " + " | ".join(tail)) from None
 
 
+def check_verifier_placement(opts: StackOptions) -> None:
+    """The verifier's dtype, device and backend as it will start (the flags over its environment),
+    checked before anything starts: a device for a graph backend is one line here, not a service
+    log after the wait."""
+    from blockpilot.config import VerifierServiceConfig, load_config
+    from blockpilot.models.placement import Placement, check_backend_placement
+
+    flags = {f"BLOCKPILOT_VERIFIER_{name.upper()}": getattr(opts, name) for name in ("backend", "dtype", "device")
+             if getattr(opts, name)}
+    config = load_config(VerifierServiceConfig, [], env={**os.environ, **flags})
+    check_backend_placement(Placement(config.dtype, config.device), config.backend)
+
+
 def up(opts: StackOptions, log=print) -> dict:
     """Start the stack; returns its state. Raises FailedPreconditionError if it already runs."""
+    check_verifier_placement(opts)
     state = read_state()
     if state and any(pid_alive(s["pid"]) for s in state.get("services", {}).values()):
         raise FailedPreconditionError(f"the stack is already running (run dir {run_dir()}); `blockpilot down` first")
