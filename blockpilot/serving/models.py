@@ -75,7 +75,7 @@ def load_served_target(name: str = "default", *, backend: BackendOptions | None 
     verifier = load_backend(model, backend, drafter_layers=drafter_layers, source=str(target_dir),
                             default_layers=default_export_layers(model, is_default_target(name)))
     log.info("verifier backend %s (%s), export layers %s", backend.name, backend.precision, list(verifier.hidden_layer_ids))
-    return ServedTarget(name, target_dir, verifier, tokenizer, torch_model=model)
+    return ServedTarget(name, target_dir, verifier, tokenizer, torch_model=model, placement=placement)
 
 
 def load_drafter_target(name: str = "default", *, placement: Placement | None = None) -> ServedTarget:

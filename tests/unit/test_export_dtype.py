@@ -123,12 +123,16 @@ def test_a_backend_refuses_an_export_of_another_dtype_saying_how_to_export_it(ex
 
 
 def test_on_demand_exports_take_the_targets_dtype(tiny_llama_dir, monkeypatch, tmp_path):
+    from blockpilot.models.placement import Placement
+    from blockpilot.serving.models import load_served_target
+
     monkeypatch.setenv("BLOCKPILOT_CACHE", str(tmp_path))
-    fp16 = TargetModel.from_pretrained(tiny_llama_dir, dtype=torch.float16)
-    backend = load_backend(fp16, BackendOptions("onnxruntime", ort_provider="cpu"), drafter_layers=(2,))
+    served = load_served_target(str(tiny_llama_dir), backend=BackendOptions("onnxruntime", ort_provider="cpu"),
+                                drafter_layers=(2,), placement=Placement("float16"))
+    backend = served.model
     meta = backend.export.metadata
     assert (meta.dtype, meta.graph) == ("float16", "portable") and backend.export.directory.name.endswith("-float16-v2")
-    assert backend.dtype == torch.float16
+    assert backend.dtype == served.torch_model.dtype == torch.float16 and served.placement == Placement("float16")
     # bfloat16 on the CPU provider: refused before a minute of exporting, saying what runs it.
     monkeypatch.setattr(onnx_export, "cached_export", lambda *a, **k: pytest.fail("exported before refusing"))
     bf16 = TargetModel.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
