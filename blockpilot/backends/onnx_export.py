@@ -594,8 +594,9 @@ def cached_export(
     with _lock(out.parent / f".{out.name}.lock"):
         if is_cached(out):
             return read_export(out)
-        log.warning("no %s %s ONNX export of this target with layers %s yet: exporting into %s once "
-                    "(about a minute for the default model)", graph, precision, list(hidden_layer_ids), out)
+        log.warning("no %s %s %s ONNX export of this target with layers %s yet: exporting into %s once "
+                    "(about a minute for the default model)", graph, dtype_name(target.dtype), precision,
+                    list(hidden_layer_ids), out)
         if precision == INT4 and codes is None:
             from blockpilot.backends.gguf_codes import codes_for_target
 
