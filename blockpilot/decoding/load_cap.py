@@ -33,7 +33,10 @@ session verifies its anchor alone this step (block size 1, no lookup copy): the 
 (a handful says little: one rejected copy is tau 1) its drafts are given the benefit of the
 doubt, so evidence builds up; a capped source is probed again
 every few steps (SpeculationGate.PROBE_EVERY) so a session whose text turns repetitive can win its
-drafts back.
+drafts back. Beside other sessions a source that needs a drafter pass (DFlash) is not probed:
+every session of the iteration would wait for that pass (with 16 sessions, about one probe per
+iteration: measured, the default path fell to half of plain decoding's rate), and the pooled
+evidence of every session already judges it; it comes back by itself when the load drops.
 
 Seeded sampling (temperature > 0 with a seed) is never capped: the uniforms a sampled step draws
 depend on its draft, so capping would make the same seed give other (equally valid) samples;
@@ -187,8 +190,11 @@ class SpeculationGate:
     PROBE_EVERY = 16  # a capped source is tried again after this many capped steps in a row
     EVIDENCE = 8  # drafted steps (of every session) before a source is judged; the weight of the pooled mean
 
-    def __init__(self, sources: Iterable[str], relative_cost: Mapping[int, float] | None = None) -> None:
+    def __init__(self, sources: Iterable[str], relative_cost: Mapping[int, float] | None = None,
+                 drafter_sources: Iterable[str] = ("dflash",)) -> None:
+        """drafter_sources: the sources whose drafts take a drafter pass (not probed beside others)."""
         self.costs = PassCostModel(relative_cost=relative_cost)
+        self.drafter_sources = frozenset(drafter_sources)
         self.pooled = {source: DraftRecord() for source in sources}  # every session's drafted steps
         # costs.pass_seconds() as of the last pass: every session of a step prices with the same
         # estimate, fitted once per pass rather than once per session.
@@ -213,11 +219,12 @@ class SpeculationGate:
         if pass_seconds is None:
             return None
         allowed = set()
+        alone = others.tokens == 0
         for source, record in records.items():
             pooled = self.pooled[source]
             judged = pooled.steps >= self.EVIDENCE
-            if (not judged or draft_pays(self._shrunk(record, pooled), pass_seconds, others)
-                    or record.capped_in_a_row >= self.PROBE_EVERY):
+            probe = record.capped_in_a_row >= self.PROBE_EVERY and (alone or source not in self.drafter_sources)
+            if not judged or draft_pays(self._shrunk(record, pooled), pass_seconds, others) or probe:
                 record.capped_in_a_row = 0
                 allowed.add(source)
             else:

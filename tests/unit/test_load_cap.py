@@ -168,3 +168,22 @@ def test_a_few_failed_drafts_do_not_cap_a_source():
     assert gate.allowed(records, 0.0, None) == frozenset({"dflash", "lookup"})
     gate.drafted(records, "lookup", drafted=1, committed=1, draft_seconds=0.001)
     assert gate.allowed(records, 0.0, None) == frozenset({"dflash"})  # now judged: tau 1 never pays
+
+
+def test_a_drafter_source_is_not_probed_beside_other_sessions():
+    gate = SpeculationGate(("dflash", "lookup"))
+    gate.costs.pass_seconds = lambda: line(0.01, 0.01)
+    gate.passed(tokens=1, seconds=0.02)
+    records = gate.new_records()
+    for _ in range(SpeculationGate.EVIDENCE):
+        gate.drafted(records, "lookup", drafted=4, committed=1, draft_seconds=0.0)  # tau 1: never pays
+        gate.drafted(records, "dflash", drafted=4, committed=1, draft_seconds=0.0)
+    busy = Others(committed=7.0, tokens=7)  # a shared pass with 7 other sessions
+    for _ in range(3 * SpeculationGate.PROBE_EVERY):
+        sources = gate.allowed(records, 0.0, None, busy)
+        assert "dflash" not in sources  # every session would wait for its drafter pass
+    probes = 0
+    for _ in range(3 * SpeculationGate.PROBE_EVERY):
+        probes += "lookup" in gate.allowed(records, 0.0, None, busy)  # extra rows only: still probed
+    assert probes >= 2
+    assert any("dflash" in gate.allowed(records, 0.0, None) for _ in range(SpeculationGate.PROBE_EVERY + 1))  # alone: probed
