@@ -108,6 +108,8 @@ class DecodeScheduler:
         self.decoder = SpeculativeDecoder(target, None, max_context=target.config.max_position_embeddings)
         self._planner = ThreadPoolExecutor(max_workers=planners, thread_name_prefix="plan") if planners > 0 else None
         batched = ragged and supports_ragged_batch(target)
+        if batched and hasattr(target, "prepare_ragged_batches"):
+            target.prepare_ragged_batches(max_sessions)  # now, not mid-batch (see there)
         self._passes = (ThreadPoolExecutor(max_workers=parallel_passes, thread_name_prefix="pass")
                         if parallel_passes > 1 and not batched else None)
         self.batch = BatchDecoder(self.decoder, max_sessions=max_sessions, capacity=capacity, max_capacity=max_capacity,

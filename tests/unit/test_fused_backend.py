@@ -317,3 +317,15 @@ def test_batched_decoding_on_the_fused_graph_equals_one_at_a_time(backends, quan
         assert [r.token_ids for r in results] == alone
         assert batch.active == 0 and batch.pool.rows_in_use == 0
         assert {"lookup", "dflash"} <= {s for r in results for s in r.step_sources}
+
+
+def test_a_ragged_scheduler_loads_every_sessions_graph_before_serving(backends):
+    from blockpilot.serving.scheduler import DecodeScheduler
+
+    backend = backends["llama", "int4"]
+    backend._sessions_graphs.clear()  # as a fresh process
+    scheduler = DecodeScheduler(backend, max_sessions=3, capacity=32, max_capacity=64, max_block_size=4, ragged=True)
+    try:
+        assert sorted(backend._sessions_graphs) == [1, 2, 3]  # none is loaded mid-batch
+    finally:
+        scheduler.close()
