@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from blockpilot.errors import ModelFormatError, NotFoundError
 from blockpilot.models.config import RopeConfig, TargetConfig
 from blockpilot.models.kv_cache import KVCache
+from blockpilot.models.target import SkipInit, hf_tensor_index, read_hf_tensor
 from torch.nn import functional as F
 
 from blockpilot.models.layers import RMSNorm, Rotary, apply_rotary, attend
@@ -328,7 +329,13 @@ class DFlashDrafter(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu") -> "DFlashDrafter":
-        """A DFlash checkpoint directory, its weights cast to `dtype` on `device` (its draft caches follow)."""
+        """A DFlash checkpoint directory, its weights cast to `dtype` on `device` (its draft caches follow).
+
+        Built as TargetModel.from_pretrained builds the target, without an fp32 detour: the modules
+        are made on the meta device and each tensor is read alone from the file and cast into its
+        place on the device, so a load peaks at the drafter plus one tensor being read. A cast is per
+        element, so the numbers are those of casting the fp32 model (the RoPE table too: it takes
+        the dtype as Module.to gave it)."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise NotFoundError(f"no drafter at '{path}': expected a directory with config.json and model.safetensors")
@@ -337,21 +344,28 @@ class DFlashDrafter(nn.Module):
         except json.JSONDecodeError as err:
             raise ModelFormatError(f"'{path / 'config.json'}' is not valid JSON: {err}") from None
         cfg = DrafterConfig.from_hf_dict(raw)
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise ModelFormatError(f"drafter '{path}' has no model.safetensors")
-        state = load_file(str(weights))
-        fc = state.get("fc.weight")
+        index = hf_tensor_index(path)
+        fc = index.get("fc.weight")
         if fc is None:
             raise ModelFormatError(f"drafter weights in '{path}' lack 'fc.weight'")
-        model = cls(cfg, target_hidden_size=fc.shape[1] // len(cfg.target_layer_ids))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not m.startswith("rotary.")]
-        if model.draft_vocab is not None and (model.draft_vocab.min() < 0 or model.draft_vocab.max() >= cfg.vocab_size):
-            raise ModelFormatError(f"drafter '{path}' has draft_vocab ids outside [0, {cfg.vocab_size})")
+        with torch.device("meta"), SkipInit():
+            model = cls(cfg, target_hidden_size=fc.shape[1] // len(cfg.target_layer_ids))
+        wanted = model.state_dict()  # meta tensors: each name's shape and dtype, no memory
+        missing, unexpected = sorted(wanted.keys() - index.keys()), sorted(index.keys() - wanted.keys())
         if missing or unexpected:
             raise ModelFormatError(f"drafter weights do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        wrong = [f"{name} {list(index[name].shape)} (config: {list(meta.shape)})" for name, meta in wanted.items()
+                 if index[name].shape != tuple(meta.shape)]
+        if wrong:
+            raise ModelFormatError(f"drafter weights in '{path}' do not match its config: {', '.join(wrong[:3])}")
+        # Integer tensors (draft_vocab: token ids) keep their type; only the float weights take dtype.
+        state = {name: read_hf_tensor(path, [index[name]], dtype if meta.is_floating_point() else meta.dtype, device)
+                 for name, meta in wanted.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.rotary.to(device=device, dtype=dtype)
+        if model.draft_vocab is not None and (model.draft_vocab.min() < 0 or model.draft_vocab.max() >= cfg.vocab_size):
+            raise ModelFormatError(f"drafter '{path}' has draft_vocab ids outside [0, {cfg.vocab_size})")
+        return model.eval().requires_grad_(False)
 
     @classmethod
     def random(cls, target: TargetConfig, *, seed: int = 0, draft_vocab: torch.Tensor | None = None,

@@ -273,7 +273,7 @@ class TargetModel(nn.Module):
         equals fuse-then-cast (benchmarks/target_load_memory.py compares the logits)."""
         model_dir = Path(model_dir)
         cfg = TargetConfig.from_dir(model_dir)
-        with torch.device("meta"), _SkipInit():
+        with torch.device("meta"), SkipInit():
             model = cls(cfg)
         model.load_state_dict(read_fused_weights(model_dir, cfg, dtype, device), strict=True, assign=True)
         if cfg.tie_word_embeddings:
@@ -295,7 +295,7 @@ class TargetModel(nn.Module):
                 module.prepare_for_inference(self.matmul_layouts)
 
 
-class _SkipInit(TorchFunctionMode):
+class SkipInit(TorchFunctionMode):
     """Module construction without torch.nn.init's fills, for modules built on the meta device
     whose every parameter is assigned from a checkpoint next: a random fill on the meta device
     runs through torch's Python decompositions, whose import alone holds ~65 MB for the life of

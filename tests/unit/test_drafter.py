@@ -58,6 +58,38 @@ def test_round_trip_drafts_identically(drafter, target, tmp_path):
     assert torch.equal(a.tokens, b.tokens)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_load_equals_the_fp32_load_cast(target, tmp_path, dtype):
+    """Read straight into the dtype (no fp32 model first): every tensor, the RoPE table and the
+    draft vocabulary (integers, never cast) equal those of the fp32 load cast with Module.to."""
+    vocab = torch.tensor([9, 2, 4, 7, 0, 5])
+    source = DFlashDrafter.random(target.config, num_hidden_layers=2, block_size=6, mask_token_id=4, seed=8, draft_vocab=vocab)
+    folder = source.save_pretrained(tmp_path)
+    direct = DFlashDrafter.from_pretrained(folder, dtype=dtype)
+    cast = DFlashDrafter.from_pretrained(folder).to(dtype)
+    assert direct.config == cast.config and direct.draft_vocab.dtype == torch.long
+    assert torch.equal(direct.draft_vocab, vocab) and direct.rotary.inv_freq.dtype == dtype
+    for (name, a), (_, b) in zip(direct.state_dict().items(), cast.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert torch.equal(direct.rotary.inv_freq, cast.rotary.inv_freq)
+    assert not any(p.is_meta or p.requires_grad for p in direct.parameters())
+
+
+def test_weights_of_another_shape_are_refused_by_name(drafter, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = drafter.save_pretrained(tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    state["norm.weight"] = torch.ones(3)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFormatError, match=r"norm.weight \[3\] \(config: \[\d+\]\)"):
+        DFlashDrafter.from_pretrained(folder)
+    del state["norm.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFormatError, match=r"missing \['norm.weight'\]"):
+        DFlashDrafter.from_pretrained(folder)
+
+
 def test_block_size_may_live_inside_dflash_config(drafter):
     raw = drafter.config.to_hf_dict()
     raw["dflash_config"]["block_size"] = 12
