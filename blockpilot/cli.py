@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="at temperature > 0: 'greedy' drafts + sample-and-match (DFlash), 'sample' drafts + min(1, p/q)")
     gen.add_argument("--raw", action="store_true", help="send PROMPT as plain text, without the chat template")
     gen.add_argument("--chat-template-kwargs", type=json_object, default=None, metavar="JSON",
-                     help='extra chat-template arguments, e.g. \'{"enable_thinking": false}\' for Qwen3 (not with --raw)')
+                     help='extra chat-template arguments, e.g. \'{"enable_thinking": false}\' for Qwen3, over those the '
+                          "drafter's config.json names (not with --raw)")
     gen.add_argument("--logprobs", action="store_true",
                      help="report each token's log-probability under the target's raw distribution (in --json, else on stderr)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the tokens and statistics")
@@ -578,8 +579,10 @@ def _generate(args: argparse.Namespace) -> int:
     engine = load_engine(args.target, args.drafter, placement=placement,
                          backend=BackendOptions(name=backend, precision=precision, onnx=args.onnx, threads=args.threads))
     tokenizer = engine.tokenizer
+    # The drafter's trained-with template arguments, the flag's over them (as the verifier service).
+    template_kwargs = {**engine.template_defaults, **(args.chat_template_kwargs or {})}
     prompt_ids = (tokenizer.encode_raw(args.prompt) if args.raw
-                  else tokenizer.encode_chat([{"role": "user", "content": args.prompt}], args.chat_template_kwargs))
+                  else tokenizer.encode_chat([{"role": "user", "content": args.prompt}], template_kwargs))
     policy = None
     if auto and engine.drafter is not None:
         from blockpilot.policy.in_process import InProcessPolicy
@@ -646,7 +649,7 @@ def _generate(args: argparse.Namespace) -> int:
                                                  result.fallback_reason or "") if r),
     }
     if not args.raw:
-        report["chat_template_kwargs"] = args.chat_template_kwargs or {}
+        report["chat_template_kwargs"] = template_kwargs
     if args.logprobs:
         report["logprobs"] = [[t, lp, tokenizer.decode([t], skip_special_tokens=False)]
                               for t, lp in zip(result.token_ids, result.logprobs)]

@@ -125,7 +125,8 @@ class VerifierServiceConfig(ServiceConfig):
     default_block_size: int = opt(0, "block size when the policy is unreachable (0 = the drafter's trained size)", _at_least(0))
     prompt_lookup: bool = opt(True, "verify prompt-lookup drafts (a copy of what followed an earlier occurrence of the "
                                     "last tokens) instead of a drafter pass when a request leaves prompt_lookup unset")
-    chat_template_kwargs: str = opt("", "JSON object of chat-template arguments for `messages` prompts, under a request's own "
+    chat_template_kwargs: str = opt("", "JSON object of chat-template arguments for `messages` prompts, over those the "
+                                        "drafter's config.json names (its Describe reply) and under a request's own "
                                         "(e.g. '{\"enable_thinking\": false}' for a Qwen3 target whose drafter was trained "
                                         "on non-thinking replies; '' = none)", _json_object)
     default_max_new_tokens: int = opt(128, "max_new_tokens when a request leaves it unset", _at_least(1))

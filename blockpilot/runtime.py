@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +57,12 @@ class Engine:
     def default_block_size(self) -> int:
         """The drafter's trained block size, or 1 (autoregressive) without a drafter."""
         return self.drafter.block_size if self.drafter is not None else 1
+
+    @property
+    def template_defaults(self) -> dict[str, Any]:
+        """The chat-template arguments the drafter was trained with ({} without a drafter or when
+        its config names none): a chat prompt's defaults, under the caller's own."""
+        return self.drafter.chat_template_kwargs if isinstance(self.drafter, LocalDrafter) else {}
 
     @property
     def backend(self) -> str:

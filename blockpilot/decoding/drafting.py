@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -208,6 +208,11 @@ class LocalDrafter:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.drafter.parameters()).dtype
+
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        """The chat-template arguments the drafter was trained with (its config's; {} = none named)."""
+        return dict(self.source.config.chat_template_kwargs)
 
     def open_session(self, capacity: int, resume: DraftResume | None = None) -> LocalDraftSession:
         """A new session (in process nothing is kept across requests: `resume` is ignored and the

@@ -27,10 +27,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from blockpilot.errors import ModelFormatError, NotFoundError
+from blockpilot.errors import InvalidArgumentError, ModelFormatError, NotFoundError
 from blockpilot.models.config import RopeConfig, TargetConfig
 from blockpilot.models.kv_cache import KVCache
 from blockpilot.models.target import SkipInit, hf_tensor_index, read_hf_tensor
+from blockpilot.models.tokenizer import check_template_kwargs
 from torch.nn import functional as F
 
 from blockpilot.models.layers import RMSNorm, Rotary, apply_rotary, attend
@@ -60,6 +61,12 @@ class DrafterConfig:
         training responses); draft logits are computed over those rows of the target's lm_head
         only, which makes training and drafting several times cheaper. None = full vocabulary
         (published DFlash checkpoints).
+    chat_template_kwargs: the chat-template arguments the drafter was trained with, e.g.
+        {"enable_thinking": False} for a Qwen3 drafter trained on replies without thinking. The
+        verifier renders chat prompts with them unless its config or the request names others (a
+        prompt rendered otherwise is off the drafter's training distribution: fewer drafts accepted).
+        config.json: the top-level object `chat_template_kwargs`, also read from
+        `dflash_config.chat_template_kwargs` (the top-level keys win); {} = none named.
     """
 
     hidden_size: int
@@ -78,6 +85,8 @@ class DrafterConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     attention_bias: bool = False
     draft_vocab_size: int | None = None
+    # Not hashed (a dict); compared like every other field.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -161,6 +170,7 @@ class DrafterConfig:
                 "mask_token_id": self.mask_token_id,
                 **({"draft_vocab_size": self.draft_vocab_size} if self.draft_vocab_size else {}),
             },
+            **({"chat_template_kwargs": dict(self.chat_template_kwargs)} if self.chat_template_kwargs else {}),
             "dtype": "float32",
         }
 
@@ -191,9 +201,25 @@ class DrafterConfig:
                 rope=RopeConfig.from_hf(raw),
                 attention_bias=bool(raw.get("attention_bias", False)),
                 draft_vocab_size=int(dflash["draft_vocab_size"]) if dflash.get("draft_vocab_size") else None,
+                chat_template_kwargs={**_template_kwargs(dflash, "dflash_config.chat_template_kwargs"),
+                                      **_template_kwargs(raw, "chat_template_kwargs")},
             )
         except KeyError as missing:
             raise ModelFormatError(f"drafter config.json lacks the field {missing.args[0]!r}") from None
+
+
+def _template_kwargs(section: dict[str, Any], key: str) -> dict[str, Any]:
+    """The chat-template arguments a drafter config.json names under `section` (at `key`, its full name)."""
+    value = section.get("chat_template_kwargs")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ModelFormatError(f"drafter config.json: {key} must be a JSON object of chat-template arguments, got {value!r}")
+    try:
+        check_template_kwargs(value)
+    except InvalidArgumentError as err:
+        raise ModelFormatError(f"drafter config.json: {key}: {err}") from None
+    return dict(value)
 
 
 class DraftAttention(nn.Module):

@@ -20,10 +20,11 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import grpc
+from google.protobuf import json_format
 
 from blockpilot.decoding.drafting import Draft, DraftRequest, DraftResume
 from blockpilot.errors import DrafterUnavailableError
@@ -158,6 +159,8 @@ class DrafterInfo:
     name: str
     replica_id: str
     advertise_address: str
+    # The chat-template arguments the drafter was trained with ({} = none named). Not hashed (a dict).
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 class RemoteDrafter:
@@ -195,10 +198,18 @@ class RemoteDrafter:
         info = None
         if reply.has_drafter:
             info = DrafterInfo(reply.block_size, reply.max_block_size, tuple(reply.target_layer_ids), reply.feature_size,
-                               reply.vocab_size, reply.drafter_name, reply.replica_id, reply.advertise_address)
+                               reply.vocab_size, reply.drafter_name, reply.replica_id, reply.advertise_address,
+                               json_format.MessageToDict(reply.chat_template_kwargs))
         with self._lock:
             self._info, self._has_drafter = info, reply.has_drafter
         return info
+
+    def template_defaults(self) -> dict[str, Any]:
+        """The chat-template arguments the drafter was trained with ({} when it names none or the
+        service has no drafter model), from its description (asked once, then cached). Raises
+        DrafterUnavailableError when the service cannot be reached."""
+        info = self.describe()
+        return dict(info.chat_template_kwargs) if info is not None else {}
 
     def known_info(self) -> DrafterInfo | None:
         return self._info

@@ -32,7 +32,7 @@ import torch
 
 from blockpilot import __version__
 from blockpilot.backends.base import backend_name, backend_precision
-from blockpilot.decoding.drafting import DraftProvider, DraftResume, DraftSession
+from blockpilot.decoding.drafting import DraftProvider, DraftResume, DraftSession, LocalDrafter
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig, lookup_for
 from blockpilot.decoding.speculative import GenerationResult, PrefillInfo, SamplingParams
 from blockpilot.errors import (AbortedError, BlockPilotError, DeadlineExceededError, DrafterUnavailableError,
@@ -106,11 +106,15 @@ class DrafterSource(Protocol):
     provider() returns None when there is no drafter model; raises DrafterUnavailableError when
     the drafter cannot be reached. known_target_layer_ids(): the target layers the drafter reads,
     if known without a call (None otherwise): turns without drafting keep those features too, so
-    the next drafting turn of the session does not prefill again."""
+    the next drafting turn of the session does not prefill again. template_defaults(): the
+    chat-template arguments the drafter was trained with ({} = none named, or no drafter model);
+    raises DrafterUnavailableError as provider() does."""
 
     def provider(self, *, deadline: float | None = None, session_id: str = "") -> DraftProvider | None: ...
 
     def known_target_layer_ids(self) -> tuple[int, ...] | None: ...
+
+    def template_defaults(self) -> dict[str, Any]: ...
 
 
 class LocalDrafterSource:
@@ -124,6 +128,9 @@ class LocalDrafterSource:
 
     def known_target_layer_ids(self) -> tuple[int, ...] | None:
         return tuple(self.drafter.target_layer_ids) if self.drafter is not None else None
+
+    def template_defaults(self) -> dict[str, Any]:
+        return self.drafter.chat_template_kwargs if isinstance(self.drafter, LocalDrafter) else {}
 
 
 def _batch_metrics(sessions: int, tokens: int) -> None:
@@ -187,6 +194,7 @@ class _Turn:
     owns_session_lock: bool = False
     lease_task: asyncio.Future | None = None  # renews the session's lease while the turn runs
     lookup: LookupConfig = LOOKUP_OFF
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # what a messages prompt was rendered with
 
 
 class VerifierCore:
@@ -199,7 +207,8 @@ class VerifierCore:
         self.store = store
         self.replica_id = replica_id
         self.vocab_size = target.model.config.vocab_size
-        # Chat-template arguments of every messages prompt unless the request names them itself.
+        # Chat-template arguments of every messages prompt (over the drafter's own) unless the
+        # request names them itself.
         self.template_defaults: dict[str, Any] = json.loads(config.chat_template_kwargs) if config.chat_template_kwargs else {}
         check_template_kwargs(self.template_defaults)
         self.backend, self.precision = backend_name(target.model), backend_precision(target.model)
@@ -293,7 +302,7 @@ class VerifierCore:
 
     # ---- preparation --------------------------------------------------------------------
 
-    def _prompt_ids(self, spec: GenerateSpec) -> list[int]:
+    def _prompt_ids(self, spec: GenerateSpec, template_kwargs: Mapping[str, Any]) -> list[int]:
         given = [spec.text is not None, spec.messages is not None, spec.token_ids is not None]
         if sum(given) != 1:
             raise InvalidArgumentError("give the prompt as exactly one of text, messages or token_ids")
@@ -317,19 +326,28 @@ class VerifierCore:
                 raise InvalidArgumentError("the prompt is empty (no messages)")
             if tokenizer is None:
                 raise FailedPreconditionError("this target has no tokenizer: send the prompt as token_ids")
-            ids = tokenizer.encode_chat(list(spec.messages), self.template_kwargs(spec))
+            ids = tokenizer.encode_chat(list(spec.messages), template_kwargs)
         if not ids:
             raise InvalidArgumentError("the prompt is empty after tokenization")
         return ids
 
-    def template_kwargs(self, spec: GenerateSpec) -> dict[str, Any]:
-        """The chat-template arguments a request's prompt is rendered with: the config's, then the
-        request's over them ({} unless the prompt is messages)."""
+    def template_kwargs(self, spec: GenerateSpec, drafter_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The chat-template arguments a request's prompt is rendered with: the drafter's (those it
+        was trained with), the config's over them, then the request's over both ({} unless the
+        prompt is messages)."""
         if spec.messages is None:
             if spec.chat_template_kwargs:
                 raise InvalidArgumentError("chat_template_kwargs apply to a messages prompt only")
             return {}
-        return {**self.template_defaults, **(spec.chat_template_kwargs or {})}
+        return {**(drafter_defaults or {}), **self.template_defaults, **(spec.chat_template_kwargs or {})}
+
+    def _drafter_template(self, spec: GenerateSpec) -> dict[str, Any]:
+        """The drafter's chat-template arguments for a messages prompt, asked whatever the block
+        size: a prompt must render the same at block size 1 as when drafted (the lossless
+        contract). Raises DrafterUnavailableError when the drafter cannot be reached."""
+        if spec.messages is None or self.drafter is None:
+            return {}
+        return self.drafter.template_defaults()
 
     def _params(self, spec: GenerateSpec, prompt_len: int) -> SamplingParams:
         cap = self.config.max_new_tokens_cap
@@ -361,8 +379,16 @@ class VerifierCore:
             raise InvalidArgumentError(f"unknown block size mode {spec.mode!r}")
         if spec.session_id and spec.new_session:
             raise InvalidArgumentError("give either session_id (continue) or new_session (open), not both")
+        # A drafter that cannot be reached leaves its template arguments out (a counted fallback
+        # below) and is not asked again for this request.
+        drafter_down: DrafterUnavailableError | None = None
+        try:
+            drafter_template = await asyncio.to_thread(self._drafter_template, spec)
+        except DrafterUnavailableError as err:
+            drafter_template, drafter_down = {}, err
+        template_kwargs = self.template_kwargs(spec, drafter_template)
         # Off the event loop: a long prompt takes a while to tokenize, and other streams go on.
-        prompt_ids = await asyncio.to_thread(self._prompt_ids, spec)
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, spec, template_kwargs)
         cap = self.config.max_prompt_tokens or self.max_context
         if len(prompt_ids) > cap:
             raise ResourceExhaustedError(f"the prompt has {len(prompt_ids)} tokens; this verifier accepts at most {cap}")
@@ -372,15 +398,19 @@ class VerifierCore:
             raise InvalidArgumentError(f"block size must be >= 1, got {fixed}")
         if spec.mode != "auto" and spec.policy:
             raise InvalidArgumentError("a policy override needs block size mode AUTO")
-        turn = _Turn(spec, prompt_ids, params, "", None, None, started)
+        turn = _Turn(spec, prompt_ids, params, "", None, None, started, template_kwargs=template_kwargs)
+        if drafter_down is not None:
+            self._count_fallback(turn, drafter_down.reason,
+                                 f"{drafter_down} (the prompt is rendered without the drafter's chat-template arguments)")
 
         # The drafter for this request (None: autoregressive).
         provider: DraftProvider | None = None
         if self.drafter is not None and fixed != 1:
-            try:
-                provider = await asyncio.to_thread(self.drafter.provider, deadline=spec.deadline, session_id=spec.session_id)
-            except DrafterUnavailableError as err:
-                self._count_fallback(turn, err.reason, str(err))
+            if drafter_down is None:
+                try:
+                    provider = await asyncio.to_thread(self.drafter.provider, deadline=spec.deadline, session_id=spec.session_id)
+                except DrafterUnavailableError as err:
+                    self._count_fallback(turn, err.reason, str(err))
             if provider is None and fixed is not None and fixed > 1 and not turn.reasons:
                 raise InvalidArgumentError(f"block size {fixed} needs a drafter; the drafter service has none loaded")
         elif fixed is not None and fixed > 1:
@@ -695,7 +725,7 @@ class VerifierCore:
             prompt_lookup=turn.lookup.enabled, batch_sessions=turn.request.batch_sessions if turn.request else 0,
             capped_steps=result.capped_steps, backend=self.backend, precision=self.precision,
             logprobs=self._logprobs(result.token_ids, result.logprobs), trace_id=current_trace_id())
-        final.chat_template_kwargs.update(self.template_kwargs(turn.spec))
+        final.chat_template_kwargs.update(turn.template_kwargs)
         if turn.spec.return_prompt_token_ids:
             final.prompt_token_ids.extend(turn.prompt_ids)
         return final

@@ -23,33 +23,34 @@ _sym_db = _symbol_database.Default()
 
 
 from blockpilot.v1 import tensor_pb2 as blockpilot_dot_v1_dot_tensor__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62lockpilot/v1/drafter.proto\x12\rblockpilot.v1\x1a\x1a\x62lockpilot/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xdc\x01\n\x10\x44\x65scribeResponse\x12\x13\n\x0bhas_drafter\x18\x01 \x01(\x08\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x16\n\x0emax_block_size\x18\x03 \x01(\r\x12\x18\n\x10target_layer_ids\x18\x04 \x03(\r\x12\x14\n\x0c\x66\x65\x61ture_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x14\n\x0c\x64rafter_name\x18\x07 \x01(\t\x12\x12\n\nreplica_id\x18\x08 \x01(\t\x12\x19\n\x11\x61\x64vertise_address\x18\t \x01(\t\"\x9d\x01\n\x0c\x44raftRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.blockpilot.v1.DraftOpenH\x00\x12.\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1b.blockpilot.v1.ContextChunkH\x00\x12(\n\x04step\x18\x03 \x01(\x0b\x32\x18.blockpilot.v1.DraftStepH\x00\x42\t\n\x07payload\"\x89\x01\n\tDraftOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x18\n\x10target_layer_ids\x18\x03 \x03(\r\x12\x11\n\tcache_tag\x18\x04 \x01(\t\x12\x12\n\nresume_tag\x18\x05 \x01(\t\x12\x15\n\rresume_length\x18\x06 \x01(\x04\"F\n\x0c\x43ontextChunk\x12\r\n\x05start\x18\x01 \x01(\x04\x12\'\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\"\x99\x01\n\tDraftStep\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0e\n\x06\x61nchor\x18\x02 \x01(\x03\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x11\n\tnum_draft\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\'\n\x08uniforms\x18\x07 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\"t\n\rDraftResponse\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.blockpilot.v1.DraftOpenedH\x00\x12*\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x19.blockpilot.v1.DraftBlockH\x00\x42\t\n\x07payload\"f\n\x0b\x44raftOpened\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x04\x12\x19\n\x11\x61\x64vertise_address\x18\x04 \x01(\t\"\x9f\x01\n\nDraftBlock\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\x12$\n\x05probs\x18\x03 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\x12\x11\n\tprobs_row\x18\x04 \x01(\r\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12\x14\n\x0c\x63\x61\x63he_length\x18\x06 \x01(\x04\x32\x9e\x01\n\x07\x44rafter\x12K\n\x08\x44\x65scribe\x12\x1e.blockpilot.v1.DescribeRequest\x1a\x1f.blockpilot.v1.DescribeResponse\x12\x46\n\x05\x44raft\x12\x1b.blockpilot.v1.DraftRequest\x1a\x1c.blockpilot.v1.DraftResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62lockpilot/v1/drafter.proto\x12\rblockpilot.v1\x1a\x1a\x62lockpilot/v1/tensor.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x93\x02\n\x10\x44\x65scribeResponse\x12\x13\n\x0bhas_drafter\x18\x01 \x01(\x08\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x16\n\x0emax_block_size\x18\x03 \x01(\r\x12\x18\n\x10target_layer_ids\x18\x04 \x03(\r\x12\x14\n\x0c\x66\x65\x61ture_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x14\n\x0c\x64rafter_name\x18\x07 \x01(\t\x12\x12\n\nreplica_id\x18\x08 \x01(\t\x12\x19\n\x11\x61\x64vertise_address\x18\t \x01(\t\x12\x35\n\x14\x63hat_template_kwargs\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\"\x9d\x01\n\x0c\x44raftRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.blockpilot.v1.DraftOpenH\x00\x12.\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1b.blockpilot.v1.ContextChunkH\x00\x12(\n\x04step\x18\x03 \x01(\x0b\x32\x18.blockpilot.v1.DraftStepH\x00\x42\t\n\x07payload\"\x89\x01\n\tDraftOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x18\n\x10target_layer_ids\x18\x03 \x03(\r\x12\x11\n\tcache_tag\x18\x04 \x01(\t\x12\x12\n\nresume_tag\x18\x05 \x01(\t\x12\x15\n\rresume_length\x18\x06 \x01(\x04\"F\n\x0c\x43ontextChunk\x12\r\n\x05start\x18\x01 \x01(\x04\x12\'\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\"\x99\x01\n\tDraftStep\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0e\n\x06\x61nchor\x18\x02 \x01(\x03\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x11\n\tnum_draft\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\'\n\x08uniforms\x18\x07 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\"t\n\rDraftResponse\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.blockpilot.v1.DraftOpenedH\x00\x12*\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x19.blockpilot.v1.DraftBlockH\x00\x42\t\n\x07payload\"f\n\x0b\x44raftOpened\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x04\x12\x19\n\x11\x61\x64vertise_address\x18\x04 \x01(\t\"\x9f\x01\n\nDraftBlock\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\x12$\n\x05probs\x18\x03 \x01(\x0b\x32\x15.blockpilot.v1.Tensor\x12\x11\n\tprobs_row\x18\x04 \x01(\r\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12\x14\n\x0c\x63\x61\x63he_length\x18\x06 \x01(\x04\x32\x9e\x01\n\x07\x44rafter\x12K\n\x08\x44\x65scribe\x12\x1e.blockpilot.v1.DescribeRequest\x1a\x1f.blockpilot.v1.DescribeResponse\x12\x46\n\x05\x44raft\x12\x1b.blockpilot.v1.DraftRequest\x1a\x1c.blockpilot.v1.DraftResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'blockpilot.v1.drafter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DESCRIBEREQUEST']._serialized_start=74
-  _globals['_DESCRIBEREQUEST']._serialized_end=91
-  _globals['_DESCRIBERESPONSE']._serialized_start=94
-  _globals['_DESCRIBERESPONSE']._serialized_end=314
-  _globals['_DRAFTREQUEST']._serialized_start=317
-  _globals['_DRAFTREQUEST']._serialized_end=474
-  _globals['_DRAFTOPEN']._serialized_start=477
-  _globals['_DRAFTOPEN']._serialized_end=614
-  _globals['_CONTEXTCHUNK']._serialized_start=616
-  _globals['_CONTEXTCHUNK']._serialized_end=686
-  _globals['_DRAFTSTEP']._serialized_start=689
-  _globals['_DRAFTSTEP']._serialized_end=842
-  _globals['_DRAFTRESPONSE']._serialized_start=844
-  _globals['_DRAFTRESPONSE']._serialized_end=960
-  _globals['_DRAFTOPENED']._serialized_start=962
-  _globals['_DRAFTOPENED']._serialized_end=1064
-  _globals['_DRAFTBLOCK']._serialized_start=1067
-  _globals['_DRAFTBLOCK']._serialized_end=1226
-  _globals['_DRAFTER']._serialized_start=1229
-  _globals['_DRAFTER']._serialized_end=1387
+  _globals['_DESCRIBEREQUEST']._serialized_start=104
+  _globals['_DESCRIBEREQUEST']._serialized_end=121
+  _globals['_DESCRIBERESPONSE']._serialized_start=124
+  _globals['_DESCRIBERESPONSE']._serialized_end=399
+  _globals['_DRAFTREQUEST']._serialized_start=402
+  _globals['_DRAFTREQUEST']._serialized_end=559
+  _globals['_DRAFTOPEN']._serialized_start=562
+  _globals['_DRAFTOPEN']._serialized_end=699
+  _globals['_CONTEXTCHUNK']._serialized_start=701
+  _globals['_CONTEXTCHUNK']._serialized_end=771
+  _globals['_DRAFTSTEP']._serialized_start=774
+  _globals['_DRAFTSTEP']._serialized_end=927
+  _globals['_DRAFTRESPONSE']._serialized_start=929
+  _globals['_DRAFTRESPONSE']._serialized_end=1045
+  _globals['_DRAFTOPENED']._serialized_start=1047
+  _globals['_DRAFTOPENED']._serialized_end=1149
+  _globals['_DRAFTBLOCK']._serialized_start=1152
+  _globals['_DRAFTBLOCK']._serialized_end=1311
+  _globals['_DRAFTER']._serialized_start=1314
+  _globals['_DRAFTER']._serialized_end=1472
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from blockpilot.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -12,7 +13,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("has_drafter", "block_size", "max_block_size", "target_layer_ids", "feature_size", "vocab_size", "drafter_name", "replica_id", "advertise_address")
+    __slots__ = ("has_drafter", "block_size", "max_block_size", "target_layer_ids", "feature_size", "vocab_size", "drafter_name", "replica_id", "advertise_address", "chat_template_kwargs")
     HAS_DRAFTER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +23,7 @@ class DescribeResponse(_message.Message):
     DRAFTER_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_FIELD_NUMBER: _ClassVar[int]
     has_drafter: bool
     block_size: int
     max_block_size: int
@@ -31,7 +33,8 @@ class DescribeResponse(_message.Message):
     drafter_name: str
     replica_id: str
     advertise_address: str
-    def __init__(self, has_drafter: _Optional[bool] = ..., block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., target_layer_ids: _Optional[_Iterable[int]] = ..., feature_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., drafter_name: _Optional[str] = ..., replica_id: _Optional[str] = ..., advertise_address: _Optional[str] = ...) -> None: ...
+    chat_template_kwargs: _struct_pb2.Struct
+    def __init__(self, has_drafter: _Optional[bool] = ..., block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., target_layer_ids: _Optional[_Iterable[int]] = ..., feature_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., drafter_name: _Optional[str] = ..., replica_id: _Optional[str] = ..., advertise_address: _Optional[str] = ..., chat_template_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
     __slots__ = ("open", "context", "step")

@@ -57,10 +57,12 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         if d is None:
             return drafter_pb2.DescribeResponse(has_drafter=False, drafter_name=self.name, replica_id=self.replica_id,
                                                 advertise_address=self.config.advertise_address)
-        return drafter_pb2.DescribeResponse(has_drafter=True, block_size=d.block_size, max_block_size=d.max_block_size,
-                                            target_layer_ids=list(d.target_layer_ids), feature_size=self.feature_size,
-                                            vocab_size=d.target.config.vocab_size, drafter_name=self.name,
-                                            replica_id=self.replica_id, advertise_address=self.config.advertise_address)
+        reply = drafter_pb2.DescribeResponse(has_drafter=True, block_size=d.block_size, max_block_size=d.max_block_size,
+                                             target_layer_ids=list(d.target_layer_ids), feature_size=self.feature_size,
+                                             vocab_size=d.target.config.vocab_size, drafter_name=self.name,
+                                             replica_id=self.replica_id, advertise_address=self.config.advertise_address)
+        reply.chat_template_kwargs.update(d.chat_template_kwargs)
+        return reply
 
     async def Draft(self, request_iterator, context):
         metrics.INFLIGHT.labels("drafter").inc()
