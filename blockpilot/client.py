@@ -128,10 +128,10 @@ def build_request(*, prompt: str | None = None, messages: Sequence[dict] | None 
         request.text = prompt
     elif messages is not None:
         request.messages.messages.extend(verifier_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
-    if chat_template_kwargs:
-        request.chat_template_kwargs.update(chat_template_kwargs)
     elif token_ids is not None:
         request.token_ids.ids.extend(int(t) for t in token_ids)
+    if chat_template_kwargs:
+        request.chat_template_kwargs.update(chat_template_kwargs)
     s = request.sampling
     s.temperature = temperature
     s.top_k = top_k

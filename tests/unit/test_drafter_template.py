@@ -144,3 +144,12 @@ def test_generate_in_process_renders_with_them_and_the_flag_overrides(chat_targe
     assert len(trained) == len(overridden) + len("nothink\n")
     random_ids, kwargs = prompt("--drafter", "random")  # a drafter that names none: the template's own defaults
     assert kwargs == {} and random_ids == overridden
+
+
+def test_a_token_prompt_with_template_arguments_keeps_its_tokens():
+    """The client sends the prompt whatever else it sends: the verifier then answers that template
+    arguments apply to messages only, not that the prompt is missing."""
+    from blockpilot.client import build_request
+
+    request = build_request(token_ids=[5, 6], chat_template_kwargs=TRAINED)
+    assert request.WhichOneof("prompt") == "token_ids" and list(request.token_ids.ids) == [5, 6]
