@@ -7,6 +7,7 @@ its own backend's block-size-1 output (the invariant).
 
     .venv/bin/python benchmarks/backends.py --prompts 4 --max-new-tokens 64 --drafter random --out runs/backends.json
     .venv/bin/python benchmarks/backends.py --backends torch onnxruntime tensorrt ...   # on a GPU machine
+    .venv/bin/python benchmarks/backends.py --backends torch tensorrt --dtype bfloat16 --device cuda ...
 
 Runs are interleaved (for each prompt, every backend and mode in turn) so that a slow phase of a
 shared machine does not land on one backend. Prefill (TTFT) is reported separately and excluded
@@ -32,7 +33,8 @@ from blockpilot.benchmarking import load_prompts
 from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.models.drafter import DFlashDrafter
-from blockpilot.models.store import resolve_target
+from blockpilot.models.placement import DEFAULT_DEVICE, DEFAULT_DTYPE, DTYPE_NAMES, Placement
+from blockpilot.models.store import resolve_drafter, resolve_target
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
 from blockpilot.runtime import SHIPPED_DRAFTER_NAME, shipped_drafter_dir, untrained_mask_token
@@ -51,15 +53,17 @@ BUILTIN_PROMPTS = [
 
 
 def load_drafter(name: str | None, target: TargetModel, tokenizer: ChatTokenizer, block_size: int):
-    """(DFlashDrafter, label): the shipped drafter by default when the checkout has one, else 'random'."""
+    """(DFlashDrafter, label): the shipped drafter by default when the checkout has one, else 'random';
+    in the target's dtype on its device."""
     if name is None:
         shipped = shipped_drafter_dir()
         name = str(shipped) if shipped is not None else "random"
     if name == "random":
-        return DFlashDrafter.random(target.config, block_size=block_size, mask_token_id=untrained_mask_token(tokenizer)), "random"
-    path = Path(name).expanduser()
-    label = SHIPPED_DRAFTER_NAME if path == shipped_drafter_dir() else str(path)
-    return DFlashDrafter.from_pretrained(path), label
+        drafter = DFlashDrafter.random(target.config, block_size=block_size, mask_token_id=untrained_mask_token(tokenizer))
+        return drafter.to(device=target.device, dtype=target.dtype), "random"
+    path = resolve_drafter(name)
+    label = SHIPPED_DRAFTER_NAME if path == shipped_drafter_dir() else name
+    return DFlashDrafter.from_pretrained(path, dtype=target.dtype, device=target.device), label
 
 
 def drafter_beside(backend, target: TargetModel, drafter: DFlashDrafter) -> LocalDrafter:
@@ -78,12 +82,13 @@ def step_cost_ms(backend, vocab: int, context: int, sizes: list[int], repeats: i
     autoregressive step; k = block size: a verify step)."""
     generator = torch.Generator().manual_seed(0)
     cache = backend.new_cache(context + max(sizes) + 1)
-    backend(torch.randint(vocab, (1, context), generator=generator), cache, num_logits=1)
+    # The torch target takes its tokens on its own device (the graph backends copy them themselves).
+    backend(torch.randint(vocab, (1, context), generator=generator).to(backend.device), cache, num_logits=1)
     out = {}
     for k in sizes:
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
-            tokens = torch.randint(vocab, (1, k), generator=generator)
+            tokens = torch.randint(vocab, (1, k), generator=generator).to(backend.device)
             cache.truncate(context)
             started = time.perf_counter()
             result = backend(tokens, cache)
@@ -100,22 +105,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--target", default=None)
-    parser.add_argument("--drafter", default=None, help="DFlash checkpoint or 'random' (default: the shipped drafter, else random)")
+    parser.add_argument("--drafter", default=None, help="DFlash checkpoint directory or Hugging Face repository id, or 'random' "
+                                                         "(default: the shipped drafter, else random)")
     parser.add_argument("--block-size", type=int, default=None, help="speculative block size (default: the drafter's)")
     parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"], choices=("torch", "onnxruntime", "tensorrt"))
     parser.add_argument("--onnx", type=Path, default=None, help="export folder (default: the on-demand export in the cache)")
     parser.add_argument("--ort-provider", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
     parser.add_argument("--trt-precision", default="fp16", choices=("fp16", "bf16", "fp32"))
     parser.add_argument("--trt-max-context", type=int, default=None, help="the engine's largest cache length (default: the model's context)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=DEFAULT_DTYPE,
+                        help=f"precision of the target's and the drafter's weights and KV caches (default {DEFAULT_DTYPE}); "
+                             f"onnxruntime / tensorrt run an export of this dtype")
+    parser.add_argument("--device", default=DEFAULT_DEVICE,
+                        help=f"'cpu', 'cuda' or 'cuda:N': where the torch backend runs, with the drafter beside it (default "
+                             f"{DEFAULT_DEVICE}); onnxruntime / tensorrt run on their runtime's device, the drafter copied there")
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime CPU threads")
     parser.add_argument("--step-repeats", type=int, default=15, help="repeats of the verify-step timing")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    placement = Placement(args.dtype, args.device)
+    device = placement.torch_device()  # before any load: a missing GPU is said at once
     target_dir = resolve_target(args.target)
     tokenizer = ChatTokenizer(target_dir)
-    target = TargetModel.from_pretrained(target_dir)
+    target = TargetModel.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)
     drafter_model, drafter_label = load_drafter(args.drafter, target, tokenizer, args.block_size or 8)
     block_size = args.block_size or drafter_model.config.block_size
     layers = drafter_model.config.target_layer_ids
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = BUILTIN_PROMPTS[: args.prompts]
     ids = [tokenizer.encode_chat([{"role": "user", "content": text}]) for text in prompts]
     print(f"setup: {target_dir.name}, drafter {drafter_label} (layers {list(layers)}), block size {block_size}, "
-          f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, backends {args.backends}, "
+          f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, greedy, {placement.describe()}, backends {args.backends}, "
           f"{args.threads} thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()}", file=sys.stderr)
 
     modes = {"ar": 1, "speculative": block_size}
@@ -221,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "setup": {"target": target_dir.name, "drafter": drafter_label, "target_layer_ids": list(layers), "block_size": block_size,
                   "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+                  "dtype": placement.dtype, "device": placement.device,
                   "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                   "backends": {name: {"device": e["device"], "load_s": round(e["load_s"], 2),
                                       "kind": backend_name(e["backend"])} for name, e in backends.items()},

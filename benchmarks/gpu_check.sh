@@ -9,8 +9,8 @@
 #   env                 python, torch + CUDA, GPU, tensorrt, onnxruntime providers. Without a CUDA
 #                       GPU (or torch, onnx, this project) every stage that needs one is SKIPPED with
 #                       that reason, and the public pair's preconditions (weights in the cache, the
-#                       commands' flags, the datasets) are still checked and named: what a CPU-only
-#                       machine shows, within seconds, exit status 3. Without TensorRT (>= 10) only
+#                       datasets) are still checked and named: what a CPU-only machine shows,
+#                       within seconds, exit status 3. Without TensorRT (>= 10) only
 #                       the TensorRT stages are skipped.
 #   -- the default model (SmolLM2-135M-Instruct) --
 #   prepare             the default model, de-quantized once into $BLOCKPILOT_CACHE
@@ -25,16 +25,16 @@
 #   public-b1, -b16     `blockpilot generate` by repository id, torch backend, bfloat16 on cuda, one
 #                       prompt at block size 1 and at 16 (prompt lookup off: DFlash drafts alone)
 #   public-lossless     the two outputs are token-identical; τ and decode speed-up of that prompt
-#   public-eval         `blockpilot drafter eval` over the evaluation sets: per dataset the
-#                       autoregressive baseline, τ and decode speed-up at block size 16, lossless
-#                       per prompt (needs eval's --dtype/--device; skipped with that reason until then)
+#   public-eval         `blockpilot drafter eval` over the evaluation sets, bfloat16 on cuda: per
+#                       dataset the autoregressive baseline, τ and decode speed-up at block size 16,
+#                       lossless per prompt
 #   public-papers       those figures next to the papers' (public_summary.json); fails when an
 #                       output differed from block size 1
-#   public-trt-engine   TensorRT engine of the pair in bf16 (needs export's --dtype: no fp32 detour
+#   public-trt-engine   TensorRT engine of the pair in bf16 (from a bfloat16 export: no fp32 detour
 #                       for a 4B model), cached: a first build may not fit the budget (see its skip)
-#   public-trt          benchmarks/backends.py, TensorRT vs torch on the pair (needs its --device)
-# Features that other work adds later (flags) are detected through the commands' --help, never
-# assumed: a stage whose flag is missing is SKIPPED and says which flag.
+#   public-trt          benchmarks/backends.py, TensorRT vs torch (bfloat16 on cuda) on the pair
+# The pair's prompts render with the chat template without thinking (TEMPLATE_KWARGS), as z-lab's
+# Qwen3 drafters were trained.
 #
 # Time: every stage's timeout is cut to what is left of GPU_CHECK_BUDGET_S (default 450 s), and a
 # stage that does not fit is SKIPPED with the time left, so the check ends in under 8 minutes.
@@ -308,8 +308,8 @@ else
 fi
 
 # ---- the public pair --------------------------------------------------------------------------------
-# Its preconditions (the weights in the cache, the commands' flags, the datasets) need no GPU, so they
-# are checked on any machine: a CPU-only one learns what a GPU machine would still lack.
+# Its preconditions (the weights in the cache, the datasets) need no GPU, so they are checked on any
+# machine: a CPU-only one learns what a GPU machine would still lack.
 export HF_HUB_OFFLINE=1
 log "public pair: $PUBLIC_TARGET + $PUBLIC_DRAFTER (Hugging Face cache, offline)"
 TARGET_DIR=""
@@ -346,45 +346,10 @@ else
   esac
 fi
 
-# flag_reason NAME FLAGS WHY COMMAND...: '' when `COMMAND --help` lists every one of FLAGS, else why
-# the stage cannot run. Flags that other work adds later are detected here, never assumed.
-flag_reason() {
-  local name="$1" flags="$2" why="$3" help flag missing=()
-  shift 3
-  if ! help="$(timeout 90 "$@" --help 2>&1)"; then
-    echo "$name --help failed"
-    return
-  fi
-  for flag in $flags; do
-    if ! grep -qE -- "${flag}([^-[:alnum:]_]|$)" <<<"$help"; then missing+=("$flag"); fi
-  done
-  if [[ ${#missing[@]} -gt 0 ]]; then echo "$name has no ${missing[*]} yet: $why"; fi
-}
-ITEM2="issue #17 item 2"
-TEMPLATE_NOTE="the chat template ran with its own defaults (Qwen3: thinking on, which the drafter was not trained on)"
-
-# Every --help probe runs here, before the stages that use the budget.
-GEN_FLAGS="$(flag_reason "blockpilot generate" "--dtype --device" "$ITEM2" "$PY" -m blockpilot.cli generate)"
-GEN_TEMPLATE="$(flag_reason "blockpilot generate" --chat-template-kwargs "" "$PY" -m blockpilot.cli generate)"
-EVAL_FLAGS="$(flag_reason "blockpilot drafter eval" "--dtype --device" \
-  "it would run the 4B target in float32 on the CPU ($ITEM2)" "$PY" -m blockpilot.cli drafter eval)"
-EVAL_TEMPLATE="$(flag_reason "blockpilot drafter eval" --chat-template-kwargs "" "$PY" -m blockpilot.cli drafter eval)"
-TRT_EXPORT_FLAGS="$(flag_reason "blockpilot export trt" --dtype \
-  "the 4B engine would be built from a float32 export of 16 GB ($ITEM2)" "$PY" -m blockpilot.cli export trt)"
-TRT_BENCH_FLAGS="$(flag_reason "benchmarks/backends.py" "--dtype --device" \
-  "its torch backend would run the 4B target in float32 on the CPU" "$PY" benchmarks/backends.py)"
-
 # One prompt through `blockpilot generate` by repository id, block size 1 then 16.
 GEN_ARGS=(--target "$PUBLIC_TARGET" --drafter "$PUBLIC_DRAFTER" --backend torch --dtype bfloat16 --device cuda
-          --prompt-lookup off --max-new-tokens "$PUBLIC_MAX_NEW_TOKENS" --json)
-GEN_SKIP="$(why_not "$WEIGHTS_SKIP" "$GEN_FLAGS")"
-if [[ -z "$GEN_TEMPLATE" ]]; then
-  GEN_ARGS+=(--chat-template-kwargs "$TEMPLATE_KWARGS")
-  GEN_NOTE=""
-else
-  GEN_NOTE="generate has no --chat-template-kwargs: $TEMPLATE_NOTE"
-  log "note: $GEN_NOTE"
-fi
+          --chat-template-kwargs "$TEMPLATE_KWARGS" --prompt-lookup off --max-new-tokens "$PUBLIC_MAX_NEW_TOKENS" --json)
+GEN_SKIP="$(why_not "$WEIGHTS_SKIP")"
 for block in 1 "$PUBLIC_BLOCK"; do
   if [[ -n "$GEN_SKIP" ]]; then
     skip "public-b$block" "$GEN_SKIP"
@@ -429,28 +394,22 @@ for dataset in "${PUBLIC_DATASETS[@]}"; do
     break
   fi
 done
-EVAL_ARGS=(--dtype bfloat16 --device cuda)
-EVAL_SKIP="$(why_not "$WEIGHTS_SKIP" "$DATASETS_SKIP" "$EVAL_FLAGS")"
-if [[ -z "$EVAL_TEMPLATE" ]]; then
-  EVAL_ARGS+=(--chat-template-kwargs "$TEMPLATE_KWARGS")
-  EVAL_NOTE=""
-else
-  EVAL_NOTE="drafter eval has no --chat-template-kwargs: $TEMPLATE_NOTE"
-fi
+EVAL_SKIP="$(why_not "$WEIGHTS_SKIP" "$DATASETS_SKIP")"
 if [[ -n "$EVAL_SKIP" ]]; then
   skip public-eval "$EVAL_SKIP"
 else
   budgeted public-eval 240 90 "$PY" -m blockpilot.cli drafter eval --target "$TARGET_DIR" --drafter "$DRAFTER_DIR" \
     --datasets-dir "$DATASETS_DIR" --datasets "${PUBLIC_DATASETS[@]}" --prompts-per-dataset "$PUBLIC_PROMPTS" \
     --max-new-tokens "$PUBLIC_MAX_NEW_TOKENS" --radius 0 --block-size "$PUBLIC_BLOCK" --no-temperature --no-lookup \
-    --backend torch "${EVAL_ARGS[@]}" --out "$RESULTS/public_eval.json" || true
+    --backend torch --dtype bfloat16 --device cuda --chat-template-kwargs "$TEMPLATE_KWARGS" \
+    --out "$RESULTS/public_eval.json" || true
 fi
 if [[ -s "$RESULTS/public_eval.json" ]]; then
   budgeted public-papers 30 5 "$PY" - "$RESULTS/public_eval.json" "$RESULTS/public_summary.json" "$PUBLIC_TARGET" \
-    "$PUBLIC_DRAFTER" "$PUBLIC_MAX_NEW_TOKENS" "$EVAL_NOTE" <<'EOF' || true
+    "$PUBLIC_DRAFTER" "$PUBLIC_MAX_NEW_TOKENS" <<'EOF' || true
 import json, sys
 
-report_path, out_path, target, drafter, max_new_tokens, template_note = sys.argv[1:]
+report_path, out_path, target, drafter, max_new_tokens = sys.argv[1:]
 # Speed-up / τ per dataset at temperature 0, block size 16, from the project's research notes
 # (shared/research/papers.md): DFlash Table 1 (H200, Transformers backend, thinking off, up to 2048
 # new tokens); alpaca from the DFlash README of 2026-01-05 (B200). BlockPilot gives averages only
@@ -489,9 +448,9 @@ print(f"{'ALL':10} {report['overall']['prompts']:>3} {overall['tau']:>6.2f} {'-'
       f"{'-':>6}x {overall['lossless_prompts']:>4}/{report['overall']['prompts']}")
 notes = [f"{max_new_tokens} new tokens per prompt (the papers: up to 2048), few prompts: tau is noisy and shorter replies "
          "accept less; speed-ups are this engine's (the papers' Transformers backend on H200/B200)"]
-if template_note:
-    notes.append(template_note)
-summary = {"target": target, "drafter": drafter, "backend": report.get("backend"), "max_new_tokens": int(max_new_tokens),
+summary = {"target": target, "drafter": drafter, "backend": report.get("backend"), "dtype": report.get("dtype"),
+           "device": report.get("device"), "chat_template_kwargs": report.get("chat_template_kwargs"),
+           "max_new_tokens": int(max_new_tokens),
            "datasets": rows, "overall": {"prompts": report["overall"]["prompts"], "tau": overall["tau"],
                                          "speedup": overall["speedup"], "lossless_prompts": overall["lossless_prompts"]}, "papers_source": "shared/research/papers.md: DFlash Table 1 (H200), alpaca: DFlash README (B200)",
            "notes": notes, "lossless": lossless_ok}
@@ -511,7 +470,7 @@ fi
 # TensorRT vs torch on the pair.
 TRT_ENGINE_ARGS=(--target "$TARGET_DIR" --drafter "$DRAFTER_DIR" --precision bf16 --dtype bfloat16
                  --max-block-size "$PUBLIC_BLOCK" --max-context 2048)
-TRT_SKIP="$(why_not "$WEIGHTS_SKIP" "$NO_TRT" "$TRT_EXPORT_FLAGS" "$TRT_BENCH_FLAGS")"
+TRT_SKIP="$(why_not "$WEIGHTS_SKIP" "$NO_TRT")"
 if [[ -n "$TRT_SKIP" ]]; then
   skip public-trt-engine "$TRT_SKIP"
   skip public-trt "$TRT_SKIP"

@@ -25,7 +25,7 @@ from blockpilot.backends import BACKENDS, CPU_BACKENDS, DEFAULT_PRECISION, DEFAU
 from blockpilot.cli_args import (AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, add_client_security_args, block_size_arg,
                                  client_security, json_object, non_negative_int, positive_int, temperature, top_p)
 from blockpilot.errors import BlockPilotError, InvalidArgumentError
-from blockpilot.models.placement import DEFAULT_DEVICE, DEFAULT_DTYPE, DTYPE_NAMES, Placement
+from blockpilot.models.placement import DEFAULT_DEVICE, DEFAULT_DTYPE, DTYPE_NAMES, Placement, check_backend_placement
 
 # Command groups kept beside their code: each module's add_parsers(sub) adds its subcommands and
 # sets `handler` (args -> exit status) on them with set_defaults.
@@ -188,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=positive_int, default=None)
     evaluate.add_argument("--backend", choices=CPU_BACKENDS, default=DEFAULT_VERIFIER_BACKEND,
                           help="backend of the real decodes (default: the default verifier backend, onnxruntime)")
+    evaluate.add_argument("--dtype", choices=DTYPE_NAMES, default=DEFAULT_DTYPE,
+                          help=f"precision of the target's and the drafter's weights and KV caches (default {DEFAULT_DTYPE}); "
+                               f"--backend onnxruntime runs an export of this dtype (on the CPU: float32 or float16)")
+    evaluate.add_argument("--device", default=DEFAULT_DEVICE,
+                          help=f"with --backend torch: 'cpu', 'cuda' or 'cuda:N', where the target, the drafter and their "
+                               f"caches live (default {DEFAULT_DEVICE})")
+    evaluate.add_argument("--chat-template-kwargs", type=json_object, default=None, metavar="JSON",
+                          help='chat-template arguments of the evaluation prompts, e.g. \'{"enable_thinking": false}\' '
+                               "for Qwen3, over those the drafter's config.json names")
     for module in COMMAND_GROUPS:
         importlib.import_module(module).add_parsers(sub)
     return parser
@@ -377,20 +386,25 @@ def _drafter_eval(args: argparse.Namespace) -> int:
     drafter_dir = resolve_drafter(args.drafter) if args.drafter else shipped_drafter_dir()
     if drafter_dir is None:
         raise InvalidArgumentError("no --drafter given and this checkout ships none")
+    placement = Placement(args.dtype, args.device)
+    check_backend_placement(placement, args.backend)
+    device = placement.torch_device()  # before any load: a missing GPU is said at once
     target_dir = resolve_target(args.target)
     cfg = EvalConfig(datasets=tuple(args.datasets), prompts_per_dataset=args.prompts_per_dataset,
                      max_new_tokens=args.max_new_tokens, sweep_radius=args.radius, block_size=args.block_size,
                      temperature_runs=not args.no_temperature, lookup=not args.no_lookup,
-                     drafter_precision=None if args.drafter_precision == "loaded" else args.drafter_precision)
+                     drafter_precision=None if args.drafter_precision == "loaded" else args.drafter_precision,
+                     chat_template_kwargs=args.chat_template_kwargs or {})
     from blockpilot.backends.loader import BackendOptions, load_backend
 
-    target = TargetModel.from_pretrained(target_dir)
-    drafter = DFlashDrafter.from_pretrained(drafter_dir)
+    target = TargetModel.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)
+    drafter = DFlashDrafter.from_pretrained(drafter_dir, dtype=placement.torch_dtype, device=device)
     verifier = load_backend(target, BackendOptions(name=args.backend, threads=args.threads),
                             drafter_layers=drafter.target_layer_ids, source=str(target_dir))
     report = evaluate_drafter(target, ChatTokenizer(target_dir), drafter, args.datasets_dir, cfg, verifier=verifier)
     report["drafter"] = args.drafter or str(drafter_dir)  # a repository id as given, not its snapshot folder
     report["backend"] = args.backend
+    report["dtype"], report["device"] = placement.dtype, placement.device
     write_report(report, args.out)
     print(format_table(report))
     return 0

@@ -12,8 +12,10 @@ Per prompt:
    lookup drafts, as `generate` runs) and "lookup" (block size 1: lookup drafts alone);
 4. at T=1, real decodes with DFlash's sample-and-match rule and with a sampled draft + min(1, p/q).
 
-The drafter runs at the precision the engine gives it on this machine (`draft_precision`) unless
-told otherwise, so the replayed τ is the τ of the drafts the engine would make.
+The drafter runs at the precision the engine gives it beside this target on this machine
+(`drafter_run_precision`) unless told otherwise, and the prompts render with the chat-template
+arguments the verifier would use (the drafter's, EvalConfig's over them), so the replayed τ is the τ
+of the drafts the engine would make.
 """
 
 from __future__ import annotations
@@ -21,19 +23,21 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from blockpilot.backends.base import VerifierBackend
 from blockpilot.benchmarking import read_jsonl_prompts
-from blockpilot.decoding.drafting import LocalDrafter, draft_precision
+from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.decoding.lookup import LOOKUP_OFF, lookup_for
 from blockpilot.decoding.replay import replay_greedy
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError
 from blockpilot.models.drafter import DFlashDrafter
+from blockpilot.models.placement import Placement, drafter_run_precision
 from blockpilot.models.target import TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
 from blockpilot.training.train import FeatureCache
@@ -48,8 +52,11 @@ class EvalConfig:
     block_size: int | None = None  # the real decode's block size; None = the drafter's own
     temperature_runs: bool = True
     lookup: bool = True  # also the "dflash+lookup" and "lookup" real decodes
-    drafter_precision: str | None = "auto"  # "auto" = draft_precision(device); None = as loaded
+    drafter_precision: str | None = "auto"  # "auto" = what the engine picks beside the target; None = as loaded
     seed: int = 0
+    # Chat-template arguments of the prompts, over those the drafter names (its config's): the
+    # prompts render as the verifier renders them.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFlashDrafter, datasets_dir: Path,
@@ -59,7 +66,13 @@ def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFl
     trained = drafter.block_size
     measured = cfg.block_size or trained
     sizes = [b for b in range(trained - cfg.sweep_radius, trained + cfg.sweep_radius + 1) if b >= 2]
-    precision = draft_precision(target.device) if cfg.drafter_precision == "auto" else cfg.drafter_precision
+    if cfg.drafter_precision == "auto":
+        # As runtime.load_engine: a 16-bit target or a GPU drafts as loaded (in the target's dtype).
+        placement = Placement(str(target.dtype).removeprefix("torch."), str(target.device))
+        precision = drafter_run_precision(placement, target.device)
+    else:
+        precision = cfg.drafter_precision
+    template_kwargs = {**drafter.config.chat_template_kwargs, **cfg.chat_template_kwargs}
     provider = LocalDrafter(drafter, target, precision=precision)
     verifier = verifier if verifier is not None else target
     autoregressive = SpeculativeDecoder(verifier)
@@ -70,7 +83,7 @@ def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFl
     prompts = [p for name in cfg.datasets for p in read_jsonl_prompts(datasets_dir / f"{name}.jsonl", cfg.prompts_per_dataset)]
     rows = []
     for index, prompt in enumerate(tqdm(prompts, desc="eval prompts", disable=not progress, file=sys.stderr)):
-        ids = tokenizer.encode_chat([{"role": "user", "content": prompt["text"]}])
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt["text"]}], template_kwargs)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, stop_token_ids=tokenizer.stop_token_ids)
         ar = autoregressive.generate(ids, params, 1)
         sequence = ids + ar.token_ids
@@ -95,7 +108,8 @@ def evaluate_drafter(target: TargetModel, tokenizer: ChatTokenizer, drafter: DFl
                                                                    seed=cfg.seed + index, draft_sampling=rule), measured)
                 row[f"t1_tau_{'sample_and_match' if rule == 'greedy' else 'min_p_q'}"] = sampled.tau
         rows.append(row)
-    return summarize(rows, sizes, trained, measured) | {"drafter_precision": provider.precision}
+    return summarize(rows, sizes, trained, measured) | {"drafter_precision": provider.precision,
+                                                         "chat_template_kwargs": template_kwargs}
 
 
 def _mean(values) -> float:
@@ -139,7 +153,9 @@ def merge_reports(reports: list[dict]) -> dict:
     the same drafter, backend and block sizes, disjoint prompts; summarized as if run at once."""
     if not reports:
         raise InvalidArgumentError("nothing to merge")
-    keys = ("trained_block_size", "measured_block_size", "sweep", "drafter", "backend", "drafter_precision")
+    # The run's settings: kept in the merged report.
+    settings = ("drafter", "backend", "drafter_precision", "dtype", "device", "chat_template_kwargs")
+    keys = ("trained_block_size", "measured_block_size", "sweep", *settings)
     first = reports[0]
     for report in reports[1:]:
         differing = [k for k in keys if report.get(k) != first.get(k)]
@@ -154,7 +170,7 @@ def merge_reports(reports: list[dict]) -> dict:
     if len(set(ids)) != len(ids):
         raise InvalidArgumentError("the eval reports share prompts: merge shards of disjoint datasets or prompts")
     merged = summarize(rows, first["sweep"], first["trained_block_size"], first["measured_block_size"])
-    return merged | {k: first[k] for k in ("drafter", "backend", "drafter_precision") if k in first}
+    return merged | {k: first[k] for k in settings if k in first}
 
 
 def format_table(report: dict) -> str:

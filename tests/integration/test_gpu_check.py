@@ -103,3 +103,30 @@ def test_a_spent_budget_skips_with_the_time_left(tmp_path):
     assert result.returncode == 3, result.stderr[-3000:]
     weights = stage_table(tmp_path / "out")["public-weights"]
     assert re.match(r"SKIPPED: -?\d+s left of the 0s budget, it needs at least \d+s", weights), weights
+
+
+def test_the_public_pair_commands_take_the_flags_the_script_passes():
+    """The public stages run these commands with no probe of their flags: each must parse."""
+    from blockpilot.cli import build_parser
+
+    parser = build_parser()
+    script = SCRIPT.read_text(encoding="utf-8")
+    template = re.search(r"^TEMPLATE_KWARGS='(.*)'$", script, re.M).group(1)
+    placement = ["--dtype", "bfloat16", "--device", "cuda"]
+    for argv in (
+        ["generate", "--target", "Qwen/Qwen3-4B", "--drafter", "z-lab/Qwen3-4B-DFlash-b16", "--backend", "torch", *placement,
+         "--chat-template-kwargs", template, "--prompt-lookup", "off", "--max-new-tokens", "128", "--json",
+         "--block-size", "16", "prompt"],
+        ["drafter", "eval", "--target", "t", "--drafter", "d", "--datasets-dir", "s", "--datasets", "gsm8k",
+         "--prompts-per-dataset", "2", "--max-new-tokens", "128", "--radius", "0", "--block-size", "16", "--no-temperature",
+         "--no-lookup", "--backend", "torch", *placement, "--chat-template-kwargs", template, "--out", "o.json"],
+        ["export", "trt", "--target", "t", "--drafter", "d", "--precision", "bf16", "--dtype", "bfloat16",
+         "--max-block-size", "16", "--max-context", "2048"],
+    ):
+        args = parser.parse_args(argv)
+        assert getattr(args, "dtype", "bfloat16") == "bfloat16", argv[:2]
+    assert "--device cuda" in script and "--dtype bfloat16 --device cuda --prompts 2" in script
+    help_text = subprocess.run([sys.executable, "benchmarks/backends.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120).stdout
+    for flag in ("--dtype", "--device", "--trt-precision", "--trt-max-context"):
+        assert flag in help_text, flag

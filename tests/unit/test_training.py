@@ -100,7 +100,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(target):
 class _TinyTokenizer:
     stop_token_ids = (2,)
 
-    def encode_chat(self, messages):
+    def encode_chat(self, messages, template_kwargs=None):
         return [1] + [3 + (ord(c) % 90) for c in messages[0]["content"]][:10]
 
 
