@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the verifier backend to prepare for (default: onnxruntime, which needs the export; torch needs none)")
     prep.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
                       help=f"the onnxruntime precision to export for (default: {DEFAULT_PRECISION}, as generate and the verifier run)")
+    prep.add_argument("--dtype", choices=DTYPE_NAMES, default=DEFAULT_DTYPE,
+                      help=f"the dtype the verifier runs (its config 'dtype', default {DEFAULT_DTYPE}): onnxruntime runs an export "
+                           f"of that dtype (on the CPU: float32 or float16); the torch backend needs nothing per dtype")
 
     drafter = sub.add_parser("drafter", help="make, train and evaluate DFlash drafters")
     drafter_sub = drafter.add_subparsers(dest="drafter_command", required=True, parser_class=OneLineParser)
@@ -249,16 +252,16 @@ def _prepare(args: argparse.Namespace) -> int:
         print(resolve_drafter(args.drafter))
         drafter_layers = drafter_checkpoint_layers(args.drafter)
     if args.backend != TORCH:
-        # The export the verifier would otherwise make on its first start (and time out a client on).
-        from blockpilot.backends import AUTO
-        from blockpilot.backends.loader import auto_precision, default_export_layers
-        from blockpilot.backends.onnx_export import FUSED, cached_export
+        # The export the verifier would otherwise make on its first start (and time out a client on):
+        # the one its backend picks for this machine's provider, the dtype and the precision.
+        from blockpilot.backends.loader import BackendOptions, backend_export, default_export_layers
         from blockpilot.models.target import TargetModel
 
-        target = TargetModel.from_pretrained(target_dir)
-        layers = drafter_layers or default_export_layers(target, is_default_target(args.target))
-        precision = auto_precision(target, layers, target_dir) if args.precision == AUTO else args.precision
-        print(cached_export(target, layers, source=str(target_dir), graph=FUSED, precision=precision).directory)
+        target = TargetModel.from_pretrained(target_dir, dtype=Placement(args.dtype).torch_dtype)
+        export, _ = backend_export(target, BackendOptions(name=args.backend, precision=args.precision),
+                                   drafter_layers=drafter_layers, source=str(target_dir),
+                                   default_layers=default_export_layers(target, is_default_target(args.target)))
+        print(export.directory)
     return 0
 
 

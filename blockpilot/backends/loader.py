@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -20,6 +20,9 @@ from blockpilot.backends import AUTO, FP32, INT4, PRECISION_CHOICES
 from blockpilot.backends.base import ONNXRUNTIME, TENSORRT, TORCH, VerifierBackend, check_backend_name, check_layers_match
 from blockpilot.errors import InvalidArgumentError, ModelFormatError, NotFoundError
 from blockpilot.models.target import TargetModel
+
+if TYPE_CHECKING:
+    from blockpilot.backends.onnx_export import OnnxExport
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,40 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
     on-demand one made in it."""
     if options.name == TORCH:
         return target
+    from blockpilot.backends.onnx_export import FUSED
+
+    export, provider = backend_export(target, options, drafter_layers=drafter_layers, default_layers=default_layers,
+                                      source=source)
+    if options.name == ONNXRUNTIME:
+        if export.metadata.graph == FUSED:
+            from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget
+
+            backend = FusedOnnxRuntimeTarget(export, target, threads=options.threads, verify_weights=False)
+        else:
+            from blockpilot.backends.onnxruntime_backend import OnnxRuntimeTarget
+
+            backend = OnnxRuntimeTarget(export, target, provider=provider, threads=options.threads,
+                                        verify_weights=False, max_block_size=options.trt_max_block_size)
+        if backend.device.type == "cpu":
+            side = options.side_threads or 1
+            if torch.get_num_threads() != side:
+                log.info("torch runs on %d thread(s) beside ONNX Runtime's %d (side_threads): their thread pools "
+                         "would compete for the same cores", side, backend.threads)
+                torch.set_num_threads(side)
+        return backend
+    from blockpilot.backends.tensorrt_backend import EngineSpec, TensorRTTarget, engine_precision
+
+    spec = EngineSpec(max_block_size=options.trt_max_block_size, precision=engine_precision(export, options.trt_precision),
+                      max_context=options.trt_max_context)
+    return TensorRTTarget(export, target, spec=spec, verify_weights=False)
+
+
+def backend_export(target: TargetModel, options: BackendOptions, *, drafter_layers: Sequence[int] | None,
+                   default_layers: Sequence[int] = (), source: str = "") -> tuple["OnnxExport", str | None]:
+    """The export a graph backend (onnxruntime, tensorrt) runs for `target`, and the ONNX Runtime
+    provider it runs on (None for tensorrt): `options.onnx` checked against the target, else the
+    one for this provider, dtype and precision in the cache, made there if missing (what
+    `blockpilot prepare` makes ahead of the verifier's first start). Arguments as load_backend's."""
     from blockpilot.backends.onnx_export import (FUSED, PORTABLE, cached_export, check_export_matches, dtype_name,
                                                  read_export, weights_digest)
 
@@ -132,28 +169,7 @@ def load_backend(target: TargetModel, options: BackendOptions, *, drafter_layers
         if precision == AUTO:
             precision = auto_precision(target, tuple(layers), source, digest) if graph == FUSED else FP32
         export = cached_export(target, tuple(layers), source=source, digest=digest, graph=graph, precision=precision)
-    if options.name == ONNXRUNTIME:
-        if export.metadata.graph == FUSED:
-            from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget
-
-            backend = FusedOnnxRuntimeTarget(export, target, threads=options.threads, verify_weights=False)
-        else:
-            from blockpilot.backends.onnxruntime_backend import OnnxRuntimeTarget
-
-            backend = OnnxRuntimeTarget(export, target, provider=provider, threads=options.threads,
-                                        verify_weights=False, max_block_size=options.trt_max_block_size)
-        if backend.device.type == "cpu":
-            side = options.side_threads or 1
-            if torch.get_num_threads() != side:
-                log.info("torch runs on %d thread(s) beside ONNX Runtime's %d (side_threads): their thread pools "
-                         "would compete for the same cores", side, backend.threads)
-                torch.set_num_threads(side)
-        return backend
-    from blockpilot.backends.tensorrt_backend import EngineSpec, TensorRTTarget, engine_precision
-
-    spec = EngineSpec(max_block_size=options.trt_max_block_size, precision=engine_precision(export, options.trt_precision),
-                      max_context=options.trt_max_context)
-    return TensorRTTarget(export, target, spec=spec, verify_weights=False)
+    return export, provider
 
 
 def auto_precision(target: TargetModel, layers: Sequence[int], model_dir: str | Path, digest: str | None = None) -> str:

@@ -82,6 +82,23 @@ def test_prepare_makes_the_default_backends_export_once(tiny_llama_dir, tmp_path
     assert again.returncode == 0 and again.stdout.strip().splitlines()[1] == export_dir and "exporting" not in again.stderr
 
 
+def test_prepare_exports_at_the_verifiers_dtype(tiny_llama_dir, tmp_path):
+    """A float16 verifier on onnxruntime runs a float16 export: prepare --dtype float16 makes that
+    one (the portable graph), not the float32 one; bfloat16, which the CPU provider cannot run, is
+    one line before any export."""
+    import onnxruntime
+
+    env = {**__import__("os").environ, "BLOCKPILOT_CACHE": str(tmp_path / "cache")}
+    done = run_cli("prepare", "--target", str(tiny_llama_dir), "--dtype", "float16", env=env)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((Path(done.stdout.strip().splitlines()[1]) / "export.json").read_text())
+    assert (meta["dtype"], meta["graph"]) == ("float16", "portable"), meta
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        refused = run_cli("prepare", "--target", str(tiny_llama_dir), "--dtype", "bfloat16", env=env)
+        assert refused.returncode == 1 and "cannot run a bfloat16 graph here" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+
+
 def test_export_trt_without_a_gpu_says_what_is_missing(tiny_llama_dir):
     if TRT_REASON is None:
         pytest.skip("TensorRT and a GPU are present here: the refusal does not apply")
