@@ -208,6 +208,8 @@ class DrafterServiceConfig(ServiceConfig):
                            "'random', 'none', a DFlash checkpoint directory or a Hugging Face repository id (ORG/NAME)")
     random_block_size: int = opt(8, "block size of the 'random' drafter", _at_least(2))
     max_sessions: int = opt(64, "concurrent draft sessions; more are refused RESOURCE_EXHAUSTED", _at_least(1))
+    max_batch_sessions: int = opt(64, "most sessions whose draft steps run as one drafter pass (steps that arrive "
+                                      "while a pass runs go together in the next; 1 = one pass per step)", _at_least(1))
     max_kept_sessions: int = opt(64, "draft caches kept after a session's stream ends, for its next turn "
                                      "(LRU; 0 = free every cache when its stream ends)", _at_least(0))
     kept_session_ttl_s: float = opt(600.0, "idle time after which a kept draft cache is freed", _at_least(0.1))
@@ -218,7 +220,7 @@ class DrafterServiceConfig(ServiceConfig):
                                     "int8 or bf16), 'bfloat16' or 'float16' (the drafter runs as loaded)", dtype_problem)
     device: str = opt(DEFAULT_DEVICE, "where the drafter and its caches live: 'cpu', 'cuda' or 'cuda:N' (a GPU torch "
                                       "does not see is refused at start)", device_problem)
-    step_delay_s: float = opt(0.0, "artificial delay per draft step (fault-injection tests only)", _at_least(0))
+    step_delay_s: float = opt(0.0, "artificial delay per drafter pass (fault-injection tests only)", _at_least(0))
     replica_id: str = opt("", "this replica's id ('' = HOSTNAME:port)")
     advertise_address: str = opt("", "HOST:PORT at which other services reach this replica directly, not through a "
                                      "load-balanced address: verifiers record it with a session's kept draft cache and "

@@ -236,10 +236,20 @@ class DraftAttention(nn.Module):
 
     def _kv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         # x [B, N, C] -> keys (k_norm + RoPE), values: [B, K, N, D]
+        k, v = self._kv_unrotated(x)
+        return apply_rotary(k, cos, sin), v
+
+    def _kv_unrotated(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [B, N, C] -> keys (k_norm, no RoPE yet), values: [B, K, N, D]
         batch, steps, _ = x.shape
         k = self.k_norm(self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(k.transpose(1, 2), cos, sin), v
+        return k.transpose(1, 2), v
+
+    def _queries(self, block: torch.Tensor) -> torch.Tensor:
+        # block [B, T, C] -> queries (q_norm, no RoPE yet) [B, H, T, D]
+        batch, steps, _ = block.shape
+        return self.q_norm(self.q_proj(block).view(batch, steps, self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, block, context, block_rope, context_rope, cache: KVCache, layer: int, start: int, mask) -> torch.Tensor:
         # block [B, T, C] (normed), context [B, N, C] (projected; the N new entries go to slot `start`)
@@ -248,11 +258,29 @@ class DraftAttention(nn.Module):
         if cache is not None:
             ctx_k, ctx_v = cache.write(layer, start, ctx_k, ctx_v)
         block_k, block_v = self._kv(block, *block_rope)
-        q = self.q_norm(self.q_proj(block).view(batch, steps, self.num_heads, self.head_dim))
-        q = apply_rotary(q.transpose(1, 2), *block_rope)
+        q = apply_rotary(self._queries(block), *block_rope)
         keys = torch.cat([ctx_k, block_k], dim=2)
         values = torch.cat([ctx_v, block_v], dim=2)
         return self.o_proj(attend(q, keys, values, mask, self.num_heads // self.num_kv_heads))
+
+    def forward_packed(self, block, context, segments: Sequence["PackedSegment"], layer: int) -> torch.Tensor:
+        """The same attention for many sessions at once: every projection runs once over all
+        sessions' rows (one read of the weights), RoPE, the cache write and attention per session.
+
+        block [1, R, C] (normed): the blocks of every segment, one after another; context [1, M, C]
+        (projected): their new context rows likewise. Returns [1, R, C]."""
+        ctx_k_all, ctx_v_all = self._kv_unrotated(context)  # [1, K, M, D]
+        block_k_all, block_v_all = self._kv_unrotated(block)  # [1, K, R, D]
+        q_all = self._queries(block)  # [1, H, R, D]
+        outputs = []
+        for seg in segments:
+            ctx_k = apply_rotary(ctx_k_all[:, :, seg.context_rows], *seg.context_rope)
+            ctx_k, ctx_v = seg.cache.write(layer, seg.start, ctx_k, ctx_v_all[:, :, seg.context_rows])
+            keys = torch.cat([ctx_k, apply_rotary(block_k_all[:, :, seg.block_rows], *seg.block_rope)], dim=2)
+            values = torch.cat([ctx_v, block_v_all[:, :, seg.block_rows]], dim=2)
+            q = apply_rotary(q_all[:, :, seg.block_rows], *seg.block_rope)
+            outputs.append(attend(q, keys, values, None, self.num_heads // self.num_kv_heads))
+        return self.o_proj(torch.cat(outputs, dim=1))
 
 
 class DraftMLP(nn.Module):
@@ -279,6 +307,33 @@ class DraftLayer(nn.Module):
     def forward(self, x, context, block_rope, context_rope, cache, layer, start, mask):
         x = x + self.self_attn(self.input_layernorm(x), context, block_rope, context_rope, cache, layer, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_packed(self, x, context, segments: Sequence["PackedSegment"], layer: int):
+        x = x + self.self_attn.forward_packed(self.input_layernorm(x), context, segments, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass(frozen=True)
+class PackedSession:
+    """One session of a packed drafter pass: its draft cache (the new context rows are appended)
+    and the absolute positions of its block [1, T] and of its new context rows [1, N] (int64)."""
+
+    cache: KVCache
+    block_positions: torch.Tensor
+    context_positions: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PackedSegment:
+    """Where one session's rows sit in a packed pass (rows of the block and of the new context),
+    its RoPE tables and the cache slot its new context rows go to."""
+
+    block_rows: slice
+    context_rows: slice
+    block_rope: tuple[torch.Tensor, torch.Tensor]
+    context_rope: tuple[torch.Tensor, torch.Tensor]
+    cache: KVCache
+    start: int
 
 
 class DFlashDrafter(nn.Module):
@@ -340,6 +395,38 @@ class DFlashDrafter(nn.Module):
             x = layer(x, context, block_rope, context_rope, cache, index, start, mask)
         if cache is not None:
             cache.length = start + context.shape[1]
+        return self.norm(x)
+
+    def forward_packed(self, block_embeds: torch.Tensor, context_features: torch.Tensor,
+                       sessions: Sequence["PackedSession"]) -> torch.Tensor:
+        """Draft one block for each of many sessions in one pass (inference; the drafter service
+        batches every session that asks at once). The linear layers run once over all sessions'
+        rows, so their weights are read once, which is what a drafter pass is bound by; RoPE, the
+        cache write and attention run per session. Same result per session as `forward` with
+        B = 1 up to the kernels' row-count dependence (a float GEMM may sum in another order at
+        another row count; int8 layers quantize their input per call, so over all rows).
+
+        block_embeds [1, R, C]: every session's [anchor, mask x (T_i - 1)] embeddings, in order.
+        context_features [1, M, F]: every session's new context features (N_i rows each), in order.
+        sessions: per session, its cache and positions (PackedSession). Returns [1, R, C] final-
+        normed hidden states; each session's rows are where its block was in block_embeds."""
+        context = self.hidden_norm(self.fc(context_features))
+        segments, block_row, context_row = [], 0, 0
+        for session in sessions:
+            steps, new = session.block_positions.shape[1], session.context_positions.shape[1]
+            segments.append(PackedSegment(
+                block_rows=slice(block_row, block_row + steps), context_rows=slice(context_row, context_row + new),
+                block_rope=self.rotary(session.block_positions), context_rope=self.rotary(session.context_positions),
+                cache=session.cache, start=session.cache.reserve(new)))
+            block_row, context_row = block_row + steps, context_row + new
+        if block_row != block_embeds.shape[1] or context_row != context.shape[1]:
+            raise ValueError(f"the sessions' positions cover {block_row} block and {context_row} context rows; "
+                             f"got {block_embeds.shape[1]} and {context.shape[1]}")
+        x = block_embeds
+        for index, layer in enumerate(self.layers):
+            x = layer.forward_packed(x, context, segments, index)
+        for seg in segments:
+            seg.cache.length = seg.start + (seg.context_rows.stop - seg.context_rows.start)
         return self.norm(x)
 
     # ---- checkpoints (published DFlash format) -------------------------------------------
@@ -434,7 +521,9 @@ class DraftHead(nn.Module):
         if int8:
             projection = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=False)
             projection.weight.data = self.weight.detach().float()
-            self._int8 = quantize_linear_int8(projection)
+            # quantize_dynamic swaps a module's children, never the module it is given: the
+            # projection goes in as a child so that it is the one replaced.
+            self._int8 = quantize_linear_int8(nn.Sequential(projection))[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._int8 is not None:

@@ -40,6 +40,10 @@ BATCH_TOKENS = Histogram("blockpilot_batch_tokens", "Tokens verified per batched
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 CAPPED_STEPS = Counter("blockpilot_capped_steps", "Steps the load-aware cap ran without a draft (drafts did not pay in the batch)")
 DRAFTER_SESSIONS = Gauge("blockpilot_drafter_sessions", "Active draft sessions (open Draft streams)")
+DRAFTER_BATCH_SESSIONS = Histogram("blockpilot_drafter_batch_sessions", "Sessions whose draft steps ran in one drafter pass",
+                                   buckets=(1, 2, 4, 8, 16, 32, 64))
+DRAFTER_PASS_SECONDS = Histogram("blockpilot_drafter_pass_seconds", "Time of one drafter pass (all its sessions' steps)",
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 DRAFTER_CACHED_SESSIONS = Gauge("blockpilot_drafter_cached_sessions",
                                 "Draft caches kept after their session's stream ended, for the next turn")
 DRAFTER_CACHE_RESUMES = Counter("blockpilot_drafter_cache_resumes",

@@ -1,6 +1,7 @@
-"""Drafter service: Describe, and one Draft bidi stream per request. A session's draft cache is
-kept after its stream ends (DraftCachePool: LRU + TTL) so the session's next turn resumes it;
-one-off streams free theirs when they end."""
+"""Drafter service: Describe, and one Draft bidi stream per request. The steps of all streams
+run as shared drafter passes (DraftBatcher: one forward over every session waiting). A session's
+draft cache is kept after its stream ends (DraftCachePool: LRU + TTL) so the session's next turn
+resumes it; one-off streams free theirs when they end."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from blockpilot.config import DrafterServiceConfig, load_config
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from blockpilot.serving import metrics
+from blockpilot.decoding.drafting import propose_together
+from blockpilot.serving.draft_batcher import DraftBatcher
 from blockpilot.serving.draft_cache import DraftCachePool
 from blockpilot.serving.draft_wire import StepAssembler, block_messages
 from blockpilot.models.placement import Placement
@@ -37,6 +40,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.feature_size = 0
         self.sessions = 0
         self.pool = ThreadPoolExecutor(max_workers=max(1, config.max_sessions), thread_name_prefix="draft")
+        # Draft passes run one at a time in their own thread, each over every session waiting.
+        self.pass_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-pass")
+        self.batcher = DraftBatcher(propose_together, self.pass_thread, max_sessions=config.max_batch_sessions,
+                                    step_delay_s=config.step_delay_s, on_pass=self._passed)
         self.kept = DraftCachePool(config.max_kept_sessions, config.kept_session_ttl_s,
                                    on_change=metrics.DRAFTER_CACHED_SESSIONS.set)
 
@@ -136,7 +143,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                 request = steps.build(message.step)
                 started = time.perf_counter()
                 busy = True
-                draft = await loop.run_in_executor(self.pool, self._propose, session, request)
+                draft = await self.batcher.propose(session, request)
                 busy = False
                 metrics.STEP_SECONDS.labels("drafter", str(request.num_draft + 1)).observe(time.perf_counter() - started)
                 for reply in block_messages(draft, message.step.step, session.cached_length):
@@ -148,14 +155,14 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             self.sessions -= 1
             metrics.DRAFTER_SESSIONS.dec()
             if busy or not opening.session_id:
-                session.close()
+                self.batcher.release(session)
             else:  # ended or cancelled between steps: the cache holds exactly the context received
                 self.kept.keep(opening.session_id, opening.cache_tag, session)
 
-    def _propose(self, session, request):
-        if self.config.step_delay_s:
-            time.sleep(self.config.step_delay_s)
-        return session.propose(request)
+    @staticmethod
+    def _passed(sessions: int, seconds: float) -> None:
+        metrics.DRAFTER_BATCH_SESSIONS.observe(sessions)
+        metrics.DRAFTER_PASS_SECONDS.observe(seconds)
 
 
 async def serve(argv: Sequence[str] | None = None) -> None:
@@ -180,6 +187,7 @@ async def serve(argv: Sequence[str] | None = None) -> None:
             expiry.cancel()
             servicer.kept.clear()
             servicer.pool.shutdown(wait=False, cancel_futures=True)
+            servicer.pass_thread.shutdown(wait=False, cancel_futures=True)
         return cleanup
 
     async def load():

@@ -122,6 +122,38 @@ def test_pipeline_equals_in_process_token_for_token(stack, engine):
     assert stack["drafter"].metric("blockpilot_drafter_sessions") == 0
 
 
+def test_concurrent_streams_share_drafter_passes_and_keep_their_outputs(stack, engine):
+    """Six streams at once with their own prompts and block sizes: the drafter runs their steps
+    in shared passes (its batch histogram says so) and every stream equals its in-process run,
+    draft for draft (the same acceptance per step)."""
+    stub = stack["stub"]
+    drafter = stack["drafter"]
+    passes_before = drafter.metric("blockpilot_drafter_batch_sessions_count")
+    steps_before = drafter.metric("blockpilot_drafter_batch_sessions_sum")
+    jobs = [([5 + i, 6, 7 + i, 8, 9, 10 + i], 3 + i) for i in range(6)]
+    results = [None] * len(jobs)
+
+    def run(index):
+        prompt, size = jobs[index]
+        results[index], _ = collect(stub, request(prompt=prompt, max_new_tokens=32, mode=pb.BLOCK_SIZE_MODE_FIXED,
+                                                  block_size=size, prompt_lookup=pb.PROMPT_LOOKUP_OFF))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for (prompt, size), final in zip(jobs, results):
+        alone = in_process(engine, prompt, 32, size, lookup=LOOKUP_OFF)
+        assert list(final.token_ids) == in_process(engine, prompt, 32, 1).token_ids
+        assert list(final.acceptance_lengths) == alone.acceptance_lengths, size
+    passes = drafter.metric("blockpilot_drafter_batch_sessions_count") - passes_before
+    steps = drafter.metric("blockpilot_drafter_batch_sessions_sum") - steps_before
+    # Every drafted step went through a pass (a stream's last step may verify its anchor alone),
+    # and some passes drafted for several sessions.
+    assert 0 < passes < steps <= sum(len(final.acceptance_lengths) for final in results)
+
+
 def test_multi_turn_reuses_the_cache_and_equals_one_shot(stack, engine):
     import redis
 

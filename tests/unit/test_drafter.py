@@ -191,6 +191,8 @@ def test_int8_drafts_mostly_agree_with_fp32_drafts(tiny_target):
     model = DFlashDrafter.random(tiny_target.config, num_hidden_layers=1, block_size=6, seed=1)
     fp32, int8 = LocalDrafter(model, tiny_target), LocalDrafter(model, tiny_target, precision="int8")
     assert isinstance(model.fc, torch.nn.Linear) and not isinstance(int8.drafter.fc, torch.nn.Linear)
+    # the output projection too (it is the largest weight of a pass: 16K draft tokens x hidden)
+    assert type(int8.head._int8) is not torch.nn.Linear and type(int8.head._int8).__module__.startswith("torch.ao.nn.quantized")
     width = len(model.target_layer_ids) * tiny_target.config.hidden_size
     context = torch.randn(40, width, generator=torch.Generator().manual_seed(0))
     agree = total = 0
@@ -201,3 +203,63 @@ def test_int8_drafts_mostly_agree_with_fp32_drafts(tiny_target):
         agree += int((a == b).sum())
         total += a.numel()
     assert agree >= 0.8 * total
+
+
+def _random_requests(target, count, *, temperature=0.0, seed=0):
+    """Sessions at different points: different block sizes, held context and new context rows."""
+    gen = torch.Generator().manual_seed(seed)
+    width = 2 * target.config.hidden_size
+    requests = []
+    for i in range(count):
+        held, new, num_draft = 3 * i, 1 + (5 * i) % 7, 1 + (3 * i) % 9
+        requests.append((torch.randn(held, width, generator=gen), DraftRequest(
+            anchor=5 + i, start=held + new, num_draft=num_draft, context=torch.randn(new, width, generator=gen),
+            context_start=held, temperature=temperature, sample=temperature > 0,
+            uniforms=torch.rand(num_draft, generator=gen) if temperature > 0 else None)))
+    return requests
+
+
+def _opened(local, held):
+    """A session whose cache already holds `held` context rows (an earlier step's)."""
+    session = local.open_session(64)
+    if held.shape[0]:
+        with torch.no_grad():
+            local.drafter.forward(local.target.embed(torch.tensor([[3, 4]])), held[None], session.cache,
+                                  torch.arange(held.shape[0], held.shape[0] + 2)[None], torch.arange(held.shape[0])[None])
+    return session
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_one_pass_for_many_sessions_drafts_as_each_session_alone(drafter, target, temperature):
+    """propose_together (the drafter service's batched pass) gives every session the draft, the
+    draft distribution and the cache it gets drafting alone; six sessions with block sizes 2..10,
+    held contexts 0..15 and 1..7 new context rows."""
+    from blockpilot.decoding.drafting import propose_together
+
+    local = LocalDrafter(drafter, target)
+    requests = _random_requests(target, 6, temperature=temperature)
+    alone = [_opened(local, held) for held, _ in requests]
+    together = [_opened(local, held) for held, _ in requests]
+    expected = [session.propose(request) for session, (_, request) in zip(alone, requests)]
+    got = propose_together(together, [request for _, request in requests])
+    for one, many, a, b in zip(expected, got, alone, together):
+        assert torch.equal(one.tokens, many.tokens)
+        if temperature > 0:
+            assert (one.probs - many.probs).abs().max().item() < 1e-5
+        assert a.cache.length == b.cache.length
+        end = a.cache.length
+        assert (a.cache.keys[:, :, :, :end] - b.cache.keys[:, :, :, :end]).abs().max().item() < 1e-5
+
+
+def test_a_full_cache_fails_its_own_check_and_changes_nothing(drafter, target):
+    from blockpilot.errors import FailedPreconditionError, ResourceExhaustedError
+
+    local = LocalDrafter(drafter, target)
+    session = local.open_session(4)
+    request = DraftRequest(anchor=5, start=5, num_draft=3, context=torch.randn(5, 2 * target.config.hidden_size), context_start=0)
+    with pytest.raises(ResourceExhaustedError, match="capacity of 4"):
+        session.check(request)
+    assert session.cache.length == 0
+    session.close()
+    with pytest.raises(FailedPreconditionError, match="closed"):
+        session.check(request)
