@@ -11,9 +11,11 @@ about as much as a committed one. Terms:
 - a session's draft of d tokens adds pass_seconds(N0 + d) - pass_seconds(N0) seconds (plus
   draft_seconds, its drafter pass, which shares the machine) and commits (tau - 1) more tokens on
   average, tau being the session's mean acceptance length over its drafted steps, shrunk toward
-  that of every session's drafted steps from the same source (as if the session had EVIDENCE more
-  steps at the pooled mean: a few steps of one session say little, and a capped session only
-  learns from its probes).
+  that of every session's recent drafted steps from the same source (as if the session had
+  EVIDENCE more steps at the pooled mean: a few steps of one session say little, and a capped
+  session only learns from its probes). The pooled record forgets: each drafted step weighs
+  1 - 1/POOLED_MEMORY of the one after it, so a source judged on a bad start (a drafter's first
+  steps of a response are its worst) is judged again on what its probes find later.
 The draft pays iff its marginal rate beats the rate without it:
     (tau - 1) / (pass_seconds(N0 + d) - pass_seconds(N0) + draft_seconds) > R.
 Alone (N0 = 1) that is tau > pass_seconds(1 + d) / pass_seconds(1) (plus the drafter's share).
@@ -33,7 +35,9 @@ session verifies its anchor alone this step (block size 1, no lookup copy): the 
 (a handful says little: one rejected copy is tau 1) its drafts are given the benefit of the
 doubt, so evidence builds up; a capped source is probed again
 every few steps (SpeculationGate.PROBE_EVERY) so a session whose text turns repetitive can win its
-drafts back. Beside other sessions a source that needs a drafter pass (DFlash) is not probed:
+drafts back. A probe stays due until the source really drafts: a DFlash probe on a step that a
+lookup copy wins is not used up (measured on a Zen 3: otherwise lookup took nearly every probe, and
+DFlash, judged on its first 8 steps, never came back although its drafts paid by a third). Beside other sessions a source that needs a drafter pass (DFlash) is not probed:
 every session of the iteration would wait for that pass (with 16 sessions, about one probe per
 iteration: measured, the default path fell to half of plain decoding's rate), and the pooled
 evidence of every session already judges it; it comes back by itself when the load drops.
@@ -58,15 +62,26 @@ from typing import Callable, Iterable, Mapping
 
 
 class PassCostModel:
-    """pass_seconds(N), fitted on the last `window` passes. relative_cost: {k: cost of a k-token
-    pass / a 1-token pass} (the backend's verify_cost), or None for a straight line."""
+    """pass_seconds(N), from the passes this machine ran. relative_cost: {k: cost of a k-token
+    pass / a 1-token pass} (the backend's verify_cost), or None for a straight line fitted on the
+    last `window` passes. Where at least OWN_MEDIAN_AFTER passes of one size were seen, their
+    median (of the last `per_size_window`) is that size's estimate: the exported curve's shape was
+    measured once, at export time, and can be off where it matters most (measured on an AMD Zen 3:
+    the curve said a 2-token pass costs 1.20 x a 1-token one, the passes while decoding 1.06 x,
+    which priced a one-token DFlash draft out although it paid)."""
 
-    def __init__(self, window: int = 64, relative_cost: Mapping[int, float] | None = None) -> None:
+    OWN_MEDIAN_AFTER = 8
+
+    def __init__(self, window: int = 64, relative_cost: Mapping[int, float] | None = None,
+                 per_size_window: int = 32) -> None:
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
         self.relative_cost = dict(relative_cost) if relative_cost else None
+        self.per_size_window = per_size_window
+        self.by_size: dict[int, deque[float]] = {}
 
     def observe(self, tokens: int, seconds: float) -> None:
         self.samples.append((tokens, seconds))
+        self.by_size.setdefault(tokens, deque(maxlen=self.per_size_window)).append(seconds)
 
     def fit(self) -> tuple[float, float] | None:
         """(fixed, per_token) of the straight line, or None until passes of two sizes were seen."""
@@ -94,18 +109,33 @@ class PassCostModel:
         high = low + 1
         return cost[low] + (cost[high] - cost[low]) * (tokens - low)
 
-    def pass_seconds(self) -> Callable[[int], float] | None:
-        """N -> estimated seconds of an N-token pass, or None until there is enough to estimate."""
+    def pass_seconds(self) -> Callable[[float], float] | None:
+        """N -> estimated seconds of an N-token pass (N may be fractional: a mean draft), or None
+        until there is enough to estimate."""
         if self.relative_cost is not None:
             if not self.samples:
                 return None
             unit = statistics.median(seconds / self.curve(tokens) for tokens, seconds in self.samples)
-            return lambda tokens: unit * self.curve(tokens)
-        line = self.fit()
-        if line is None:
-            return None
-        fixed, per_token = line
-        return lambda tokens: fixed + per_token * tokens
+            shape = lambda tokens: unit * self.curve(tokens)  # noqa: E731
+        else:
+            line = self.fit()
+            if line is None:
+                return None
+            fixed, per_token = line
+            shape = lambda tokens: fixed + per_token * tokens  # noqa: E731
+        measured = {size: statistics.median(seconds) for size, seconds in self.by_size.items()
+                    if len(seconds) >= self.OWN_MEDIAN_AFTER}
+        if not measured:
+            return shape
+
+        def point(size: int) -> float:
+            return measured[size] if size in measured else shape(size)
+
+        def estimate(tokens: float) -> float:
+            low = max(1, int(tokens))
+            fraction = tokens - low
+            return point(low) if fraction <= 0 else point(low) * (1 - fraction) + point(low + 1) * fraction
+        return estimate
 
 
 @dataclass
@@ -113,18 +143,21 @@ class DraftRecord:
     """One session's drafted steps so far: steps, tokens drafted, tokens committed by them, and
     seconds spent in its drafter passes."""
 
-    steps: int = 0
+    steps: float = 0  # (weighted, in a record that forgets)
     drafted: float = 0
     committed: float = 0
     draft_seconds: float = 0.0
     capped_in_a_row: int = 0
+    seen: int = 0  # drafted steps ever added (never forgotten)
 
-    def add(self, drafted: int, committed: int, draft_seconds: float) -> None:
+    def add(self, drafted: int, committed: int, draft_seconds: float, *, keep: float = 1.0) -> None:
+        """One drafted step; keep < 1 first scales the earlier steps down (a record that forgets)."""
         if drafted > 0:
-            self.steps += 1
-            self.drafted += drafted
-            self.committed += committed
-            self.draft_seconds += draft_seconds
+            self.seen += 1
+            self.steps = self.steps * keep + 1
+            self.drafted = self.drafted * keep + drafted
+            self.committed = self.committed * keep + committed
+            self.draft_seconds = self.draft_seconds * keep + draft_seconds
 
     @property
     def tau(self) -> float:
@@ -189,6 +222,7 @@ class SpeculationGate:
 
     PROBE_EVERY = 16  # a capped source is tried again after this many capped steps in a row
     EVIDENCE = 8  # drafted steps (of every session) before a source is judged; the weight of the pooled mean
+    POOLED_MEMORY = 64  # drafted steps the pooled record remembers (older ones fade)
 
     def __init__(self, sources: Iterable[str], relative_cost: Mapping[int, float] | None = None,
                  drafter_sources: Iterable[str] = ("dflash",)) -> None:
@@ -222,10 +256,12 @@ class SpeculationGate:
         alone = others.tokens == 0
         for source, record in records.items():
             pooled = self.pooled[source]
-            judged = pooled.steps >= self.EVIDENCE
+            judged = pooled.seen >= self.EVIDENCE
             probe = record.capped_in_a_row >= self.PROBE_EVERY and (alone or source not in self.drafter_sources)
-            if not judged or draft_pays(self._shrunk(record, pooled), pass_seconds, others) or probe:
+            if not judged or draft_pays(self._shrunk(record, pooled), pass_seconds, others):
                 record.capped_in_a_row = 0
+                allowed.add(source)
+            elif probe:  # due until the source drafts (drafted() ends it)
                 allowed.add(source)
             else:
                 record.capped_in_a_row += 1
@@ -244,5 +280,7 @@ class SpeculationGate:
         self._estimate_stale = True
 
     def drafted(self, records: dict[str, DraftRecord], source: str, drafted: int, committed: int, draft_seconds: float) -> None:
-        for record in (records[source], self.pooled[source]):
-            record.add(drafted, committed, draft_seconds)
+        own = records[source]
+        own.add(drafted, committed, draft_seconds)
+        own.capped_in_a_row = 0  # a probe, if one was due, is used up
+        self.pooled[source].add(drafted, committed, draft_seconds, keep=1.0 - 1.0 / self.POOLED_MEMORY)

@@ -187,3 +187,62 @@ def test_a_drafter_source_is_not_probed_beside_other_sessions():
         probes += "lookup" in gate.allowed(records, 0.0, None, busy)  # extra rows only: still probed
     assert probes >= 2
     assert any("dflash" in gate.allowed(records, 0.0, None) for _ in range(SpeculationGate.PROBE_EVERY + 1))  # alone: probed
+
+
+@pytest.mark.parametrize("curve", [{1: 1.0, 2: 1.2, 3: 1.45, 4: 1.75}, None])
+def test_sizes_seen_often_are_priced_by_their_own_passes(curve):
+    """Once OWN_MEDIAN_AFTER passes of one size were seen, their median is that size's cost, not
+    the exported curve's (or the line's) estimate; other sizes keep the model's; a fractional
+    size interpolates between its neighbours. The case measured on a Zen 3: the curve priced a
+    2-token pass at 1.20 x a 1-token one, the real passes at 1.06 x."""
+    model = PassCostModel(relative_cost=curve)
+    enough = PassCostModel.OWN_MEDIAN_AFTER
+    for _ in range(enough - 1):
+        model.observe(1, 0.0246)
+        model.observe(2, 0.0261)
+        model.observe(4, 0.0424)
+    before = model.pass_seconds()
+    assert before(2) / before(1) > 1.1  # too few passes of each size: the model's shape
+    model.observe(1, 0.0246)
+    model.observe(2, 0.0261)
+    seconds = model.pass_seconds()
+    assert seconds(1) == pytest.approx(0.0246) and seconds(2) == pytest.approx(0.0261)
+    assert seconds(1.5) == pytest.approx((0.0246 + 0.0261) / 2)
+    assert seconds(3) == pytest.approx(before(3), rel=0.15)  # never seen: the model's estimate
+    assert seconds(2.5) == pytest.approx((0.0261 + seconds(3)) / 2)
+    # The decision that changed: a one-token DFlash draft at tau 1.41 with a 5.8 ms drafter pass.
+    dflash = DraftRecord(steps=20, drafted=22, committed=28.2, draft_seconds=20 * 0.0058)
+    assert draft_pays(dflash, seconds)
+    if curve is not None:
+        assert not draft_pays(dflash, before)
+
+
+def test_a_probe_stays_due_until_the_source_drafts_and_old_failures_fade():
+    """A DFlash probe that a lookup copy wins is not used up; and a source capped on a bad start
+    comes back once its probes keep paying (the pooled record forgets)."""
+    gate = SpeculationGate(("dflash", "lookup"))
+    gate.costs.pass_seconds = lambda: line(0.02, 0.002)
+    gate.passed(tokens=2, seconds=0.024)
+    records = gate.new_records()
+    for _ in range(SpeculationGate.EVIDENCE):
+        gate.drafted(records, "dflash", drafted=1, committed=1, draft_seconds=0.006)  # a bad start: tau 1
+        gate.drafted(records, "lookup", drafted=3, committed=4, draft_seconds=0.0)
+    for _ in range(SpeculationGate.PROBE_EVERY):
+        assert "dflash" not in gate.allowed(records, 0.0, None)
+    assert "dflash" in gate.allowed(records, 0.0, None)  # the probe is due...
+    gate.drafted(records, "lookup", drafted=3, committed=4, draft_seconds=0.0)  # ...but a copy won the step
+    assert "dflash" in gate.allowed(records, 0.0, None)  # still due
+    gate.drafted(records, "dflash", drafted=1, committed=2, draft_seconds=0.006)
+    assert "dflash" not in gate.allowed(records, 0.0, None)  # the probe is used up
+    # New requests whose probes all commit both tokens (tau 2: a 6 ms drafter pass pays): the
+    # source comes back for good, not only as a probe every PROBE_EVERY steps.
+    allowed_in_a_row = 0
+    for step in range(400):
+        if step % 50 == 0:
+            records = gate.new_records()
+        if "dflash" in gate.allowed(records, 0.0, None):
+            gate.drafted(records, "dflash", drafted=1, committed=2, draft_seconds=0.006)
+            allowed_in_a_row += 1
+        else:
+            allowed_in_a_row = 0
+    assert allowed_in_a_row > 50
