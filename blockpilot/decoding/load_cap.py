@@ -15,7 +15,8 @@ about as much as a committed one. Terms:
   EVIDENCE more steps at the pooled mean: a few steps of one session say little, and a capped
   session only learns from its probes). The pooled record forgets: each drafted step weighs
   1 - 1/POOLED_MEMORY of the one after it, so a source judged on a bad start (a drafter's first
-  steps of a response are its worst) is judged again on what its probes find later.
+  steps of a response are its worst) is judged again on what its probes find later; a session's
+  own record forgets faster (SESSION_MEMORY), following the part of the response it is in.
 The draft pays iff its marginal rate beats the rate without it:
     (tau - 1) / (pass_seconds(N0 + d) - pass_seconds(N0) + draft_seconds) > R.
 Alone (N0 = 1) that is tau > pass_seconds(1 + d) / pass_seconds(1) (plus the drafter's share).
@@ -223,6 +224,7 @@ class SpeculationGate:
     PROBE_EVERY = 16  # a capped source is tried again after this many capped steps in a row
     EVIDENCE = 8  # drafted steps (of every session) before a source is judged; the weight of the pooled mean
     POOLED_MEMORY = 64  # drafted steps the pooled record remembers (older ones fade)
+    SESSION_MEMORY = 32  # drafted steps a session's own record remembers
 
     def __init__(self, sources: Iterable[str], relative_cost: Mapping[int, float] | None = None,
                  drafter_sources: Iterable[str] = ("dflash",)) -> None:
@@ -281,6 +283,6 @@ class SpeculationGate:
 
     def drafted(self, records: dict[str, DraftRecord], source: str, drafted: int, committed: int, draft_seconds: float) -> None:
         own = records[source]
-        own.add(drafted, committed, draft_seconds)
+        own.add(drafted, committed, draft_seconds, keep=1.0 - 1.0 / self.SESSION_MEMORY)
         own.capped_in_a_row = 0  # a probe, if one was due, is used up
         self.pooled[source].add(drafted, committed, draft_seconds, keep=1.0 - 1.0 / self.POOLED_MEMORY)
