@@ -8,6 +8,8 @@ backend with the default model and the shipped drafter and policy:
     default          what `blockpilot generate PROMPT` does: the policy picks the block size, lookup on,
                      and a step drops its draft where drafts do not pay on this engine (the speed gate)
     default_ungated  the same without the speed gate: every step drafts as the policy and lookup allow
+    default_no_corpus  `default` without prompt lookup's corpus n-grams (the shipped table): lookup
+                     copies from the request's own text only, as before the table shipped
     lookup_off       the policy's block size, DFlash drafts only
     lookup_only      block size 1 with lookup on: prompt-lookup drafts, no drafter pass
 
@@ -45,22 +47,27 @@ from blockpilot.decoding.speculative import SamplingParams
 from blockpilot.policy.in_process import InProcessPolicy
 from blockpilot.runtime import load_engine, set_threads
 
-METHODS = ("autoregressive", "default", "default_ungated", "lookup_off", "lookup_only")
+METHODS = ("autoregressive", "default", "default_ungated", "default_no_corpus", "lookup_off", "lookup_only")
 BASELINE = "autoregressive"
 
 
 def run_method(engine, policy: InProcessPolicy, method: str, prompt_ids, params: SamplingParams, gate) -> dict:
-    lookup = LOOKUP_OFF if method in ("autoregressive", "lookup_off") else lookup_for(engine.decoder.target)
-    if method in ("default", "default_ungated", "lookup_off"):
+    if method in ("autoregressive", "lookup_off"):
+        lookup = LOOKUP_OFF
+    else:  # the corpus n-grams the engine loaded (the shipped table for the default target), but one method
+        lookup = lookup_for(engine.decoder.target, None if method == "default_no_corpus" else engine.corpus)
+    if method in ("default", "default_ungated", "default_no_corpus", "lookup_off"):
         block_size = policy.hook(engine.default_block_size, engine.decoder.max_block_size)
     else:
         block_size = 1
-    result = engine.decoder.generate(prompt_ids, params, block_size, lookup=lookup, gate=gate if method == "default" else None)
+    result = engine.decoder.generate(prompt_ids, params, block_size, lookup=lookup,
+                                     gate=gate if method in ("default", "default_no_corpus") else None)
     return {"token_ids": result.token_ids, "block_size": result.block_size, "tau": result.tau,
             "decode_s": result.decode_s, "decode_tokens_per_s": result.decode_tokens_per_s, "ttft_s": result.ttft_s,
             "steps": len(result.acceptance_lengths), "accepted_by_source": dict(result.accepted_by_source),
             "drafter_passes_skipped": result.drafter_passes_skipped, "capped_steps": result.capped_steps,
-            "fallback_reason": (policy.decision.fallback_reason if method in ("default", "default_ungated", "lookup_off") and policy.decision else "")
+            "fallback_reason": (policy.decision.fallback_reason if method in ("default", "default_ungated", "default_no_corpus", "lookup_off")
+                                and policy.decision else "")
             or result.fallback_reason}
 
 
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
     prompts = [p for f in files for p in read_jsonl_prompts(f, args.prompts_per_dataset)]
     setup = {"machine": machine_info(), "backend": engine.backend, "precisions": precisions, "drafter": engine.drafter_name,
              "policy": ",".join(policy.spec.policy_versions),
-             "lookup": {precision: lookup_for(each.decoder.target).__dict__ for precision, each in engines.items()},
+             "lookup": {precision: lookup_for(each.decoder.target, each.corpus).describe() for precision, each in engines.items()},
              "max_new_tokens": args.max_new_tokens,
              "prompts_per_dataset": args.prompts_per_dataset, "datasets": [f.stem for f in files],
              "temperatures": args.temperatures, "seed": args.seed}
@@ -136,14 +143,15 @@ def main(argv=None) -> int:
         chosen = args.methods if temperature == 0 or args.sampled_methods is None else args.sampled_methods
         methods = [BASELINE] + [m for m in chosen if m != BASELINE]
         rows = []
-        # One speed gate per engine and temperature, learning across prompts as a serving process does.
-        gates = {precision: each.decoder.speed_gate() for precision, each in engines.items()}
+        # One speed gate per engine, gated method and temperature, learning across prompts as a serving
+        # process does (each method's own: a gate's record of lookup drafts depends on the corpus).
+        gates = {(precision, m): each.decoder.speed_gate() for precision, each in engines.items() for m in methods}
         for prompt in tqdm(prompts, desc=f"T={temperature:g}", unit="prompt", file=sys.stderr):
             ids = engine.tokenizer.encode_chat([{"role": "user", "content": prompt["text"]}])
             params = SamplingParams(temperature=temperature, max_new_tokens=args.max_new_tokens,
                                     stop_token_ids=engine.tokenizer.stop_token_ids,
                                     seed=args.seed if temperature > 0 else None)
-            runs = {precision: {m: run_method(each, policy, m, ids, params, gates[precision]) for m in methods}
+            runs = {precision: {m: run_method(each, policy, m, ids, params, gates[precision, m]) for m in methods}
                     for precision, each in engines.items()}
             rows.append({"id": prompt["id"], "dataset": prompt["dataset"], "prompt_tokens": len(ids), "runs": runs})
         for precision in precisions:

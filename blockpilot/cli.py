@@ -24,7 +24,7 @@ from typing import Sequence
 from blockpilot.backends import BACKENDS, CPU_BACKENDS, DEFAULT_PRECISION, DEFAULT_VERIFIER_BACKEND, PRECISION_CHOICES, TORCH
 from blockpilot.cli_args import (AUTO, EXIT_FAILURE, EXIT_USAGE, OneLineParser, add_client_security_args, block_size_arg,
                                  client_security, json_object, non_negative_int, positive_int, temperature, top_p)
-from blockpilot.errors import BlockPilotError, InvalidArgumentError
+from blockpilot.errors import BlockPilotError, FailedPreconditionError, InvalidArgumentError
 from blockpilot.models.placement import DEFAULT_DEVICE, DEFAULT_DTYPE, DTYPE_NAMES, Placement, check_backend_placement
 
 # Command groups kept beside their code: each module's add_parsers(sub) adds its subcommands and
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-lookup", choices=("on", "off"), default="on",
                      help="verify a copy of what followed an earlier occurrence of the last tokens (prompt + output) "
                           "when there is one, instead of a drafter pass (default: on)")
+    gen.add_argument("--lookup-corpus", default="auto",
+                     help="where the text has no match of 2+ tokens, prompt lookup proposes the target's habits "
+                          "from corpus n-grams: 'auto' (the shipped table, for the default target's weights only), "
+                          "'none', or a table folder (`blockpilot drafter corpus`)")
     gen.add_argument("--policy", default="", help="with --block-size auto (the default): the policy to ask ('' = the shipped policy, a learned "
                                                   "policy's name, 'default' or 'fixed-<n>'; with --server also an experiment)")
     gen.add_argument("--policies", type=Path, default=None, help="with --block-size auto: policy repository folder (default: the shipped policies/)")
@@ -170,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=positive_int, default=None)
 
+    corpus = drafter_sub.add_parser("corpus", help="corpus n-grams of the target's own responses, for prompt lookup")
+    corpus.add_argument("--data", type=Path, required=True, help="a `drafter data` folder (its greedy records are counted)")
+    corpus.add_argument("--out", type=Path, required=True, help="table folder (ngrams.npz, corpus.json)")
+    corpus.add_argument("--min-count", type=positive_int, default=2, help="fewest occurrences of a trigram kept (default 2)")
+    corpus.add_argument("--holdout-share", type=float, default=0.05,
+                        help="share of records (by a hash of the id) kept out to measure the tables (default 0.05)")
+    corpus.add_argument("--threads", type=positive_int, default=None)
     evaluate = drafter_sub.add_parser("eval", help="τ per dataset and block size on evaluation prompts")
     evaluate.add_argument("--drafter", default=None, help="DFlash checkpoint directory or Hugging Face repository id, e.g. "
                                                           "z-lab/Qwen3-4B-DFlash-b16 (default: the shipped drafter)")
@@ -276,7 +287,30 @@ def _drafter(args: argparse.Namespace) -> int:
         return _drafter_train(args)
     if args.drafter_command == "eval":
         return _drafter_eval(args)
+    if args.drafter_command == "corpus":
+        return _drafter_corpus(args)
     raise InvalidArgumentError(f"unknown drafter command {args.drafter_command!r}")
+
+
+def _drafter_corpus(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from blockpilot.decoding.corpus import build_from_responses
+    from blockpilot.training.shards import ResponseStore
+
+    store = ResponseStore.open_existing(args.data)
+    target = store.manifest.get("target") or {}
+    if not target.get("weights_digest"):
+        raise FailedPreconditionError(f"the data folder '{args.data}' names no target weights digest")
+    with tqdm(desc="greedy records", unit="rec") as progress:
+        corpus = build_from_responses(store.records(), target, min_count=args.min_count,
+                                      holdout_share=args.holdout_share, progress=progress)
+    out = corpus.save(args.out, int(target["vocab_size"]))
+    print(json.dumps({"out": str(out), "records": corpus.info["records"], "tokens": corpus.info["tokens"],
+                      "held_out_records": corpus.info["held_out_records"], "bigrams": len(corpus.bigram),
+                      "trigrams": len(corpus.trigram), "survival_no_match": corpus.survival[0],
+                      "survival_one_token_match": corpus.survival[1]}, indent=1))
+    return 0
 
 
 def _drafter_data(args: argparse.Namespace) -> int:
@@ -594,7 +628,8 @@ def _generate(args: argparse.Namespace) -> int:
     backend = args.backend or DEFAULT_VERIFIER_BACKEND
     precision = args.precision or DEFAULT_PRECISION
     engine = load_engine(args.target, args.drafter, placement=placement,
-                         backend=BackendOptions(name=backend, precision=precision, onnx=args.onnx, threads=args.threads))
+                         backend=BackendOptions(name=backend, precision=precision, onnx=args.onnx, threads=args.threads),
+                         lookup_corpus=args.lookup_corpus if args.prompt_lookup == "on" else "none")
     tokenizer = engine.tokenizer
     # The drafter's trained-with template arguments, the flag's over them (as the verifier service).
     template_kwargs = {**engine.template_defaults, **(args.chat_template_kwargs or {})}
@@ -608,7 +643,7 @@ def _generate(args: argparse.Namespace) -> int:
         block_size = policy.hook(engine.default_block_size, engine.decoder.max_block_size)
     else:
         block_size = 1 if auto else args.block_size  # without a drafter there is no block size to decide
-    lookup = lookup_for(engine.decoder.target) if args.prompt_lookup == "on" else LOOKUP_OFF
+    lookup = lookup_for(engine.decoder.target, engine.corpus) if args.prompt_lookup == "on" else LOOKUP_OFF
     params = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,

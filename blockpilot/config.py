@@ -125,6 +125,10 @@ class VerifierServiceConfig(ServiceConfig):
     default_block_size: int = opt(0, "block size when the policy is unreachable (0 = the drafter's trained size)", _at_least(0))
     prompt_lookup: bool = opt(True, "verify prompt-lookup drafts (a copy of what followed an earlier occurrence of the "
                                     "last tokens) instead of a drafter pass when a request leaves prompt_lookup unset")
+    lookup_corpus: str = opt("auto", "corpus n-grams prompt lookup proposes from where the request's own text has no "
+                                     "match of 2+ tokens: 'auto' (the shipped table of the default target's own "
+                                     "responses, used only for the weights it was counted over), 'none', or a table "
+                                     "folder (`blockpilot drafter corpus`)", _nonempty)
     chat_template_kwargs: str = opt("", "JSON object of chat-template arguments for `messages` prompts, over those the "
                                         "drafter's config.json names (its Describe reply) and under a request's own "
                                         "(e.g. '{\"enable_thinking\": false}' for a Qwen3 target whose drafter was trained "

@@ -15,9 +15,10 @@ import torch
 
 from blockpilot.backends.base import VerifierBackend, backend_name, backend_precision
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend, place_beside
+from blockpilot.decoding.corpus import CorpusNgrams
 from blockpilot.decoding.drafting import DraftProvider, LocalDrafter
 from blockpilot.decoding.speculative import SpeculativeDecoder
-from blockpilot.errors import InvalidArgumentError
+from blockpilot.errors import FailedPreconditionError, InvalidArgumentError
 from blockpilot.models.drafter import DFlashDrafter
 from blockpilot.models.placement import Placement, check_backend_placement, drafter_run_precision
 from blockpilot.models.store import is_default_target, resolve_drafter, resolve_target
@@ -30,12 +31,45 @@ log = logging.getLogger(__name__)
 SHIPPED_DRAFTER_NAME = "SmolLM2-135M-Instruct-DFlash"
 RANDOM_DRAFTER = "random"
 NO_DRAFTER = "none"
+# Corpus n-grams of the default target's own responses (decoding/corpus.py) ship beside it.
+SHIPPED_CORPUS_NAME = "SmolLM2-135M-Instruct-ngrams"
+AUTO_CORPUS = "auto"
+NO_CORPUS = "none"
 
 
 def shipped_drafter_dir() -> Path | None:
     """The project's own trained drafter for the default target, if this checkout has one."""
     path = Path(__file__).resolve().parent.parent / "models" / SHIPPED_DRAFTER_NAME
     return path if (path / "config.json").is_file() else None
+
+
+def resolve_corpus(choice: str, target: TargetModel) -> CorpusNgrams | None:
+    """The corpus n-grams prompt lookup proposes from (see decoding/corpus.py).
+
+    choice: 'auto' = the shipped table where it was counted over this target's own responses
+    (same weights digest), else none; 'none'; or a table folder, refused unless it was counted
+    over this target's responses (another model's habits would only be wrong drafts)."""
+    if choice == NO_CORPUS:
+        return None
+    from blockpilot.backends.onnx_export import weights_digest
+
+    if choice == AUTO_CORPUS:
+        path = Path(__file__).resolve().parent.parent / "models" / SHIPPED_CORPUS_NAME
+        if not path.is_dir():
+            return None
+        corpus = CorpusNgrams.load(path)
+        if corpus.info.get("vocab_size") != target.config.vocab_size or \
+                corpus.info.get("target", {}).get("weights_digest") != weights_digest(target):
+            return None
+        log.info("prompt lookup: corpus n-grams %s (%d trigrams, %d bigrams)", path, len(corpus.trigram), len(corpus.bigram))
+        return corpus
+    corpus = CorpusNgrams.load(choice)
+    made_from = corpus.info.get("target", {}).get("weights_digest")
+    if made_from != weights_digest(target):
+        raise FailedPreconditionError(f"the corpus n-grams at '{choice}' were counted over another target's responses "
+                                      f"(weights digest {str(made_from)[:12]}...): make a table for this target with "
+                                      "`blockpilot drafter corpus`")
+    return corpus
 
 
 @dataclass
@@ -52,6 +86,7 @@ class Engine:
     decoder: SpeculativeDecoder
     verifier_target: VerifierBackend | None = None
     placement: Placement = Placement()
+    corpus: CorpusNgrams | None = None  # prompt lookup's corpus n-grams (resolve_corpus)
 
     @property
     def default_block_size(self) -> int:
@@ -76,7 +111,8 @@ class Engine:
 
 
 def load_engine(target: str | None = None, drafter: str | None = None, *, random_drafter_block_size: int = 8,
-                backend: BackendOptions | None = None, placement: Placement | None = None) -> Engine:
+                backend: BackendOptions | None = None, placement: Placement | None = None,
+                lookup_corpus: str = AUTO_CORPUS) -> Engine:
     """Load a target, its drafter and the backend that verifies.
 
     target: None/"default" (SmolLM2-135M-Instruct), a Hugging Face directory, a GGUF file or a
@@ -84,6 +120,7 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
     drafter: None = the shipped drafter when the target is the default one, else no drafter;
         "none" = no drafter; "random" = a randomly initialised drafter (testing); else a DFlash
         checkpoint directory or Hugging Face repository id.
+    lookup_corpus: the corpus n-grams of prompt lookup (resolve_corpus: 'auto', 'none' or a folder).
     backend: which verifier backend runs the target (default: the torch engine); a graph backend's
         export must return the drafter's target layers (checked; exported on demand if none given).
     placement: dtype and device of the torch engine (target, drafter, KV caches); default float32
@@ -122,7 +159,7 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
     precision = drafter_run_precision(placement, target_model.device)
     provider: DraftProvider | None = LocalDrafter(model, target_model, precision=precision) if model is not None else None
     return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(verifier, provider),
-                  verifier_target=verifier, placement=placement)
+                  verifier_target=verifier, placement=placement, corpus=resolve_corpus(lookup_corpus, target_model))
 
 
 def untrained_mask_token(tokenizer: ChatTokenizer) -> int:

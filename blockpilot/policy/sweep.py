@@ -621,7 +621,7 @@ def sweep_manifest(models: SweepModels, cfg: SweepConfig) -> dict:
         "drafter_block_size": int(models.drafter.block_size),
         "max_new_tokens": cfg.max_new_tokens,
         "max_prompt_tokens": cfg.max_prompt_tokens,
-        "prompt_lookup": asdict(cfg.lookup) if cfg.lookup.enabled else None,
+        "prompt_lookup": cfg.lookup.describe() if cfg.lookup.enabled else None,
         "temperature": 0.0,
         "feature_dims": {kind: feature_dim(models.target.config, kind) for kind in FEATURE_KINDS},
         "feature_dtype": "<f4",

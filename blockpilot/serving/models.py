@@ -23,7 +23,9 @@ from blockpilot.models.placement import Placement, check_backend_placement, draf
 from blockpilot.models.store import is_default_target, resolve_drafter, resolve_target
 from blockpilot.models.target import TargetEmbedHead, TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
-from blockpilot.runtime import NO_DRAFTER, RANDOM_DRAFTER, SHIPPED_DRAFTER_NAME, untrained_mask_token, shipped_drafter_dir
+from blockpilot.decoding.corpus import CorpusNgrams
+from blockpilot.runtime import (AUTO_CORPUS, NO_DRAFTER, RANDOM_DRAFTER, SHIPPED_DRAFTER_NAME, resolve_corpus,
+                                untrained_mask_token, shipped_drafter_dir)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ class ServedTarget:
     backend over an export of it), or in the drafter service the target's embedding and lm_head
     alone (TargetEmbedHead); torch_model: the torch module the drafter's embedding and output
     projection come from. Both are the same object unless a graph backend verifies.
-    placement: the dtype and device of the torch module (and of a drafter loaded beside it)."""
+    placement: the dtype and device of the torch module (and of a drafter loaded beside it).
+    corpus: prompt lookup's corpus n-grams (runtime.resolve_corpus; None: none)."""
 
     name: str
     target_dir: Path
@@ -41,6 +44,7 @@ class ServedTarget:
     tokenizer: ChatTokenizer | None
     torch_model: TargetModel | TargetEmbedHead | None = None
     placement: Placement = Placement()
+    corpus: CorpusNgrams | None = None
 
     def __post_init__(self) -> None:
         if self.torch_model is None:
@@ -58,11 +62,13 @@ class ServedTarget:
 
 
 def load_served_target(name: str = "default", *, backend: BackendOptions | None = None,
-                       drafter_layers: tuple[int, ...] | None = None, placement: Placement | None = None) -> ServedTarget:
+                       drafter_layers: tuple[int, ...] | None = None, placement: Placement | None = None,
+                       lookup_corpus: str = AUTO_CORPUS) -> ServedTarget:
     """backend: the verifier backend (default: torch). drafter_layers: the target layers the
     (remote) drafter reads, which a graph backend's export must return (None: not known; an
     on-demand export then returns blockpilot.backends.loader.default_export_layers).
-    placement: dtype and device of the torch backend (default float32 on the CPU)."""
+    placement: dtype and device of the torch backend (default float32 on the CPU).
+    lookup_corpus: prompt lookup's corpus n-grams ('auto', 'none' or a folder: runtime.resolve_corpus)."""
     backend = backend or BackendOptions()
     placement = placement or Placement()
     check_backend_placement(placement, backend.name)
@@ -70,12 +76,13 @@ def load_served_target(name: str = "default", *, backend: BackendOptions | None 
     target_dir = resolve_target(None if is_default_target(name) else name)
     model = TargetModel.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)
     tokenizer = _served_tokenizer(target_dir)
+    corpus = resolve_corpus(lookup_corpus, model)
     if backend.name == "torch":
-        return ServedTarget(name, target_dir, model, tokenizer, placement=placement)
+        return ServedTarget(name, target_dir, model, tokenizer, placement=placement, corpus=corpus)
     verifier = load_backend(model, backend, drafter_layers=drafter_layers, source=str(target_dir),
                             default_layers=default_export_layers(model, is_default_target(name)))
     log.info("verifier backend %s (%s), export layers %s", backend.name, backend.precision, list(verifier.hidden_layer_ids))
-    return ServedTarget(name, target_dir, verifier, tokenizer, torch_model=model, placement=placement)
+    return ServedTarget(name, target_dir, verifier, tokenizer, torch_model=model, placement=placement, corpus=corpus)
 
 
 def load_drafter_target(name: str = "default", *, placement: Placement | None = None) -> ServedTarget:
@@ -103,7 +110,7 @@ def load_verifier_target(config) -> ServedTarget:
     options = BackendOptions(name=config.backend, precision=config.precision, onnx=config.onnx_path or None,
                              threads=config.threads)
     return load_served_target(config.target, backend=options, drafter_layers=layers,
-                              placement=Placement(config.dtype, config.device))
+                              placement=Placement(config.dtype, config.device), lookup_corpus=config.lookup_corpus)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

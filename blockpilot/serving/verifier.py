@@ -212,7 +212,7 @@ class VerifierCore:
         self.template_defaults: dict[str, Any] = json.loads(config.chat_template_kwargs) if config.chat_template_kwargs else {}
         check_template_kwargs(self.template_defaults)
         self.backend, self.precision = backend_name(target.model), backend_precision(target.model)
-        self.lookup = lookup_for(target.model)  # proposal lengths for this backend's verify costs
+        self.lookup = lookup_for(target.model, target.corpus)  # proposal lengths for this backend's verify costs
         metrics.VERIFIER_BACKEND.labels(self.backend, self.precision).set(1)
         self.max_context = target.model.config.max_position_embeddings
         # Rows hold prompt + max_new_tokens + 1 + the widest block; they start at batch_row_tokens and

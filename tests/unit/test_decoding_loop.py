@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -10,7 +11,7 @@ import torch
 
 from blockpilot.decoding import acceptance
 from blockpilot.decoding.drafting import LocalDrafter
-from blockpilot.decoding.lookup import LookupConfig
+from blockpilot.decoding.lookup import LookupConfig, PromptLookupIndex
 from blockpilot.decoding.speculative import PrefillInfo, SamplingParams, SpeculativeDecoder
 from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
 from blockpilot.models.drafter import DFlashDrafter
@@ -356,6 +357,53 @@ def test_temperature_sampling_with_lookup_is_lossless_in_distribution(small_voca
         lookup_steps += "lookup" in result.step_sources
     # Lookup drafts were verified in most requests, accepted in some (and rejected in others).
     assert lookup_steps > trials // 5 and copied > trials // 20
+    assert chi_square_p_value(counts, exact, trials) > 1e-3
+
+
+def corpus_lookup(target, prompts, length=40):
+    """Lookup with corpus n-grams counted over the target's own greedy replies to `prompts`."""
+    from blockpilot.decoding.corpus import CorpusNgrams
+
+    corpus = CorpusNgrams.count([list(p[-2:]) + autoregressive(target, p, length).token_ids for p in prompts], min_count=1)
+    return LookupConfig(min_ngram=1, max_ngram=3, max_tokens=6, corpus=corpus, corpus_tokens=(3, 2))
+
+
+def test_greedy_with_corpus_ngrams_equals_autoregressive(target, random_drafter):
+    """Corpus continuations are drafts like copies: the output is the target's own at every block
+    size, and (counted over the target's own replies) they are proposed and accepted."""
+    lookup = corpus_lookup(target, [[5, 6, 7, 9], [12], [40, 3, 3, 90, 17]])
+    accepted = 0
+    for prompt in PROMPTS + REPETITIVE_PROMPTS[:1]:
+        reference = autoregressive(target, prompt, 40).token_ids
+        for drafter, block_size in ((None, 1), (random_drafter, 4), (random_drafter, 8)):
+            result = SpeculativeDecoder(target, drafter).generate(prompt, SamplingParams(max_new_tokens=40), block_size, lookup=lookup)
+            assert result.token_ids == reference, (prompt, block_size)
+            accepted += result.accepted_by_source["lookup"]
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("draft_sampling", ["greedy", "sample"])
+def test_temperature_sampling_with_corpus_ngrams_is_lossless_in_distribution(small_vocab_target, draft_sampling):
+    """Corpus continuations are one-hot drafts accepted by sample-and-match: the output law is the
+    target's, with DFlash drafts mixed in."""
+    target = small_vocab_target
+    prompt, length, temperature, trials = [1, 3, 2, 4], 4, 1.3, 3000
+    exact = exact_joint(target, prompt, length, temperature)
+    greedy = autoregressive(target, prompt, length).token_ids
+    drafter = OracleDrafter(list(prompt) + greedy, target.config.vocab_size, 0.7, seed=1)
+    lookup = dataclasses.replace(corpus_lookup(target, [[1, 3], [3, 1, 2], [2, 2]], length=6), min_ngram=2)
+    # After the first token the history has no repeated pair for most tokens: the corpus proposes there.
+    assert sum(PromptLookupIndex(lookup, prompt + [t]).longest_match()[0] == 0 for t in range(5)) >= 3
+    decoder = SpeculativeDecoder(target, drafter)
+    counts: dict[tuple[int, ...], int] = {}
+    corpus_steps = 0
+    for seed in range(trials):
+        result = decoder.generate(prompt, SamplingParams(temperature=temperature, max_new_tokens=length, seed=seed,
+                                                         draft_sampling=draft_sampling), 3, lookup=lookup)
+        key = tuple(result.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+        corpus_steps += "lookup" in result.step_sources
+    assert corpus_steps > trials // 5
     assert chi_square_p_value(counts, exact, trials) > 1e-3
 
 

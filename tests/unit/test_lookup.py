@@ -121,3 +121,62 @@ def test_proposal_lengths_follow_the_verify_cost_curve():
     config = lookup_for(Backend())
     assert config.enabled and len(config.max_tokens_by_ngram) == 6 and config.max_tokens == max(config.max_tokens_by_ngram)
     assert lookup_for(object()) == LookupConfig()  # no measured curve: the default lengths
+
+
+# ---- corpus n-grams where the text has no match of 2+ tokens -----------------------------------
+
+def corpus_of(bigram, trigram=None, survival=()):
+    from blockpilot.decoding.corpus import CorpusNgrams
+
+    return CorpusNgrams(bigram=dict(bigram), trigram=dict(trigram or {}), survival=survival)
+
+
+def test_corpus_continuation_replaces_short_matches_only():
+    corpus = corpus_of({5: 6, 6: 7, 7: 8, 2: 40}, {(1, 2): 30, (2, 30): 31})
+    config = dict(min_ngram=1, max_ngram=4, max_tokens=9, corpus=corpus, corpus_tokens=(3, 2))
+    assert index_of([9, 5], **config).propose() == [6, 7, 8]  # no match: 3 corpus tokens
+    assert index_of([5, 3, 5], **config).propose() == [6, 7]  # a 1-token match: 2 corpus tokens, not the copy [3]
+    assert index_of([1, 2, 9, 1, 2], **config).propose() == [9, 1, 2]  # a 2-token match: the copy
+    assert index_of([4, 3, 4], **config).propose() == [3, 4]  # the corpus knows nothing after 4: the copy
+    assert index_of([9, 5], **config).propose(2) == [6, 7]  # the caller's cap
+    assert index_of([5, 3, 5], **dict(config, corpus_tokens=(3, 0))).propose() == [3, 5]  # 0: copy as without a corpus
+    assert index_of([9, 5], **dict(config, corpus=None)).propose() == []
+
+
+def test_bad_corpus_lengths_are_refused():
+    with pytest.raises(InvalidArgumentError, match=r"\[1, -2\]"):
+        LookupConfig(corpus_tokens=(1, -2))
+    with pytest.raises(InvalidArgumentError, match=r"\[1\]"):
+        LookupConfig(corpus_tokens=(1,))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_index_with_a_corpus_matches_the_slow_reference(seed):
+    rng = random.Random(100 + seed)
+    vocab = rng.choice([3, 6, 20])
+    corpus = corpus_of({t: rng.randrange(vocab) for t in range(vocab) if rng.random() < 0.7},
+                       {(a, b): rng.randrange(vocab) for a in range(vocab) for b in range(vocab) if rng.random() < 0.3})
+    config = LookupConfig(min_ngram=rng.randint(1, 2), max_ngram=rng.randint(2, 5), max_tokens=rng.randint(1, 9),
+                          corpus=corpus, corpus_tokens=(rng.randint(0, 4), rng.randint(0, 4)))
+    history = [rng.randrange(vocab) for _ in range(rng.randint(0, 80))]
+    index = PromptLookupIndex(config)
+    for position, token in enumerate(history):
+        index.extend([token])
+        cap = rng.choice([None, 0, 1, 3])
+        assert index.propose(cap) == propose_slow(history[: position + 1], config, cap), (position, cap)
+
+
+def test_corpus_lengths_follow_the_verify_cost_curve_and_its_survival():
+    from blockpilot.decoding.lookup import DEFAULT_CORPUS_TOKENS, lookup_for
+
+    survival = ((0.5, 0.25) + (0.0,) * 6, (0.3,) + (0.0,) * 7)
+
+    class Backend:  # a second token nearly free, the rest 20 % each
+        verify_cost = {1: 1.0, 2: 1.03, **{k: 1.03 + 0.2 * (k - 2) for k in range(3, 13)}}
+
+    config = lookup_for(Backend(), corpus_of({1: 2}, survival=survival))
+    # no match: L=1 1.5/1.03 = 1.456, L=2 1.75/1.23 = 1.42 -> 1; one-token match: L=1 1.3/1.03 -> 1
+    assert config.corpus_tokens == (1, 1) and config.corpus is not None
+    assert lookup_for(Backend()).corpus is None
+    assert lookup_for(object(), corpus_of({1: 2})).corpus_tokens == DEFAULT_CORPUS_TOKENS  # no curve, no survival
+    assert config.describe()["corpus"]["bigrams"] == 1
