@@ -35,8 +35,12 @@ continuous batching. GroupQueryAttention on the CPU takes one sequence when it g
 tokens, so each layer runs one GroupQueryAttention per sequence over that sequence's slice of the
 packed tokens, while every other node (the matmuls, which read the weights: most of a step) runs
 once over all N tokens:
-    inputs   input_ids              int64   [1, N]  the sequences' new tokens, packed in order
-             session_bounds         int64   [S + 1] sequence i's tokens are [bounds[i], bounds[i+1]) (one at least)
+    inputs   input_ids              int64   [1, N]  the sequences' new tokens, packed in order (n_i >= 1 each)
+             attention_rows         int64   [N + S] the packed rows the attentions read, in order: sequence
+                                    i's n_i rows, then its last row again (see below)
+             attention_splits       int64   [S]     n_i + 1: sequence i's share of attention_rows
+             attention_keep         int64   [N]     where each packed token's attention output is among the
+                                    N + S (every row but the copies)
              seqlens_k              int32   [S]     per sequence: its cache length after this step (see below)
              total_sequence_lengths int32   [S]     per sequence: its cache length after this step + 1
              logit_index            int64   [n]     indices into the N packed tokens
@@ -45,7 +49,9 @@ once over all N tokens:
              present_key_s{i}_{l}, present_value_s{i}_{l} (bound to the same buffers as past_*)
 Each sequence's attention also gets a copy of its last token (so a lone token runs the multi-token
 path, as a padded one-sequence pass does): it is written one slot past the sequence's end, hence the
-+ 1 in the lengths; the caches need that slot of headroom.
++ 1 in the lengths; the caches need that slot of headroom. Per layer the sequences' rows are taken
+by one Gather and one Split and put back by one Concat and one Gather (S + 4 nodes, not 5 per
+sequence: at 16 sequences the per-sequence slices cost ~10 % of a pass in node overhead).
 """
 
 from __future__ import annotations
@@ -260,7 +266,7 @@ def build_fused_graph(target: TargetModel, hidden_layer_ids: Sequence[int] = (),
     return model
 
 
-SESSIONS_GRAPH_VERSION = 2  # in the file name of a saved sessions graph: a changed contract is never loaded stale
+SESSIONS_GRAPH_VERSION = 3  # in the file name of a saved sessions graph: a changed contract is never loaded stale
 
 
 def sessions_graph(model, sessions: int):
@@ -279,14 +285,9 @@ def sessions_graph(model, sessions: int):
     graph = rewritten.graph
     b = _Builder()
     b._count = 10**6  # names apart from the original graph's
-    bounds = [(b.op1("Slice", ["session_bounds", b.const("at", np.array([i], np.int64)), b.const("to", np.array([i + 1], np.int64))]),
-               b.op1("Slice", ["session_bounds", b.const("at", np.array([i + 1], np.int64)), b.const("to", np.array([i + 2], np.int64))]))
-              for i in range(sessions)]
     seqlens = [b.op1("Slice", ["seqlens_k", b.const("at", np.array([i], np.int64)), b.const("to", np.array([i + 1], np.int64))])
                for i in range(sessions)]
     totals = [b.op1("Gather", ["total_sequence_lengths", b.const("index", np.array(i, np.int64))], axis=0) for i in range(sessions)]
-    token_axis = b.const("token_axis", np.array([1], np.int64))
-    one, zero, minus_one = (b.const(name, np.array([v], np.int64)) for name, v in (("one", 1), ("zero", 0), ("minus_one", -1)))
     nodes = list(b.nodes)
     b.nodes.clear()
     layers = []
@@ -297,20 +298,18 @@ def sessions_graph(model, sessions: int):
         layer = int(node.output[1].removeprefix("present_key_"))
         layers.append(layer)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        outs = []
-        for i in range(sessions):
-            rows = b.op1("Slice", [node.input[0], bounds[i][0], bounds[i][1], token_axis])  # [1, n_i, (H + 2K) D]
-            # A copy of the session's last row rides along: GroupQueryAttention then always runs its
-            # multi-token path (a lone token's one-token path computes other numbers), and no pad
-            # token goes through the matmuls. The copy sits after the session's tokens (written past
-            # its end, never read: the causal mask keeps it from them) and its output is dropped.
-            last = b.op1("Slice", [node.input[0], b.op1("Sub", [bounds[i][1], one]), bounds[i][1], token_axis])
-            padded = b.op1("Concat", [rows, last], axis=1)
-            inputs = [padded, "", "", f"past_key_s{i}_{layer}", f"past_value_s{i}_{layer}", seqlens[i], totals[i], *node.input[7:]]
-            out = b.op("GroupQueryAttention", inputs, [b.name("attn"), f"present_key_s{i}_{layer}", f"present_value_s{i}_{layer}"],
-                       domain=MS_DOMAIN, **attrs)[0]
-            outs.append(b.op1("Slice", [out, zero, minus_one, token_axis]))
-        b.op("Concat", outs, [node.output[0]], axis=1)
+        # Each sequence's rows plus a copy of its last row: GroupQueryAttention then always runs its
+        # multi-token path (a lone token's one-token path computes other numbers), and no pad token
+        # goes through the matmuls. The copy sits after the sequence's tokens (written past its end,
+        # never read: the causal mask keeps it from them) and its output is dropped.
+        rows = b.op1("Gather", [node.input[0], "attention_rows"], axis=1)  # [1, N + S, (H + 2K) D]
+        parts = b.op("Split", [rows, "attention_splits"], sessions, axis=1) if sessions > 1 else [rows]
+        outs = [b.op("GroupQueryAttention", [part, "", "", f"past_key_s{i}_{layer}", f"past_value_s{i}_{layer}", seqlens[i],
+                                             totals[i], *node.input[7:]],
+                     [b.name("attn"), f"present_key_s{i}_{layer}", f"present_value_s{i}_{layer}"], domain=MS_DOMAIN, **attrs)[0]
+                for i, part in enumerate(parts)]
+        joined = b.op1("Concat", outs, axis=1) if sessions > 1 else outs[0]
+        b.op("Gather", [joined, "attention_keep"], [node.output[0]], axis=1)
         nodes += b.nodes
         b.nodes.clear()
     del graph.node[:]
@@ -330,7 +329,9 @@ def sessions_graph(model, sessions: int):
     keep_out = [v for v in graph.output if not v.name.startswith("present_")]
     del graph.input[:]
     graph.input.extend(keep_in + [
-        helper.make_tensor_value_info("session_bounds", TensorProto.INT64, [sessions + 1]),
+        helper.make_tensor_value_info("attention_rows", TensorProto.INT64, ["attention_rows"]),
+        helper.make_tensor_value_info("attention_splits", TensorProto.INT64, [sessions]),
+        helper.make_tensor_value_info("attention_keep", TensorProto.INT64, ["packed_tokens"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [sessions]),
         helper.make_tensor_value_info("total_sequence_lengths", TensorProto.INT32, [sessions]),
     ] + caches_in)

@@ -189,7 +189,7 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         self._check_positions(positions, torch.arange(start, start + steps))
         wanted = steps if num_logits is None else min(max(num_logits, 1), steps)
         if steps == 1 and self.lone_rows_invariant:  # no pad row through the matmuls (see lone_rows_match)
-            out = self._run_sessions(tokens, cache, [start], [1], torch.tensor([0, 1]), torch.arange(1))
+            out = self._run_sessions(tokens, cache, [start], [1], torch.arange(1))
         else:
             out = self._run(tokens, cache, start, torch.arange(steps - wanted, steps))
         cache.length = start + steps
@@ -261,9 +261,8 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         # No padding: the sessions graph gives each session's attention a copy of its last token
         # (written past the row's end, never read; see fused_graph.sessions_graph).
         packed = torch.cat([tokens[b, : w] for b, w in enumerate(widths)])
-        bounds = torch.tensor([0, *torch.tensor(widths).cumsum(0).tolist()], dtype=torch.long)
         picks = torch.arange(packed.shape[0]) if num_logits != 0 else torch.arange(0)
-        out = self._run_sessions(packed[None], pool, starts.tolist(), widths, bounds, picks)
+        out = self._run_sessions(packed[None], pool, starts.tolist(), widths, picks)
         pool.lengths[:batch] += torch.tensor(widths)
         return ForwardOutput(logits=out["logits"][None] if num_logits != 0 else None,
                              hidden=out["hidden"] if want_hidden and "hidden" in out else None,
@@ -301,10 +300,10 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         return session
 
     def _run_sessions(self, tokens: torch.Tensor, pool: KVCache, starts: list[int], widths: list[int],
-                      bounds: torch.Tensor, picks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One run of the sessions graph: session b's widths[b] tokens (packed in `tokens` [1, N]
-        at bounds[b]..bounds[b+1]) at slots starts[b].. of pool row b (and the copy of its last
-        token one slot further); logits of `picks`."""
+                      picks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One run of the sessions graph: session b's widths[b] tokens (packed in order in
+        `tokens` [1, N]) at slots starts[b].. of pool row b (and the copy of its last token one
+        slot further); logits of `picks`."""
         cfg = self.config
         physical = pool.keys.shape[3]
         for b, (start, width) in enumerate(zip(starts, widths)):
@@ -313,7 +312,7 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
                     f"KV cache full: a pass of {width} tokens at slot {start} exceeds the {physical} slots of pool row {b}")
         sessions = len(widths)
         ends = torch.tensor(starts) + torch.tensor(widths) + 1
-        feeds = {"input_ids": tokens.contiguous(), "session_bounds": bounds, "seqlens_k": (ends - 1).to(torch.int32),
+        feeds = {"input_ids": tokens.contiguous(), **attention_layout(widths), "seqlens_k": (ends - 1).to(torch.int32),
                  "total_sequence_lengths": ends.to(torch.int32), "logit_index": picks.to(torch.long).contiguous()}
         steps = tokens.shape[1]
         out = {"logits": torch.empty((picks.shape[0], cfg.vocab_size)), "final_state": torch.empty((1, steps, cfg.hidden_size))}
@@ -343,6 +342,20 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
                     binding.bind_output(f"present_{kind}_s{b}_{layer}", "cpu", 0, np.float32, shape, buffer.data_ptr())
         self._bindings[sessions] = (key, binding)
         return binding
+
+
+def attention_layout(widths: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The sessions graph's attention inputs for sessions of widths[i] packed tokens each:
+    attention_rows (each session's packed rows, then its last row again), attention_splits
+    (widths[i] + 1) and attention_keep (where each packed token sits among attention_rows)."""
+    rows, keep, at = [], [], 0
+    for session, width in enumerate(widths):
+        rows += [*range(at, at + width), at + width - 1]
+        keep += range(at + session, at + session + width)
+        at += width
+    return {"attention_rows": torch.tensor(rows, dtype=torch.long),
+            "attention_splits": torch.tensor([w + 1 for w in widths], dtype=torch.long),
+            "attention_keep": torch.tensor(keep, dtype=torch.long)}
 
 
 def _bind(binding, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
@@ -404,6 +417,6 @@ def lone_rows_match(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, blo
     block pass, on this CPU. Where it does, a one-token step need not pay for a pad row."""
     tokens, cache, together = _block_after_prompt(backend, prompt_len, block, seed=4321)
     # token i goes to slot prompt_len + i, after the ones before it
-    lone = torch.cat([backend._run_sessions(tokens[:, i : i + 1], cache, [prompt_len + i], [1], torch.tensor([0, 1]),
-                                            torch.arange(1))["logits"] for i in range(block)])
+    lone = torch.cat([backend._run_sessions(tokens[:, i : i + 1], cache, [prompt_len + i], [1], torch.arange(1))["logits"]
+                      for i in range(block)])
     return bool(torch.equal(lone, together))
