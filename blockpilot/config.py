@@ -141,7 +141,7 @@ class VerifierServiceConfig(ServiceConfig):
                                          "streams' steps by one chunk at a time", _at_least(1))
     load_aware_drafts: bool = opt(True, "an AUTO request drafts only while its drafts pay for their cost in the pass it runs in "
                                         "(the speed gate: the backend's verify-cost curve scaled by measured passes, its own "
-                                        "acceptance; FIXED / OFF sizes and seeded sampling are left as given)")
+                                        "acceptance; FIXED / OFF sizes and seeded sampling by the p/q rule are left as given)")
     ragged_batches: str = opt("auto", "'on': one target pass per iteration over every session (torch, onnxruntime); 'off': one "
                               "pass per session, sessions' passes on different cores at once; 'auto': on for torch, off for "
                               "onnxruntime (measured: see README, Which backend to serve; rerun `blockpilot bench` to choose)",

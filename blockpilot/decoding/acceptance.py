@@ -65,6 +65,7 @@ assumed to lie in [0, V) and probability rows to be non-negative with positive m
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -89,6 +90,56 @@ def draw_uniforms(generator: torch.Generator, count: int) -> torch.Tensor:
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     return torch.rand(count, generator=generator, dtype=torch.float64, device=generator.device)
+
+
+class PositionalUniforms:
+    """One request's uniforms, addressed by output position: u(stream, t) for the t-th generated
+    token (t = 0: the prefill's). Counter-based: the uniforms of positions [j * BLOCK, (j + 1) *
+    BLOCK) are torch.rand(BLOCK) from a generator seeded with a hash of (seed, stream, j), so any
+    position's uniform is known without drawing the ones before it.
+
+    Why by position: a verify step at position t reads at(t, n + 1), the uniforms of the positions
+    its tokens may land on, whatever n is. Sample-and-match then commits exactly the tokens a plain
+    sampler reading at(t, 1) per token commits (token t is the inverse-CDF draw of p_t with u(t)),
+    for every draft: a seeded request gives the same tokens at any block size, from any draft
+    source, with or without drafts dropped under load. (The min(1, p/q) rule reads more uniforms per
+    token and its output depends on the draft by design.)
+
+    stream: VERIFY for the target's draws; ACCEPT, RESIDUAL and DRAFT for the p/q rule's acceptance
+    tests, its residual draws and the drafter's own sampling; each independent of the others."""
+
+    BLOCK = 64
+    VERIFY, ACCEPT, RESIDUAL, DRAFT = 0, 1, 2, 3
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = int(seed) if seed is not None else int(torch.seed())
+        self._blocks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _block(self, stream: int, index: int) -> torch.Tensor:
+        key = (stream, index)
+        block = self._blocks.get(key)
+        if block is None:
+            digest = hashlib.blake2b(f"{self.seed}/{stream}/{index}".encode(), digest_size=8).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
+            block = torch.rand(self.BLOCK, generator=generator, dtype=torch.float64)
+            if len(self._blocks) > 8:  # a request moves forward: older blocks are not read again
+                self._blocks.clear()
+            self._blocks[key] = block
+        return block
+
+    def at(self, position: int, count: int, stream: int = VERIFY) -> torch.Tensor:
+        """u(stream, position .. position + count - 1): float64 [count]."""
+        if position < 0 or count < 0:
+            raise ValueError(f"position and count must be >= 0, got {position}, {count}")
+        parts = []
+        while count > 0:
+            index, offset = divmod(position, self.BLOCK)
+            take = min(count, self.BLOCK - offset)
+            parts.append(self._block(stream, index)[offset : offset + take])
+            position, count = position + take, count - take
+        if not parts:
+            return torch.empty(0, dtype=torch.float64)
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
 
 def probs_from_logits(logits: torch.Tensor, temperature: float, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

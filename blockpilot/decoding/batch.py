@@ -222,7 +222,8 @@ class BatchDecoder:
             try:
                 state = session.state
                 params = state.params
-                sources = (self.gate.allowed(session.drafts, params.temperature, params.seed, self._others(session))
+                sources = (self.gate.allowed(session.drafts, params.temperature, params.seed, self._others(session),
+                                             draft_sampling=params.draft_sampling)
                            if self.gate is not None and session.load_cap else None)
                 before = state.result.phase_s["draft"]
                 planned = self.decoder.plan_step(state, sources)

@@ -29,8 +29,8 @@ class DraftRequest:
     context [N, F]: target features of the N committed tokens the drafter has not seen yet, at
         positions context_start .. context_start + N - 1 (N may be 0).
     temperature / sample: at temperature > 0 with sample=True the draft is sampled from
-        q = softmax(draft_logits / temperature) using `uniforms` [num_draft] (drawn by the caller, so
-        one seeded stream decides the whole request), and q is returned; otherwise the draft is the
+        q = softmax(draft_logits / temperature) using `uniforms` [num_draft] (the caller's, from the
+        request's seeded uniforms: acceptance.PositionalUniforms), and q is returned; otherwise the draft is the
         argmax and no distribution is returned.
     """
 

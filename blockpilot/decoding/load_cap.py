@@ -43,9 +43,11 @@ every session of the iteration would wait for that pass (with 16 sessions, about
 iteration: measured, the default path fell to half of plain decoding's rate), and the pooled
 evidence of every session already judges it; it comes back by itself when the load drops.
 
-Seeded sampling (temperature > 0 with a seed) is never capped: the uniforms a sampled step draws
-depend on its draft, so capping would make the same seed give other (equally valid) samples;
-greedy outputs do not depend on drafts at all.
+Seeded sampling with the min(1, p/q) rule (draft_sampling "sample") is never capped: its tokens
+depend on the drafts, so capping would make the same seed give other (equally valid) samples.
+Greedy outputs do not depend on drafts at all, and neither do seeded samples accepted by
+sample-and-match (the default): their uniforms are addressed by output position
+(acceptance.PositionalUniforms), so a capped step commits the very token a drafted one would.
 
 PassCostModel estimates pass_seconds(N) from the passes this machine runs: with the backend's
 verify-cost curve (its shape measured when the graph was exported: exact at the small N where a
@@ -242,12 +244,12 @@ class SpeculationGate:
         return {source: DraftRecord() for source in self.pooled}
 
     def allowed(self, records: dict[str, DraftRecord], temperature: float, seed: int | None,
-                others: Others = ALONE) -> frozenset[str] | None:
+                others: Others = ALONE, *, draft_sampling: str = "greedy") -> frozenset[str] | None:
         """The draft sources that pay for this session now (None: all). others: the rest of its
         iteration in the last step (ALONE when there is none)."""
-        if temperature > 0 and seed is not None:
-            # Which uniforms a sampled step draws depends on its draft: a seeded request keeps
-            # its drafts so the same seed gives the same tokens under any load.
+        if temperature > 0 and seed is not None and draft_sampling == "sample":
+            # The p/q rule's tokens depend on the draft: a seeded request keeps its drafts so the
+            # same seed gives the same tokens under any load.
             return None
         if self._estimate_stale:
             self._estimate, self._estimate_stale = self.costs.pass_seconds(), False

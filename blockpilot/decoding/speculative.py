@@ -195,7 +195,7 @@ class DecodeState:
 
     params: SamplingParams
     result: GenerationResult
-    generator: torch.Generator
+    uniforms: acceptance.PositionalUniforms  # the request's sampling uniforms, by output position
     prompt_len: int
     stop_ids: frozenset[int]
     feature_layers: tuple[int, ...]
@@ -311,7 +311,8 @@ class SpeculativeDecoder:
             self.open_drafting(state)
             records = gate.new_records() if gate is not None else None
             while not state.finished:
-                sources = gate.allowed(records, params.temperature, params.seed) if gate is not None else None
+                sources = (gate.allowed(records, params.temperature, params.seed, draft_sampling=params.draft_sampling)
+                           if gate is not None else None)
                 drafting = state.result.phase_s["draft"]
                 plan = self.plan_step(state, sources)
                 if sources is not None and len(sources) < len(DRAFT_SOURCES) and not plan.source:
@@ -346,11 +347,7 @@ class SpeculativeDecoder:
         batch of requests shares one decoder, each with its own draft source."""
         self._validate(prompt_ids, params, 1)
         result = result if result is not None else GenerationResult(prompt_token_ids=list(prompt_ids))
-        generator = torch.Generator(device="cpu")
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
+        uniforms = acceptance.PositionalUniforms(params.seed)  # unseeded: a fresh random seed
         prompt_len = len(prompt_ids)
         collect_features = tuple(collect_features)
         drafter = self.drafter if isinstance(drafter, str) else drafter
@@ -369,7 +366,7 @@ class SpeculativeDecoder:
         if reused and prompt_features is not None:
             prompt_features = torch.cat([prefix_features.to(prompt_features)[None], prompt_features], dim=1)
         last_logits = out.logits[0, -1]
-        first = self._sample_one(last_logits, params, generator)
+        first = self._sample_one(last_logits, params, uniforms.at(0, 1))
         last_hidden = out.hidden[0, -1] if out.hidden is not None else None
         final_hidden = self.target.norm(out.final_state[0, -1]) if out.final_state is not None else None
         result.token_ids.append(first)
@@ -377,7 +374,7 @@ class SpeculativeDecoder:
             result.logprobs.extend(acceptance.token_logprobs(last_logits[None], torch.tensor([first])).tolist())
         result.ttft_s = time.perf_counter() - started
         state = DecodeState(
-            params=params, result=result, generator=generator, prompt_len=prompt_len,
+            params=params, result=result, uniforms=uniforms, prompt_len=prompt_len,
             stop_ids=frozenset(params.stop_token_ids), feature_layers=feature_layers,
             collect_features=collect_features, lookup=lookup, prompt_features=prompt_features, anchor=first,
             drafter=drafter, cache_length=cache.length,
@@ -454,7 +451,8 @@ class SpeculativeDecoder:
                         context_start=state.pending_start,
                         temperature=params.temperature,
                         sample=sample,
-                        uniforms=acceptance.draw_uniforms(state.generator, verify_size - 1) if sample else None,
+                        uniforms=state.uniforms.at(state.generated, verify_size - 1, acceptance.PositionalUniforms.DRAFT)
+                        if sample else None,
                     )
                 )
             except DrafterUnavailableError as err:
@@ -479,7 +477,7 @@ class SpeculativeDecoder:
         result, phase = state.result, state.result.phase_s
         began = time.perf_counter()
         draft_tokens = torch.tensor(plan.tokens[1:], dtype=torch.long, device=logits.device)
-        verdict = self._verify(draft_tokens, plan.draft, logits, state.params, state.generator)
+        verdict = self._verify(draft_tokens, plan.draft, logits, state.params, state.uniforms, state.generated)
         accepted = time.perf_counter()
         phase["accept"] += accepted - began
         committed = list(plan.tokens[1 : 1 + verdict.num_accepted]) + [verdict.next_token]
@@ -557,25 +555,31 @@ class SpeculativeDecoder:
             )
 
     @staticmethod
-    def _verify(draft_tokens, draft, target_logits, params, generator) -> acceptance.Verdict:
-        # draft_tokens [n] (n = 0 for a one-token step), target_logits [n + 1, V]
+    def _verify(draft_tokens, draft, target_logits, params, uniforms: acceptance.PositionalUniforms,
+                position: int) -> acceptance.Verdict:
+        # draft_tokens [n] (n = 0 for a one-token step), target_logits [n + 1, V]; position: the
+        # output position of the block's first new token (see PositionalUniforms)
         if params.temperature == 0:
             return acceptance.greedy_verify(draft_tokens, target_logits)
         target_probs = SpeculativeDecoder._target_probs(target_logits, params)
         n = draft_tokens.shape[0]
         if draft is not None and draft.probs is not None:
-            uniforms = acceptance.draw_uniforms(generator, n + 1)
+            # A test at block row i reads u(ACCEPT, position + i): rows past the first rejection are
+            # never read, and the next step starts right after it, so no uniform decides twice. The
+            # residual draw reads the step's own u(RESIDUAL, position) (steps' positions only grow).
             return acceptance.speculative_sampling_verify(
-                draft_tokens, draft.probs.to(target_probs.device), target_probs, uniforms[:n], float(uniforms[n])
-            )
-        return acceptance.sample_and_match_verify(draft_tokens, target_probs, acceptance.draw_uniforms(generator, n + 1))
+                draft_tokens, draft.probs.to(target_probs.device), target_probs,
+                uniforms.at(position, n, acceptance.PositionalUniforms.ACCEPT),
+                float(uniforms.at(position, 1, acceptance.PositionalUniforms.RESIDUAL)[0]))
+        return acceptance.sample_and_match_verify(draft_tokens, target_probs, uniforms.at(position, n + 1))
 
     @staticmethod
-    def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    def _sample_one(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor) -> int:
+        """The prefill's token: argmax, or the inverse-CDF draw of p with uniform [1]."""
         if params.temperature == 0:
             return int(logits.argmax())
         probs = SpeculativeDecoder._target_probs(logits, params)
-        return int(acceptance.sample_categorical(probs, acceptance.draw_uniforms(generator, 1)[0]))
+        return int(acceptance.sample_categorical(probs, uniform[0]))
 
     @staticmethod
     def _target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

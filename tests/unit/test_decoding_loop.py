@@ -246,19 +246,53 @@ def test_top_k_1_is_greedy_at_every_block_size(target, random_drafter):
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 1.0), (0, 0.8), (20, 0.9)])
 def test_block_size_1_with_a_seed_is_the_plain_truncated_sampler(target, top_k, top_p):
-    """The loop at block size 1 draws exactly what a plain sampler does: no cache, one uniform per
-    token from the request's seeded stream, the token by inverse CDF of the truncated p."""
+    """The loop at block size 1 draws exactly what a plain sampler does: no cache, token t by
+    inverse CDF of the truncated p with the request's uniform of output position t."""
     prompt, length, temperature, seed = PROMPTS[0], 25, 1.2, 11
-    generator = torch.Generator().manual_seed(seed)
+    uniforms = acceptance.PositionalUniforms(seed)
     tokens: list[int] = []
     with torch.inference_mode():
-        for _ in range(length):
+        for position in range(length):
             ids = torch.tensor([list(prompt) + tokens])
             logits = target(ids, target.new_cache(ids.shape[1] + 1)).logits[0, -1]
             probs = acceptance.probs_from_logits(logits, temperature, top_k=top_k, top_p=top_p)
-            tokens.append(int(acceptance.sample_categorical(probs, acceptance.draw_uniforms(generator, 1)[0])))
+            tokens.append(int(acceptance.sample_categorical(probs, uniforms.at(position, 1)[0])))
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=length, seed=seed)
     assert SpeculativeDecoder(target).generate(prompt, params, 1).token_ids == tokens
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 0.9)])
+def test_a_seed_gives_the_same_tokens_from_every_draft_source_when_sampled_and_matched(target, random_drafter, top_k, top_p):
+    """Sample-and-match reads the uniforms of the output positions its tokens land on, so a seeded
+    request commits the plain sampler's tokens whatever was drafted: every block size, drafter,
+    prompt lookup, corpus n-grams, and drafts dropped by the speed gate."""
+    prompt, length = REPETITIVE_PROMPTS[2], 40
+    params = SamplingParams(temperature=1.1, top_k=top_k, top_p=top_p, max_new_tokens=length, seed=29)
+    reference = SpeculativeDecoder(target).generate(prompt, params, 1).token_ids
+    oracle = OracleDrafter(list(prompt) + reference, target.config.vocab_size, 0.8, seed=3)
+    lookup = corpus_lookup(target, [[5, 6, 7, 9], [12]])
+    accepted = 0
+    for drafter, block_size, lookup_config in ((random_drafter, 4, LookupConfig(enabled=False)), (oracle, 8, LookupConfig(enabled=False)),
+                                               (oracle, 6, LOOKUP_CONFIGS[1]), (None, 1, lookup), (oracle, 5, lookup)):
+        result = SpeculativeDecoder(target, drafter).generate(prompt, params, block_size, lookup=lookup_config)
+        assert result.token_ids == reference, (drafter, block_size)
+        accepted += sum(result.accepted_by_source.values())
+    assert accepted > length  # drafts were accepted, not only rejected
+    # The p/q rule reads other uniforms: its tokens are a sample of the same law, not the same sample.
+    sampled = SpeculativeDecoder(target, oracle).generate(prompt, dataclasses.replace(params, draft_sampling="sample"), 8)
+    assert len(sampled.token_ids) == length
+
+
+def test_positional_uniforms_are_addressed_by_position_and_stream():
+    uniforms = acceptance.PositionalUniforms(5)
+    whole = uniforms.at(0, 200)
+    assert torch.equal(torch.cat([uniforms.at(0, 70), uniforms.at(70, 1), uniforms.at(71, 129)]), whole)
+    assert torch.equal(acceptance.PositionalUniforms(5).at(130, 3), whole[130:133])  # no draws before needed
+    assert not torch.equal(uniforms.at(0, 8, acceptance.PositionalUniforms.ACCEPT), whole[:8])
+    assert not torch.equal(acceptance.PositionalUniforms(6).at(0, 8), whole[:8])
+    assert uniforms.at(10, 0).shape == (0,) and ((whole >= 0) & (whole < 1)).all()
+    with pytest.raises(ValueError, match="-1"):
+        uniforms.at(-1, 2)
 
 
 def test_seeded_sampling_is_reproducible(target, random_drafter):

@@ -131,14 +131,15 @@ def test_one_stream_with_a_gate_drops_drafts_that_do_not_pay_and_keeps_the_outpu
     assert drafted < sum(len(r.acceptance_lengths) for r in results) / 2
 
 
-def test_seeded_sampling_is_never_gated():
+def test_seeded_sampling_is_gated_only_where_drafts_cannot_change_its_tokens():
     gate = SpeculationGate(("dflash", "lookup"))
     gate.costs.pass_seconds = lambda: line(0.0, 1.0)
     gate.passed(tokens=1, seconds=1.0)
     records = gate.new_records()
     for _ in range(SpeculationGate.EVIDENCE):
         gate.drafted(records, "dflash", drafted=3, committed=1, draft_seconds=0.0)
-    assert gate.allowed(records, 1.0, 123) is None
+    assert gate.allowed(records, 1.0, 123, draft_sampling="sample") is None  # the p/q rule: tokens depend on drafts
+    assert gate.allowed(records, 1.0, 123) == frozenset({"lookup"})  # sample-and-match: uniforms by position
     assert gate.allowed(records, 0.0, None) == frozenset({"lookup"})  # lookup: no evidence yet, tried
 
 
