@@ -39,6 +39,8 @@ Where the longest match is shorter than 2 tokens and the config carries corpus n
 proposal is the corpus continuation instead, `corpus_tokens[n]` long (n = 0 or 1): a 1-token copy
 is right 27 % of the time there, the corpus's first guess 38 % (no match at all: 53 %, where a
 copy has nothing). A copy is still proposed when the corpus knows nothing of the last tokens.
+The decoding loop gives a sampled request (temperature > 0) no corpus: there a guess is accepted
+with the target's probability of it only, and they did not pay (speculative.py, open_drafting).
 
 A proposal is a deterministic draft: as a distribution it is one-hot, so the verifier accepts it
 with the same rules as a greedy DFlash draft (acceptance.greedy_verify at temperature 0,

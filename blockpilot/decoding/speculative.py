@@ -22,6 +22,7 @@ with lookup on verifies lookup drafts only.)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -417,7 +418,13 @@ class SpeculativeDecoder:
             state.feature_layers = state.collect_features
         state.prompt_features = None
         if state.lookup.enabled:
-            state.index = PromptLookupIndex(state.lookup, [*result.prompt_token_ids, state.anchor])
+            lookup = state.lookup
+            if state.params.temperature > 0 and lookup.corpus is not None:
+                # Corpus guesses follow the greedy path; sampled, a guess is accepted with the target's
+                # probability of it only, and they did not pay (T = 1, Zen 4: 80.2 tok/s with them,
+                # 83.7 without, plain 82.0; reports/default_path_t1_2026-12-07_zen4_gated.json).
+                lookup = dataclasses.replace(lookup, corpus=None)
+            state.index = PromptLookupIndex(lookup, [*result.prompt_token_ids, state.anchor])
 
     def plan_step(self, state: "DecodeState", sources: frozenset[str] | None = None) -> "StepPlan":
         """The next block to verify: the anchor and a lookup or DFlash draft (or the anchor alone).
