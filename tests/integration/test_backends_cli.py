@@ -35,7 +35,10 @@ def test_export_onnx_writes_a_checked_export(tiny_llama_dir, tmp_path):
     assert report["export"] == str(out) and report["hidden_layer_ids"] == [1, 3] and report["dtype"] == "float32"
     assert report["check_max_error"] <= 1e-4
     # plus the one-session graph the export's lone-token check ran (fused_graph.sessions_graph)
-    assert {p.name for p in out.iterdir()} - {"sessions-v2-1.onnx"} == {"model.onnx", "model.onnx.data", "export.json"}
+    from blockpilot.backends.fused_graph import SESSIONS_GRAPH_VERSION
+
+    sessions_graph = f"sessions-v{SESSIONS_GRAPH_VERSION}-1.onnx"
+    assert {p.name for p in out.iterdir()} - {sessions_graph} == {"model.onnx", "model.onnx.data", "export.json"}
     again = run_cli("export", "onnx", "--target", str(tiny_llama_dir), "--hidden-layers", "1", "--out", str(out))
     one_line_error(again, 2, "already holds an ONNX export (pass --force to replace it)")
 
