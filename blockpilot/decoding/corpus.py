@@ -62,7 +62,7 @@ class CorpusNgrams:
 
     bigram: token b -> the next token; trigram: (a, b) -> the next token.
     survival: ((case 0 row), (case 1 row)), each SURVIVAL_LENGTH long (empty before measuring).
-    info: corpus.json's other fields (target, counts)."""
+    info: corpus.json's other fields (target, counts) and, once loaded, "folder": where from."""
 
     bigram: dict[int, int]
     trigram: dict[tuple[int, int], int]
@@ -161,7 +161,7 @@ class CorpusNgrams:
                        zip(arrays["trigram_keys"].tolist(), arrays["trigram_next"].tolist())}
         survival = info.pop("survival", {})
         rows = (tuple(survival.get("no_match", ())), tuple(survival.get("one_token_match", ())))
-        return cls(bigram, trigram, rows if all(rows) else (), info)
+        return cls(bigram, trigram, rows if all(rows) else (), {**info, "folder": str(directory)})
 
 
 def measure_survival(corpus: CorpusNgrams, records: Iterable[tuple[Sequence[int], Sequence[int]]],

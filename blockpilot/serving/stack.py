@@ -469,7 +469,9 @@ def server_info_lines(address: str, security) -> list[str]:
             f"blockpilot {i.version}",
             f"limits: context {limits.context_length} tokens, prompt {limits.max_prompt_tokens}, max new tokens "
             f"{limits.max_new_tokens} (default {limits.default_max_new_tokens}), {limits.max_streams} streams, "
-            f"block size <= {limits.max_block_size}"]
+            f"block size <= {limits.max_block_size}",
+            f"prompt lookup corpus: {i.lookup_corpus} ({i.lookup_corpus_trigrams} trigrams, {i.lookup_corpus_bigrams} bigrams)"
+            if i.lookup_corpus else "prompt lookup corpus: none"]
 
 
 def stack_redis_url(state: dict) -> str:

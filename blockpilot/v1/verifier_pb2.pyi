@@ -255,7 +255,7 @@ class ServerLimits(_message.Message):
     def __init__(self, context_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_block_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "target", "drafter", "drafter_block_size", "drafter_max_block_size", "backend", "precision", "default_policy", "limits", "replica_id")
+    __slots__ = ("version", "target", "drafter", "drafter_block_size", "drafter_max_block_size", "backend", "precision", "default_policy", "limits", "replica_id", "lookup_corpus", "lookup_corpus_trigrams", "lookup_corpus_bigrams")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,9 @@ class GetServerInfoResponse(_message.Message):
     DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_CORPUS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_CORPUS_TRIGRAMS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_CORPUS_BIGRAMS_FIELD_NUMBER: _ClassVar[int]
     version: str
     target: str
     drafter: str
@@ -276,4 +279,7 @@ class GetServerInfoResponse(_message.Message):
     default_policy: str
     limits: ServerLimits
     replica_id: str
-    def __init__(self, version: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., drafter_block_size: _Optional[int] = ..., drafter_max_block_size: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., default_policy: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    lookup_corpus: str
+    lookup_corpus_trigrams: int
+    lookup_corpus_bigrams: int
+    def __init__(self, version: _Optional[str] = ..., target: _Optional[str] = ..., drafter: _Optional[str] = ..., drafter_block_size: _Optional[int] = ..., drafter_max_block_size: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., default_policy: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., replica_id: _Optional[str] = ..., lookup_corpus: _Optional[str] = ..., lookup_corpus_trigrams: _Optional[int] = ..., lookup_corpus_bigrams: _Optional[int] = ...) -> None: ...
