@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from blockpilot.backends.base import VerifierBackend, backend_name, backend_precision
+from blockpilot.backends.base import VerifierBackend, backend_name, backend_precision, checked_weights_digest
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend, place_beside
 from blockpilot.decoding.corpus import CorpusNgrams
 from blockpilot.decoding.drafting import DraftProvider, LocalDrafter
@@ -43,12 +43,14 @@ def shipped_drafter_dir() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def resolve_corpus(choice: str, target: TargetModel) -> CorpusNgrams | None:
+def resolve_corpus(choice: str, target: TargetModel, digest: str | None = None) -> CorpusNgrams | None:
     """The corpus n-grams prompt lookup proposes from (see decoding/corpus.py).
 
     choice: 'auto' = the shipped table where it was counted over this target's own responses
     (same weights digest), else none; 'none'; or a table folder, refused unless it was counted
-    over this target's responses (another model's habits would only be wrong drafts)."""
+    over this target's responses (another model's habits would only be wrong drafts).
+    digest: the target's weights digest where already known (a graph backend's checked export:
+    backends.base.checked_weights_digest), else computed here (~0.5 s for the default model)."""
     if choice == NO_CORPUS:
         return None
     from blockpilot.backends.onnx_export import weights_digest
@@ -59,13 +61,13 @@ def resolve_corpus(choice: str, target: TargetModel) -> CorpusNgrams | None:
             return None
         corpus = CorpusNgrams.load(path)
         if corpus.info.get("vocab_size") != target.config.vocab_size or \
-                corpus.info.get("target", {}).get("weights_digest") != weights_digest(target):
+                corpus.info.get("target", {}).get("weights_digest") != (digest or weights_digest(target)):
             return None
         log.info("prompt lookup: corpus n-grams %s (%d trigrams, %d bigrams)", path, len(corpus.trigram), len(corpus.bigram))
         return corpus
     corpus = CorpusNgrams.load(choice)
     made_from = corpus.info.get("target", {}).get("weights_digest")
-    if made_from != weights_digest(target):
+    if made_from != (digest or weights_digest(target)):
         raise FailedPreconditionError(f"the corpus n-grams at '{choice}' were counted over another target's responses "
                                       f"(weights digest {str(made_from)[:12]}...): make a table for this target with "
                                       "`blockpilot drafter corpus`")
@@ -159,7 +161,8 @@ def load_engine(target: str | None = None, drafter: str | None = None, *, random
     precision = drafter_run_precision(placement, target_model.device)
     provider: DraftProvider | None = LocalDrafter(model, target_model, precision=precision) if model is not None else None
     return Engine(target_dir, tokenizer, target_model, provider, name, SpeculativeDecoder(verifier, provider),
-                  verifier_target=verifier, placement=placement, corpus=resolve_corpus(lookup_corpus, target_model))
+                  verifier_target=verifier, placement=placement,
+                  corpus=resolve_corpus(lookup_corpus, target_model, checked_weights_digest(verifier)))
 
 
 def untrained_mask_token(tokenizer: ChatTokenizer) -> int:

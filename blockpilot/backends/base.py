@@ -94,6 +94,13 @@ def backend_name(target: object) -> str:
     return getattr(target, "backend", TORCH)
 
 
+def checked_weights_digest(target: object) -> str | None:
+    """The weights digest a graph backend's export was checked against when it loaded (equal to
+    onnx_export.weights_digest of its target); None for the torch engine, which computes none."""
+    export = getattr(target, "export", None)
+    return export.metadata.weights_digest if export is not None else None
+
+
 def backend_precision(target: object) -> str:
     """The numeric precision a backend runs at ('fp32', 'int4', TensorRT's 'fp16'/'bf16'); the
     torch engine's is its weights' dtype."""

@@ -14,8 +14,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockpilot.backends.base import VerifierBackend
+from blockpilot.backends.base import VerifierBackend, checked_weights_digest
 from blockpilot.backends.loader import BackendOptions, default_export_layers, load_backend
+from blockpilot.decoding.corpus import CorpusNgrams
 from blockpilot.decoding.drafting import LocalDrafter
 from blockpilot.errors import InvalidArgumentError, ModelFormatError
 from blockpilot.models.drafter import DFlashDrafter
@@ -23,7 +24,6 @@ from blockpilot.models.placement import Placement, check_backend_placement, draf
 from blockpilot.models.store import is_default_target, resolve_drafter, resolve_target
 from blockpilot.models.target import TargetEmbedHead, TargetModel
 from blockpilot.models.tokenizer import ChatTokenizer
-from blockpilot.decoding.corpus import CorpusNgrams
 from blockpilot.runtime import (AUTO_CORPUS, NO_DRAFTER, RANDOM_DRAFTER, SHIPPED_DRAFTER_NAME, resolve_corpus,
                                 untrained_mask_token, shipped_drafter_dir)
 
@@ -76,13 +76,13 @@ def load_served_target(name: str = "default", *, backend: BackendOptions | None 
     target_dir = resolve_target(None if is_default_target(name) else name)
     model = TargetModel.from_pretrained(target_dir, dtype=placement.torch_dtype, device=device)
     tokenizer = _served_tokenizer(target_dir)
-    corpus = resolve_corpus(lookup_corpus, model)
     if backend.name == "torch":
-        return ServedTarget(name, target_dir, model, tokenizer, placement=placement, corpus=corpus)
+        return ServedTarget(name, target_dir, model, tokenizer, placement=placement, corpus=resolve_corpus(lookup_corpus, model))
     verifier = load_backend(model, backend, drafter_layers=drafter_layers, source=str(target_dir),
                             default_layers=default_export_layers(model, is_default_target(name)))
     log.info("verifier backend %s (%s), export layers %s", backend.name, backend.precision, list(verifier.hidden_layer_ids))
-    return ServedTarget(name, target_dir, verifier, tokenizer, torch_model=model, placement=placement, corpus=corpus)
+    return ServedTarget(name, target_dir, verifier, tokenizer, torch_model=model, placement=placement,
+                        corpus=resolve_corpus(lookup_corpus, model, checked_weights_digest(verifier)))
 
 
 def load_drafter_target(name: str = "default", *, placement: Placement | None = None) -> ServedTarget:

@@ -284,14 +284,15 @@ class VerifierCore:
         # The largest fixed block size _prepare accepts in the same state.
         max_block = provider.max_block_size if provider is not None else (BLOCK_SIZE_LIMIT if drafter_down else 1)
         corpus = self.lookup.corpus
+        corpus_fields = {} if corpus is None else {  # proto defaults ("", 0) without one
+            "lookup_corpus": Path(corpus.info.get("folder", "")).name,
+            "lookup_corpus_trigrams": len(corpus.trigram), "lookup_corpus_bigrams": len(corpus.bigram)}
         return verifier_pb2.GetServerInfoResponse(
             version=__version__, target=self.target.target_dir.name, drafter="" if drafter_down else self.drafter_name(provider),
             drafter_block_size=provider.block_size if provider is not None else 0,
             drafter_max_block_size=provider.max_block_size if provider is not None else 0,
             backend=self.backend, precision=self.precision, default_policy=default_policy, replica_id=self.replica_id,
-            lookup_corpus=Path(corpus.info.get("folder", "")).name if corpus is not None else "",
-            lookup_corpus_trigrams=len(corpus.trigram) if corpus is not None else 0,
-            lookup_corpus_bigrams=len(corpus.bigram) if corpus is not None else 0,
+            **corpus_fields,
             limits=verifier_pb2.ServerLimits(
                 context_length=self.max_context, max_new_tokens=self.config.max_new_tokens_cap,
                 default_max_new_tokens=self.config.default_max_new_tokens, max_streams=self.config.max_streams,

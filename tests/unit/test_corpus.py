@@ -105,3 +105,10 @@ def test_an_engine_takes_a_table_only_for_the_weights_it_was_counted_over(tmp_pa
         resolve_corpus(str(other), target)
     own = CorpusNgrams.count([[1, 2, 3]], info={"target": {"weights_digest": weights_digest(target)}}).save(tmp_path / "own", vocab)
     assert resolve_corpus(str(own), target).bigram == {1: 2, 2: 3}
+    # A digest already known (a graph backend's checked export) is taken as given, not recomputed.
+    from blockpilot.backends.base import checked_weights_digest
+
+    assert checked_weights_digest(target) is None  # the torch engine checked none
+    assert resolve_corpus(str(other), target, digest=TARGET["weights_digest"]).bigram == {1: 2, 2: 3}
+    with pytest.raises(FailedPreconditionError, match="another target"):
+        resolve_corpus(str(own), target, digest=TARGET["weights_digest"])

@@ -69,7 +69,11 @@ def test_index_matches_the_slow_reference(seed):
     max_ngram = rng.randint(3, 6)
     by_ngram = rng.choice([(), tuple(rng.randint(0, 8) for _ in range(max_ngram))])
     config = LookupConfig(min_ngram=rng.randint(1, 3), max_ngram=max_ngram, max_tokens=rng.randint(1, 9), max_tokens_by_ngram=by_ngram)
-    history = [rng.randrange(vocab) for _ in range(rng.randint(0, 120))]
+    assert_index_matches_the_slow_reference(config, [rng.randrange(vocab) for _ in range(rng.randint(0, 120))], rng)
+
+
+def assert_index_matches_the_slow_reference(config, history, rng):
+    """The index grown token by token proposes what a rescan proposes, under random caps."""
     index = PromptLookupIndex(config)
     for position, token in enumerate(history):
         index.extend([token])
@@ -158,12 +162,7 @@ def test_index_with_a_corpus_matches_the_slow_reference(seed):
                        {(a, b): rng.randrange(vocab) for a in range(vocab) for b in range(vocab) if rng.random() < 0.3})
     config = LookupConfig(min_ngram=rng.randint(1, 2), max_ngram=rng.randint(2, 5), max_tokens=rng.randint(1, 9),
                           corpus=corpus, corpus_tokens=(rng.randint(0, 4), rng.randint(0, 4)))
-    history = [rng.randrange(vocab) for _ in range(rng.randint(0, 80))]
-    index = PromptLookupIndex(config)
-    for position, token in enumerate(history):
-        index.extend([token])
-        cap = rng.choice([None, 0, 1, 3])
-        assert index.propose(cap) == propose_slow(history[: position + 1], config, cap), (position, cap)
+    assert_index_matches_the_slow_reference(config, [rng.randrange(vocab) for _ in range(rng.randint(0, 80))], rng)
 
 
 def test_corpus_lengths_follow_the_verify_cost_curve_and_its_survival():
