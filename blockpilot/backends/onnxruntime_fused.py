@@ -30,8 +30,10 @@ The pad row is not free where the matmuls' cost grows with their rows (int4 with
 a 2-row pass costs about twice a 1-row one on an AVX-512 Xeon). On some CPUs the one-row matmul
 gives exactly the numbers of a row in a larger pass (measured: Xeon family 6 model 207); there a
 lone token runs the sessions graph as one session of one token (its attention still sees two
-rows), so its matmuls run one row. Checked at start-up (lone_rows_match), used only where exact;
-the export records the lone pass's cost beside the padded curve so the step planner prices it.
+rows), so its matmuls run one row, and the sequence's blocks run that graph too (one
+InferenceSession per sequence's passes: see __call__). Checked at start-up (lone_rows_match), used
+only where exact; the export records the lone pass's cost beside the padded curve so the step
+planner prices it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -126,14 +128,17 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
     @property
     def verify_cost(self) -> dict[int, float] | None:
         """A verify pass of k tokens relative to one token, k = 1..12, as measured when this graph
-        was exported (None for an export without the measurement); a lone token at its unpadded
-        cost when this backend runs it so (lone_rows_invariant) and the export measured that."""
+        was exported at this backend's thread count (or the nearest one measured; None for an
+        export without the measurement); a lone token at its unpadded cost when this backend runs
+        it so (lone_rows_invariant) and the export measured that."""
         metadata = self.export.metadata
         if not metadata.verify_cost_ms:
             return None
-        measured = {int(k): v for k, v in metadata.verify_cost_ms.items()}
-        if self.lone_rows_invariant and metadata.lone_token_ms:
-            measured[1] = metadata.lone_token_ms
+        threads = nearest_measured(metadata.verify_cost_ms, self.threads)
+        measured = {int(k): v for k, v in metadata.verify_cost_ms[threads].items()}
+        lone = (metadata.lone_token_ms or {}).get(threads)
+        if self.lone_rows_invariant and lone:
+            measured[1] = lone
         return {k: v / measured[1] for k, v in measured.items()}
 
     @property
@@ -188,8 +193,13 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
         start = cache.reserve(steps)
         self._check_positions(positions, torch.arange(start, start + steps))
         wanted = steps if num_logits is None else min(max(num_logits, 1), steps)
-        if steps == 1 and self.lone_rows_invariant:  # no pad row through the matmuls (see lone_rows_match)
-            out = self._run_sessions(tokens, cache, [start], [1], torch.arange(1))
+        if self.lone_rows_invariant:
+            # A lone token runs the sessions graph unpadded (see lone_rows_match); so do blocks, so
+            # that a request's passes all run one InferenceSession: alternating two, each with its
+            # own intra-op threads, lets the idle one's threads spin on the cores the other needs
+            # (measured on a 2-core Zen 4 at 2 threads, default path: 137 tok/s on one session,
+            # 131 alternating; plain decoding runs one either way).
+            out = self._run_sessions(tokens, cache, [start], [steps], torch.arange(steps - wanted, steps))
         else:
             out = self._run(tokens, cache, start, torch.arange(steps - wanted, steps))
         cache.length = start + steps
@@ -383,6 +393,12 @@ def _block_after_prompt(backend: FusedOnnxRuntimeTarget, prompt_len: int, block:
 
 
 @torch.inference_mode()
+def nearest_measured(per_threads: Mapping[str, object], threads: int) -> str:
+    """The key of `per_threads` ({thread count as text: measurement}) nearest to `threads` (the
+    lower of two equally near)."""
+    return min(per_threads, key=lambda key: (abs(int(key) - threads), int(key)))
+
+
 def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, block: int = 4) -> None:
     """Refuse to run when a token's logits depend on the pass it shares (see the module docstring):
     a block of `block` tokens after a prefill must give exactly the logits of the same tokens one
@@ -414,9 +430,11 @@ def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5
 def lone_rows_match(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, block: int = 4) -> bool:
     """Whether a lone token run with one-row matmuls (the sessions graph for one session of one
     token: its attention still sees two rows) gives exactly the logits the same tokens get in a
-    block pass, on this CPU. Where it does, a one-token step need not pay for a pad row."""
+    block pass, on this CPU. Where it does, a one-token step need not pay for a pad row, and the
+    backend runs every pass of a sequence on that graph (so the block through it must match too)."""
     tokens, cache, together = _block_after_prompt(backend, prompt_len, block, seed=4321)
     # token i goes to slot prompt_len + i, after the ones before it
     lone = torch.cat([backend._run_sessions(tokens[:, i : i + 1], cache, [prompt_len + i], [1], torch.arange(1))["logits"]
                       for i in range(block)])
-    return bool(torch.equal(lone, together))
+    on_sessions_graph = backend._run_sessions(tokens, cache, [prompt_len], [block], torch.arange(block))["logits"]
+    return bool(torch.equal(lone, together) and torch.equal(on_sessions_graph, together))

@@ -18,8 +18,8 @@ import torch
 from blockpilot.backends import onnxruntime_fused
 from blockpilot.backends.gguf_codes import codes_for_target, read_gguf_codes
 from blockpilot.backends.loader import BackendOptions, load_backend
-from blockpilot.backends.onnx_export import cached_export, export_onnx, read_export
-from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget
+from blockpilot.backends.onnx_export import cached_export, export_onnx, measured_thread_counts, read_export, settle_curve
+from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget, nearest_measured
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
 from blockpilot.decoding.speculative import SamplingParams, SpeculativeDecoder
 from blockpilot.errors import FailedPreconditionError, InvalidArgumentError
@@ -142,13 +142,29 @@ def test_a_lone_token_runs_unpadded_only_where_its_one_row_numbers_are_exact(bac
     cache.truncate(len(PROMPTS[0]))
     alone = torch.cat([backend(block[:, i : i + 1], cache).logits[0] for i in range(4)])
     assert torch.equal(alone, together)
-    unpadded = dataclasses.replace(meta, lone_token_ms=meta.verify_cost_ms["1"] / 2)
+    # The export timed its passes at one thread and at this process's count; the backend prices by its own.
+    assert set(meta.verify_cost_ms) == {str(t) for t in measured_thread_counts()}
+    for curve in meta.verify_cost_ms.values():
+        costs = [curve[str(k)] for k in range(1, len(curve) + 1)]
+        assert costs == sorted(costs)  # settled: a longer pass is never priced below a shorter one
+    padded = meta.verify_cost_ms["1"]
+    unpadded = dataclasses.replace(meta, lone_token_ms={"1": padded["1"] / 2})
     priced = FusedOnnxRuntimeTarget.__new__(FusedOnnxRuntimeTarget)
     priced.export = dataclasses.replace(backend.export, metadata=unpadded)
-    for invariant, expected in ((True, meta.verify_cost_ms["2"] / (meta.verify_cost_ms["1"] / 2)),
-                                (False, meta.verify_cost_ms["2"] / meta.verify_cost_ms["1"])):
+    priced.threads = 1
+    for invariant, expected in ((True, padded["2"] / (padded["1"] / 2)), (False, padded["2"] / padded["1"])):
         priced.lone_rows_invariant = invariant
         assert priced.verify_cost[2] == pytest.approx(expected)
+
+
+def test_a_measured_curve_is_settled_and_priced_at_the_nearest_thread_count():
+    """Hand-built: a k whose passes all met a busy moment (k = 2 here) takes the cost of a larger k
+    measured lower; thread counts not measured take the nearest measured one (the lower on a tie)."""
+    assert settle_curve({1: 10.0, 2: 16.0, 3: 13.5, 4: 15.0, 5: 14.6, 6: 17.0}) == {
+        1: 10.0, 2: 13.5, 3: 13.5, 4: 14.6, 5: 14.6, 6: 17.0}
+    assert settle_curve({1: 1.0, 2: 2.0, 3: 3.0}) == {1: 1.0, 2: 2.0, 3: 3.0}
+    measured = {"1": "one", "2": "two", "8": "eight"}
+    assert [nearest_measured(measured, t) for t in (1, 2, 3, 5, 6, 16)] == ["1", "2", "2", "2", "8", "8"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
