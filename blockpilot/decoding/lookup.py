@@ -157,8 +157,8 @@ def lookup_for(target, corpus: CorpusNgrams | None = None) -> LookupConfig:
     backend measured when it was exported (its `verify_cost`: fused ONNX Runtime graphs), else the
     default lengths (tuned for fp32 curves, flat enough that the choice matters little).
     corpus: corpus n-grams for the short-match steps, their lengths chosen the same way from the
-    survival the table measured. Deterministic for a given export and table, so every process
-    serving them proposes the same drafts."""
+    survival the table measured. Deterministic for a given export, thread count and table, so every
+    process serving them alike proposes the same drafts."""
     curve = getattr(target, "verify_cost", None)
     config = LookupConfig()
     if curve:
