@@ -392,13 +392,13 @@ def _block_after_prompt(backend: FusedOnnxRuntimeTarget, prompt_len: int, block:
     return tokens, cache, together
 
 
-@torch.inference_mode()
 def nearest_measured(per_threads: Mapping[str, object], threads: int) -> str:
     """The key of `per_threads` ({thread count as text: measurement}) nearest to `threads` (the
     lower of two equally near)."""
     return min(per_threads, key=lambda key: (abs(int(key) - threads), int(key)))
 
 
+@torch.inference_mode()
 def check_row_invariance(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, block: int = 4) -> None:
     """Refuse to run when a token's logits depend on the pass it shares (see the module docstring):
     a block of `block` tokens after a prefill must give exactly the logits of the same tokens one
