@@ -33,7 +33,7 @@ import torch
 
 from blockpilot.decoding.load_cap import ALONE, DraftRecord, Others, SpeculationGate
 from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig
-from blockpilot.decoding.speculative import (DRAFT_SOURCES, BlockSizeHook, DecodeState, GenerationResult, SamplingParams,
+from blockpilot.decoding.speculative import (GATE_SOURCES, BlockSizeHook, DecodeState, GenerationResult, SamplingParams,
                                              SpeculativeDecoder, StepEvent, StepPlan)
 from blockpilot.errors import InvalidArgumentError, ResourceExhaustedError
 from blockpilot.models.kv_cache import KVCache
@@ -114,7 +114,7 @@ class BatchDecoder:
         # The cap prices a session's draft in the pass it shares (ragged: all sessions'; else a
         # pass of its own), shaped by the backend's verify-cost curve where it has one (the
         # matmuls' rows drive the cost).
-        self.gate = SpeculationGate(DRAFT_SOURCES, getattr(self.target, "verify_cost", None)) if load_aware else None
+        self.gate = SpeculationGate(GATE_SOURCES, getattr(self.target, "verify_cost", None)) if load_aware else None
         self._last_pass = (0.0, 0)  # ragged: (committed, verified tokens) of the last shared pass
         # Per-session passes: (sessions, committed, verified tokens, pass seconds) of the last iteration.
         self._last_iteration = (0, 0.0, 0, 0.0)
@@ -227,7 +227,7 @@ class BatchDecoder:
                            if self.gate is not None and session.load_cap else None)
                 before = state.result.phase_s["draft"]
                 planned = self.decoder.plan_step(state, sources)
-                if sources is not None and len(sources) < len(DRAFT_SOURCES) and not planned.source:
+                if sources is not None and len(sources) < len(GATE_SOURCES) and not planned.source:
                     state.result.capped_steps += 1
                 if planned.source:
                     session.pending_draft_s = state.result.phase_s["draft"] - before
@@ -261,8 +261,8 @@ class BatchDecoder:
             self.pool.set_length(session.row, state.cache_length)
             outcomes.append((session, event))
             session.last_step = (float(len(event.token_ids)), len(plan.tokens))
-            if plan.source and self.gate is not None:
-                self.gate.drafted(session.drafts, plan.source, event.drafted, len(event.token_ids), session.pending_draft_s)
+            if plan.kind and self.gate is not None:
+                self.gate.drafted(session.drafts, plan.kind, event.drafted, len(event.token_ids), session.pending_draft_s)
         if self.gate is not None:
             self.gate.passed(sum(widths), passed)
             self._last_pass = (float(sum(len(e.token_ids) for _, e in outcomes)), sum(widths))
@@ -305,8 +305,8 @@ class BatchDecoder:
             for (session, event, passed), (_, plan) in zip(done, planned):
                 self.gate.passed(len(plan.tokens), passed)
                 session.last_step, session.last_pass_s = (float(len(event.token_ids)), len(plan.tokens)), passed
-                if plan.source:
-                    self.gate.drafted(session.drafts, plan.source, event.drafted, len(event.token_ids), session.pending_draft_s)
+                if plan.kind:
+                    self.gate.drafted(session.drafts, plan.kind, event.drafted, len(event.token_ids), session.pending_draft_s)
             self._last_iteration = (len(done), float(sum(len(e.token_ids) for _, e, _ in done)),
                                     sum(len(plan.tokens) for _, plan in planned), sum(passed for _, _, passed in done))
         return [(session, event) for session, event, _ in done]

@@ -41,6 +41,8 @@ is right 27 % of the time there, the corpus's first guess 38 % (no match at all:
 copy has nothing). A copy is still proposed when the corpus knows nothing of the last tokens.
 The decoding loop gives a sampled request (temperature > 0) no corpus: there a guess is accepted
 with the target's probability of it only, and they did not pay (speculative.py, open_drafting).
+A proposal is of one of two kinds, COPY or CORPUS (`propose_from`): both are the "lookup" draft
+source in results, but the speed gate judges them apart (their lengths and acceptance differ).
 
 A proposal is a deterministic draft: as a distribution it is one-hot, so the verifier accepts it
 with the same rules as a greedy DFlash draft (acceptance.greedy_verify at temperature 0,
@@ -54,6 +56,11 @@ from typing import Iterable, Mapping, Sequence
 
 from blockpilot.decoding.corpus import CorpusNgrams
 from blockpilot.errors import InvalidArgumentError
+
+# The kinds of a proposal (PromptLookupIndex.propose_from): a copy of the request's own text, or
+# the corpus n-grams' continuation. The names are the speed gate's records of them.
+COPY = "lookup"
+CORPUS = "corpus"
 
 
 # COPY_SURVIVAL[n - 1][j - 1]: P(at least j copied tokens are right | the longest match is n tokens),
@@ -196,19 +203,26 @@ class PromptLookupIndex:
 
     def propose(self, max_tokens: int | None = None) -> list[int]:
         """The continuation of the most recent earlier occurrence of the longest matching suffix
-        n-gram ([] when none matches). max_tokens: cap below the config's (e.g. the room left)."""
+        n-gram, or the corpus continuation where that match is short (see the module docstring;
+        [] when there is none). max_tokens: cap below the config's (e.g. the room left)."""
+        return self.propose_from(max_tokens)[1]
+
+    def propose_from(self, max_tokens: int | None = None, *, copies: bool = True, corpus: bool = True) -> tuple[str, list[int]]:
+        """(kind, tokens): propose() with each kind allowed or not. A short match whose corpus
+        guesses are not allowed gets its copy, as without a corpus; a disallowed kind is never
+        proposed. kind: COPY, CORPUS, or "" with no tokens."""
         limit = self.config.max_tokens if max_tokens is None else min(max_tokens, self.config.max_tokens)
-        if limit < 1:
-            return []
+        if limit < 1 or not (copies or corpus):
+            return "", []
         n, end = self.longest_match()
-        corpus_cap = self.config.corpus_cap(n)
+        corpus_cap = self.config.corpus_cap(n) if corpus else 0
         if corpus_cap and self.tokens:
             guesses = self.config.corpus.continuation(self.tokens[-2:], min(limit, corpus_cap))
             if guesses:
-                return guesses
-        if n == 0:
-            return []
-        return self.tokens[end + 1 : min(end + 1 + min(limit, self.config.cap(n)), len(self.tokens))]
+                return CORPUS, guesses
+        if n == 0 or not copies:
+            return "", []
+        return COPY, self.tokens[end + 1 : min(end + 1 + min(limit, self.config.cap(n)), len(self.tokens))]
 
     def longest_match(self) -> tuple[int, int]:
         """(n, end): the longest suffix n-gram that occurred before and where its latest earlier

@@ -33,13 +33,18 @@ import torch
 from blockpilot.decoding import acceptance
 from blockpilot.decoding.drafting import Draft, DraftProvider, DraftRequest, DraftSession
 from blockpilot.decoding.load_cap import SpeculationGate
-from blockpilot.decoding.lookup import LOOKUP_OFF, LookupConfig, PromptLookupIndex
+from blockpilot.decoding.lookup import COPY, CORPUS, LOOKUP_OFF, LookupConfig, PromptLookupIndex
 from blockpilot.errors import DrafterUnavailableError, InvalidArgumentError, ResourceExhaustedError
 from blockpilot.models.kv_cache import KVCache
 from blockpilot.models.target import TargetModel
 
 DRAFT_SAMPLING_MODES = ("greedy", "sample")
 DRAFT_SOURCES = ("dflash", "lookup")
+# What the speed gate judges apart (StepPlan.kind): the DFlash drafter, and prompt lookup's two
+# kinds, copies and corpus guesses (both the "lookup" source in results). Judged as one, a stretch
+# of text with nothing to copy, where one-token corpus guesses pay, let copies' record cap them
+# too (and the reverse): measured on a Zen 4, one thread, greedy, 35 held-out prompts.
+GATE_SOURCES = ("dflash", COPY, CORPUS)
 STEP_PHASES = ("lookup", "draft", "verify", "accept", "bookkeeping")
 
 
@@ -175,11 +180,13 @@ class GenerationResult:
 @dataclass(frozen=True)
 class StepPlan:
     """One step's block: tokens = (anchor, *draft) (just the anchor for a one-token step); draft:
-    the DFlash draft (with q when sampled), None for lookup or no draft; source: DRAFT_SOURCES or ""."""
+    the DFlash draft (with q when sampled), None for lookup or no draft; source: DRAFT_SOURCES or "";
+    kind: the GATE_SOURCES record the step counts in ("" with no draft)."""
 
     tokens: tuple[int, ...]
     draft: Draft | None
     source: str
+    kind: str = ""
 
 
 @dataclass(eq=False)
@@ -248,7 +255,7 @@ class SpeculativeDecoder:
         """A gate that drops drafts which do not pay on this target (load_cap.py), priced by its
         verify-cost curve where the backend measured one. One per caller: it learns from every
         request it sees (share it across requests of one kind, not across kinds)."""
-        return SpeculationGate(DRAFT_SOURCES, getattr(self.target, "verify_cost", None))
+        return SpeculationGate(GATE_SOURCES, getattr(self.target, "verify_cost", None))
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, block_size: int | BlockSizeHook = 1,
@@ -316,7 +323,7 @@ class SpeculativeDecoder:
                            if gate is not None else None)
                 drafting = state.result.phase_s["draft"]
                 plan = self.plan_step(state, sources)
-                if sources is not None and len(sources) < len(DRAFT_SOURCES) and not plan.source:
+                if sources is not None and len(sources) < len(GATE_SOURCES) and not plan.source:
                     state.result.capped_steps += 1
                 began = time.perf_counter()
                 block = torch.tensor([plan.tokens], dtype=torch.long, device=self.target.device)
@@ -327,8 +334,8 @@ class SpeculativeDecoder:
                 cache.truncate(state.cache_length)
                 if gate is not None:
                     gate.passed(len(plan.tokens), verified)
-                    if plan.source:
-                        gate.drafted(records, plan.source, event.drafted, len(event.token_ids),
+                    if plan.kind:
+                        gate.drafted(records, plan.kind, event.drafted, len(event.token_ids),
                                      state.result.phase_s["draft"] - drafting)
                 yield event
         finally:
@@ -428,19 +435,21 @@ class SpeculativeDecoder:
 
     def plan_step(self, state: "DecodeState", sources: frozenset[str] | None = None) -> "StepPlan":
         """The next block to verify: the anchor and a lookup or DFlash draft (or the anchor alone).
-        sources: the draft sources allowed this step (None = DRAFT_SOURCES; e.g. a batch's
-        load-aware cap leaves out those that do not pay now)."""
+        sources: the GATE_SOURCES allowed this step (None = all; e.g. the speed gate leaves out
+        those that do not pay now)."""
         phase = state.result.phase_s
         began = time.perf_counter()
         room = state.params.max_new_tokens - state.generated  # tokens this step may still commit
-        lookup_on = state.index is not None and (sources is None or "lookup" in sources)
-        copied = state.index.propose(room - 1) if lookup_on else []
+        kind, copied = "", []
+        if state.index is not None:
+            kind, copied = state.index.propose_from(room - 1, copies=sources is None or COPY in sources,
+                                                    corpus=sources is None or CORPUS in sources)
         looked = time.perf_counter()
         phase["lookup"] += looked - began
         verify_size = min(state.block_size, room)
         plan = StepPlan(tokens=(state.anchor,), draft=None, source="")
         if copied:
-            plan = StepPlan(tokens=(state.anchor, *copied), draft=None, source="lookup")
+            plan = StepPlan(tokens=(state.anchor, *copied), draft=None, source="lookup", kind=kind)
             if state.session is not None and verify_size > 1:
                 state.result.drafter_passes_skipped += 1
         elif state.session is not None and verify_size > 1 and (sources is None or "dflash" in sources):
@@ -471,7 +480,7 @@ class SpeculativeDecoder:
                 state.feature_layers, state.pending = state.collect_features, []
             else:
                 state.pending, state.pending_start = [], start
-                plan = StepPlan(tokens=(state.anchor, *draft.tokens.tolist()), draft=draft, source="dflash")
+                plan = StepPlan(tokens=(state.anchor, *draft.tokens.tolist()), draft=draft, source="dflash", kind="dflash")
         phase["draft"] += time.perf_counter() - looked
         return plan
 

@@ -8,8 +8,8 @@ import torch
 
 from blockpilot.decoding.batch import BatchDecoder
 from blockpilot.decoding.load_cap import DraftRecord, Others, PassCostModel, SpeculationGate, draft_pays
-from blockpilot.decoding.lookup import LookupConfig
-from blockpilot.decoding.speculative import SamplingParams
+from blockpilot.decoding.lookup import COPY, CORPUS, LookupConfig
+from blockpilot.decoding.speculative import GATE_SOURCES, SamplingParams
 
 LOOKUP = LookupConfig(min_ngram=2, max_ngram=4, max_tokens=6, max_tokens_by_ngram=())
 
@@ -129,6 +129,38 @@ def test_one_stream_with_a_gate_drops_drafts_that_do_not_pay_and_keeps_the_outpu
     # Drafts came back only as probes (every PROBE_EVERY capped steps) once evidence existed.
     drafted = sum(len(r.acceptance_lengths) for r in results) - sum(r.capped_steps for r in results)
     assert drafted < sum(len(r.acceptance_lengths) for r in results) / 2
+
+
+def test_copies_and_corpus_guesses_are_judged_apart_and_the_output_stays(tiny_decoder):
+    """Prompt lookup's two kinds keep records of their own (GATE_SOURCES): corpus guesses that do
+    not pay are capped while copies that pay go on, and the reverse; greedy output is unchanged."""
+    from blockpilot.decoding.corpus import CorpusNgrams
+
+    decoder = tiny_decoder
+    vocab = decoder.target.config.vocab_size
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, vocab, (6,), generator=generator).tolist() * 4 for _ in range(3)]
+    params = SamplingParams(max_new_tokens=40)
+    corpus = CorpusNgrams(bigram={t: (t * 7 + 3) % vocab for t in range(vocab)}, trigram={})
+    lookup = LookupConfig(min_ngram=1, max_ngram=4, max_tokens=6, max_tokens_by_ngram=(), corpus=corpus, corpus_tokens=(2, 1))
+    gate = decoder.speed_gate()
+    gate.costs.pass_seconds = lambda: line(0.03, 0.0)  # free rows: every kind drafts while evidence builds
+    for prompt in prompts:
+        assert decoder.generate(prompt, params, 1, lookup=lookup, gate=gate).token_ids == decoder.generate(prompt, params, 1).token_ids
+    assert gate.pooled[COPY].seen > 0 and gate.pooled[CORPUS].seen > 0 and gate.pooled["dflash"].seen == 0
+
+    judged = SpeculationGate(GATE_SOURCES)
+    judged.costs.pass_seconds = lambda: line(0.01, 0.01)
+    judged.passed(tokens=1, seconds=0.02)
+    records = judged.new_records()
+    for _ in range(SpeculationGate.EVIDENCE):
+        judged.drafted(records, COPY, drafted=3, committed=4, draft_seconds=0.0)  # tau 4: pays
+        judged.drafted(records, CORPUS, drafted=1, committed=1, draft_seconds=0.0)  # tau 1: never pays
+    assert judged.allowed(records, 0.0, None) == frozenset({"dflash", COPY})
+    for _ in range(SpeculationGate.POOLED_MEMORY):
+        judged.drafted(records, COPY, drafted=3, committed=1, draft_seconds=0.0)
+        judged.drafted(records, CORPUS, drafted=1, committed=2, draft_seconds=0.0)
+    assert judged.allowed(records, 0.0, None) == frozenset({"dflash", CORPUS})
 
 
 def test_seeded_sampling_is_gated_only_where_drafts_cannot_change_its_tokens():

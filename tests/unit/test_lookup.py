@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from blockpilot.decoding.lookup import LookupConfig, PromptLookupIndex, propose_slow
+from blockpilot.decoding.lookup import COPY, CORPUS, LookupConfig, PromptLookupIndex, propose_slow
 from blockpilot.errors import InvalidArgumentError
 
 
@@ -145,6 +145,22 @@ def test_corpus_continuation_replaces_short_matches_only():
     assert index_of([9, 5], **config).propose(2) == [6, 7]  # the caller's cap
     assert index_of([5, 3, 5], **dict(config, corpus_tokens=(3, 0))).propose() == [3, 5]  # 0: copy as without a corpus
     assert index_of([9, 5], **dict(config, corpus=None)).propose() == []
+
+
+def test_each_kind_of_proposal_is_named_and_can_be_left_out():
+    """propose_from: what the speed gate judges apart. A short match without its corpus guesses gets
+    its copy, as without a corpus; a kind left out is never proposed."""
+    corpus = corpus_of({5: 6, 6: 7, 7: 8, 2: 40}, {(1, 2): 30, (2, 30): 31})
+    config = dict(min_ngram=1, max_ngram=4, max_tokens=9, corpus=corpus, corpus_tokens=(3, 2))
+    short, long = index_of([5, 3, 5], **config), index_of([1, 2, 9, 1, 2], **config)
+    assert short.propose_from() == (CORPUS, [6, 7])
+    assert short.propose_from(corpus=False) == (COPY, [3, 5])  # the 1-token match's copy
+    assert short.propose_from(copies=False) == (CORPUS, [6, 7])
+    assert long.propose_from() == (COPY, [9, 1, 2])
+    assert long.propose_from(copies=False) == ("", [])  # a 2-token match never takes corpus guesses
+    assert index_of([9, 5], **config).propose_from(corpus=False) == ("", [])  # no match: nothing to copy
+    assert short.propose_from(copies=False, corpus=False) == ("", [])
+    assert index_of([4, 3, 4], **config).propose_from(copies=False) == ("", [])  # the corpus knows nothing after 4
 
 
 def test_bad_corpus_lengths_are_refused():
