@@ -42,6 +42,9 @@ DFlash, judged on its first 8 steps, never came back although its drafts paid by
 every session of the iteration would wait for that pass (with 16 sessions, about one probe per
 iteration: measured, the default path fell to half of plain decoding's rate), and the pooled
 evidence of every session already judges it; it comes back by itself when the load drops.
+The sources the gate judges are the decoding loop's GATE_SOURCES: the drafter, and prompt lookup's
+copies and corpus guesses apart (one-token guesses where the text has nothing to copy pay or not
+on other terms than multi-token copies; judged as one, either could cap the other).
 
 Seeded sampling with the min(1, p/q) rule (draft_sampling "sample") is never capped: its tokens
 depend on the drafts, so capping would make the same seed give other (equally valid) samples.
