@@ -131,7 +131,7 @@ def test_on_demand_exports_take_the_targets_dtype(tiny_llama_dir, monkeypatch, t
                                 drafter_layers=(2,), placement=Placement("float16"))
     backend = served.model
     meta = backend.export.metadata
-    assert (meta.dtype, meta.graph) == ("float16", "portable") and backend.export.directory.name.endswith("-float16-v2")
+    assert (meta.dtype, meta.graph) == ("float16", "portable") and backend.export.directory.name.endswith(f"-float16-v{onnx_export.FORMAT_VERSION}")
     assert backend.dtype == served.torch_model.dtype == torch.float16 and served.placement == Placement("float16")
     # bfloat16 on the CPU provider: refused before a minute of exporting, saying what runs it.
     monkeypatch.setattr(onnx_export, "cached_export", lambda *a, **k: pytest.fail("exported before refusing"))
