@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "blockpilot-onnx-target"
-FORMAT_VERSION = 3  # 2: lone_token_ms; 3: both per thread count, each timed on one session at a time
+FORMAT_VERSION = 4  # 2: lone_token_ms; 3: per thread count; 4: padded and unpadded curves (unpadded_cost_ms), each timed on one session at a time
 # Opset 18: every op the graph uses exists there, and TensorRT 10's ONNX parser and ONNX Runtime
 # both support it (newer opsets add nothing this graph needs).
 DEFAULT_OPSET = 18
@@ -121,10 +121,11 @@ class ExportMetadata:
     # fastest of a few rounds, made non-decreasing in k: see settle_curve), from which the engine
     # picks its prompt-lookup lengths (blockpilot.decoding.lookup.lengths_for_cost).
     verify_cost_ms: dict | None = None
-    # Fused graphs: ms of a lone token with one-row matmuls ({threads: ms}; verify_cost_ms's k = 1
-    # is padded to two rows), measured where that gives exact numbers on the exporting CPU, else
-    # None (see onnxruntime_fused.lone_rows_match; the backend checks again where it runs).
-    lone_token_ms: dict | None = None
+    # Fused graphs where a lone token's one-row matmuls give exact numbers on the exporting CPU
+    # (onnxruntime_fused.lone_rows_match; the backend checks again where it runs): the same curve as
+    # such a backend runs its passes, every k on the sessions graph and k = 1 unpadded
+    # ({threads: {k: ms}}, settled); else None.
+    unpadded_cost_ms: dict | None = None
     quantization: dict | None = None
     torch_version: str = ""
     onnx_version: str = ""
@@ -378,6 +379,8 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
 
     def write(weights: GraphWeights) -> None:
         (folder / DATA_FILE).unlink(missing_ok=True)  # onnx.save appends to an existing data file
+        for stale in folder.glob("sessions-*.onnx"):  # rewritten from the graph of another compute precision
+            stale.unlink()
         onnx.save(build_fused_graph(target, layers, weights), str(folder / MODEL_FILE), save_as_external_data=True,
                   all_tensors_to_one_file=True, location=DATA_FILE)
 
@@ -428,16 +431,16 @@ def measured_thread_counts() -> tuple[int, ...]:
 
 
 def _cost_curves(export: OnnxExport, target: TargetModel) -> dict[str, dict | None]:
-    """verify_cost_ms and lone_token_ms of the export's metadata, per measured_thread_counts()."""
-    curves, lone = {}, {}
+    """verify_cost_ms and unpadded_cost_ms of the export's metadata, per measured_thread_counts()."""
+    padded, unpadded = {}, {}
     for threads in measured_thread_counts():
-        curve, _, lone_ms = _measure(export, target, check_rows=False, threads=threads)
-        curves[str(threads)] = curve
-        if lone_ms is not None:
-            lone[str(threads)] = lone_ms
-    log.info("verify cost (ms of a pass of 1..%d tokens, per thread count): %s; lone token: %s",
-             VERIFY_COST_SIZES, curves, lone or "padded")
-    return {"verify_cost_ms": curves, "lone_token_ms": lone or None}
+        curve, _, unpadded_curve = _measure(export, target, check_rows=False, threads=threads)
+        padded[str(threads)] = curve
+        if unpadded_curve is not None:
+            unpadded[str(threads)] = unpadded_curve
+    log.info("verify cost (ms of a pass of 1..%d tokens, per thread count): padded %s; unpadded %s",
+             VERIFY_COST_SIZES, padded, unpadded or "not exact here")
+    return {"verify_cost_ms": padded, "unpadded_cost_ms": unpadded or None}
 
 
 def settle_curve(fastest: Mapping[int, float]) -> dict[int, float]:
@@ -455,16 +458,17 @@ def settle_curve(fastest: Mapping[int, float]) -> dict[int, float]:
 
 
 def _measure(export: OnnxExport, target: TargetModel, *, check_rows: bool, threads: int | None = None,
-             context: int = 128, rounds: int = 6) -> tuple[dict[str, float], bool, float | None]:
-    """({k: ms} of a verify pass of k = 1..VERIFY_COST_SIZES tokens (logits of every token; one
-    token padded to two rows) on `context` cached tokens, settled (settle_curve); whether rows
-    are invariant (check_row_invariance; True when not checked); ms of a lone token with one-row
-    matmuls where that is exact here (lone_rows_match; else None)), on `threads` threads (None:
-    torch's count). The k passes are timed round-robin and the fastest round of each kept. The
-    lone token (another InferenceSession: the sessions graph) is timed apart, after the curve:
-    alternating sessions lets one's idle threads spin on the cores the other needs (measured on a
-    2-core Zen 4 at 2 threads: lone tokens timed between the curve's passes read 9.5 to 21 ms
-    from run to run, alone 10.6 to 10.8)."""
+             context: int = 128, rounds: int = 6) -> tuple[dict[str, float], bool, dict[str, float] | None]:
+    """({k: ms} of a verify pass of k = 1..VERIFY_COST_SIZES tokens (logits of every token) on
+    `context` cached tokens as a padded backend runs them (the main graph, one token padded to two
+    rows); whether rows are invariant (check_row_invariance; True when not checked); the same curve
+    as an unpadded backend runs them where a lone token's one-row matmuls are exact here
+    (lone_rows_match; every pass on the sessions graph, one token unpadded; else None)), on
+    `threads` threads (None: torch's count), each settled (settle_curve). The k passes are timed
+    round-robin and the fastest round of each kept; the two curves are timed one after the other:
+    alternating the graphs' sessions lets one's idle threads spin on the cores the other needs
+    (measured on a 2-core Zen 4 at 2 threads: a lone token timed between the padded curve's passes
+    read 9.5 to 21 ms from run to run, timed apart 10.6 to 10.8)."""
     from blockpilot.backends.onnxruntime_fused import FusedOnnxRuntimeTarget, check_row_invariance, lone_rows_match
 
     backend = FusedOnnxRuntimeTarget(export, target, threads=threads, verify_weights=False, check_rows=False)
@@ -480,22 +484,22 @@ def _measure(export: OnnxExport, target: TargetModel, *, check_rows: bool, threa
     backend(torch.randint(target.config.vocab_size, (1, context), generator=generator), cache, num_logits=1)
     blocks = {k: torch.randint(target.config.vocab_size, (1, k), generator=generator) for k in range(1, VERIFY_COST_SIZES + 1)}
 
-    def fastest(sizes: Sequence[int], repeats: int) -> dict[int, float]:
-        best = {k: float("inf") for k in sizes}
-        for _ in range(repeats + 1):  # the first round warms up (and counts only if it is the fastest)
-            for k in sizes:
+    def curve() -> dict[str, float]:
+        best = {k: float("inf") for k in blocks}
+        for _ in range(rounds + 1):  # the first round warms up (and counts only if it is the fastest)
+            for k, block in blocks.items():
                 began = time.perf_counter()
-                backend(blocks[k], cache)
+                backend(block, cache)
                 best[k] = min(best[k], time.perf_counter() - began)
                 cache.truncate(context)
-        return best
+        return {str(k): round(v * 1000, 3) for k, v in settle_curve(best).items()}
 
-    curve = settle_curve(fastest(range(1, VERIFY_COST_SIZES + 1), rounds))  # a lone token padded (lone_rows_invariant off)
-    lone_ms = None
+    padded = curve()  # lone_rows_invariant is off (check_rows=False above)
+    unpadded = None
     if lone_exact:
         backend.lone_rows_invariant = True
-        lone_ms = round(fastest([1], 3 * rounds)[1] * 1000, 3)
-    return {str(k): round(v * 1000, 3) for k, v in curve.items()}, invariant, lone_ms
+        unpadded = curve()
+    return padded, invariant, unpadded
 
 
 def _torch_export(graph: TargetGraph, path: Path, opset: int, max_positions: int) -> None:

@@ -128,17 +128,15 @@ class FusedOnnxRuntimeTarget(TorchTargetParts):
     @property
     def verify_cost(self) -> dict[int, float] | None:
         """A verify pass of k tokens relative to one token, k = 1..12, as measured when this graph
-        was exported at this backend's thread count (or the nearest one measured; None for an
-        export without the measurement); a lone token at its unpadded cost when this backend runs
-        it so (lone_rows_invariant) and the export measured that."""
+        was exported at this backend's thread count (or the nearest one measured) and as this
+        backend runs its passes: the unpadded curve (every pass on the sessions graph) where it
+        runs lone tokens unpadded (lone_rows_invariant), else the padded one; None for an export
+        without the measurement."""
         metadata = self.export.metadata
-        if not metadata.verify_cost_ms:
+        curves = metadata.unpadded_cost_ms if self.lone_rows_invariant and metadata.unpadded_cost_ms else metadata.verify_cost_ms
+        if not curves:
             return None
-        threads = nearest_measured(metadata.verify_cost_ms, self.threads)
-        measured = {int(k): v for k, v in metadata.verify_cost_ms[threads].items()}
-        lone = (metadata.lone_token_ms or {}).get(threads)
-        if self.lone_rows_invariant and lone:
-            measured[1] = lone
+        measured = {int(k): v for k, v in curves[nearest_measured(curves, self.threads)].items()}
         return {k: v / measured[1] for k, v in measured.items()}
 
     @property
@@ -431,10 +429,15 @@ def lone_rows_match(backend: FusedOnnxRuntimeTarget, *, prompt_len: int = 5, blo
     """Whether a lone token run with one-row matmuls (the sessions graph for one session of one
     token: its attention still sees two rows) gives exactly the logits the same tokens get in a
     block pass, on this CPU. Where it does, a one-token step need not pay for a pad row, and the
-    backend runs every pass of a sequence on that graph (so the block through it must match too)."""
+    backend runs every pass of a sequence on that graph (so the block and its halves through it
+    must match too)."""
     tokens, cache, together = _block_after_prompt(backend, prompt_len, block, seed=4321)
     # token i goes to slot prompt_len + i, after the ones before it
     lone = torch.cat([backend._run_sessions(tokens[:, i : i + 1], cache, [prompt_len + i], [1], torch.arange(1))["logits"]
                       for i in range(block)])
     on_sessions_graph = backend._run_sessions(tokens, cache, [prompt_len], [block], torch.arange(block))["logits"]
-    return bool(torch.equal(lone, together) and torch.equal(on_sessions_graph, together))
+    half = block // 2
+    halves = torch.cat([backend._run_sessions(tokens[:, :half], cache, [prompt_len], [half], torch.arange(half))["logits"],
+                        backend._run_sessions(tokens[:, half:], cache, [prompt_len + half], [block - half],
+                                              torch.arange(block - half))["logits"]])
+    return all(torch.equal(each, together) for each in (lone, on_sessions_graph, halves))

@@ -227,7 +227,7 @@ class BatchDecoder:
                            if self.gate is not None and session.load_cap else None)
                 before = state.result.phase_s["draft"]
                 planned = self.decoder.plan_step(state, sources)
-                if sources is not None and len(sources) < len(GATE_SOURCES) and not planned.source:
+                if state.was_capped(sources, planned):
                     state.result.capped_steps += 1
                 if planned.source:
                     session.pending_draft_s = state.result.phase_s["draft"] - before

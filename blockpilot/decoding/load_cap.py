@@ -242,6 +242,14 @@ class SpeculationGate:
         self._estimate: Callable[[int], float] | None = None
         self._estimate_stale = True
 
+    def check_sources(self, sources: Iterable[str]) -> None:
+        """Refuse a gate that keeps no record for one of the decoding loop's sources (made for
+        another loop), before it is asked about a draft it cannot judge."""
+        missing = sorted(set(sources) - set(self.pooled))
+        if missing:
+            raise ValueError(f"this speed gate keeps no record of draft sources {missing} (it judges {sorted(self.pooled)}): "
+                             f"make it with the decoder's speed_gate()")
+
     def new_records(self) -> dict[str, DraftRecord]:
         """A session's own drafted steps by source, for allowed() and drafted()."""
         return {source: DraftRecord() for source in self.pooled}

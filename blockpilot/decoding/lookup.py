@@ -208,21 +208,23 @@ class PromptLookupIndex:
         return self.propose_from(max_tokens)[1]
 
     def propose_from(self, max_tokens: int | None = None, *, copies: bool = True, corpus: bool = True) -> tuple[str, list[int]]:
-        """(kind, tokens): propose() with each kind allowed or not. A short match whose corpus
-        guesses are not allowed gets its copy, as without a corpus; a disallowed kind is never
-        proposed. kind: COPY, CORPUS, or "" with no tokens."""
+        """(kind, tokens): propose() with each kind allowed or not. The kind is the position's,
+        whatever is allowed: where propose() would take corpus guesses they are the proposal or,
+        not allowed, nothing (the short match's copy, rarely right there, would only blur the
+        copies' record in the speed gate). kind: COPY, CORPUS, or "" with no tokens."""
         limit = self.config.max_tokens if max_tokens is None else min(max_tokens, self.config.max_tokens)
-        if limit < 1 or not (copies or corpus):
+        if limit < 1:
             return "", []
         n, end = self.longest_match()
-        corpus_cap = self.config.corpus_cap(n) if corpus else 0
+        corpus_cap = self.config.corpus_cap(n)
         if corpus_cap and self.tokens:
             guesses = self.config.corpus.continuation(self.tokens[-2:], min(limit, corpus_cap))
             if guesses:
-                return CORPUS, guesses
+                return (CORPUS, guesses) if corpus else ("", [])
         if n == 0 or not copies:
             return "", []
-        return COPY, self.tokens[end + 1 : min(end + 1 + min(limit, self.config.cap(n)), len(self.tokens))]
+        copied = self.tokens[end + 1 : min(end + 1 + min(limit, self.config.cap(n)), len(self.tokens))]
+        return (COPY, copied) if copied else ("", [])
 
     def longest_match(self) -> tuple[int, int]:
         """(n, end): the longest suffix n-gram that occurred before and where its latest earlier

@@ -228,6 +228,18 @@ class DecodeState:
             session, self.session = self.session, None
             session.close()
 
+    def was_capped(self, sources: frozenset[str] | None, plan: "StepPlan") -> bool:
+        """Whether a step planned under `sources` (the speed gate's GATE_SOURCES allowed, None =
+        all) verifies its anchor alone because the gate left out a source this request could have
+        drafted from: the drafter while its session is open, lookup copies with an index, corpus
+        guesses with an index that has a corpus (a sampled request has none)."""
+        if sources is None or plan.source:
+            return False
+        usable = {"dflash"} if self.session is not None and self.block_size > 1 else set()
+        if self.index is not None:
+            usable |= {COPY, CORPUS} if self.index.config.corpus is not None else {COPY}
+        return bool(usable - sources)
+
 
 class SpeculativeDecoder:
     """Runs requests against one target and an optional drafter (in-process or remote)."""
@@ -309,6 +321,8 @@ class SpeculativeDecoder:
         if cache is None:
             self._validate(prompt_ids, params, 1)
             cache = self.target.new_cache(len(prompt_ids) + params.max_new_tokens + 1)
+        if gate is not None:
+            gate.check_sources(GATE_SOURCES)
         state, info = self.prefill(prompt_ids, params, cache, result, prefix_features=prefix_features,
                                    collect_features=collect_features, lookup=lookup)
         try:
@@ -323,7 +337,7 @@ class SpeculativeDecoder:
                            if gate is not None else None)
                 drafting = state.result.phase_s["draft"]
                 plan = self.plan_step(state, sources)
-                if sources is not None and len(sources) < len(GATE_SOURCES) and not plan.source:
+                if state.was_capped(sources, plan):
                     state.result.capped_steps += 1
                 began = time.perf_counter()
                 block = torch.tensor([plan.tokens], dtype=torch.long, device=self.target.device)

@@ -129,12 +129,12 @@ def test_a_lone_token_without_padding_would_break_row_invariance(backends, monke
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_a_lone_token_runs_unpadded_only_where_its_one_row_numbers_are_exact(backends, precision):
     """The start-up check decides per CPU; either way a lone token gets a block's numbers, and
-    the verify-cost curve prices a lone token as the backend runs it."""
+    the verify-cost curve prices passes as the backend runs them (unpadded: all on the sessions graph)."""
     backend = backends["llama", precision]
     exact = onnxruntime_fused.lone_rows_match(backend)
     assert backend.lone_rows_invariant == exact
     meta = backend.export.metadata
-    assert (meta.lone_token_ms is not None) == exact  # measured on this CPU at export
+    assert (meta.unpadded_cost_ms is not None) == exact  # measured on this CPU at export
     prompt, block = torch.tensor([PROMPTS[0]]), torch.tensor([[5, 9, 2, 7]])
     cache = backend.new_cache(32)
     backend(prompt, cache)
@@ -143,18 +143,24 @@ def test_a_lone_token_runs_unpadded_only_where_its_one_row_numbers_are_exact(bac
     alone = torch.cat([backend(block[:, i : i + 1], cache).logits[0] for i in range(4)])
     assert torch.equal(alone, together)
     # The export timed its passes at one thread and at this process's count; the backend prices by its own.
-    assert set(meta.verify_cost_ms) == {str(t) for t in measured_thread_counts()}
-    for curve in meta.verify_cost_ms.values():
-        costs = [curve[str(k)] for k in range(1, len(curve) + 1)]
-        assert costs == sorted(costs)  # settled: a longer pass is never priced below a shorter one
-    padded = meta.verify_cost_ms["1"]
-    unpadded = dataclasses.replace(meta, lone_token_ms={"1": padded["1"] / 2})
+    curves = [meta.verify_cost_ms] + ([meta.unpadded_cost_ms] if exact else [])
+    for per_threads in curves:
+        assert set(per_threads) == {str(t) for t in measured_thread_counts()}
+        for curve in per_threads.values():
+            costs = [curve[str(k)] for k in range(1, len(curve) + 1)]
+            assert costs == sorted(costs)  # settled: a longer pass is never priced below a shorter one
+    padded = {k: float(v) for k, v in meta.verify_cost_ms["1"].items()}
+    halved = {k: v / 2 for k, v in padded.items()}
     priced = FusedOnnxRuntimeTarget.__new__(FusedOnnxRuntimeTarget)
-    priced.export = dataclasses.replace(backend.export, metadata=unpadded)
+    priced.export = dataclasses.replace(backend.export, metadata=dataclasses.replace(
+        meta, unpadded_cost_ms={"1": {**halved, "1": padded["1"] / 4}}))
     priced.threads = 1
-    for invariant, expected in ((True, padded["2"] / (padded["1"] / 2)), (False, padded["2"] / padded["1"])):
+    for invariant, expected in ((True, halved["2"] / (padded["1"] / 4)), (False, padded["2"] / padded["1"])):
         priced.lone_rows_invariant = invariant
         assert priced.verify_cost[2] == pytest.approx(expected)
+    priced.export = dataclasses.replace(backend.export, metadata=dataclasses.replace(meta, unpadded_cost_ms=None))
+    priced.lone_rows_invariant = True
+    assert priced.verify_cost[2] == pytest.approx(padded["2"] / padded["1"])  # none measured: the padded curve
 
 
 def test_a_measured_curve_is_settled_and_priced_at_the_nearest_thread_count():

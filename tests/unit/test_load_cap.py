@@ -163,6 +163,27 @@ def test_copies_and_corpus_guesses_are_judged_apart_and_the_output_stays(tiny_de
     assert judged.allowed(records, 0.0, None) == frozenset({"dflash", CORPUS})
 
 
+def test_a_step_counts_as_capped_only_where_the_request_could_have_drafted(tiny_decoder):
+    """capped_steps: a sampled request proposes no corpus guesses, so a gate leaving corpus out caps
+    none of its steps; a greedy one with a corpus is capped where its guesses were left out. A gate
+    without a record for one of the loop's sources is refused before decoding."""
+    from blockpilot.decoding.corpus import CorpusNgrams
+
+    decoder = tiny_decoder
+    vocab = decoder.target.config.vocab_size
+    prompt = torch.randint(0, vocab, (6,), generator=torch.Generator().manual_seed(5)).tolist() * 3
+    corpus = CorpusNgrams(bigram={t: (t * 5 + 1) % vocab for t in range(vocab)}, trigram={})
+    lookup = LookupConfig(min_ngram=1, max_ngram=4, max_tokens=6, max_tokens_by_ngram=(), corpus=corpus, corpus_tokens=(2, 1))
+    gate = decoder.speed_gate()
+    gate.allowed = lambda *args, **kwargs: frozenset({"dflash", COPY})  # corpus guesses left out
+    sampled = decoder.generate(prompt, SamplingParams(temperature=1.0, seed=3, max_new_tokens=30), 1, lookup=lookup, gate=gate)
+    greedy = decoder.generate(prompt, SamplingParams(max_new_tokens=30), 1, lookup=lookup, gate=gate)
+    assert sampled.capped_steps == 0 and greedy.capped_steps > 0
+    assert greedy.token_ids == decoder.generate(prompt, SamplingParams(max_new_tokens=30), 1).token_ids
+    with pytest.raises(ValueError, match="corpus"):
+        decoder.generate(prompt, SamplingParams(max_new_tokens=4), 1, lookup=lookup, gate=SpeculationGate(("dflash", "lookup")))
+
+
 def test_seeded_sampling_is_gated_only_where_drafts_cannot_change_its_tokens():
     gate = SpeculationGate(("dflash", "lookup"))
     gate.costs.pass_seconds = lambda: line(0.0, 1.0)

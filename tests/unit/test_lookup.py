@@ -148,13 +148,15 @@ def test_corpus_continuation_replaces_short_matches_only():
 
 
 def test_each_kind_of_proposal_is_named_and_can_be_left_out():
-    """propose_from: what the speed gate judges apart. A short match without its corpus guesses gets
-    its copy, as without a corpus; a kind left out is never proposed."""
+    """propose_from: what the speed gate judges apart. A position's kind is what propose() would
+    take there; a kind left out proposes nothing (not the other kind)."""
     corpus = corpus_of({5: 6, 6: 7, 7: 8, 2: 40}, {(1, 2): 30, (2, 30): 31})
     config = dict(min_ngram=1, max_ngram=4, max_tokens=9, corpus=corpus, corpus_tokens=(3, 2))
     short, long = index_of([5, 3, 5], **config), index_of([1, 2, 9, 1, 2], **config)
     assert short.propose_from() == (CORPUS, [6, 7])
-    assert short.propose_from(corpus=False) == (COPY, [3, 5])  # the 1-token match's copy
+    assert short.propose_from(corpus=False) == ("", [])  # not the 1-token match's copy
+    assert index_of([5, 3, 5], **dict(config, corpus_tokens=(3, 0))).propose_from(corpus=False) == (COPY, [3, 5])
+    assert index_of([4, 3, 4], **config).propose_from() == (COPY, [3, 4])  # the corpus knows nothing after 4
     assert short.propose_from(copies=False) == (CORPUS, [6, 7])
     assert long.propose_from() == (COPY, [9, 1, 2])
     assert long.propose_from(copies=False) == ("", [])  # a 2-token match never takes corpus guesses
