@@ -390,6 +390,7 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
         write(GraphWeights())
         return dataclasses.replace(metadata, **_cost_curves(OnnxExport(folder, metadata), target))
     levels: dict[str, dict] = {}
+    measured: dict[int, tuple] = {}  # level -> _measure's answer at this process's thread count
     codes_error = None
     for level in INT4_ACCURACY_LEVELS:
         write(GraphWeights(precision, codes.weights, level))
@@ -401,7 +402,8 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
                     f"the int4 graph with fp32 activations disagrees with the fp32 engine (scaled error {codes_error:.3g} > "
                     f"{EXPORT_CHECK_TOLERANCE}): the GGUF codes were not laid out as the engine's weights; not published"
                 )
-        curve, invariant, _ = _measure(candidate, target, check_rows=True)
+        measured[level] = _measure(candidate, target, check_rows=True)
+        curve, invariant, _ = measured[level]
         levels[str(level)] = {"ms": round(curve["2"] + curve["8"], 2), "row_invariant": invariant}
     usable = [level for level in INT4_ACCURACY_LEVELS if levels[str(level)]["row_invariant"]]
     if not usable:
@@ -415,7 +417,8 @@ def _write_fused(target: TargetModel, layers: tuple[int, ...], precision: str, c
         write(GraphWeights(precision, codes.weights, best))
     chosen = dataclasses.replace(metadata, accuracy_level=best)
     return dataclasses.replace(
-        chosen, accuracy_levels=levels, **_cost_curves(OnnxExport(folder, chosen), target),
+        chosen, accuracy_levels=levels,
+        **_cost_curves(OnnxExport(folder, chosen), target, {torch.get_num_threads(): measured[best]}),
         quantization={"source": codes.source, "quantized": len(codes.weights), "left_fp32": list(codes.left_fp32),
                       "max_abs_difference": codes.max_abs_difference, "fp32_activations_check_error": codes_error},
     )
@@ -430,11 +433,12 @@ def measured_thread_counts() -> tuple[int, ...]:
     return tuple(sorted({1, torch.get_num_threads()}))
 
 
-def _cost_curves(export: OnnxExport, target: TargetModel) -> dict[str, dict | None]:
-    """verify_cost_ms and unpadded_cost_ms of the export's metadata, per measured_thread_counts()."""
+def _cost_curves(export: OnnxExport, target: TargetModel, known: Mapping[int, tuple] | None = None) -> dict[str, dict | None]:
+    """verify_cost_ms and unpadded_cost_ms of the export's metadata, per measured_thread_counts().
+    known: {threads: _measure's answer} already timed on this graph (not timed again)."""
     padded, unpadded = {}, {}
     for threads in measured_thread_counts():
-        curve, _, unpadded_curve = _measure(export, target, check_rows=False, threads=threads)
+        curve, _, unpadded_curve = (known or {}).get(threads) or _measure(export, target, check_rows=False, threads=threads)
         padded[str(threads)] = curve
         if unpadded_curve is not None:
             unpadded[str(threads)] = unpadded_curve
